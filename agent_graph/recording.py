@@ -1,0 +1,116 @@
+"""Every node step is recorded by one wrapper that the graph builder applies to every node.
+
+Nodes do not call the recorder: :class:`agent_graph.graph.AtelierGraph` wraps each node it is
+given (the built-in ones and users' own), so nothing can be forgotten. The wrapper
+
+- times the node and numbers the step (``state.step_count``),
+- turns an exception into a recorded failure (``error`` + ``stop_reason=error`` in the state),
+  so one bad model answer never loses the trajectory,
+- takes the node's :class:`~nodes.common.NodeTrace` out of its update,
+- awaits ``recorder.record_step`` before the trajectory moves on (a step is durable first).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic_core import to_jsonable_python
+
+from agent_graph.state import StopReason
+from nodes.common import TRACE_KEY, NodeTrace
+
+
+@dataclass
+class StepRecord:
+    trajectory_id: str
+    seq: int
+    node: str
+    started_at: float
+    """Unix time the step began."""
+    latency_s: float
+    state_before: dict[str, Any]
+    """The full state the node saw (JSON-able): enough to replay or fork from this step."""
+    update: dict[str, Any]
+    """The node's update (JSON-able), as merged into the state."""
+    trace: NodeTrace = field(default_factory=NodeTrace)
+    error: str | None = None
+
+
+@runtime_checkable
+class Recorder(Protocol):
+    async def start_trajectory(self, state: Any) -> None: ...
+    async def record_step(self, record: StepRecord) -> None: ...
+    async def finish_trajectory(self, trajectory_id: str, status: str, state: Any,
+                                error: str | None) -> None: ...
+
+
+class MemoryRecorder:
+    """Keeps steps in memory, per trajectory. Forwards to ``inner`` when given."""
+
+    def __init__(self, inner: Recorder | None = None) -> None:
+        self.inner = inner
+        self.steps: dict[str, list[StepRecord]] = {}
+
+    async def start_trajectory(self, state: Any) -> None:
+        self.steps.setdefault(state.trajectory_id, [])
+        if self.inner is not None:
+            await self.inner.start_trajectory(state)
+
+    async def record_step(self, record: StepRecord) -> None:
+        if self.inner is not None:
+            await self.inner.record_step(record)
+        self.steps.setdefault(record.trajectory_id, []).append(record)
+
+    async def finish_trajectory(self, trajectory_id: str, status: str, state: Any,
+                                error: str | None) -> None:
+        if self.inner is not None:
+            await self.inner.finish_trajectory(trajectory_id, status, state, error)
+
+
+NodeFn = Callable[..., Any]
+
+
+def recorded(name: str, node: NodeFn) -> NodeFn:
+    """Wrap ``node`` (sync or async; with or without a ``runtime`` parameter) for recording."""
+    takes_runtime = "runtime" in inspect.signature(node).parameters
+    is_async = inspect.iscoroutinefunction(node)
+
+    # ``state`` is left unannotated on purpose: LangGraph then hands the node the graph's own
+    # state schema (a user's subclass included) rather than a schema read off this wrapper.
+    async def run_recorded(state, runtime):  # type: ignore[no-untyped-def]
+        started_at, started = time.time(), time.perf_counter()
+        error: str | None = None
+        try:
+            result = node(state, runtime) if takes_runtime else node(state)
+            if is_async or inspect.isawaitable(result):
+                result = await result
+            update = dict(result or {})
+        except Exception as exc:  # noqa: BLE001 - any node failure becomes a recorded failure
+            error = f"{name}: {type(exc).__name__}: {exc}"
+            update = {"error": error, "stop_reason": StopReason.ERROR}
+        trace = update.pop(TRACE_KEY, None) or NodeTrace()
+        update["step_count"] = state.step_count + 1
+        recorder = getattr(runtime.context, "recorder", None) if runtime is not None else None
+        if recorder is not None:
+            await recorder.record_step(
+                StepRecord(
+                    trajectory_id=state.trajectory_id,
+                    seq=state.step_count,
+                    node=name,
+                    started_at=started_at,
+                    latency_s=time.perf_counter() - started,
+                    state_before=state.model_dump(mode="json"),
+                    update=to_jsonable_python(update),
+                    trace=trace,
+                    error=error,
+                )
+            )
+        return update
+
+    run_recorded.__name__ = name
+    run_recorded.__qualname__ = f"recorded[{name}]"
+    return run_recorded

@@ -1,0 +1,124 @@
+"""Backend protocols: the only way nodes reach a model.
+
+Every model a node calls sits behind one of these small async protocols, so the same node runs
+against ShapeWorld (simulated, in-process), Atelier's own HTTP servers, or vLLM on a GPU. The
+request/response types are plain frozen dataclasses: cheap to build, easy to log, and free of
+any transport detail.
+
+Roles: the graph's context names one backend per role (planner, reflector, decomposer: chat
+models; generator; editor; optional judge). One object may serve several roles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a chat model samples. Defaults follow common vLLM usage for RL rollouts."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    seed: int | None = None
+    """Per-request seed; the nodes derive it from the trajectory seed so runs are reproducible."""
+    logprobs: bool = True
+    """Ask for the sampled tokens' log-probs (needed to train on the output later)."""
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    text: str
+    images: tuple[Image.Image, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[ChatMessage, ...]
+    sampling: SamplingParams = SamplingParams()
+    response_format: Mapping[str, Any] | None = None
+    """A JSON schema (OpenAI ``response_format`` shape) for structured outputs, or None."""
+    fields: Mapping[str, str] = field(default_factory=dict)
+    """The structured values the node's prompt template was filled with (e.g. ``prompt``,
+    ``target``). Remote clients ignore them: the model reads the rendered messages. Simulated
+    backends read them instead of parsing prose; they carry no information the messages lack."""
+
+
+@dataclass(frozen=True)
+class TextCompletion:
+    text: str
+    token_ids: tuple[int, ...] = ()
+    """Sampled token ids, exactly as the server produced them (never re-tokenised)."""
+    logprobs: tuple[float, ...] = ()
+    """Sampling-time log-prob of each token in ``token_ids`` (same length, or empty)."""
+    model: str = ""
+    finish_reason: str = "stop"
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    prompt: str
+    width: int = 256
+    height: int = 256
+    seed: int = 0
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    image: Image.Image
+    instruction: str
+    seed: int = 0
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A judge's verdict on one image against one text. ``score`` is V in [0, 1]."""
+
+    score: float
+    correct: bool
+    criteria: Mapping[str, bool] = field(default_factory=dict)
+    detail: str = ""
+
+
+@runtime_checkable
+class ChatModel(Protocol):
+    """A text or vision-language model behind a chat API."""
+
+    model_id: str
+
+    async def chat(self, request: ChatRequest) -> TextCompletion: ...
+
+
+@runtime_checkable
+class ImageGenerator(Protocol):
+    model_id: str
+
+    async def generate(self, request: ImageRequest) -> Image.Image: ...
+
+
+@runtime_checkable
+class ImageEditor(Protocol):
+    model_id: str
+
+    async def edit(self, request: EditRequest) -> Image.Image: ...
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Scores an image against a text (GenEval-style checker, VLM yes-probability, ...)."""
+
+    model_id: str
+
+    async def judge(self, image: Image.Image, text: str) -> Judgement: ...
+
+
+class BackendError(RuntimeError):
+    """A backend could not answer. Nodes turn it into a recorded failure, never a crash."""

@@ -1,0 +1,95 @@
+"""Small helpers every node uses: seeds, timed model calls, and the step trace."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from nodes.backends.base import ChatMessage, ChatModel, ChatRequest, SamplingParams
+
+TRACE_KEY = "trace"
+"""Key of a node's update under which it reports its :class:`NodeTrace`; the recording
+wrapper removes it before the update reaches the graph state."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One text a model produced in a step, with what training needs to reuse it."""
+
+    role: str
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    model: str
+    latency_s: float
+
+
+@dataclass
+class NodeTrace:
+    """What a step did beyond its state update: texts sampled, images read and written."""
+
+    generations: list[Generation] = field(default_factory=list)
+    images_in: list[str] = field(default_factory=list)
+    images_out: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    """Ids of every model called, texts and images alike."""
+
+
+def derive_seed(*parts: Any) -> int:
+    """A stable 63-bit seed from any printable parts (never Python's salted ``hash``)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def step_rng(seed: int, step: int, salt: str) -> random.Random:
+    return random.Random(derive_seed(seed, step, salt))
+
+
+async def call_chat(
+    model: ChatModel,
+    role: str,
+    messages: list[ChatMessage],
+    sampling: SamplingParams,
+    seed: int,
+    trace: NodeTrace,
+    *,
+    fields: dict[str, str] | None = None,
+    response_format: dict | None = None,
+) -> Generation:
+    request = ChatRequest(
+        messages=tuple(messages),
+        sampling=replace(sampling, seed=seed),
+        response_format=response_format,
+        fields=fields or {},
+    )
+    started = time.perf_counter()
+    completion = await model.chat(request)
+    generation = Generation(
+        role=role,
+        text=completion.text,
+        token_ids=tuple(completion.token_ids),
+        logprobs=tuple(completion.logprobs),
+        model=completion.model or model.model_id,
+        latency_s=time.perf_counter() - started,
+    )
+    trace.generations.append(generation)
+    trace.models.append(generation.model)
+    return generation
+
+
+async def save_image(runtime_context: Any, state: Any, image: Any, node: str, instruction: str,
+                     trace: NodeTrace) -> Any:
+    """Put an image in the store, optionally score it against the task prompt, and trace it."""
+    from agent_graph.state import ImageRecord  # the state model; nodes build its records
+
+    ref = runtime_context.images.put(image)
+    trace.images_out.append(ref)
+    score = None
+    judge = runtime_context.backends.judge
+    if judge is not None and runtime_context.settings.score_images:
+        judgement = await judge.judge(image, state.task.prompt)
+        score = float(judgement.score)
+    return ImageRecord(ref=ref, node=node, instruction=instruction, score=score)

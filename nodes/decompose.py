@@ -1,0 +1,33 @@
+"""decompose: split the prompt into ordered sub-tasks (instruction + expected result)."""
+
+from __future__ import annotations
+
+from langgraph.runtime import Runtime
+
+from agent_graph.context import ReasonerContext
+from agent_graph.state import ReasonerState
+from nodes.common import TRACE_KEY, NodeTrace, call_chat, derive_seed
+from nodes.formats import SUBTASKS_SCHEMA, SubTask, parse_subtasks
+from nodes.prompts import decompose_messages
+
+
+async def decompose(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dict:
+    ctx = runtime.context
+    trace = NodeTrace()
+    task = state.task
+    generation = await call_chat(
+        ctx.backends.decomposer, "decompose", decompose_messages(task.prompt),
+        ctx.settings.sampling, derive_seed(task.seed, state.step_count, "decompose"), trace,
+        fields={"prompt": task.prompt}, response_format=_json_schema_format(),
+    )
+    steps, well_formed = parse_subtasks(generation.text)
+    if not steps:
+        # An unusable plan degrades to one step, the whole request: the trajectory goes on as
+        # a reflect loop, and the malformed output stays recorded for training to punish.
+        steps = [SubTask(instruction=state.blueprint or task.prompt, expect=task.prompt)]
+    steps = steps[: state.budget.max_images]
+    return {"subtasks": steps, "subtasks_well_formed": well_formed, TRACE_KEY: trace}
+
+
+def _json_schema_format() -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "subtasks", "schema": SUBTASKS_SCHEMA}}

@@ -1,0 +1,30 @@
+"""draw: generate the first image, from the blueprint or the first sub-task."""
+
+from __future__ import annotations
+
+from langgraph.runtime import Runtime
+
+from agent_graph.context import ReasonerContext
+from agent_graph.state import Mode, ReasonerState
+from nodes.backends.base import ImageRequest
+from nodes.common import TRACE_KEY, NodeTrace, derive_seed, save_image
+
+
+async def draw(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dict:
+    ctx = runtime.context
+    trace = NodeTrace()
+    update: dict = {TRACE_KEY: trace}
+    if state.mode == Mode.DECOMPOSE and state.subtasks:
+        text = state.subtasks[0].instruction
+        update["subtasks_done"] = 1
+    else:
+        text = state.blueprint or state.task.prompt
+    settings = ctx.settings
+    request = ImageRequest(
+        prompt=text, width=settings.width, height=settings.height, steps=settings.steps,
+        seed=derive_seed(state.task.seed, state.step_count, "draw"),
+    )
+    trace.models.append(ctx.backends.generator.model_id)
+    image = await ctx.backends.generator.generate(request)
+    update["images"] = [await save_image(ctx, state, image, "draw", text, trace)]
+    return update

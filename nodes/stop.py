@@ -1,0 +1,42 @@
+"""stop: settle the final image, the stop reason, and the judge's verdict."""
+
+from __future__ import annotations
+
+from langgraph.runtime import Runtime
+
+from agent_graph.context import ReasonerContext
+from agent_graph.state import Judgement, Mode, ReasonerState, StopReason
+from nodes.common import TRACE_KEY, NodeTrace
+
+
+def stop_reason(state: ReasonerState) -> StopReason:
+    if state.error is not None or not state.images:
+        return StopReason.ERROR
+    if state.mode == Mode.DIRECT:
+        return StopReason.DONE
+    last = state.reflections[-1] if state.reflections else None
+    if last is not None and last.accept and last.image_index == len(state.images) - 1:
+        return StopReason.ACCEPTED
+    return StopReason.BUDGET
+
+
+async def stop(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dict:
+    ctx = runtime.context
+    trace = NodeTrace()
+    update: dict = {TRACE_KEY: trace, "stop_reason": stop_reason(state)}
+    final = state.current_image
+    if final is None:
+        if state.error is None:
+            update["error"] = "the trajectory ended without an image"
+        return update
+    update["final_image"] = final.ref
+    judge = ctx.backends.judge
+    if judge is not None:
+        trace.images_in.append(final.ref)
+        trace.models.append(judge.model_id)
+        verdict = await judge.judge(ctx.images.get(final.ref), state.task.prompt)
+        update["judgement"] = Judgement(
+            score=float(verdict.score), correct=bool(verdict.correct),
+            criteria=dict(verdict.criteria), model=judge.model_id,
+        )
+    return update
