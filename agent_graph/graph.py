@@ -29,8 +29,8 @@ from agent_graph.state import Mode, ReasonerState
 from nodes.decompose import decompose
 from nodes.draw import draw
 from nodes.plan import plan
-from nodes.reflect import reflect
 from nodes.refine import next_edit, refine
+from nodes.reflect import reflect
 from nodes.stop import stop
 
 

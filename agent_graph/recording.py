@@ -44,8 +44,9 @@ class StepRecord:
 class Recorder(Protocol):
     async def start_trajectory(self, state: Any) -> None: ...
     async def record_step(self, record: StepRecord) -> None: ...
-    async def finish_trajectory(self, trajectory_id: str, status: str, state: Any,
-                                error: str | None) -> None: ...
+    async def finish_trajectory(
+        self, trajectory_id: str, status: str, state: Any, error: str | None
+    ) -> None: ...
 
 
 class MemoryRecorder:
@@ -65,8 +66,9 @@ class MemoryRecorder:
             await self.inner.record_step(record)
         self.steps.setdefault(record.trajectory_id, []).append(record)
 
-    async def finish_trajectory(self, trajectory_id: str, status: str, state: Any,
-                                error: str | None) -> None:
+    async def finish_trajectory(
+        self, trajectory_id: str, status: str, state: Any, error: str | None
+    ) -> None:
         if self.inner is not None:
             await self.inner.finish_trajectory(trajectory_id, status, state, error)
 
@@ -89,7 +91,7 @@ def recorded(name: str, node: NodeFn) -> NodeFn:
             if is_async or inspect.isawaitable(result):
                 result = await result
             update = dict(result or {})
-        except Exception as exc:  # noqa: BLE001 - any node failure becomes a recorded failure
+        except Exception as exc:
             error = f"{name}: {type(exc).__name__}: {exc}"
             update = {"error": error, "stop_reason": StopReason.ERROR}
         trace = update.pop(TRACE_KEY, None) or NodeTrace()

@@ -63,8 +63,13 @@ def make_group_tasks(
         category = categories[index] if categories is not None else None
         for sample in range(group_size):
             tasks.append(
-                Task(prompt=prompt, group_id=group_id, sample_index=sample,
-                     seed=derive_seed(seed, index, sample), category=category)
+                Task(
+                    prompt=prompt,
+                    group_id=group_id,
+                    sample_index=sample,
+                    seed=derive_seed(seed, index, sample),
+                    category=category,
+                )
             )
     return tasks
 
@@ -95,8 +100,9 @@ class Runner:
         self.keep_steps = keep_steps
         self.state_factory = state_factory or _initial_state
 
-    async def run(self, tasks: Sequence[Task], *, progress: bool = False,
-                  description: str = "trajectories") -> list[TrajectoryResult]:
+    async def run(
+        self, tasks: Sequence[Task], *, progress: bool = False, description: str = "trajectories"
+    ) -> list[TrajectoryResult]:
         collector = MemoryRecorder(inner=self.context.recorder) if self.keep_steps else None
         context = replace(self.context, recorder=collector) if collector else self.context
         limiter = asyncio.Semaphore(self.concurrency)
@@ -131,14 +137,18 @@ class Runner:
             error = final.error
             if error is None and final.final_image is None:
                 error = "the trajectory ended without a final image"
-        except Exception as exc:  # noqa: BLE001 - the graph itself broke: a failed trajectory
+        except Exception as exc:
             error = f"graph: {type(exc).__name__}: {exc}"
         status: Status = "succeeded" if error is None else "failed"
         if recorder is not None:
             await recorder.finish_trajectory(state.trajectory_id, status, final, error)
         return TrajectoryResult(
-            trajectory_id=state.trajectory_id, task=task, status=status, state=final,
-            error=error, duration_s=time.perf_counter() - started,
+            trajectory_id=state.trajectory_id,
+            task=task,
+            status=status,
+            state=final,
+            error=error,
+            duration_s=time.perf_counter() - started,
         )
 
 
@@ -162,8 +172,11 @@ class _RichProgress(_NoProgress):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
         self._progress = Progress(
-            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), transient=True,
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            transient=True,
         )
         self._task = self._progress.add_task(description, total=total)
 

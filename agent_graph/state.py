@@ -67,7 +67,9 @@ class Task(BaseModel):
         if not prompt.strip():
             raise ValueError("prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+            raise ValueError(
+                f"prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}"
+            )
         return prompt
 
 

@@ -80,8 +80,9 @@ async def call_chat(
     return generation
 
 
-async def save_image(runtime_context: Any, state: Any, image: Any, node: str, instruction: str,
-                     trace: NodeTrace) -> Any:
+async def save_image(
+    runtime_context: Any, state: Any, image: Any, node: str, instruction: str, trace: NodeTrace
+) -> Any:
     """Put an image in the store, optionally score it against the task prompt, and trace it."""
     from agent_graph.state import ImageRecord  # the state model; nodes build its records
 

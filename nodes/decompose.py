@@ -16,9 +16,14 @@ async def decompose(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> 
     trace = NodeTrace()
     task = state.task
     generation = await call_chat(
-        ctx.backends.decomposer, "decompose", decompose_messages(task.prompt),
-        ctx.settings.sampling, derive_seed(task.seed, state.step_count, "decompose"), trace,
-        fields={"prompt": task.prompt}, response_format=_json_schema_format(),
+        ctx.backends.decomposer,
+        "decompose",
+        decompose_messages(task.prompt),
+        ctx.settings.sampling,
+        derive_seed(task.seed, state.step_count, "decompose"),
+        trace,
+        fields={"prompt": task.prompt},
+        response_format=_json_schema_format(),
     )
     steps, well_formed = parse_subtasks(generation.text)
     if not steps:

@@ -21,7 +21,10 @@ async def draw(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dict:
         text = state.blueprint or state.task.prompt
     settings = ctx.settings
     request = ImageRequest(
-        prompt=text, width=settings.width, height=settings.height, steps=settings.steps,
+        prompt=text,
+        width=settings.width,
+        height=settings.height,
+        steps=settings.steps,
         seed=derive_seed(state.task.seed, state.step_count, "draw"),
     )
     trace.models.append(ctx.backends.generator.model_id)

@@ -21,12 +21,23 @@ async def plan(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dict:
         action = ctx.router.choose_mode(obs, step_rng(task.seed, state.step_count, "mode"))
         update["mode"] = Mode(action.choice)
         update["decisions"] = [
-            Decision(kind="mode", action=action.choice, log_prob=action.log_prob,
-                     policy=action.policy, version=action.version, step=state.step_count)
+            Decision(
+                kind="mode",
+                action=action.choice,
+                log_prob=action.log_prob,
+                policy=action.policy,
+                version=action.version,
+                step=state.step_count,
+            )
         ]
     generation = await call_chat(
-        ctx.backends.planner, "plan", plan_messages(task.prompt), ctx.settings.sampling,
-        derive_seed(task.seed, state.step_count, "plan"), trace, fields={"prompt": task.prompt},
+        ctx.backends.planner,
+        "plan",
+        plan_messages(task.prompt),
+        ctx.settings.sampling,
+        derive_seed(task.seed, state.step_count, "plan"),
+        trace,
+        fields={"prompt": task.prompt},
     )
     update["blueprint"] = generation.text.strip() or task.prompt
     return update

@@ -41,8 +41,10 @@ async def refine(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dic
         raise ValueError("refine reached with nothing to edit")
     trace = NodeTrace(images_in=[current.ref])
     request = EditRequest(
-        image=ctx.images.get(current.ref), instruction=edit.instruction,
-        seed=derive_seed(state.task.seed, state.step_count, "refine"), steps=ctx.settings.steps,
+        image=ctx.images.get(current.ref),
+        instruction=edit.instruction,
+        seed=derive_seed(state.task.seed, state.step_count, "refine"),
+        steps=ctx.settings.steps,
     )
     trace.models.append(ctx.backends.editor.model_id)
     image = await ctx.backends.editor.edit(request)

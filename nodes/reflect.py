@@ -33,15 +33,24 @@ async def reflect(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> di
     target = reflection_target(state)
     image = ctx.images.get(current.ref)
     generation = await call_chat(
-        ctx.backends.reflector, "reflect", reflect_messages(target, image), ctx.settings.sampling,
-        derive_seed(state.task.seed, state.step_count, "reflect"), trace,
+        ctx.backends.reflector,
+        "reflect",
+        reflect_messages(target, image),
+        ctx.settings.sampling,
+        derive_seed(state.task.seed, state.step_count, "reflect"),
+        trace,
         fields={"target": target, "prompt": state.task.prompt},
     )
     parsed = parse_reflection(generation.text)
     obs = StopObservation(
-        prompt=state.task.prompt, target=target, reflection=generation.text,
-        stop_phrase=parsed.stop, well_formed=parsed.well_formed, rounds_used=state.rounds,
-        max_rounds=state.budget.max_rounds, image_count=len(state.images),
+        prompt=state.task.prompt,
+        target=target,
+        reflection=generation.text,
+        stop_phrase=parsed.stop,
+        well_formed=parsed.well_formed,
+        rounds_used=state.rounds,
+        max_rounds=state.budget.max_rounds,
+        image_count=len(state.images),
         scores=tuple(r.score for r in state.images if r.score is not None),
     )
     action = ctx.stopper.choose_stop(obs, step_rng(state.task.seed, state.step_count, "stop"))
@@ -50,14 +59,26 @@ async def reflect(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> di
         TRACE_KEY: trace,
         "reflections": [
             Reflection(
-                image_index=len(state.images) - 1, image_ref=current.ref, target=target,
-                text=generation.text, thought=parsed.thought, instruction=parsed.instruction,
-                stop_phrase=parsed.stop, well_formed=parsed.well_formed, accept=accept,
+                image_index=len(state.images) - 1,
+                image_ref=current.ref,
+                target=target,
+                text=generation.text,
+                thought=parsed.thought,
+                instruction=parsed.instruction,
+                stop_phrase=parsed.stop,
+                well_formed=parsed.well_formed,
+                accept=accept,
             )
         ],
         "decisions": [
-            Decision(kind="stop", action=action.choice, log_prob=action.log_prob,
-                     policy=action.policy, version=action.version, step=state.step_count)
+            Decision(
+                kind="stop",
+                action=action.choice,
+                log_prob=action.log_prob,
+                policy=action.policy,
+                version=action.version,
+                step=state.step_count,
+            )
         ],
     }
     if not accept and not parsed.instruction:

@@ -36,7 +36,9 @@ async def stop(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dict:
         trace.models.append(judge.model_id)
         verdict = await judge.judge(ctx.images.get(final.ref), state.task.prompt)
         update["judgement"] = Judgement(
-            score=float(verdict.score), correct=bool(verdict.correct),
-            criteria=dict(verdict.criteria), model=judge.model_id,
+            score=float(verdict.score),
+            correct=bool(verdict.correct),
+            criteria=dict(verdict.criteria),
+            model=judge.model_id,
         )
     return update

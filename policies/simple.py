@@ -60,7 +60,11 @@ def prompt_complexity(prompt: str) -> tuple[int, int, int]:
     objects = 0
     for group in groups:
         words = re.findall(r"[a-z]+|\d+", group)
-        counts = [int(w) if w.isdigit() else _NUMBER_WORDS[w] for w in words if w.isdigit() or w in _NUMBER_WORDS]
+        counts = [
+            int(w) if w.isdigit() else _NUMBER_WORDS[w]
+            for w in words
+            if w.isdigit() or w in _NUMBER_WORDS
+        ]
         objects += counts[0] if counts else 1
     return len(groups), objects, len(_RELATION_RE.findall(text))
 
@@ -75,16 +79,22 @@ class RuleBasedModePolicy:
     name = "rules-mode"
     version = "1"
 
-    def __init__(self, reflect_from_objects: int = 2, decompose_from_groups: int = 3,
-                 decompose_from_objects: int = 6) -> None:
+    def __init__(
+        self,
+        reflect_from_objects: int = 2,
+        decompose_from_groups: int = 3,
+        decompose_from_objects: int = 6,
+    ) -> None:
         self.reflect_from_objects = reflect_from_objects
         self.decompose_from_groups = decompose_from_groups
         self.decompose_from_objects = decompose_from_objects
 
     def choose_mode(self, obs: ModeObservation, rng: random.Random) -> Action:
         groups, objects, relations = prompt_complexity(obs.prompt)
-        if groups >= self.decompose_from_groups or objects >= self.decompose_from_objects or (
-            relations and objects >= 4
+        if (
+            groups >= self.decompose_from_groups
+            or objects >= self.decompose_from_objects
+            or (relations and objects >= 4)
         ):
             mode = "decompose"
         elif objects >= self.reflect_from_objects or relations:

@@ -24,8 +24,9 @@ class ScriptedChat:
         self.requests.append(request)
         text = self.outputs[min(len(self.requests), len(self.outputs)) - 1]
         ids = tuple(range(1, len(text.split()) + 1))
-        return TextCompletion(text=text, token_ids=ids, logprobs=tuple(-0.5 for _ in ids),
-                              model=self.model_id)
+        return TextCompletion(
+            text=text, token_ids=ids, logprobs=tuple(-0.5 for _ in ids), model=self.model_id
+        )
 
 
 class CountingPainter:

@@ -59,8 +59,16 @@ async def test_direct_mode_draws_once_from_the_blueprint():
 async def test_reflect_mode_edits_until_the_stop_phrase():
     ctx = make_context("reflect", [EDIT, EDIT, STOP])
     result = await run(ctx)
-    assert nodes_of(result) == ["plan", "draw", "reflect", "refine", "reflect", "refine",
-                                "reflect", "stop"]
+    assert nodes_of(result) == [
+        "plan",
+        "draw",
+        "reflect",
+        "refine",
+        "reflect",
+        "refine",
+        "reflect",
+        "stop",
+    ]
     state = result.state
     assert state.rounds == 2 and len(state.images) == 3
     assert state.stop_reason == StopReason.ACCEPTED
@@ -97,8 +105,11 @@ async def test_image_budget_bounds_the_loop_too():
 
 @pytest.mark.parametrize(
     "text",
-    ["<think>ok</think>no further edit needed", "<think>ok</think>NO FURTHER EDIT NEEDED!",
-     "<think>ok</think>  No further edits needed. "],
+    [
+        "<think>ok</think>no further edit needed",
+        "<think>ok</think>NO FURTHER EDIT NEEDED!",
+        "<think>ok</think>  No further edits needed. ",
+    ],
 )
 async def test_stop_phrase_is_recognised_case_insensitively(text):
     result = await run(make_context("reflect", [text]))
@@ -118,8 +129,10 @@ async def test_malformed_reflection_with_an_instruction_is_flagged_and_still_use
     assert result.state.stop_reason == StopReason.ACCEPTED
 
 
-@pytest.mark.parametrize("garbage", ["", "<think>unfinished thought", "<think>x</think>",
-                                     "<think>a</think><think>b</think>"])
+@pytest.mark.parametrize(
+    "garbage",
+    ["", "<think>unfinished thought", "<think>x</think>", "<think>a</think><think>b</think>"],
+)
 async def test_unusable_reflections_spend_rounds_and_the_budget_ends_the_loop(garbage):
     ctx = make_context("reflect", [garbage])
     result = await run(ctx, budget=Budget(max_rounds=3))
@@ -141,21 +154,37 @@ async def test_stop_phrase_without_think_block_still_stops_but_is_not_well_forme
 
 
 async def test_decompose_mode_executes_subtasks_in_order_with_evaluation():
-    steps = [SubTask("Draw two red circles.", "two red circles"),
-             SubTask("Add a blue square right of them.", "two red circles left of a blue square"),
-             SubTask("Add a star above.", "everything")]
+    steps = [
+        SubTask("Draw two red circles.", "two red circles"),
+        SubTask("Add a blue square right of them.", "two red circles left of a blue square"),
+        SubTask("Add a star above.", "everything"),
+    ]
     ctx = make_context("decompose", [STOP], decomposition=format_subtasks(steps))
     result = await run(ctx, prompt="the full prompt")
-    assert nodes_of(result) == ["plan", "decompose", "draw", "reflect", "refine", "reflect",
-                                "refine", "reflect", "stop"]
+    assert nodes_of(result) == [
+        "plan",
+        "decompose",
+        "draw",
+        "reflect",
+        "refine",
+        "reflect",
+        "refine",
+        "reflect",
+        "stop",
+    ]
     state = result.state
     assert state.subtasks_well_formed and state.subtasks == steps
     assert ctx.backends.generator.calls == [
-        "generate:Draw two red circles.", "edit:Add a blue square right of them.",
-        "edit:Add a star above."]
+        "generate:Draw two red circles.",
+        "edit:Add a blue square right of them.",
+        "edit:Add a star above.",
+    ]
     # Intermediate checks use each step's expectation; the last one checks the whole prompt.
     assert [r.target for r in state.reflections] == [
-        "two red circles", "two red circles left of a blue square", "the full prompt"]
+        "two red circles",
+        "two red circles left of a blue square",
+        "the full prompt",
+    ]
     assert state.rounds == 0 and state.stop_reason == StopReason.ACCEPTED
     # The decomposer was asked for structured output.
     assert ctx.backends.decomposer.requests[0].response_format["type"] == "json_schema"
@@ -169,12 +198,17 @@ async def test_decompose_corrections_share_the_round_budget():
     assert state.rounds == 2
     assert state.subtasks_done == 2  # the second step is still carried out
     assert [i.instruction for i in state.images] == [
-        "Draw a.", "Add one red circle.", "Add one red circle.", "Add b."]
+        "Draw a.",
+        "Add one red circle.",
+        "Add one red circle.",
+        "Add b.",
+    ]
     assert state.stop_reason == StopReason.BUDGET
 
 
-@pytest.mark.parametrize("bad", ["not json", '{"steps": []}', '{"steps": [{"instruction": 3}]}',
-                                 "[1, 2]"])
+@pytest.mark.parametrize(
+    "bad", ["not json", '{"steps": []}', '{"steps": [{"instruction": 3}]}', "[1, 2]"]
+)
 async def test_malformed_decomposition_falls_back_to_one_step(bad):
     ctx = make_context("decompose", [STOP], decomposition=bad)
     result = await run(ctx, prompt="p")
@@ -194,9 +228,16 @@ async def test_backend_failure_is_a_recorded_failure_not_a_crash():
     ctx = make_context("reflect", [STOP])
     painter = BrokenPainter()
     ctx = ReasonerContext(
-        backends=Backends(ctx.backends.planner, ctx.backends.reflector, ctx.backends.decomposer,
-                          painter, painter, None),
-        router=ctx.router, stopper=ctx.stopper,
+        backends=Backends(
+            ctx.backends.planner,
+            ctx.backends.reflector,
+            ctx.backends.decomposer,
+            painter,
+            painter,
+            None,
+        ),
+        router=ctx.router,
+        stopper=ctx.stopper,
     )
     result = await run(ctx)
     assert result.status == "failed"

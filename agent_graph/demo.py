@@ -1,0 +1,116 @@
+"""The ShapeWorld demo: a fixed, seeded prompt set run in every mode, summarised per category."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent_graph.presets import shapeworld_context
+from agent_graph.runner import Runner, TrajectoryResult, make_group_tasks
+from agent_graph.state import Budget
+
+DEMO_MODES: tuple[str, ...] = ("direct", "reflect", "decompose", "auto")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (category, mode) cell of the demo table."""
+
+    n: int
+    accuracy: float
+    """Share of trajectories whose final image the checker judged fully correct."""
+    mean_score: float
+    """Mean checker score V in [0, 1]."""
+    mean_images: float
+    failed: int
+
+
+@dataclass
+class DemoReport:
+    categories: list[str]
+    modes: list[str]
+    cells: dict[tuple[str, str], Cell]
+    """Keyed by (category, mode); category ``"all"`` is the whole prompt set."""
+    mode_mix: dict[str, dict[str, int]]
+    """For each requested mode, how many trajectories ran in each actual mode (auto varies)."""
+
+    def cell(self, category: str, mode: str) -> Cell:
+        return self.cells[(category, mode)]
+
+
+def summarise(results: Sequence[TrajectoryResult]) -> Cell:
+    n = len(results)
+    if n == 0:
+        return Cell(0, 0.0, 0.0, 0.0, 0)
+    return Cell(
+        n=n,
+        accuracy=sum(r.correct for r in results) / n,
+        mean_score=sum(r.score or 0.0 for r in results) / n,
+        mean_images=sum(r.image_count for r in results) / n,
+        failed=sum(r.status == "failed" for r in results),
+    )
+
+
+async def run_demo(
+    per_category: int = 24,
+    seed: int = 0,
+    modes: Sequence[str] = DEMO_MODES,
+    *,
+    concurrency: int = 64,
+    budget: Budget | None = None,
+    progress: bool = False,
+) -> DemoReport:
+    from nodes.backends.shapeworld import fixed_prompt_set
+
+    items = fixed_prompt_set(per_category, seed=seed)
+    categories = sorted({item.category for item in items}, key=[i.category for i in items].index)
+    tasks = make_group_tasks([i.text for i in items], 1, seed, [i.category for i in items])
+    cells: dict[tuple[str, str], Cell] = {}
+    mode_mix: dict[str, dict[str, int]] = {}
+    for mode in modes:
+        runner = Runner(
+            shapeworld_context(mode), concurrency=concurrency, budget=budget, keep_steps=False
+        )
+        results = await runner.run(tasks, progress=progress, description=f"demo · {mode}")
+        by_category: dict[str, list[TrajectoryResult]] = defaultdict(list)
+        for result in results:
+            by_category[result.task.category or "?"].append(result)
+        for category in categories:
+            cells[(category, mode)] = summarise(by_category[category])
+        cells[("all", mode)] = summarise(results)
+        mix: dict[str, int] = defaultdict(int)
+        for result in results:
+            mix[result.mode or "none"] += 1
+        mode_mix[mode] = dict(mix)
+    return DemoReport(categories, list(modes), cells, mode_mix)
+
+
+def render_report(report: DemoReport) -> object:
+    """A rich Table: accuracy and mean images per mode, one row per category."""
+    from rich.table import Table
+
+    table = Table(title="ShapeWorld demo — accuracy (mean images) per mode")
+    table.add_column("category")
+    table.add_column("n", justify="right")
+    for mode in report.modes:
+        table.add_column(mode, justify="right")
+    for category in [*report.categories, "all"]:
+        cells = [report.cell(category, mode) for mode in report.modes]
+        best = max(c.accuracy for c in cells)
+        row = [category if category != "all" else "[bold]all[/bold]", str(cells[0].n)]
+        for c in cells:
+            text = f"{c.accuracy:.2f} ({c.mean_images:.2f})"
+            row.append(f"[bold green]{text}[/bold green]" if c.accuracy == best else text)
+        table.add_row(*row, end_section=category == report.categories[-1])
+    return table
+
+
+def report_markdown(report: DemoReport) -> str:
+    header = "| category | n | " + " | ".join(report.modes) + " |"
+    lines = [header, "|" + "---|" * (2 + len(report.modes))]
+    for category in [*report.categories, "all"]:
+        cells = [report.cell(category, mode) for mode in report.modes]
+        values = " | ".join(f"{c.accuracy:.2f} ({c.mean_images:.2f})" for c in cells)
+        lines.append(f"| {category} | {cells[0].n} | {values} |")
+    return "\n".join(lines)
