@@ -104,11 +104,17 @@ class MemoryImageStore(_StoreBase):
 
 
 class DirectoryImageStore(_StoreBase):
-    """Images as files ``root/ab/<sha256>.png``; writes are atomic (temp file + rename)."""
+    """Images as files ``root/ab/<sha256>.png``; writes are atomic (temp file + rename).
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    A written file survives the process being killed (it is in the OS page cache). With
+    ``fsync=True`` the file and its directory entry are also flushed to disk before ``put``
+    returns, so they survive a power loss.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = False) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
 
     def path_for(self, ref: str) -> Path:
         ref = check_ref(ref)
@@ -122,7 +128,12 @@ class DirectoryImageStore(_StoreBase):
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                if self.fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
             os.replace(tmp, path)
+            if self.fsync:
+                _fsync_dir(path.parent)
         return ref
 
     def get_bytes(self, ref: str) -> bytes:
@@ -136,3 +147,11 @@ class DirectoryImageStore(_StoreBase):
             return self.path_for(ref).exists()  # type: ignore[arg-type]
         except InvalidImageRef:
             return False
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,269 @@
+"""The trajectory store's tables: one typed SQLAlchemy 2.x ORM module, the single source of truth.
+
+The Alembic migrations in ``storage/migrations`` must produce exactly this schema (a test
+compares them); change a table here, then add a revision (``alembic -c
+storage/migrations/alembic.ini revision --autogenerate -m "..."``) and bump ``SCHEMA_VERSION``.
+
+Keys are natural where the data has them: a step is ``(trajectory_id, seq)`` and its
+generations and images hang off that pair, so the recorder can insert a whole batch with
+``executemany`` and never needs generated ids back.
+
+Stages (``steps.stage``) group nodes the way the training stages do (R3's Tree-RL):
+
+========== ==============================================================================
+reason     ``plan``; ``draw`` outside decompose mode (the first text + image)
+decompose  ``decompose``; ``draw``/``refine`` carrying out a sub-task (decompose mode)
+reflect_refine ``reflect``; ``refine`` making a correction
+stop       ``stop``
+<node>     any other node (users' own nodes) keeps its own name as its stage
+========== ==============================================================================
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import BYTEA, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 1
+"""Bumped with every migration; recorded in the ``schema_version`` table."""
+
+HEAD_REVISION = "0001_initial"
+"""The Alembic revision this code's schema corresponds to (a test checks it is the head)."""
+
+TRAJECTORY_STATUSES = ("running", "succeeded", "failed", "incomplete")
+RUN_STATUSES = ("running", "finished", "incomplete")
+
+# JSON documents: JSONB on PostgreSQL (queryable, indexable), JSON text elsewhere.
+# ``none_as_null``: Python None is SQL NULL (not the JSON text 'null'), so IS NULL works.
+JSONDoc = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+Blob = LargeBinary().with_variant(BYTEA(), "postgresql")
+# SQLite only auto-increments INTEGER PRIMARY KEY (a rowid alias); BIGINT would not be one.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+Timestamp = DateTime(timezone=True)
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    config: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    status: Mapped[str] = mapped_column(String(16))
+
+
+class Trajectory(Base):
+    __tablename__ = "trajectories"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """The state's ``trajectory_id``."""
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    prompt: Mapped[str] = mapped_column(Text)
+    category: Mapped[str | None] = mapped_column(String(200))
+    group_id: Mapped[str] = mapped_column(String(200))
+    sample_index: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    mode: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    final_image: Mapped[str | None] = mapped_column(String(64))
+    image_count: Mapped[int] = mapped_column(Integer, default=0)
+    score: Mapped[float | None] = mapped_column(Float)
+    """The final judgement's score V (``state.judgement.score``)."""
+    correct: Mapped[bool | None] = mapped_column(Boolean)
+    rewards: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    """Summary of trajectory-level rewards: name -> latest value (the rewards table has all)."""
+    started_at: Mapped[datetime] = mapped_column(Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    initial_state: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+    final_state: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+
+    __table_args__ = (
+        Index("ix_trajectories_run_group", "run_id", "group_id", "sample_index"),
+        Index("ix_trajectories_group", "group_id", "sample_index"),
+        Index("ix_trajectories_status_run", "status", "run_id"),
+        Index("ix_trajectories_score", "score"),
+        Index("ix_trajectories_started", "started_at"),
+    )
+
+
+class Step(Base):
+    __tablename__ = "steps"
+
+    trajectory_id: Mapped[str] = mapped_column(
+        ForeignKey("trajectories.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node: Mapped[str] = mapped_column(String(100))
+    stage: Mapped[str] = mapped_column(String(100))
+    state_before: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    state_update: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    text: Mapped[str | None] = mapped_column(Text)
+    """The step's text output: its generations' texts joined by a blank line."""
+    latency_s: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[datetime] = mapped_column(Timestamp)
+    error: Mapped[str | None] = mapped_column(Text)
+    models: Mapped[list[str]] = mapped_column(JSONDoc)
+    policy: Mapped[str | None] = mapped_column(String(200))
+    """Name of the policy whose decision the step took (the last one, if several)."""
+    policy_version: Mapped[str | None] = mapped_column(String(200))
+
+    __table_args__ = (
+        # (trajectory_id, seq) is the primary key, hence unique together.
+        Index("ix_steps_stage_node", "stage", "node"),
+    )
+
+
+class Generation(Base):
+    __tablename__ = "generations"
+
+    trajectory_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    step_seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    role: Mapped[str] = mapped_column(String(100))
+    text: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(200))
+    latency_s: Mapped[float] = mapped_column(Float)
+    n_tokens: Mapped[int] = mapped_column(Integer)
+    token_ids: Mapped[bytes] = mapped_column(Blob)
+    """int32 little-endian (see :func:`storage.codec.pack_ids`)."""
+    logprobs: Mapped[bytes] = mapped_column(Blob)
+    """float64 little-endian (see :func:`storage.codec.pack_logprobs`)."""
+
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["trajectory_id", "step_seq"],
+            ["steps.trajectory_id", "steps.seq"],
+            name="fk_generations_step",
+            ondelete="CASCADE",
+        ),
+    )
+
+
+class Image(Base):
+    __tablename__ = "images"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes | None] = mapped_column(Blob)
+    """PNG bytes; NULL when the store keeps image files in a directory beside the database."""
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class StepImage(Base):
+    __tablename__ = "step_images"
+
+    trajectory_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    step_seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    direction: Mapped[str] = mapped_column(String(3), primary_key=True)
+    """``in`` (read by the step) or ``out`` (made by the step)."""
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ref: Mapped[str] = mapped_column(ForeignKey("images.sha256"))
+
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["trajectory_id", "step_seq"],
+            ["steps.trajectory_id", "steps.seq"],
+            name="fk_step_images_step",
+            ondelete="CASCADE",
+        ),
+        Index("ix_step_images_ref", "ref"),
+    )
+
+
+class Reward(Base):
+    __tablename__ = "rewards"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    trajectory_id: Mapped[str] = mapped_column(ForeignKey("trajectories.id", ondelete="CASCADE"))
+    step_seq: Mapped[int | None] = mapped_column(Integer)
+    """None for a trajectory-level reward."""
+    name: Mapped[str] = mapped_column(String(100))
+    value: Mapped[float] = mapped_column(Float)
+    source: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+
+    __table_args__ = (
+        # A step reward must name a recorded step; NULL step_seq (trajectory-level) is not
+        # checked (MATCH SIMPLE), which is what we want.
+        ForeignKeyConstraint(
+            ["trajectory_id", "step_seq"],
+            ["steps.trajectory_id", "steps.seq"],
+            name="fk_rewards_step",
+            ondelete="CASCADE",
+        ),
+        Index("ix_rewards_trajectory_name", "trajectory_id", "name"),
+        Index("ix_rewards_name_value", "name", "value"),
+    )
+
+
+class PolicyVersion(Base):
+    __tablename__ = "policy_versions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    path: Mapped[str | None] = mapped_column(Text)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_policy_versions_name_version"),)
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    revision: Mapped[str] = mapped_column(String(64))
+    applied_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+def derive_stage(node: str, state_before: dict[str, Any], update: dict[str, Any]) -> str:
+    """The training stage a step belongs to (see the module docstring)."""
+    mode = update.get("mode") or state_before.get("mode")
+    if node == "plan":
+        return "reason"
+    if node == "draw":
+        return "decompose" if mode == "decompose" and state_before.get("subtasks") else "reason"
+    if node == "refine":
+        return "decompose" if "subtasks_done" in update else "reflect_refine"
+    if node == "reflect":
+        return "reflect_refine"
+    if node in ("decompose", "stop"):
+        return node
+    return node

@@ -1,0 +1,584 @@
+"""The trajectory store: runs, trajectories, steps, generations, images, rewards, policies.
+
+::
+
+    store = TrajectoryStore("sqlite:///atelier.db")            # or postgresql+psycopg://…
+    context = ReasonerContext(..., images=store, recorder=SQLRecorder(store, run.id))
+    store.groups(run=run.id)                                   # GRPO groups
+    store.trajectory(tid).steps[2].generations[0].logprobs     # bit-exact
+
+Opening a store brings the database to this code's schema (Alembic, see
+:mod:`storage.migrate`). Every read is one transaction returning plain dataclasses
+(:mod:`storage.records`); every write is one transaction, retried while another process holds
+the SQLite write lock.
+
+The store is also an :class:`~storage.images.ImageStore` (pass it as the graph's image store):
+PNGs are deduplicated by sha256 and kept in the ``images`` table, or as files under
+``image_dir`` with only their metadata in the table. While an :class:`SQLRecorder` is attached,
+``put`` only buffers the image in memory (readable at once) and the recorder writes it in the
+same transaction as the next batch of steps, so images cost no commit of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from datetime import timezone
+from typing import Any, TypeVar, cast
+
+from pydantic import BaseModel
+from sqlalchemy import Connection, Row, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from storage.blobs import SQLImageStore
+from storage.codec import unpack_ids, unpack_logprobs
+from storage.engine import Database
+from storage.images import (
+    DirectoryImageStore,
+)
+from storage.migrate import ensure_schema
+from storage.records import (
+    GenerationInfo,
+    PolicyVersionInfo,
+    RewardInfo,
+    RunInfo,
+    StepInfo,
+    StoredImage,
+    TrajectoryDetail,
+    TrajectorySummary,
+)
+from storage.rows import as_utc, merge_update, now, reduced_fields
+from storage.schema import (
+    TRAJECTORY_STATUSES,
+    Generation,
+    Image,
+    PolicyVersion,
+    Reward,
+    Run,
+    Step,
+    StepImage,
+    Trajectory,
+)
+from storage.writes import insert_ignore
+
+M = TypeVar("M", bound=BaseModel)
+
+_SUMMARY = (
+    Trajectory.id,
+    Trajectory.run_id,
+    Trajectory.prompt,
+    Trajectory.category,
+    Trajectory.group_id,
+    Trajectory.sample_index,
+    Trajectory.seed,
+    Trajectory.mode,
+    Trajectory.status,
+    Trajectory.final_image,
+    Trajectory.image_count,
+    Trajectory.score,
+    Trajectory.correct,
+    Trajectory.rewards,
+    Trajectory.started_at,
+    Trajectory.finished_at,
+    Trajectory.duration_s,
+    Trajectory.error,
+)
+
+_UTC = timezone.utc
+
+
+class TrajectoryNotFound(KeyError):
+    pass
+
+
+@dataclass(frozen=True)
+class RewardInput:
+    trajectory_id: str
+    name: str
+    value: float
+    step: int | None = None
+    source: str = ""
+    details: dict[str, Any] | None = None
+
+
+class TrajectoryStore(SQLImageStore):
+    """Trajectory store over SQLite (default) or PostgreSQL; also an ``ImageStore``.
+
+    ``synchronous`` (SQLite): ``NORMAL`` (default; commits survive a killed process, not a power
+    loss) or ``FULL`` (survive power loss; image files are fsynced too). ``busy_timeout_s`` is
+    how long SQLite waits for another writer's lock before the store retries the transaction;
+    ``lock_retry_s`` bounds the retries.
+    """
+
+    def __init__(
+        self,
+        url: str = "sqlite:///atelier.db",
+        image_dir: str | None = None,
+        *,
+        synchronous: str = "NORMAL",
+        busy_timeout_s: float = 30.0,
+        lock_retry_s: float = 300.0,
+        max_pending_image_bytes: int = 256 << 20,
+        echo: bool = False,
+    ) -> None:
+        self.db = Database(
+            url,
+            synchronous=synchronous,
+            busy_timeout_s=busy_timeout_s,
+            lock_retry_s=lock_retry_s,
+            echo=echo,
+        )
+        self.url = self.db.url.render_as_string(hide_password=True)
+        ensure_schema(self.db)
+        durable_files = synchronous.upper() in ("FULL", "EXTRA")
+        files = DirectoryImageStore(image_dir, fsync=durable_files) if image_dir else None
+        super().__init__(self.db, files, max_pending_image_bytes)
+
+    def __repr__(self) -> str:
+        return f"TrajectoryStore({self.url!r})"
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Write any buffered images and release the connections."""
+        self.flush_images()
+        self.db.dispose()
+
+    def __enter__(self) -> TrajectoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- runs ----------------------------------------------------------------------------------
+
+    def create_run(
+        self,
+        name: str | None = None,
+        config: dict[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+    ) -> RunInfo:
+        run_id = run_id or uuid.uuid4().hex
+        row = {
+            "id": run_id,
+            "name": name or run_id,
+            "created_at": now(),
+            "config": dict(config or {}),
+            "status": "running",
+        }
+        self.db.write(lambda conn: _insert_run(conn, row))
+        return self.run(run_id)
+
+    def run(self, run_id: str) -> RunInfo:
+        for info in self.runs(ids=[run_id]):
+            return info
+        raise KeyError(f"no run {run_id!r}")
+
+    def runs(self, *, ids: Sequence[str] | None = None) -> list[RunInfo]:
+        counts = (
+            select(Trajectory.run_id, func.count().label("n"))
+            .group_by(Trajectory.run_id)
+            .subquery()
+        )
+        query = (
+            select(Run.__table__, counts.c.n)
+            .outerjoin(counts, counts.c.run_id == Run.id)
+            .order_by(Run.created_at, Run.id)
+        )
+        if ids is not None:
+            query = query.where(Run.id.in_(list(ids)))
+        with self.db.read() as conn:
+            rows = conn.execute(query).all()
+        return [
+            RunInfo(r.id, r.name, as_utc(r.created_at), r.config or {}, r.status, r.n or 0)
+            for r in rows
+        ]
+
+    def finish_run(self, run_id: str, status: str = "finished") -> None:
+        self.db.write(
+            lambda conn: conn.execute(update(Run).where(Run.id == run_id).values(status=status))
+        )
+
+    def mark_incomplete(self, run: str) -> int:
+        """Mark the ``running`` trajectories of a dead run ``incomplete``; returns how many.
+
+        Only for runs whose writer is gone (a killed process): a live recorder's trajectories
+        would be marked too. Resume one with ``last_state`` and ``start_trajectory`` again.
+        """
+
+        def work(conn: Connection) -> int:
+            result = conn.execute(
+                update(Trajectory)
+                .where(Trajectory.run_id == run, Trajectory.status == "running")
+                .values(status="incomplete")
+            )
+            conn.execute(
+                update(Run)
+                .where(Run.id == run, Run.status == "running")
+                .values(status="incomplete")
+            )
+            return int(result.rowcount)
+
+        return self.db.write(work)
+
+    # --- trajectories --------------------------------------------------------------------------
+
+    def trajectories(
+        self,
+        run: str | None = None,
+        status: str | None = None,
+        mode: str | None = None,
+        min_reward: float | None = None,
+        limit: int | None = None,
+        *,
+        reward: str | None = None,
+        group: str | None = None,
+        offset: int = 0,
+    ) -> list[TrajectorySummary]:
+        """Trajectories by start time. ``min_reward`` filters on the final judge score, or on
+        the trajectory-level reward named ``reward`` (its latest value) when given."""
+        if status is not None and status not in TRAJECTORY_STATUSES:
+            raise ValueError(f"status must be one of {TRAJECTORY_STATUSES}")
+        query = select(*_SUMMARY).order_by(Trajectory.started_at, Trajectory.id)
+        if run is not None:
+            query = query.where(Trajectory.run_id == run)
+        if status is not None:
+            query = query.where(Trajectory.status == status)
+        if mode is not None:
+            query = query.where(Trajectory.mode == mode)
+        if group is not None:
+            query = query.where(Trajectory.group_id == group)
+        if min_reward is not None:
+            value = Trajectory.score if reward is None else Trajectory.rewards[reward].as_float()
+            query = query.where(value >= min_reward)
+        if limit is not None:
+            query = query.limit(limit)
+        if offset:
+            query = query.offset(offset)
+        with self.db.read() as conn:
+            rows = conn.execute(query).all()
+        return [_summary(row) for row in rows]
+
+    def groups(
+        self, run: str | None = None, status: str | None = None
+    ) -> dict[str, list[TrajectorySummary]]:
+        """GRPO groups: group id -> its trajectories by sample index (ungrouped ones left out)."""
+        query = (
+            select(*_SUMMARY)
+            .where(Trajectory.group_id != "")
+            .order_by(Trajectory.group_id, Trajectory.sample_index, Trajectory.id)
+        )
+        if run is not None:
+            query = query.where(Trajectory.run_id == run)
+        if status is not None:
+            query = query.where(Trajectory.status == status)
+        with self.db.read() as conn:
+            rows = conn.execute(query).all()
+        groups: dict[str, list[TrajectorySummary]] = {}
+        for row in rows:
+            summary = _summary(row)
+            groups.setdefault(summary.group_id, []).append(summary)
+        return groups
+
+    def trajectory(self, trajectory_id: str) -> TrajectoryDetail:
+        with self.db.read() as conn:
+            row = conn.execute(
+                select(*_SUMMARY, Trajectory.initial_state, Trajectory.final_state).where(
+                    Trajectory.id == trajectory_id
+                )
+            ).first()
+            if row is None:
+                raise TrajectoryNotFound(trajectory_id)
+            steps = self._steps(conn, trajectory_id)
+            rewards = self._rewards(conn, trajectory_id, None)
+        summary = _summary(row)
+        return TrajectoryDetail(
+            **{f.name: getattr(summary, f.name) for f in fields(TrajectorySummary)},
+            initial_state=row.initial_state,
+            final_state=row.final_state,
+            steps=steps,
+            reward_records=rewards,
+        )
+
+    def steps(self, trajectory_id: str) -> list[StepInfo]:
+        with self.db.read() as conn:
+            return self._steps(conn, trajectory_id)
+
+    def _steps(self, conn: Connection, trajectory_id: str) -> list[StepInfo]:
+        generations: dict[int, list[GenerationInfo]] = {}
+        query = (
+            select(Generation.__table__)
+            .where(Generation.trajectory_id == trajectory_id)
+            .order_by(Generation.step_seq, Generation.position)
+        )
+        for g in conn.execute(query):
+            generations.setdefault(g.step_seq, []).append(
+                GenerationInfo(
+                    g.position,
+                    g.role,
+                    g.text,
+                    g.model,
+                    g.latency_s,
+                    unpack_ids(g.token_ids),
+                    unpack_logprobs(g.logprobs),
+                )
+            )
+        images: dict[tuple[int, str], list[StoredImage]] = {}
+        query = (
+            select(
+                StepImage.step_seq,
+                StepImage.direction,
+                Image.sha256,
+                Image.width,
+                Image.height,
+                Image.size,
+            )
+            .join(Image, Image.sha256 == StepImage.ref)
+            .where(StepImage.trajectory_id == trajectory_id)
+            .order_by(StepImage.step_seq, StepImage.direction, StepImage.position)
+        )
+        for r in conn.execute(query):
+            images.setdefault((r.step_seq, r.direction), []).append(
+                StoredImage(r.sha256, r.width, r.height, r.size, self.get)
+            )
+        steps = conn.execute(
+            select(Step.__table__).where(Step.trajectory_id == trajectory_id).order_by(Step.seq)
+        )
+        return [
+            StepInfo(
+                trajectory_id=s.trajectory_id,
+                seq=s.seq,
+                node=s.node,
+                stage=s.stage,
+                started_at=as_utc(s.started_at),
+                latency_s=s.latency_s,
+                text=s.text,
+                error=s.error,
+                models=list(s.models or []),
+                policy=s.policy,
+                policy_version=s.policy_version,
+                state_before=s.state_before,
+                update=s.state_update,
+                generations=generations.get(s.seq, []),
+                images_in=images.get((s.seq, "in"), []),
+                images_out=images.get((s.seq, "out"), []),
+            )
+            for s in steps
+        ]
+
+    def last_state_dict(
+        self, trajectory_id: str, state_type: type[BaseModel] | None = None
+    ) -> dict[str, Any]:
+        """The state (JSON) after the last recorded step: that step's ``state_before`` merged
+        with its update (list fields appended, the rest replaced, as the graph does); the
+        initial state when no step was recorded."""
+        with self.db.read() as conn:
+            initial = conn.scalar(
+                select(Trajectory.initial_state).where(Trajectory.id == trajectory_id)
+            )
+            last = conn.execute(
+                select(Step.state_before, Step.state_update)
+                .where(Step.trajectory_id == trajectory_id)
+                .order_by(Step.seq.desc())
+                .limit(1)
+            ).first()
+        if last is None:
+            if initial is None:
+                raise TrajectoryNotFound(trajectory_id)
+            return dict(initial)
+        return merge_update(last.state_before, last.state_update, reduced_fields(state_type))
+
+    def last_state(self, trajectory_id: str, state_type: type[M] | None = None) -> M:
+        """:meth:`last_state_dict` validated as ``state_type`` (default: ``ReasonerState``), e.g.
+        to resume a killed trajectory from it."""
+        if state_type is None:
+            from agent_graph.state import ReasonerState  # the graph's shared vocabulary
+
+            state_type = cast(type[M], ReasonerState)
+        return state_type.model_validate(self.last_state_dict(trajectory_id, state_type))
+
+    # --- rewards and policy versions -------------------------------------------------------------
+
+    def add_reward(
+        self,
+        trajectory_id: str,
+        name: str,
+        value: float,
+        *,
+        step: int | None = None,
+        source: str = "",
+        details: dict[str, Any] | None = None,
+    ) -> RewardInfo:
+        """Record a reward of a trajectory (``step=None``) or of one of its steps."""
+        ids = self.add_rewards([RewardInput(trajectory_id, name, value, step, source, details)])
+        with self.db.read() as conn:
+            row = conn.execute(select(Reward.__table__).where(Reward.id == ids[0])).one()
+            return _reward(row)
+
+    def add_rewards(self, rewards: Iterable[RewardInput]) -> list[int]:
+        """Record many rewards in one transaction; returns their ids."""
+        items = list(rewards)
+
+        def work(conn: Connection) -> list[int]:
+            ids = []
+            summaries: dict[str, dict[str, Any]] = {}
+            for item in items:
+                if item.trajectory_id not in summaries:
+                    current = conn.execute(
+                        select(Trajectory.rewards)
+                        .where(Trajectory.id == item.trajectory_id)
+                        .with_for_update()
+                    ).first()
+                    if current is None:
+                        raise TrajectoryNotFound(item.trajectory_id)
+                    summaries[item.trajectory_id] = dict(current[0] or {})
+                ids.append(
+                    conn.execute(
+                        Reward.__table__.insert().returning(Reward.id),
+                        {
+                            "trajectory_id": item.trajectory_id,
+                            "step_seq": item.step,
+                            "name": item.name,
+                            "value": float(item.value),
+                            "source": item.source,
+                            "created_at": now(),
+                            "details": item.details,
+                        },
+                    ).scalar_one()
+                )
+                if item.step is None:
+                    summaries[item.trajectory_id][item.name] = float(item.value)
+            for trajectory_id, summary in summaries.items():
+                conn.execute(
+                    update(Trajectory).where(Trajectory.id == trajectory_id).values(rewards=summary)
+                )
+            return ids
+
+        return self.db.write(work)
+
+    def rewards(
+        self, trajectory_id: str | None = None, name: str | None = None
+    ) -> list[RewardInfo]:
+        with self.db.read() as conn:
+            return self._rewards(conn, trajectory_id, name)
+
+    def _rewards(
+        self, conn: Connection, trajectory_id: str | None, name: str | None
+    ) -> list[RewardInfo]:
+        query = select(Reward.__table__).order_by(Reward.id)
+        if trajectory_id is not None:
+            query = query.where(Reward.trajectory_id == trajectory_id)
+        if name is not None:
+            query = query.where(Reward.name == name)
+        return [_reward(r) for r in conn.execute(query)]
+
+    def register_policy_version(
+        self,
+        name: str,
+        version: str,
+        *,
+        path: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> PolicyVersionInfo:
+        """Record a policy version (idempotent for identical data; a conflicting re-registration
+        of the same name and version raises ``ValueError``)."""
+        row = {
+            "name": name,
+            "version": version,
+            "created_at": now(),
+            "path": path,
+            "meta": dict(metadata or {}),
+        }
+        with contextlib.suppress(IntegrityError):  # already registered: compared below
+            self.db.write(lambda conn: conn.execute(PolicyVersion.__table__.insert(), row))
+        info = self.policy_versions(name=name, version=version)[0]
+        if info.path != path or info.metadata != row["meta"]:
+            raise ValueError(
+                f"policy {name!r} version {version!r} is already registered with "
+                f"path={info.path!r} metadata={info.metadata!r}"
+            )
+        return info
+
+    def policy_versions(
+        self, name: str | None = None, version: str | None = None
+    ) -> list[PolicyVersionInfo]:
+        query = select(PolicyVersion.__table__).order_by(PolicyVersion.id)
+        if name is not None:
+            query = query.where(PolicyVersion.name == name)
+        if version is not None:
+            query = query.where(PolicyVersion.version == version)
+        with self.db.read() as conn:
+            return [
+                PolicyVersionInfo(
+                    p.id, p.name, p.version, as_utc(p.created_at), p.path, p.meta or {}
+                )
+                for p in conn.execute(query)
+            ]
+
+
+def _insert_run(conn: Connection, row: dict[str, Any]) -> None:
+    insert_ignore(conn, Run.__table__, [row], ["id"])
+
+
+def _summary(row: Row[Any] | tuple[Any, ...]) -> TrajectorySummary:
+    # Positional (the order of _SUMMARY): with 100k rows, named Row access dominates otherwise.
+    (
+        id_,
+        run_id,
+        prompt,
+        category,
+        group_id,
+        sample_index,
+        seed,
+        mode,
+        status,
+        final_image,
+        image_count,
+        score,
+        correct,
+        rewards,
+        started_at,
+        finished_at,
+        duration_s,
+        error,
+    ) = row[:18]
+    if started_at.tzinfo is None:  # SQLite: stored in UTC, handed back naive
+        started_at = started_at.replace(tzinfo=_UTC)
+    if finished_at is not None and finished_at.tzinfo is None:
+        finished_at = finished_at.replace(tzinfo=_UTC)
+    return TrajectorySummary(
+        id_,
+        run_id,
+        prompt,
+        category,
+        group_id,
+        sample_index,
+        seed,
+        mode,
+        status,
+        final_image,
+        image_count,
+        score,
+        correct,
+        rewards or {},
+        started_at,
+        finished_at,
+        duration_s,
+        error,
+    )
+
+
+def _reward(r: Row[Any]) -> RewardInfo:
+    return RewardInfo(
+        r.id,
+        r.trajectory_id,
+        r.step_seq,
+        r.name,
+        r.value,
+        r.source,
+        as_utc(r.created_at),
+        r.details,
+    )

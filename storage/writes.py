@@ -1,0 +1,173 @@
+"""The SQL of a recorder batch: everything it writes, in foreign-key order, in one transaction.
+
+Order inside the transaction: run, images, new trajectories, steps, generations, step images,
+mode updates, finishes. Images therefore become durable in the same commit as (or before) the
+first step that references them, and a step can never reference an image that is not stored
+(``step_images.ref`` is a foreign key to ``images``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from storage.rows import StepRows, as_utc
+from storage.schema import Generation, Image, Run, Step, StepImage, Trajectory
+
+RESUMABLE = ("incomplete",)
+"""Statuses from which ``start_trajectory`` may restart an existing trajectory."""
+
+
+class TrajectoryExists(ValueError):
+    """``start_trajectory`` for an id that is already running or finished."""
+
+
+def insert_ignore(
+    conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: Sequence[str]
+) -> None:
+    """INSERT rows, skipping those whose key already exists (a no-op on duplicates)."""
+    if not rows:
+        return
+    if conn.dialect.name == "sqlite":
+        conn.execute(sqlite_insert(table).on_conflict_do_nothing(index_elements=keys), rows)
+    elif conn.dialect.name == "postgresql":
+        conn.execute(pg_insert(table).on_conflict_do_nothing(index_elements=keys), rows)
+    else:  # pragma: no cover - other dialects: check first (not race-free)
+        columns = [table.c[key] for key in keys]
+        for row in rows:
+            found = conn.execute(
+                select(*columns).where(*(c == row[c.name] for c in columns))
+            ).first()
+            if found is None:
+                conn.execute(insert(table), [row])
+
+
+def insert_images(conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
+    # Sorted by key: concurrent writers then lock rows in one order (no deadlocks on PostgreSQL).
+    insert_ignore(conn, Image.__table__, sorted(rows, key=lambda r: r["sha256"]), ["sha256"])
+
+
+def existing_images(conn: Connection, refs: Iterable[str]) -> set[str]:
+    wanted = sorted(set(refs))
+    found: set[str] = set()
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        found.update(conn.scalars(select(Image.sha256).where(Image.sha256.in_(chunk))))
+    return found
+
+
+@dataclass
+class BatchRows:
+    run: dict[str, Any] | None = None
+    images: list[dict[str, Any]] = field(default_factory=list)
+    starts: list[dict[str, Any]] = field(default_factory=list)
+    implicit: list[dict[str, Any]] = field(default_factory=list)
+    """Trajectories first seen through a step (never started): created if absent."""
+    steps: list[StepRows] = field(default_factory=list)
+    finishes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    close: tuple[str, list[str]] | None = None
+    """(run id, trajectory ids left unfinished): mark them incomplete and end the run."""
+
+
+def write_batch(conn: Connection, rows: BatchRows) -> None:
+    trajectories = Trajectory.__table__
+    if rows.run is not None:
+        insert_ignore(conn, Run.__table__, [rows.run], ["id"])
+        conn.execute(update(Run).where(Run.id == rows.run["id"]).values(status="running"))
+    insert_images(conn, rows.images)
+    if rows.starts:
+        _start(conn, rows.starts)
+    insert_ignore(conn, trajectories, rows.implicit, ["id"])
+    if rows.steps:
+        conn.execute(insert(Step.__table__), [s.step for s in rows.steps])
+        generations = [g for s in rows.steps for g in s.generations]
+        if generations:
+            conn.execute(insert(Generation.__table__), generations)
+        step_images = [i for s in rows.steps for i in s.images]
+        if step_images:
+            conn.execute(insert(StepImage.__table__), step_images)
+        modes = [{"tid": s.trajectory_id, "new_mode": s.mode} for s in rows.steps if s.mode]
+        if modes:
+            conn.execute(
+                update(trajectories)
+                .where(trajectories.c.id == bindparam("tid"))
+                .values(mode=bindparam("new_mode")),
+                modes,
+            )
+    if rows.finishes:
+        _finish(conn, rows.finishes)
+    if rows.close is not None:
+        run_id, unfinished = rows.close
+        for start in range(0, len(unfinished), 500):
+            conn.execute(
+                update(Trajectory)
+                .where(
+                    Trajectory.id.in_(unfinished[start : start + 500]),
+                    Trajectory.status == "running",
+                )
+                .values(status="incomplete")
+            )
+        conn.execute(
+            update(Run)
+            .where(Run.id == run_id)
+            .values(status="incomplete" if unfinished else "finished")
+        )
+
+
+def _start(conn: Connection, starts: list[dict[str, Any]]) -> None:
+    ids = [row["id"] for row in starts]
+    existing = dict(
+        conn.execute(select(Trajectory.id, Trajectory.status).where(Trajectory.id.in_(ids))).all()
+    )
+    fresh = [row for row in starts if row["id"] not in existing]
+    for row in starts:
+        status = existing.get(row["id"])
+        if status is None:
+            continue
+        if status not in RESUMABLE:
+            raise TrajectoryExists(
+                f"trajectory {row['id']!r} already exists with status {status!r}; only "
+                f"{', '.join(RESUMABLE)} trajectories can be started again (resumed)"
+            )
+        conn.execute(
+            update(Trajectory)
+            .where(Trajectory.id == row["id"])
+            .values(status="running", finished_at=None, error=None, run_id=row["run_id"])
+        )
+    if fresh:
+        conn.execute(insert(Trajectory.__table__), fresh)
+
+
+def _finish(conn: Connection, finishes: list[tuple[str, dict[str, Any]]]) -> None:
+    """One executemany per shape of finish (with or without a final state)."""
+    ids = [trajectory_id for trajectory_id, _ in finishes]
+    started = dict(
+        conn.execute(
+            select(Trajectory.id, Trajectory.started_at).where(Trajectory.id.in_(ids))
+        ).all()
+    )
+    missing = sorted(set(ids) - started.keys())
+    if missing:
+        raise KeyError(f"finish_trajectory: no trajectory {missing[0]!r} was started")
+    shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for trajectory_id, values in finishes:
+        params = dict(values)
+        if params.get("duration_s") is None:
+            params["duration_s"] = (
+                params["finished_at"] - as_utc(started[trajectory_id])
+            ).total_seconds()
+        params["tid"] = trajectory_id
+        shapes.setdefault(tuple(sorted(values)), []).append(params)
+    table = Trajectory.__table__
+    for keys, params in shapes.items():
+        statement = (
+            update(table)
+            .where(table.c.id == bindparam("tid"))
+            .values({key: bindparam(key) for key in keys})
+        )
+        conn.execute(statement, params)

@@ -1,0 +1,123 @@
+"""Schema and connection behaviour: migrations equal the ORM, SQLite settings, lock retries."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import select, text
+
+from storage.engine import DatabaseLocked, normalise_url
+from storage.migrate import MIGRATIONS_DIR, SchemaError
+from storage.schema import HEAD_REVISION, SCHEMA_VERSION, Base, SchemaVersion
+from storage.store import TrajectoryStore
+
+
+def test_upgrading_an_empty_database_yields_exactly_the_orm_schema(store):
+    with store.db.writer.connect() as conn:
+        diff = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+        )
+    assert diff == []
+    with store.db.read() as conn:
+        assert conn.scalar(text("SELECT version_num FROM alembic_version")) == HEAD_REVISION
+        assert conn.execute(select(SchemaVersion.version, SchemaVersion.revision)).all() == [
+            (SCHEMA_VERSION, HEAD_REVISION)
+        ]
+
+
+def test_head_revision_constant_is_the_migrations_head():
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    assert ScriptDirectory.from_config(config).get_heads() == [HEAD_REVISION]
+
+
+def test_reopening_is_a_no_op_and_an_unknown_revision_is_refused(db_url):
+    TrajectoryStore(db_url).close()
+    TrajectoryStore(db_url).close()  # already at head: nothing to do
+    store = TrajectoryStore(db_url)
+    store.db.write(lambda c: c.execute(text("UPDATE alembic_version SET version_num='9999_x'")))
+    store.close()
+    with pytest.raises(SchemaError, match="9999_x"):
+        TrajectoryStore(db_url)
+
+
+@pytest.mark.parametrize("synchronous,level", [("NORMAL", 1), ("FULL", 2)])
+def test_sqlite_runs_in_wal_with_foreign_keys_and_the_chosen_durability(
+    tmp_path, synchronous, level
+):
+    with TrajectoryStore(
+        f"sqlite:///{tmp_path / 'a.db'}", synchronous=synchronous, busy_timeout_s=7
+    ) as store:
+        for engine in (store.db.writer, store.db.reader):
+            with engine.connect() as conn:
+                pragma = lambda name, c=conn: c.exec_driver_sql(f"PRAGMA {name}").scalar()  # noqa: E731
+                assert pragma("journal_mode") == "wal"
+                assert pragma("synchronous") == level
+                assert pragma("foreign_keys") == 1
+                assert pragma("busy_timeout") == 7000
+
+
+def test_in_memory_sqlite_and_bad_options_are_refused():
+    with pytest.raises(ValueError, match="file"):
+        TrajectoryStore("sqlite://")
+    with pytest.raises(ValueError, match="synchronous"):
+        TrajectoryStore("sqlite:///x.db", synchronous="SOMETIMES")
+    assert normalise_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
+
+
+def hold_write_lock(path, seconds: float, locked: threading.Event) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    locked.set()
+    time.sleep(seconds)
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def test_a_write_outlasting_the_busy_timeout_is_retried_until_the_lock_is_free(tmp_path):
+    path = tmp_path / "a.db"
+    store = TrajectoryStore(f"sqlite:///{path}", busy_timeout_s=0.02)
+    locked = threading.Event()
+    holder = threading.Thread(target=hold_write_lock, args=(path, 0.4, locked))
+    holder.start()
+    locked.wait()
+    started = time.monotonic()
+    run = store.create_run("after the lock")  # waits out the other writer, then commits
+    holder.join()
+    assert time.monotonic() - started >= 0.3
+    assert store.db.retries > 0
+    assert store.run(run.id).name == "after the lock"
+    store.close()
+
+
+def test_a_lock_held_past_the_retry_budget_raises(tmp_path):
+    path = tmp_path / "a.db"
+    store = TrajectoryStore(f"sqlite:///{path}", busy_timeout_s=0.01, lock_retry_s=0.1)
+    locked = threading.Event()
+    holder = threading.Thread(target=hold_write_lock, args=(path, 0.6, locked))
+    holder.start()
+    locked.wait()
+    with pytest.raises(DatabaseLocked):
+        store.create_run()
+    holder.join()
+    store.close()
+
+
+def test_readers_are_not_blocked_by_a_writer(tmp_path):
+    path = tmp_path / "a.db"
+    store = TrajectoryStore(f"sqlite:///{path}", busy_timeout_s=0.01, lock_retry_s=0.0)
+    run = store.create_run("visible")
+    locked = threading.Event()
+    holder = threading.Thread(target=hold_write_lock, args=(path, 0.3, locked))
+    holder.start()
+    locked.wait()
+    assert [r.id for r in store.runs()] == [run.id]  # WAL: the read needs no lock
+    holder.join()
+    store.close()
