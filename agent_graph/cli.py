@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="most reflect→refine correction rounds (default: 4)",
     )
+    _add_db(run)
+    run.add_argument("--no-record", action="store_true", help="do not write to the store")
     run.set_defaults(handler=cmd_run)
 
     demo = commands.add_parser(
@@ -72,16 +74,117 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, default=64, help="trajectories in flight (default: 64)"
     )
     demo.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
+    _add_db(demo)
+    demo.add_argument("--no-record", action="store_true", help="do not write to the store")
     demo.set_defaults(handler=cmd_demo)
+
+    rollout = commands.add_parser(
+        "rollout", help="record G samples per prompt into the store (ShapeWorld prompts or a file)"
+    )
+    rollout.add_argument(
+        "--prompts",
+        type=Path,
+        help="a text file, one prompt per line (default: ShapeWorld's fixed prompt set)",
+    )
+    rollout.add_argument(
+        "--per-category", type=int, default=8, help="ShapeWorld prompts per category (default: 8)"
+    )
+    rollout.add_argument(
+        "--group-size", "-G", type=int, default=4, help="samples per prompt (default: 4)"
+    )
+    rollout.add_argument(
+        "--mode",
+        choices=MODES,
+        default="random",
+        help="mode policy (default: random, for exploration)",
+    )
+    rollout.add_argument("--seed", type=int, default=0)
+    rollout.add_argument("--max-rounds", type=int, default=4)
+    rollout.add_argument("--concurrency", type=int, default=64)
+    rollout.add_argument("--name", help="run name")
+    _add_db(rollout)
+    rollout.set_defaults(handler=cmd_rollout)
+
+    runs = commands.add_parser("runs", help="list recorded runs")
+    _add_db(runs)
+    runs.set_defaults(handler=cmd_runs)
+
+    ls = commands.add_parser("ls", help="list recorded trajectories")
+    ls.add_argument("--run", help="run id, id prefix or name")
+    ls.add_argument("--status", choices=("running", "succeeded", "failed", "incomplete"))
+    ls.add_argument("--mode", choices=("direct", "reflect", "decompose"))
+    ls.add_argument("--min-reward", type=float, help="only trajectories scoring at least this")
+    ls.add_argument("--limit", type=int, default=30, help="rows to show (default: 30)")
+    _add_db(ls)
+    ls.set_defaults(handler=cmd_ls)
+
+    show = commands.add_parser("show", help="show one recorded trajectory, step by step")
+    show.add_argument("id", help="trajectory id or unique prefix")
+    _add_db(show)
+    show.set_defaults(handler=cmd_show)
+
+    view = commands.add_parser(
+        "view", help="write a self-contained HTML page of a run or trajectory"
+    )
+    view.add_argument("ref", help="run id/prefix/name, or trajectory id/prefix")
+    view.add_argument("--out", type=Path, help="HTML file (default: atelier-<ref>.html)")
+    view.add_argument("--limit", type=int, default=500, help="most trajectories on the page")
+    _add_db(view)
+    view.set_defaults(handler=cmd_view)
+
+    export = commands.add_parser("export", help="export trajectories to JSONL or Parquet")
+    export.add_argument("--run", help="run id, id prefix or name (default: every run)")
+    export.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
+    export.add_argument("--images", choices=("files", "base64", "none"), default="files")
+    export.add_argument("--out", type=Path, required=True, help="output file")
+    _add_db(export)
+    export.set_defaults(handler=cmd_export)
+
+    resume = commands.add_parser("resume", help="finish a killed run's unfinished trajectories")
+    resume.add_argument("run", help="run id, id prefix or name")
+    resume.add_argument("--concurrency", type=int, default=64)
+    _add_db(resume)
+    resume.set_defaults(handler=cmd_resume)
 
     graph = commands.add_parser("graph", help="print the reasoner graph as Mermaid")
     graph.set_defaults(handler=cmd_graph)
     return parser
 
 
-def _check_output_path(path: Path) -> None:
-    if path.suffix.lower() != ".png":
-        raise CliError(f"--out must end in .png: {path}")
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        default=os.environ.get("ATELIER_DB"),
+        help="SQLAlchemy URL or SQLite path (default: $ATELIER_DB or sqlite:///atelier.db)",
+    )
+
+
+def _open_store(args: argparse.Namespace, *, must_exist: bool = True):  # -> TrajectoryStore
+    from agent_graph.rollout import database_url
+
+    url = database_url(args.db)
+    if must_exist and url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise CliError(f"no store at {path} (run `atelier demo` or pass --db)")
+    from storage.store import TrajectoryStore
+
+    try:
+        return TrajectoryStore(url)
+    except Exception as exc:  # a bad URL, a server that is down, a file that is not a store
+        raise CliError(f"cannot open the store {url}: {type(exc).__name__}: {exc}") from None
+
+
+def _resolve_run(store, ref: str):
+    try:
+        return store.resolve_run(ref)
+    except KeyError as exc:
+        raise CliError(str(exc).strip("'\"")) from None
+
+
+def _check_output_path(path: Path, suffix: str = ".png") -> None:
+    if path.suffix.lower() != suffix:
+        raise CliError(f"--out must end in {suffix}: {path}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise CliError(f"cannot write {path}: directory {parent} does not exist")
@@ -108,16 +211,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         budget = Budget(max_rounds=args.max_rounds)
     except ValidationError as exc:
         raise CliError(exc.errors()[0]["msg"]) from None
-    context = shapeworld_context(args.mode)
-    result = asyncio.run(Runner(context, budget=budget).run_one(task))
-
     from agent_graph.show import print_trajectory
 
+    if args.no_record:
+        context = shapeworld_context(args.mode)
+        result = asyncio.run(Runner(context, budget=budget).run_one(task))
+        images = context.images
+    else:
+        from agent_graph.rollout import rollout
+
+        store = images = _open_store(args, must_exist=False)
+        _, results = asyncio.run(
+            rollout(store, [task], mode=args.mode, budget=budget, name="run", keep_steps=True)
+        )
+        result = results[0]
     print_trajectory(result)
+    if not args.no_record:
+        print(f"recorded as {result.trajectory_id} in {store.url}")
     if result.status != "succeeded":
         return 1
     if args.out is not None and result.state and result.state.final_image:
-        context.images.get(result.state.final_image).save(args.out)
+        images.get(result.state.final_image).save(args.out)
         print(f"saved {args.out}")
     return 0
 
@@ -132,9 +246,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from agent_graph.demo import render_report, report_markdown, run_demo
 
     console = Console()
+    store = None if args.no_record else _open_store(args, must_exist=False)
     report = asyncio.run(
         run_demo(
-            args.per_category, args.seed, concurrency=args.concurrency, progress=console.is_terminal
+            args.per_category,
+            args.seed,
+            concurrency=args.concurrency,
+            progress=console.is_terminal,
+            store=store,
         )
     )
     console.print(render_report(report))
@@ -143,6 +262,168 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.markdown:
         args.markdown.write_text(report_markdown(report) + "\n")
         console.print(f"wrote {args.markdown}")
+    if store is not None:
+        console.print(
+            f"recorded every trajectory in {store.url}: try `atelier runs`, "
+            "`atelier ls --run demo-decompose`, `atelier view demo-auto`"
+        )
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    for name in ("per_category", "group_size", "concurrency"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be at least 1")
+    from pydantic import ValidationError
+
+    from agent_graph.rollout import rollout
+    from agent_graph.runner import make_group_tasks
+    from agent_graph.state import Budget
+
+    if args.prompts is not None:
+        try:
+            lines = args.prompts.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"cannot read {args.prompts}: {exc}") from None
+        prompts, categories = [line for line in lines if line.strip()], None
+        if not prompts:
+            raise CliError(f"{args.prompts} holds no prompt")
+    else:
+        from nodes.backends.shapeworld import fixed_prompt_set
+
+        items = fixed_prompt_set(args.per_category, seed=args.seed)
+        prompts, categories = [i.text for i in items], [i.category for i in items]
+    try:
+        tasks = make_group_tasks(prompts, args.group_size, args.seed, categories)
+        budget = Budget(max_rounds=args.max_rounds)
+    except ValidationError as exc:
+        raise CliError(exc.errors()[0]["msg"]) from None
+    store = _open_store(args, must_exist=False)
+    run_id, results = asyncio.run(
+        rollout(
+            store,
+            tasks,
+            mode=args.mode,
+            budget=budget,
+            name=args.name,
+            concurrency=args.concurrency,
+            progress=sys.stderr.isatty(),
+        )
+    )
+    ok = sum(r.status == "succeeded" for r in results)
+    correct = sum(r.correct for r in results)
+    print(f"run {run_id}: {len(results)} trajectories, {ok} succeeded, {correct} correct")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    store = _open_store(args)
+    table = Table(title=f"runs in {store.url}")
+    for column in ("id", "name", "created", "status", "trajectories", "config"):
+        table.add_column(column)
+    for run in store.runs():
+        config = ", ".join(f"{k}={v}" for k, v in run.config.items() if k != "budget")
+        table.add_row(
+            run.id[:12],
+            run.name,
+            run.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            run.status,
+            str(run.trajectory_count),
+            config,
+        )
+    Console().print(table)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    store = _open_store(args)
+    run = _resolve_run(store, args.run).id if args.run else None
+    rows = store.trajectories(
+        run=run, status=args.status, mode=args.mode, min_reward=args.min_reward, limit=args.limit
+    )
+    table = Table(title=f"{len(rows)} trajectories" + (f" of run {run[:12]}" if run else ""))
+    for column in ("id", "prompt", "mode", "status", "images", "score", "correct"):
+        table.add_column(column)
+    for t in rows:
+        score = "" if t.score is None else f"{t.score:.2f}"
+        table.add_row(
+            t.id[:12],
+            t.prompt[:60],
+            t.mode or "",
+            t.status,
+            str(t.image_count),
+            score,
+            "" if t.correct is None else ("yes" if t.correct else "no"),
+        )
+    Console().print(table)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from agent_graph.show import print_stored_trajectory
+    from storage.store import TrajectoryNotFound
+
+    store = _open_store(args)
+    try:
+        trajectory = store.trajectory(store.resolve_trajectory(args.id))
+    except TrajectoryNotFound as exc:
+        raise CliError(str(exc).strip("'\"")) from None
+    print_stored_trajectory(trajectory)
+    return 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from storage.viewer import write_html
+
+    from storage.store import TrajectoryNotFound
+
+    store = _open_store(args)
+    out = args.out or Path(f"atelier-{args.ref[:16]}.html")
+    _check_output_path(out, ".html")
+    try:
+        trajectory_ids = [store.resolve_trajectory(args.ref)]
+        run = None
+    except TrajectoryNotFound:
+        trajectory_ids, run = None, _resolve_run(store, args.ref).id
+    write_html(store, out, run=run, trajectory_ids=trajectory_ids, limit=args.limit)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from storage import export
+
+    store = _open_store(args)
+    run = _resolve_run(store, args.run).id if args.run else None
+    _check_output_path(args.out, f".{args.format}")
+    write = export.export_jsonl if args.format == "jsonl" else export.export_parquet
+    try:
+        count = write(store, args.out, run=run, images=args.images)
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+    print(f"wrote {count} {'trajectories' if args.format == 'jsonl' else 'steps'} to {args.out}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from agent_graph.rollout import resume_run
+
+    store = _open_store(args)
+    run = _resolve_run(store, args.run)
+    try:
+        results = asyncio.run(
+            resume_run(store, run.id, concurrency=args.concurrency, progress=sys.stderr.isatty())
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    ok = sum(r.status == "succeeded" for r in results)
+    print(f"run {run.id}: resumed {len(results)} trajectories, {ok} succeeded")
     return 0
 
 

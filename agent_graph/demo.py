@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from agent_graph.presets import shapeworld_context
+from agent_graph.rollout import rollout
 from agent_graph.runner import Runner, TrajectoryResult, make_group_tasks
 from agent_graph.state import Budget
 
@@ -60,7 +62,10 @@ async def run_demo(
     concurrency: int = 64,
     budget: Budget | None = None,
     progress: bool = False,
+    store: Any = None,
 ) -> DemoReport:
+    """Run the fixed prompt set in each mode; with a ``store``, each mode is a recorded run
+    named ``demo-<mode>``."""
     from nodes.backends.shapeworld import fixed_prompt_set
 
     items = fixed_prompt_set(per_category, seed=seed)
@@ -69,10 +74,21 @@ async def run_demo(
     cells: dict[tuple[str, str], Cell] = {}
     mode_mix: dict[str, dict[str, int]] = {}
     for mode in modes:
-        runner = Runner(
-            shapeworld_context(mode), concurrency=concurrency, budget=budget, keep_steps=False
-        )
-        results = await runner.run(tasks, progress=progress, description=f"demo · {mode}")
+        if store is None:
+            runner = Runner(
+                shapeworld_context(mode), concurrency=concurrency, budget=budget, keep_steps=False
+            )
+            results = await runner.run(tasks, progress=progress, description=f"demo · {mode}")
+        else:
+            _, results = await rollout(
+                store,
+                tasks,
+                mode=mode,
+                budget=budget,
+                name=f"demo-{mode}",
+                concurrency=concurrency,
+                progress=progress,
+            )
         by_category: dict[str, list[TrajectoryResult]] = defaultdict(list)
         for result in results:
             by_category[result.task.category or "?"].append(result)

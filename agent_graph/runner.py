@@ -6,8 +6,13 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, field, is_dataclass, replace
+from enum import Enum
+from typing import Any, Literal, get_args
+
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+from pydantic import BaseModel
 
 from agent_graph.context import ReasonerContext
 from agent_graph.graph import build_reasoner, step_limit
@@ -99,57 +104,122 @@ class Runner:
         self.budget = budget or Budget()
         self.keep_steps = keep_steps
         self.state_factory = state_factory or _initial_state
+        self._saver: InMemorySaver | None = None
+        self._resumable: Any = None
 
     async def run(
         self, tasks: Sequence[Task], *, progress: bool = False, description: str = "trajectories"
     ) -> list[TrajectoryResult]:
+        """Run each task from the start of the graph."""
+        starts = [(self.state_factory(task, self.budget), None) for task in tasks]
+        return await self._run_all(starts, progress, description)
+
+    async def resume(
+        self,
+        points: Sequence[tuple[ReasonerState, str | None]],
+        *,
+        progress: bool = False,
+        description: str = "resumed",
+    ) -> list[TrajectoryResult]:
+        """Continue trajectories from recorded states.
+
+        Each point is (state after the last recorded step, that step's node); the graph goes
+        on along the edges out of that node, exactly as if it had never stopped. ``None`` as
+        the node starts the state from the beginning of the graph.
+        """
+        return await self._run_all(list(points), progress, description)
+
+    async def run_one(self, task: Task) -> TrajectoryResult:
+        return (await self.run([task]))[0]
+
+    async def _run_all(
+        self, starts: list[tuple[ReasonerState, str | None]], progress: bool, description: str
+    ) -> list[TrajectoryResult]:
         collector = MemoryRecorder(inner=self.context.recorder) if self.keep_steps else None
         context = replace(self.context, recorder=collector) if collector else self.context
         limiter = asyncio.Semaphore(self.concurrency)
-        bar = _progress(progress, len(tasks), description)
+        bar = _progress(progress, len(starts), description)
 
-        async def one(task: Task) -> TrajectoryResult:
+        async def one(state: ReasonerState, after_node: str | None) -> TrajectoryResult:
             async with limiter:
-                result = await self._run_one(task, context)
+                result = await self._run_one(state, after_node, context)
             if collector is not None:
                 result.steps = collector.steps.pop(result.trajectory_id, [])
             bar.advance()
             return result
 
         with bar:
-            return list(await asyncio.gather(*(one(task) for task in tasks)))
+            return list(await asyncio.gather(*(one(s, node) for s, node in starts)))
 
-    async def run_one(self, task: Task) -> TrajectoryResult:
-        return (await self.run([task]))[0]
-
-    async def _run_one(self, task: Task, context: ReasonerContext) -> TrajectoryResult:
-        state = self.state_factory(task, self.budget)
+    async def _run_one(
+        self, state: ReasonerState, after_node: str | None, context: ReasonerContext
+    ) -> TrajectoryResult:
         recorder = context.recorder
         started = time.perf_counter()
         if recorder is not None:
             await recorder.start_trajectory(state)
         final: ReasonerState | None = None
         try:
-            output = await self.graph.ainvoke(
-                state, context=context, config={"recursion_limit": step_limit(state)}
-            )
+            limit = {"recursion_limit": step_limit(state)}
+            if after_node is None:
+                output = await self.graph.ainvoke(state, context=context, config=limit)
+            else:
+                output = await self._continue(state, after_node, context, limit)
             final = type(state).model_validate(output)
             error = final.error
             if error is None and final.final_image is None:
                 error = "the trajectory ended without a final image"
-        except Exception as exc:
+        except Exception as exc:  # the graph itself broke: a failed trajectory, not a crash
             error = f"graph: {type(exc).__name__}: {exc}"
         status: Status = "succeeded" if error is None else "failed"
         if recorder is not None:
             await recorder.finish_trajectory(state.trajectory_id, status, final, error)
         return TrajectoryResult(
             trajectory_id=state.trajectory_id,
-            task=task,
+            task=state.task,
             status=status,
             state=final,
             error=error,
             duration_s=time.perf_counter() - started,
         )
+
+    async def _continue(
+        self, state: ReasonerState, after_node: str, context: ReasonerContext, limit: dict
+    ) -> Any:
+        # LangGraph continues from a node only through a checkpoint: write the recorded state
+        # as that node's output into a throwaway in-memory checkpointer, then go on from it.
+        if self._resumable is None:
+            self._saver = InMemorySaver(
+                serde=JsonPlusSerializer(allowed_msgpack_modules=_model_types(type(state)))
+            )
+            self._resumable = self.graph.builder.compile(checkpointer=self._saver)
+        config = {"configurable": {"thread_id": state.trajectory_id}, **limit}
+        try:
+            await self._resumable.aupdate_state(config, state, as_node=after_node)
+            return await self._resumable.ainvoke(None, config, context=context)
+        finally:
+            self._saver.delete_thread(state.trajectory_id)
+
+
+def _model_types(model: type[BaseModel]) -> list[tuple[str, str]]:
+    """Every pydantic model, dataclass and enum a state type holds: what a checkpoint of it
+    may contain (LangGraph's serializer refuses other types)."""
+    found: dict[type, None] = {}
+
+    def visit(annotation: Any) -> None:
+        for arg in get_args(annotation):
+            visit(arg)
+        if not isinstance(annotation, type) or annotation in found:
+            return
+        if issubclass(annotation, BaseModel):
+            found[annotation] = None
+            for field_info in annotation.model_fields.values():
+                visit(field_info.annotation)
+        elif issubclass(annotation, Enum) or is_dataclass(annotation):
+            found[annotation] = None
+
+    visit(model)
+    return [(cls.__module__, cls.__name__) for cls in found]
 
 
 def _initial_state(task: Task, budget: Budget) -> ReasonerState:

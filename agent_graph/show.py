@@ -90,3 +90,36 @@ def print_trajectory(result: TrajectoryResult, console: Any = None) -> None:
         f"round(s), stop={state.stop_reason.value if state.stop_reason else '?'}, "
         f"score V={score}, correct={result.correct}"
     )
+
+
+def print_stored_trajectory(trajectory: Any, console: Any = None) -> None:
+    """Render a trajectory read back from the store (``atelier show``)."""
+    from rich.console import Console
+
+    console = console or Console(highlight=False)
+    console.print(f"[bold]{trajectory.prompt}[/bold]")
+    console.print(
+        f"trajectory {trajectory.id}  run {trajectory.run_id[:12]}  group {trajectory.group_id} "
+        f"#{trajectory.sample_index}  seed {trajectory.seed}"
+    )
+    console.print(f"mode [bold]{trajectory.mode or '?'}[/bold]  status {trajectory.status}")
+    for step in trajectory.steps:
+        console.print(
+            f"  {step.seq:>2} {step.node:<10} {step.latency_s * 1000:7.1f} ms  "
+            f"{describe_step(step)}"
+        )
+        for generation in step.generations:
+            if generation.token_ids:
+                console.print(
+                    f"      [dim]{generation.role}: {len(generation.token_ids)} tokens "
+                    f"from {generation.model}, sum log p {sum(generation.logprobs):.2f}[/dim]"
+                )
+    score = "n/a" if trajectory.score is None else f"{trajectory.score:.2f}"
+    console.print(
+        f"[bold]final[/bold]: {trajectory.image_count} image(s), score V={score}, "
+        f"correct={trajectory.correct}"
+        + (f", error: {trajectory.error}" if trajectory.error else "")
+    )
+    if trajectory.rewards:
+        rewards = ", ".join(f"{k}={v:.3f}" for k, v in sorted(trajectory.rewards.items()))
+        console.print(f"rewards: {rewards}")

@@ -29,7 +29,7 @@ from datetime import timezone
 from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
-from sqlalchemy import Connection, Row, func, select, update
+from sqlalchemy import Connection, Row, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.blobs import SQLImageStore
@@ -49,7 +49,7 @@ from storage.records import (
     TrajectoryDetail,
     TrajectorySummary,
 )
-from storage.rows import as_utc, merge_update, now, reduced_fields
+from storage.rows import as_utc, merge_update, now, reduced_fields, state_json, trajectory_row
 from storage.schema import (
     TRAJECTORY_STATUSES,
     Generation,
@@ -196,6 +196,58 @@ class TrajectoryStore(SQLImageStore):
             RunInfo(r.id, r.name, as_utc(r.created_at), r.config or {}, r.status, r.n or 0)
             for r in rows
         ]
+
+    def register_trajectories(self, run_id: str, states: Iterable[Any]) -> int:
+        """Insert trajectories as ``incomplete`` before they start, so that a run killed before
+        it reached them still knows them and ``resume`` runs them from their initial state."""
+        started_at = now()
+        rows = [
+            {**trajectory_row(state_json(state) or {}, run_id, started_at), "status": "incomplete"}
+            for state in states
+        ]
+        if rows:
+            self.db.write(lambda conn: conn.execute(insert(Trajectory.__table__), rows))
+        return len(rows)
+
+    def resolve_run(self, ref: str) -> RunInfo:
+        """A run by id, unique id prefix, or name (the newest run of that name)."""
+        with self.db.read() as conn:
+            ids = (
+                conn.execute(select(Run.id).where(Run.id.startswith(ref, autoescape=True)).limit(2))
+                .scalars()
+                .all()
+            )
+            if ref not in ids and len(ids) != 1:
+                named = (
+                    conn.execute(
+                        select(Run.id)
+                        .where(Run.name == ref)
+                        .order_by(Run.created_at.desc())
+                        .limit(1)
+                    )
+                    .scalars()
+                    .all()
+                )
+                ids = named or ids
+        if ref in ids or len(ids) == 1:
+            return self.run(ref if ref in ids else ids[0])
+        raise KeyError(f"{'ambiguous' if ids else 'no'} run {ref!r}")
+
+    def resolve_trajectory(self, ref: str) -> str:
+        """A trajectory id from an id or a unique id prefix."""
+        with self.db.read() as conn:
+            ids = (
+                conn.execute(
+                    select(Trajectory.id)
+                    .where(Trajectory.id.startswith(ref, autoescape=True))
+                    .limit(2)
+                )
+                .scalars()
+                .all()
+            )
+        if ref in ids or len(ids) == 1:
+            return ref if ref in ids else ids[0]
+        raise TrajectoryNotFound(f"{'ambiguous' if ids else 'no'} trajectory {ref!r}")
 
     def finish_run(self, run_id: str, status: str = "finished") -> None:
         self.db.write(

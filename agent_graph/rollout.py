@@ -1,0 +1,102 @@
+"""Recorded runs: roll tasks out into the trajectory store, and resume runs that were killed.
+
+A run's config (world, mode policy, budget) is stored with it, so ``resume`` rebuilds the same
+context and continues each unfinished trajectory from its last recorded step. Trajectory seeds
+make the continuation identical to what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from agent_graph.presets import shapeworld_context
+from agent_graph.runner import Runner, TrajectoryResult
+from agent_graph.state import Budget, ReasonerState, Task
+
+DEFAULT_DB = "sqlite:///atelier.db"
+
+
+def database_url(value: str | None) -> str:
+    """``--db`` / ``ATELIER_DB``: a SQLAlchemy URL, or a plain path meaning a SQLite file."""
+    if not value:
+        return DEFAULT_DB
+    return value if "://" in value else f"sqlite:///{value}"
+
+
+def run_config(mode: str, budget: Budget, world: str = "shapeworld") -> dict[str, Any]:
+    return {"world": world, "mode": mode, "budget": budget.model_dump()}
+
+
+def _context(config: dict[str, Any], store: Any, recorder: Any) -> Any:
+    world = config.get("world")
+    if world != "shapeworld":
+        raise ValueError(f"this run used world {world!r}; only 'shapeworld' can be rebuilt here")
+    return shapeworld_context(config["mode"], images=store, recorder=recorder)
+
+
+async def rollout(
+    store: Any,
+    tasks: Sequence[Task],
+    *,
+    mode: str = "auto",
+    budget: Budget | None = None,
+    name: str | None = None,
+    concurrency: int = 64,
+    progress: bool = False,
+    keep_steps: bool = False,
+) -> tuple[str, list[TrajectoryResult]]:
+    """Run ``tasks`` on ShapeWorld, recording every step; returns (run id, results)."""
+    from storage.recorder import SQLRecorder
+
+    budget = budget or Budget()
+    config = run_config(mode, budget)
+    run = store.create_run(name, config)
+    async with SQLRecorder(store, run.id) as recorder:
+        runner = Runner(
+            _context(config, store, recorder),
+            concurrency=concurrency,
+            budget=budget,
+            keep_steps=keep_steps,
+        )
+        # Every trajectory is in the store before any starts: a run killed early resumes all.
+        states = [runner.state_factory(task, budget) for task in tasks]
+        store.register_trajectories(run.id, states)
+        starts = [(state, None) for state in states]
+        results = await runner.resume(starts, progress=progress, description=name or "rollout")
+    return run.id, results
+
+
+def resume_points(store: Any, run_id: str) -> list[tuple[ReasonerState, str | None]]:
+    """(state after the last recorded step, that step's node) for each unfinished trajectory."""
+    store.mark_incomplete(run_id)
+    points: list[tuple[ReasonerState, str | None]] = []
+    for summary in store.trajectories(run=run_id, status="incomplete"):
+        steps = store.steps(summary.id)
+        if steps:
+            points.append((store.last_state(summary.id), steps[-1].node))
+        else:
+            detail = store.trajectory(summary.id)
+            points.append((ReasonerState.model_validate(detail.initial_state), None))
+    return points
+
+
+async def resume_run(
+    store: Any, run_id: str, *, concurrency: int = 64, progress: bool = False
+) -> list[TrajectoryResult]:
+    """Finish every incomplete trajectory of a run from where its recording stopped."""
+    from storage.recorder import SQLRecorder
+
+    run = store.run(run_id)
+    points = resume_points(store, run.id)
+    if not points:
+        return []
+    budget = Budget.model_validate(run.config.get("budget", {}))
+    async with SQLRecorder(store, run.id) as recorder:
+        runner = Runner(
+            _context(run.config, store, recorder),
+            concurrency=concurrency,
+            budget=budget,
+            keep_steps=False,
+        )
+        return await runner.resume(points, progress=progress)
