@@ -15,6 +15,7 @@ once, in its own transaction.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -39,6 +40,10 @@ from storage.writes import insert_images
 _KNOWN_REFS_CAP = 200_000
 """How many refs known to be stored are remembered (to skip re-inserting them)."""
 
+RECENT_IMAGE_BYTES = 64 << 20
+"""Bytes of recently put or read images kept in memory. A trajectory reads back the image it
+has just made (reflect, refine); content addressing makes the cache always valid."""
+
 
 class SQLImageStore:
     def __init__(
@@ -52,6 +57,8 @@ class SQLImageStore:
         self._pending_bytes = 0
         self._known: dict[str, None] = {}
         self._deferring = 0
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self._recent_bytes = 0
 
     def put(self, image: PILImage.Image) -> str:
         data = encode_png(image)
@@ -62,6 +69,7 @@ class SQLImageStore:
 
     def _put(self, data: bytes, size: tuple[int, int] | None) -> str:
         ref = image_ref(data)
+        self._cache(ref, data)
         with self._lock:
             if ref in self._known or ref in self._pending:
                 return ref
@@ -84,6 +92,10 @@ class SQLImageStore:
     def get_bytes(self, ref: str) -> bytes:
         check_ref(ref)
         with self._lock:
+            recent = self._recent.get(ref)
+            if recent is not None:
+                self._recent.move_to_end(ref)
+                return recent
             pending = self._pending.get(ref)
         if pending is not None:
             if pending["data"] is not None:
@@ -93,7 +105,19 @@ class SQLImageStore:
             row = conn.execute(select(Image.data).where(Image.sha256 == ref)).first()
         if row is None:
             raise ImageNotFound(ref)
-        return bytes(row[0]) if row[0] is not None else self._file_bytes(ref)
+        data = bytes(row[0]) if row[0] is not None else self._file_bytes(ref)
+        self._cache(ref, data)
+        return data
+
+    def _cache(self, ref: str, data: bytes) -> None:
+        with self._lock:
+            if ref in self._recent or len(data) > RECENT_IMAGE_BYTES // 8:
+                return
+            self._recent[ref] = data
+            self._recent_bytes += len(data)
+            while self._recent_bytes > RECENT_IMAGE_BYTES:
+                _, evicted = self._recent.popitem(last=False)
+                self._recent_bytes -= len(evicted)
 
     image = get
     image_bytes = get_bytes

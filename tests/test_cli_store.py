@@ -137,3 +137,17 @@ def test_sigkill_mid_run_then_resume_finishes_exactly_what_an_uninterrupted_run_
     # Every trajectory completed once, with the same steps and final image as if never killed.
     assert after == expected
     assert all(status == "succeeded" for status, *_ in after.values())
+
+
+def test_view_writes_a_page_of_the_run_and_export_writes_jsonl(demo_db, tmp_path):
+    page = tmp_path / "reflect.html"
+    result = atelier("view", "demo-reflect", "--out", str(page), db=demo_db)
+    assert result.returncode == 0, result.stderr
+    html = page.read_text()
+    assert html.count('class="trajectory') >= 18 and "<script" in html
+    bad = atelier("view", "demo-reflect", "--out", str(tmp_path / "x.txt"), db=demo_db)
+    assert bad.returncode == 2 and ".html" in bad.stderr
+    out = tmp_path / "auto.jsonl"
+    exported = atelier("export", "--run", "demo-auto", "--out", str(out), db=demo_db)
+    assert exported.returncode == 0, exported.stderr
+    assert len(out.read_text().splitlines()) == 18
