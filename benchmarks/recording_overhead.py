@@ -23,7 +23,6 @@ from agent_graph.runner import Runner, make_group_tasks
 from nodes.backends.noop import NoopChat, NoopJudge, NoopPainter, NoopReflector
 from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
 
-
 CONCURRENCY = 64
 
 
@@ -62,7 +61,9 @@ async def run_once(n: int, edits: int, url: str | None) -> tuple[float, int]:
         run = store.create_run("overhead")
         started = time.perf_counter()
         async with SQLRecorder(store, run.id) as recorder:
-            runner = Runner(context(edits, store, recorder), concurrency=CONCURRENCY, keep_steps=False)
+            runner = Runner(
+                context(edits, store, recorder), concurrency=CONCURRENCY, keep_steps=False
+            )
             results = await runner.run(tasks)
         elapsed = time.perf_counter() - started
         store.close()
