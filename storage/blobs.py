@@ -27,6 +27,7 @@ from storage.images import (
     DirectoryImageStore,
     ImageNotFound,
     InvalidImageRef,
+    RecentImages,
     check_ref,
     decode_png,
     encode_png,
@@ -57,12 +58,15 @@ class SQLImageStore:
         self._pending_bytes = 0
         self._known: dict[str, None] = {}
         self._deferring = 0
+        self.recent = RecentImages()
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._recent_bytes = 0
 
     def put(self, image: PILImage.Image) -> str:
         data = encode_png(image)
-        return self._put(data, image.size)
+        ref = self._put(data, image.size)
+        self.recent.remember(ref, image)
+        return ref
 
     def put_bytes(self, data: bytes) -> str:
         return self._put(bytes(data), None)
@@ -87,7 +91,7 @@ class SQLImageStore:
         return ref
 
     def get(self, ref: str) -> PILImage.Image:
-        return decode_png(self.get_bytes(ref))
+        return self.recent.recall(check_ref(ref)) or decode_png(self.get_bytes(ref))
 
     def get_bytes(self, ref: str) -> bytes:
         check_ref(ref)

@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -54,6 +55,38 @@ def decode_png(data: bytes) -> Image.Image:
     return image
 
 
+class RecentImages:
+    """A small LRU of decoded images by reference.
+
+    A trajectory reads back the image it has just made (reflect, then refine), so decoding the
+    PNG it has just encoded is wasted work. Images go in and come out as copies: a caller that
+    draws on what it got cannot change what the next caller gets.
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._images: OrderedDict[str, Image.Image] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, ref: str, image: Image.Image) -> None:
+        if image.mode not in ("RGB", "RGBA", "L"):  # what encode_png stores is converted
+            return
+        copy = image.copy()
+        with self._lock:
+            self._images[ref] = copy
+            self._images.move_to_end(ref)
+            while len(self._images) > self.capacity:
+                self._images.popitem(last=False)
+
+    def recall(self, ref: str) -> Image.Image | None:
+        with self._lock:
+            image = self._images.get(ref)
+            if image is None:
+                return None
+            self._images.move_to_end(ref)
+        return image.copy()
+
+
 @runtime_checkable
 class ImageStore(Protocol):
     def put(self, image: Image.Image) -> str: ...
@@ -64,8 +97,12 @@ class ImageStore(Protocol):
 
 
 class _StoreBase:
+    recent: RecentImages
+
     def put(self, image: Image.Image) -> str:
-        return self.put_bytes(encode_png(image))
+        ref = self.put_bytes(encode_png(image))
+        self.recent.remember(ref, image)
+        return ref
 
     def put_bytes(self, data: bytes) -> str:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -74,13 +111,14 @@ class _StoreBase:
         raise NotImplementedError
 
     def get(self, ref: str) -> Image.Image:
-        return decode_png(self.get_bytes(ref))
+        return self.recent.recall(check_ref(ref)) or decode_png(self.get_bytes(ref))
 
 
 class MemoryImageStore(_StoreBase):
     """Images in a dict. The default for one-off runs and tests."""
 
     def __init__(self) -> None:
+        self.recent = RecentImages()
         self._blobs: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
@@ -115,6 +153,7 @@ class DirectoryImageStore(_StoreBase):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
+        self.recent = RecentImages()
 
     def path_for(self, ref: str) -> Path:
         ref = check_ref(ref)
