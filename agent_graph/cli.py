@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="most reflect→refine correction rounds (default: 4)",
     )
+    _add_config(run)
     _add_db(run)
     run.add_argument("--no-record", action="store_true", help="do not write to the store")
     run.set_defaults(handler=cmd_run)
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--max-rounds", type=int, default=4)
     rollout.add_argument("--concurrency", type=int, default=64)
     rollout.add_argument("--name", help="run name")
+    _add_config(rollout)
     _add_db(rollout)
     rollout.set_defaults(handler=cmd_rollout)
 
@@ -146,9 +148,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(resume)
     resume.set_defaults(handler=cmd_resume)
 
+    from nodes.backends.serve import add_serve_parser  # argparse only; models load on use
+
+    add_serve_parser(commands)
+
     graph = commands.add_parser("graph", help="print the reasoner graph as Mermaid")
     graph.set_defaults(handler=cmd_graph)
     return parser
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="backends per role from a TOML/JSON file (examples/configs/); default: ShapeWorld",
+    )
+
+
+def _check_config(path: Path | None) -> None:
+    if path is None:
+        return
+    from pydantic import ValidationError
+
+    from nodes.backends.config import load_config
+
+    try:
+        load_config(path)
+    except (OSError, ValueError, ValidationError) as exc:
+        raise CliError(f"bad config {path}: {exc}") from None
 
 
 def _add_db(parser: argparse.ArgumentParser) -> None:
@@ -199,10 +226,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError("--max-rounds must be 0 or more")
     if args.out is not None:
         _check_output_path(args.out)
+    _check_config(args.config)
 
     from pydantic import ValidationError
 
-    from agent_graph.presets import shapeworld_context
+    from agent_graph.presets import config_context, shapeworld_context
     from agent_graph.runner import Runner
     from agent_graph.state import Budget, Task
 
@@ -214,7 +242,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent_graph.show import print_trajectory
 
     if args.no_record:
-        context = shapeworld_context(args.mode)
+        if args.config is not None:
+            context = config_context(args.config, args.mode)
+        else:
+            context = shapeworld_context(args.mode)
         result = asyncio.run(Runner(context, budget=budget).run_one(task))
         images = context.images
     else:
@@ -222,7 +253,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         store = images = _open_store(args, must_exist=False)
         _, results = asyncio.run(
-            rollout(store, [task], mode=args.mode, budget=budget, name="run", keep_steps=True)
+            rollout(
+                store,
+                [task],
+                mode=args.mode,
+                budget=budget,
+                name="run",
+                keep_steps=True,
+                backends_config=args.config,
+            )
         )
         result = results[0]
     print_trajectory(result)
@@ -298,6 +337,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         budget = Budget(max_rounds=args.max_rounds)
     except ValidationError as exc:
         raise CliError(exc.errors()[0]["msg"]) from None
+    _check_config(args.config)
     store = _open_store(args, must_exist=False)
     run_id, results = asyncio.run(
         rollout(
@@ -308,6 +348,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             name=args.name,
             concurrency=args.concurrency,
             progress=sys.stderr.isatty(),
+            backends_config=args.config,
         )
     )
     ok = sum(r.status == "succeeded" for r in results)
@@ -379,9 +420,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from storage.viewer import write_html
-
     from storage.store import TrajectoryNotFound
+    from storage.viewer import write_html
 
     store = _open_store(args)
     out = args.out or Path(f"atelier-{args.ref[:16]}.html")

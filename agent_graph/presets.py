@@ -54,3 +54,25 @@ def shapeworld_context(
         settings=settings or GraphSettings(),
         recorder=recorder,
     )
+
+
+def config_context(
+    path: Any,
+    mode: str = "auto",
+    *,
+    stopper: StopPolicy | None = None,
+    images: ImageStore | None = None,
+    settings: GraphSettings | None = None,
+    recorder: Any = None,
+) -> ReasonerContext:
+    """A context whose backends come from a config file (``examples/configs/*.toml``)."""
+    from nodes.backends.config import load_backends
+
+    return ReasonerContext(
+        backends=Backends(**load_backends(path)),
+        router=mode_policy(mode),
+        stopper=stopper or FollowReflectionStopPolicy(),
+        images=images if images is not None else MemoryImageStore(),
+        settings=settings or GraphSettings(),
+        recorder=recorder,
+    )

@@ -8,9 +8,10 @@ make the continuation identical to what the uninterrupted run would have done.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from agent_graph.presets import shapeworld_context
+from agent_graph.presets import config_context, shapeworld_context
 from agent_graph.runner import Runner, TrajectoryResult
 from agent_graph.state import Budget, ReasonerState, Task
 
@@ -24,15 +25,26 @@ def database_url(value: str | None) -> str:
     return value if "://" in value else f"sqlite:///{value}"
 
 
-def run_config(mode: str, budget: Budget, world: str = "shapeworld") -> dict[str, Any]:
-    return {"world": world, "mode": mode, "budget": budget.model_dump()}
+def run_config(mode: str, budget: Budget, backends_config: Path | None = None) -> dict[str, Any]:
+    """What ``resume`` needs to rebuild a run's context: world or backends file, mode, budget."""
+    config: dict[str, Any] = {"mode": mode, "budget": budget.model_dump()}
+    if backends_config is None:
+        config["world"] = "shapeworld"
+    else:
+        config["world"] = "config"
+        config["backends_config"] = str(Path(backends_config).resolve())
+    return config
 
 
 def _context(config: dict[str, Any], store: Any, recorder: Any) -> Any:
     world = config.get("world")
-    if world != "shapeworld":
-        raise ValueError(f"this run used world {world!r}; only 'shapeworld' can be rebuilt here")
-    return shapeworld_context(config["mode"], images=store, recorder=recorder)
+    if world == "shapeworld":
+        return shapeworld_context(config["mode"], images=store, recorder=recorder)
+    if world == "config":
+        return config_context(
+            config["backends_config"], config["mode"], images=store, recorder=recorder
+        )
+    raise ValueError(f"this run used world {world!r}, which this version cannot rebuild")
 
 
 async def rollout(
@@ -45,12 +57,14 @@ async def rollout(
     concurrency: int = 64,
     progress: bool = False,
     keep_steps: bool = False,
+    backends_config: Path | None = None,
 ) -> tuple[str, list[TrajectoryResult]]:
-    """Run ``tasks`` on ShapeWorld, recording every step; returns (run id, results)."""
+    """Run ``tasks`` (on ShapeWorld, or the backends a config file names), recording every
+    step; returns (run id, results)."""
     from storage.recorder import SQLRecorder
 
     budget = budget or Budget()
-    config = run_config(mode, budget)
+    config = run_config(mode, budget, backends_config)
     run = store.create_run(name, config)
     async with SQLRecorder(store, run.id) as recorder:
         runner = Runner(

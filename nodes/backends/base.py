@@ -11,7 +11,7 @@ models; generator; editor; optional judge). One object may serve several roles.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -97,6 +97,38 @@ class ChatModel(Protocol):
     async def chat(self, request: ChatRequest) -> TextCompletion: ...
 
 
+@dataclass(frozen=True)
+class ScoredText:
+    """Log-probs of a *given* text under a chat model (teacher forcing), token by token."""
+
+    token_ids: tuple[int, ...]
+    """The text's tokens as the model tokenised it in context (image tokens never included)."""
+    logprobs: tuple[float, ...]
+    """``log p(token_j | messages, image, tokens_<j)`` for each token (same length)."""
+    model: str = ""
+
+    @property
+    def mean_logprob(self) -> float:
+        """Mean per-token log-prob; ``exp`` of it is GvU's geometric-mean probability."""
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
+
+
+@runtime_checkable
+class ScoringChatModel(ChatModel, Protocol):
+    """A chat model that can also score a given text (what the GvU intrinsic reward needs).
+
+    Kept apart from :class:`ChatModel` so simulated chat models (ShapeWorld, scripted tests)
+    remain chat models without it; every real backend (HTTP clients, in-process) has both.
+    """
+
+    async def score_text(
+        self, messages: Sequence[ChatMessage], text: str, image: Image.Image | None = None
+    ) -> ScoredText:
+        """Log-probs of ``text`` as the assistant's reply to ``messages``; ``image``, when
+        given, is attached to the last user message (a new user turn if there is none)."""
+        ...
+
+
 @runtime_checkable
 class ImageGenerator(Protocol):
     model_id: str
@@ -122,3 +154,23 @@ class Judge(Protocol):
 
 class BackendError(RuntimeError):
     """A backend could not answer. Nodes turn it into a recorded failure, never a crash."""
+
+
+class BackendUnavailable(BackendError):
+    """No server answered (connection errors, timeouts, 5xx) after every retry."""
+
+    def __init__(self, message: str, *, url: str = "", kind: str = "", status: int | None = None):
+        super().__init__(message)
+        self.url = url
+        self.kind = kind
+        self.status = status
+
+
+class BackendRequestError(BackendError):
+    """A server refused the request (4xx): retrying the same request cannot help."""
+
+    def __init__(self, message: str, *, url: str = "", kind: str = "", status: int | None = None):
+        super().__init__(message)
+        self.url = url
+        self.kind = kind
+        self.status = status

@@ -1,0 +1,164 @@
+"""``DiffusersImageEngine``: text-to-image and image editing with ``diffusers`` pipelines (the
+engine behind the in-process image backend and ``atelier serve image``).
+
+``model_dir`` is a saved pipeline (``model_index.json``). It serves generations when it is a
+text-to-image pipeline, edits when it is an editing one (InstructPix2Pix, img2img, Kontext,
+Qwen-Image-Edit, ... judged by the pipeline class name). ``edit_model_dir`` adds a separate
+editing pipeline; without one, a text-to-image model edits through the image-to-image variant
+of the same weights (``AutoPipelineForImage2Image.from_pipe``: no extra memory).
+
+``run_batch`` groups jobs with the same kind, size, steps and guidance into one pipeline call,
+with one seeded ``torch.Generator`` per image. Sizes are rounded up to what the pipeline accepts
+and the result resized to exactly the requested size.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from nodes.backends.image_types import ImageJob, ImageUnsupported
+from nodes.backends.transformers_lm import resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+EDIT_PIPELINE_HINTS = ("Img2Img", "InstructPix2Pix", "Edit", "Kontext", "Inpaint", "ImageToImage")
+
+
+def is_edit_pipeline(pipe: Any) -> bool:
+    return any(hint in type(pipe).__name__ for hint in EDIT_PIPELINE_HINTS)
+
+
+class DiffusersImageEngine:
+    def __init__(
+        self,
+        model_dir: str | Path | None,
+        *,
+        edit_model_dir: str | Path | None = None,
+        name: str | None = None,
+        device: str = "cpu",
+        dtype: str = "auto",
+        default_steps: int | None = None,
+    ) -> None:
+        from diffusers import DiffusionPipeline
+
+        if model_dir is None and edit_model_dir is None:
+            raise ValueError("an image engine needs a model directory")
+        self.device = resolve_device(device)
+        self.default_steps = default_steps
+        kwargs: dict[str, Any] = {}
+        torch_dtype = resolve_dtype(dtype)
+        if torch_dtype != "auto":
+            kwargs["torch_dtype"] = torch_dtype
+        self.generator_pipe: Any = None
+        self.edit_pipe: Any = None
+        if model_dir is not None:
+            pipe = self._prepare(DiffusionPipeline.from_pretrained(str(model_dir), **kwargs))
+            if is_edit_pipeline(pipe):
+                self.edit_pipe = pipe
+            else:
+                self.generator_pipe = pipe
+        if edit_model_dir is not None:
+            self.edit_pipe = self._prepare(
+                DiffusionPipeline.from_pretrained(str(edit_model_dir), **kwargs)
+            )
+        elif self.edit_pipe is None and self.generator_pipe is not None:
+            try:
+                from diffusers import AutoPipelineForImage2Image
+
+                self.edit_pipe = self._prepare(
+                    AutoPipelineForImage2Image.from_pipe(self.generator_pipe)
+                )
+            except (ValueError, KeyError) as error:  # no image-to-image variant
+                log.warning("no edit pipeline for %s: %s", model_dir, error)
+        self.name = name or str(model_dir or edit_model_dir)
+
+    def _prepare(self, pipe: Any) -> Any:
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @property
+    def can_generate(self) -> bool:
+        return self.generator_pipe is not None
+
+    @property
+    def can_edit(self) -> bool:
+        return self.edit_pipe is not None
+
+    def run_batch(self, jobs: Sequence[ImageJob]) -> list[Image.Image | BaseException]:
+        results: list[Image.Image | BaseException | None] = [None] * len(jobs)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, job in enumerate(jobs):
+            if job.kind == "generate" and not self.can_generate:
+                results[index] = ImageUnsupported(f"{self.name} cannot generate from text")
+                continue
+            if job.kind == "edit" and not self.can_edit:
+                results[index] = ImageUnsupported(f"{self.name} cannot edit images")
+                continue
+            groups.setdefault(job.group_key(), []).append(index)
+        for indices in groups.values():
+            batch = [jobs[i] for i in indices]
+            try:
+                images = self._run(batch)
+            except Exception as error:
+                log.exception("image batch of %d failed", len(batch))
+                images = [error] * len(batch)
+            for index, image in zip(indices, images, strict=True):
+                results[index] = image
+        return [r if r is not None else RuntimeError("job was not served") for r in results]
+
+    @torch.inference_mode()
+    def _run(self, jobs: Sequence[ImageJob]) -> list[Image.Image | BaseException]:
+        first = jobs[0]
+        pipe = self.generator_pipe if first.kind == "generate" else self.edit_pipe
+        params = inspect.signature(pipe.__call__).parameters
+        width, height = first.size
+        multiple = _size_multiple(pipe)
+        run_w, run_h = _round_up(width, multiple), _round_up(height, multiple)
+        kwargs: dict[str, Any] = {
+            "prompt": [job.prompt for job in jobs],
+            "generator": [torch.Generator(device="cpu").manual_seed(j.seed % 2**64) for j in jobs],
+            "output_type": "pil",
+        }
+        steps = first.steps or self.default_steps
+        if steps is not None:
+            kwargs["num_inference_steps"] = steps
+        if first.guidance_scale is not None and "guidance_scale" in params:
+            kwargs["guidance_scale"] = first.guidance_scale
+        if first.negative_prompt is not None and "negative_prompt" in params:
+            kwargs["negative_prompt"] = [first.negative_prompt] * len(jobs)
+        if first.kind == "generate":
+            if "width" in params and "height" in params:
+                kwargs["width"], kwargs["height"] = run_w, run_h
+        else:
+            kwargs["image"] = [
+                job.image.convert("RGB").resize((run_w, run_h), Image.Resampling.LANCZOS)
+                if job.image is not None and job.image.size != (run_w, run_h)
+                else job.image.convert("RGB")  # type: ignore[union-attr]
+                for job in jobs
+            ]
+            if "width" in params and "height" in params:
+                kwargs["width"], kwargs["height"] = run_w, run_h
+        images = pipe(**kwargs).images
+        return [
+            img
+            if img.size == (width, height)
+            else img.resize((width, height), Image.Resampling.LANCZOS)
+            for img in images
+        ]
+
+
+def _size_multiple(pipe: Any) -> int:
+    factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    return max(8, factor * 2)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

@@ -1,0 +1,218 @@
+"""``atelier serve image``: a diffusers model behind the vLLM-Omni image API.
+
+- ``POST /v1/images/generations`` (JSON): ``prompt``, ``size`` ("WxH"), ``seed``, ``n`` (≤ 4),
+  ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``;
+- ``POST /v1/images/edits`` (multipart form data, like vLLM-Omni and OpenAI): one ``image``
+  file, ``prompt``, ``size`` ("WxH" or "auto" = the input's size), ``seed``, ``n``,
+  ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``; a JSON body with ``image``
+  as base64 (or a data URL) is accepted too;
+- answers ``{"data": [{"b64_json": <PNG>}], "size": "WxH", "output_format": "png"}``;
+- ``GET /v1/models``, ``GET /health``, ``GET /stats`` (batch sizes).
+
+Uploaded images are decoded with the decompression-bomb guard (400 beyond the pixel limit or
+when the bytes are not an image); bodies beyond the size limit are answered 413.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nodes.backends.http_common import HTTPError, ServerLimits, error_response, guard, read_json
+from nodes.backends.image_inprocess import ImageService
+from nodes.backends.image_types import ImageJob, ImageUnsupported
+from nodes.backends.wire import (
+    ImageDecodeError,
+    decode_b64_image,
+    decode_image,
+    format_size,
+    image_to_b64,
+    parse_size,
+)
+
+MAX_N = 4
+
+
+class GenerationBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    size: str | None = None
+    seed: int | None = None
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    response_format: str = "b64_json"
+    output_format: str = "png"
+
+
+class EditBody(GenerationBody):
+    image: str | None = None
+    """JSON edits only: base64 PNG/JPEG, or a data URL."""
+
+
+def create_image_app(
+    service: ImageService,
+    *,
+    token: str | None = None,
+    limits: ServerLimits | None = None,
+    default_size: tuple[int, int] = (512, 512),
+) -> Any:
+    """The ASGI app (guarded by the token and size limits) serving ``service``."""
+    limits = limits or ServerLimits()
+    app = FastAPI(title="Atelier image server", docs_url=None, redoc_url=None)
+    app.state.service = service
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, error: HTTPError) -> JSONResponse:
+        return error_response(error.status, error.message, error.kind)
+
+    @app.get("/health")
+    async def health() -> PlainTextResponse:
+        return PlainTextResponse("")
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        return service.stats()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": service.name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "atelier",
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request) -> dict[str, Any]:
+        body = _validate(GenerationBody, await read_json(request))
+        size = _size(body.size, default_size, limits)
+        jobs = [
+            ImageJob(
+                "generate",
+                body.prompt,
+                size,
+                seed=seed,
+                steps=body.num_inference_steps,
+                guidance_scale=body.guidance_scale,
+                negative_prompt=body.negative_prompt,
+            )
+            for seed in _seeds(body.seed, body.n)
+        ]
+        return await _answer(service, jobs, body, size)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request) -> dict[str, Any]:
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("application/json"):
+            body = _validate(EditBody, await read_json(request))
+            if not body.image:
+                raise HTTPError(400, "field 'image' is required")
+            try:
+                image = decode_b64_image(body.image, limits.max_image_pixels)
+            except ImageDecodeError as error:
+                raise HTTPError(400, f"image: {error}") from None
+        else:
+            body, image = await _edit_form(request, limits)
+        if body.size in (None, "", "auto"):
+            size = image.size
+        else:
+            size = _size(body.size, default_size, limits)
+        jobs = [
+            ImageJob(
+                "edit",
+                body.prompt,
+                size,
+                seed=seed,
+                steps=body.num_inference_steps,
+                guidance_scale=body.guidance_scale,
+                negative_prompt=body.negative_prompt,
+                image=image,
+            )
+            for seed in _seeds(body.seed, body.n)
+        ]
+        return await _answer(service, jobs, body, size)
+
+    return guard(app, token, limits)
+
+
+async def _edit_form(request: Request, limits: ServerLimits) -> tuple[EditBody, Any]:
+    try:
+        form = await request.form(max_files=limits.max_images_per_request, max_fields=64)
+    except HTTPError:
+        raise
+    except Exception as error:  # malformed multipart
+        raise HTTPError(400, f"could not read the form: {error}") from None
+    uploads = [v for k, v in form.multi_items() if k in ("image", "image[]") and hasattr(v, "read")]
+    fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    if not uploads:
+        raise HTTPError(400, "field 'image' (a file) is required")
+    if len(uploads) > 1:
+        raise HTTPError(400, "this server edits one image per request")
+    data = await uploads[0].read()
+    body = _validate(EditBody, fields)
+    try:
+        image = decode_image(data, limits.max_image_pixels)
+    except ImageDecodeError as error:
+        raise HTTPError(400, f"image: {error}") from None
+    return body, image
+
+
+def _validate(model: type[BaseModel], data: Any) -> Any:
+    try:
+        body = model.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()
+        )
+        raise HTTPError(400, f"invalid request: {problems}") from None
+    if body.response_format != "b64_json":
+        raise HTTPError(400, "only response_format 'b64_json' is supported")
+    if body.output_format.lower() != "png":
+        raise HTTPError(400, "only output_format 'png' is supported")
+    return body
+
+
+def _size(value: str | None, default: tuple[int, int], limits: ServerLimits) -> tuple[int, int]:
+    if value in (None, "", "auto"):
+        return default
+    try:
+        width, height = parse_size(value)
+    except ValueError as error:
+        raise HTTPError(400, str(error)) from None
+    if width * height > limits.max_image_pixels:
+        raise HTTPError(400, f"size {value} exceeds the limit of {limits.max_image_pixels} pixels")
+    return width, height
+
+
+def _seeds(seed: int | None, n: int) -> list[int]:
+    base = random.randrange(2**63) if seed is None else seed
+    return [base + i for i in range(n)]
+
+
+async def _answer(
+    service: ImageService, jobs: list[ImageJob], body: GenerationBody, size: tuple[int, int]
+) -> dict[str, Any]:
+    try:
+        images = await asyncio.gather(*(service.run(job) for job in jobs))
+    except ImageUnsupported as error:
+        raise HTTPError(400, str(error)) from None
+    except Exception as error:
+        raise HTTPError(500, f"{type(error).__name__}: {error}", "internal_error") from None
+    encoded = await asyncio.to_thread(lambda: [image_to_b64(img) for img in images])
+    return {
+        "created": int(time.time()),
+        "data": [{"b64_json": b64, "url": None, "revised_prompt": None} for b64 in encoded],
+        "output_format": "png",
+        "size": format_size(*size),
+    }

@@ -1,0 +1,310 @@
+"""``atelier serve lm``: a transformers chat model behind the OpenAI chat API as vLLM serves it.
+
+Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``, ``GET /stats``
+(batch sizes), ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter``.
+
+Chat fields honoured: ``model`` (base or LoRA adapter name), ``messages`` (text and base64
+``image_url`` data-URL parts; remote URLs are refused), ``temperature``, ``top_p``,
+``max_tokens`` / ``max_completion_tokens``, ``seed``, ``logprobs``, ``top_logprobs``,
+``prompt_logprobs``, ``return_token_ids``, ``add_generation_prompt``,
+``continue_final_message``, ``response_format``. ``response_format`` is best effort: decoding is
+not constrained; the model's text is returned as produced and ``choices[0].structured_output``
+says whether it parsed as JSON. Not supported: ``n > 1``, streaming, tools, stop strings.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nodes.backends.http_common import (
+    HTTPError,
+    ServerLimits,
+    error_response,
+    guard,
+    read_json,
+)
+from nodes.backends.lm_inprocess import LMService
+from nodes.backends.lm_types import (
+    InvalidRequest,
+    LMRequest,
+    LMResult,
+    PromptMessage,
+    TokenLogprob,
+    UnknownModel,
+)
+from nodes.backends.wire import ImageDecodeError, decode_b64_image
+
+
+class ChatBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    return_token_ids: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    response_format: dict[str, Any] | None = None
+    n: int = 1
+    stream: bool = False
+
+
+class LoraBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str | None = None
+    load_inplace: bool = False
+
+
+def create_lm_app(
+    service: LMService,
+    *,
+    token: str | None = None,
+    limits: ServerLimits | None = None,
+    default_max_tokens: int = 256,
+    max_tokens_limit: int = 4096,
+) -> Any:
+    """The ASGI app (guarded by the token and size limits) serving ``service``."""
+    limits = limits or ServerLimits()
+    app = FastAPI(title="Atelier lm server", docs_url=None, redoc_url=None)
+    app.state.service = service
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, error: HTTPError) -> JSONResponse:
+        return error_response(error.status, error.message, error.kind)
+
+    @app.get("/health")
+    async def health() -> PlainTextResponse:
+        return PlainTextResponse("")
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        return service.stats()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        created = int(time.time())
+        data = [_model_card(service.name, created, root=str(service.engine.model_dir))]
+        data += [
+            _model_card(name, created, root=path, parent=service.name)
+            for name, path in service.engine.adapters.items()
+        ]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> dict[str, Any]:
+        body = _validate(ChatBody, await read_json(request))
+        lm_request = _lm_request(body, service, limits, default_max_tokens, max_tokens_limit)
+        try:
+            result = await service.run(lm_request)
+        except UnknownModel as error:
+            raise HTTPError(404, str(error), "not_found_error") from None
+        except (InvalidRequest, ValueError) as error:
+            raise HTTPError(400, str(error)) from None
+        except Exception as error:
+            raise HTTPError(500, f"{type(error).__name__}: {error}", "internal_error") from None
+        return _chat_response(body, lm_request, result, service.engine)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(request: Request) -> PlainTextResponse:
+        body = _validate(LoraBody, await read_json(request))
+        if not body.lora_path:
+            raise HTTPError(400, "lora_path is required")
+        try:
+            await service.load_adapter(body.lora_name, body.lora_path, inplace=body.load_inplace)
+        except (InvalidRequest, ValueError) as error:
+            raise HTTPError(400, str(error)) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(request: Request) -> PlainTextResponse:
+        body = _validate(LoraBody, await read_json(request))
+        try:
+            await service.unload_adapter(body.lora_name)
+        except UnknownModel as error:
+            raise HTTPError(404, str(error), "not_found_error") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    return guard(app, token, limits)
+
+
+def _validate(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()
+        )
+        raise HTTPError(400, f"invalid request: {problems}") from None
+
+
+def _model_card(name: str, created: int, *, root: str, parent: str | None = None) -> dict:
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "atelier",
+        "root": root,
+        "parent": parent,
+    }
+
+
+def _lm_request(
+    body: ChatBody,
+    service: LMService,
+    limits: ServerLimits,
+    default_max_tokens: int,
+    max_tokens_limit: int,
+) -> LMRequest:
+    if body.n != 1:
+        raise HTTPError(400, "only n = 1 is supported")
+    if body.stream:
+        raise HTTPError(400, "streaming is not supported")
+    adapter: str | None = None
+    if body.model is not None and body.model != service.name:
+        if body.model not in service.engine.adapters:
+            raise HTTPError(404, f"The model `{body.model}` does not exist.", "not_found_error")
+        adapter = body.model
+    max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
+    if max_tokens > max_tokens_limit:
+        raise HTTPError(400, f"max_tokens {max_tokens} exceeds this server's {max_tokens_limit}")
+    return LMRequest(
+        messages=_messages(body.messages, limits),
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0,
+        prompt_logprobs=body.prompt_logprobs,
+        adapter=adapter,
+        response_format=body.response_format,
+    )
+
+
+def _messages(raw: list[dict[str, Any]], limits: ServerLimits) -> list[PromptMessage]:
+    messages: list[PromptMessage] = []
+    images = 0
+    for index, message in enumerate(raw):
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise HTTPError(400, f"messages[{index}].role must be a string")
+        content = message.get("content")
+        parts: list[Any] = []
+        if content is None:
+            pass
+        elif isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                where = f"messages[{index}].content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    parts.append(str(part.get("text", "")))
+                elif kind == "image_url":
+                    images += 1
+                    if images > limits.max_images_per_request:
+                        raise HTTPError(
+                            400, f"more than {limits.max_images_per_request} images in a request"
+                        )
+                    parts.append(_image(part.get("image_url"), where, limits))
+                else:
+                    raise HTTPError(400, f"{where}: unsupported content part type {kind!r}")
+        else:
+            raise HTTPError(400, f"messages[{index}].content must be a string or a list")
+        messages.append(PromptMessage(role, tuple(parts)))
+    return messages
+
+
+def _image(value: Any, where: str, limits: ServerLimits) -> Any:
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise HTTPError(400, f"{where}: images must be base64 data URLs (no remote fetching)")
+    try:
+        return decode_b64_image(url, limits.max_image_pixels)
+    except ImageDecodeError as error:
+        raise HTTPError(400, f"{where}: {error}") from None
+
+
+def _finite(value: float) -> float:
+    """JSON has no -inf: clamp like vLLM does (-9999.0)."""
+    return max(value, -9999.0)
+
+
+def _logprob_entry(token_id: int, value: float, decoded: str) -> dict[str, Any]:
+    return {"token": decoded, "logprob": _finite(value), "bytes": list(decoded.encode("utf-8"))}
+
+
+def _chat_response(body: ChatBody, request: LMRequest, result: LMResult, engine: Any) -> dict:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": result.text},
+        "logprobs": None,
+        "finish_reason": result.finish_reason,
+        "stop_reason": None,
+    }
+    if body.logprobs:
+        content = []
+        for position, (token, value) in enumerate(
+            zip(result.token_ids, result.logprobs, strict=True)
+        ):
+            entry = _logprob_entry(token, value, result.decoded_tokens[position])
+            tops = result.top_logprobs[position] if result.top_logprobs else {}
+            entry["top_logprobs"] = [
+                _logprob_entry(t, lp.logprob, lp.decoded) for t, lp in tops.items()
+            ]
+            content.append(entry)
+        choice["logprobs"] = {"content": content}
+    if body.return_token_ids:
+        choice["token_ids"] = list(result.token_ids)
+    if request.response_format is not None and request.response_format.get("type") in (
+        "json_schema",
+        "json_object",
+    ):
+        from nodes.backends.transformers_lm import json_validity
+
+        choice["structured_output"] = {
+            "type": request.response_format["type"],
+            "constrained": False,
+            "valid_json": json_validity(result.text),
+        }
+    response: dict[str, Any] = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": request.adapter or engine.name,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": len(result.prompt_token_ids),
+            "completion_tokens": len(result.token_ids),
+            "total_tokens": len(result.prompt_token_ids) + len(result.token_ids),
+        },
+        "prompt_logprobs": None,
+    }
+    if result.prompt_logprobs is not None:
+        response["prompt_logprobs"] = [
+            None if entry is None else {str(t): _prompt_entry(lp) for t, lp in entry.items()}
+            for entry in result.prompt_logprobs
+        ]
+    if body.return_token_ids:
+        response["prompt_token_ids"] = list(result.prompt_token_ids)
+    return response
+
+
+def _prompt_entry(value: TokenLogprob) -> dict[str, Any]:
+    return {"logprob": _finite(value.logprob), "rank": value.rank, "decoded_token": value.decoded}

@@ -1,0 +1,327 @@
+"""A pool of equivalent servers behind one role: load balancing, health, retries, timeouts.
+
+Every Atelier HTTP client talks through a :class:`ServerPool`. A request goes to the server with
+the fewest requests in flight (ties broken round robin), or strictly round robin. Connection
+errors, timeouts and 5xx answers mark that server down for a cool-down and are retried on the
+next server with exponential backoff; 4xx answers are the request's fault and are raised at once.
+With ``health_interval_s`` set, ``GET /health`` probes run before requests once per interval:
+dead servers are skipped before anything is sent to them, recovered ones come back. When every
+attempt fails, the error (:class:`~nodes.backends.base.BackendUnavailable` or
+:class:`~nodes.backends.base.BackendRequestError`) names the server URL and the request kind.
+
+One ``httpx.AsyncClient`` (a keep-alive connection pool) is kept per event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+
+from nodes.backends.base import BackendRequestError, BackendUnavailable
+
+Strategy = Literal["least_inflight", "round_robin"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 3
+    """Retries after the first attempt (so ``retries + 1`` attempts in all)."""
+    backoff_s: float = 0.25
+    """Delay before the first retry; doubled for each next one (with ±25 % jitter)."""
+    max_backoff_s: float = 8.0
+    cooldown_s: float = 5.0
+    """How long a failed server is avoided (while another one is up)."""
+
+
+@dataclass
+class ServerState:
+    url: str
+    in_flight: int = 0
+    down_until: float = 0.0
+    requests: int = 0
+    failures: int = 0
+    last_error: str = ""
+
+    def up(self, now: float) -> bool:
+        return now >= self.down_until
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    request_s: float = 120.0
+    """Whole-request read/write timeout (image generation can take a while)."""
+    connect_s: float = 5.0
+
+
+@dataclass
+class _LoopClient:
+    loop: asyncio.AbstractEventLoop
+    client: httpx.AsyncClient
+
+
+class ServerPool:
+    """Several base URLs of equivalent servers (e.g. ``http://10.0.0.5:8000``)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str] | str,
+        *,
+        token: str | None = None,
+        strategy: Strategy = "least_inflight",
+        retry: RetryPolicy | None = None,
+        timeouts: Timeouts | None = None,
+        max_connections: int = 64,
+        health_interval_s: float | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if isinstance(urls, str):
+            urls = [urls]
+        if not urls:
+            raise ValueError("a server pool needs at least one URL")
+        if strategy not in ("least_inflight", "round_robin"):
+            raise ValueError(f"unknown load-balancing strategy {strategy!r}")
+        self.servers = [ServerState(_normalise(u)) for u in urls]
+        self.token = token
+        self.strategy: Strategy = strategy
+        self.retry = retry or RetryPolicy()
+        self.timeouts = timeouts or Timeouts()
+        self.max_connections = max_connections
+        self.health_interval_s = health_interval_s
+        self._transport = transport
+        self._last_health = float("-inf")
+        self._health_task: asyncio.Task[dict[str, bool]] | None = None
+        self._counter = itertools.count()
+        self._client: _LoopClient | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {
+            s.url: {"requests": s.requests, "failures": s.failures, "in_flight": s.in_flight}
+            for s in self.servers
+        }
+
+    # --- connections -------------------------------------------------------------------------
+
+    def _http(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client.loop is not loop or self._client.loop.is_closed():
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            client = httpx.AsyncClient(
+                headers=headers,
+                timeout=httpx.Timeout(self.timeouts.request_s, connect=self.timeouts.connect_s),
+                limits=httpx.Limits(
+                    max_connections=self.max_connections,
+                    max_keepalive_connections=self.max_connections,
+                ),
+                transport=self._transport,
+            )
+            self._client = _LoopClient(loop, client)
+        return self._client.client
+
+    async def aclose(self) -> None:
+        client = self._client
+        if client is not None and client.loop is asyncio.get_running_loop():
+            await client.client.aclose()
+        self._client = None
+
+    # --- choosing a server -------------------------------------------------------------------
+
+    def _pick(self, exclude: set[str]) -> ServerState:
+        now = time.monotonic()
+        candidates = [s for s in self.servers if s.up(now) and s.url not in exclude]
+        if not candidates:
+            candidates = [s for s in self.servers if s.url not in exclude]
+        if not candidates:  # every server tried: start over with the least recently failed
+            candidates = sorted(self.servers, key=lambda s: s.down_until)[:1]
+        turn = next(self._counter)
+        if self.strategy == "round_robin":
+            return candidates[turn % len(candidates)]
+        # Least in flight; ties broken by rotating the starting point.
+        rotated = candidates[turn % len(candidates) :] + candidates[: turn % len(candidates)]
+        return min(rotated, key=lambda s: s.in_flight)
+
+    def _mark_down(self, server: ServerState, error: str) -> None:
+        server.failures += 1
+        server.last_error = error
+        server.down_until = time.monotonic() + self.retry.cooldown_s
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def request(
+        self,
+        kind: str,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        data: Mapping[str, Any] | None = None,
+        files: Any = None,
+        server: str | None = None,
+        retry: bool = True,
+    ) -> httpx.Response:
+        """Send one request to some server of the pool; returns the (2xx) response.
+
+        ``kind`` names the request in errors ("chat", "score_text", "images.generations", ...).
+        ``server`` pins the request to one URL (used to broadcast, e.g. LoRA loading).
+        """
+        await self._periodic_health()
+        attempts = self.retry.retries + 1 if retry else 1
+        tried: set[str] = set()
+        last: BackendUnavailable | None = None
+        for attempt in range(attempts):
+            if attempt:
+                delay = min(self.retry.max_backoff_s, self.retry.backoff_s * 2 ** (attempt - 1))
+                await asyncio.sleep(delay * random.uniform(0.75, 1.25))
+            target = self._server(server) if server else self._pick(tried)
+            tried.add(target.url)
+            if len(tried) == len(self.servers):
+                tried.clear()
+            url = target.url + path
+            target.in_flight += 1
+            target.requests += 1
+            try:
+                response = await self._http().request(
+                    method, url, json=json, data=data, files=files
+                )
+            except httpx.TransportError as error:
+                detail = f"{type(error).__name__}: {error}".rstrip(": ")
+                self._mark_down(target, detail)
+                last = BackendUnavailable(
+                    f"{kind} request to {url} failed: {detail}", url=url, kind=kind
+                )
+                continue
+            finally:
+                target.in_flight -= 1
+            if response.status_code >= 500:
+                detail = f"HTTP {response.status_code}: {_snippet(response)}"
+                self._mark_down(target, detail)
+                last = BackendUnavailable(
+                    f"{kind} request to {url} failed: {detail}",
+                    url=url,
+                    kind=kind,
+                    status=response.status_code,
+                )
+                continue
+            if response.status_code >= 400:
+                raise BackendRequestError(
+                    f"{kind} request to {url} was refused: HTTP {response.status_code}: "
+                    f"{_snippet(response)}",
+                    url=url,
+                    kind=kind,
+                    status=response.status_code,
+                )
+            target.down_until = 0.0
+            return response
+        assert last is not None
+        raise BackendUnavailable(
+            f"{last} (gave up after {attempts} attempt{'s' * (attempts > 1)}; "
+            f"servers: {', '.join(self.urls)})",
+            url=last.url,
+            kind=kind,
+            status=last.status,
+        )
+
+    async def post_json(self, kind: str, path: str, payload: Any, **kwargs: Any) -> Any:
+        response = await self.request(kind, "POST", path, json=payload, **kwargs)
+        return _json(response, kind)
+
+    async def get_json(self, kind: str, path: str, **kwargs: Any) -> Any:
+        return _json(await self.request(kind, "GET", path, **kwargs), kind)
+
+    async def broadcast(self, kind: str, method: str, path: str, **kwargs: Any) -> list[Any]:
+        """Send the same request to every server (e.g. load a LoRA adapter everywhere)."""
+        return list(
+            await asyncio.gather(
+                *(self.request(kind, method, path, server=s.url, **kwargs) for s in self.servers)
+            )
+        )
+
+    async def check_health(self) -> dict[str, bool]:
+        """``GET /health`` on every server; a failing one is marked down, a healthy one up."""
+
+        async def one(server: ServerState) -> bool:
+            try:
+                response = await self._http().get(
+                    server.url + "/health", timeout=self.timeouts.connect_s
+                )
+                ok = response.status_code == 200
+            except httpx.HTTPError as error:
+                ok = False
+                server.last_error = str(error)
+            if ok:
+                server.down_until = 0.0
+            else:
+                server.down_until = time.monotonic() + self.retry.cooldown_s
+            return ok
+
+        results = await asyncio.gather(*(one(s) for s in self.servers))
+        return {s.url: ok for s, ok in zip(self.servers, results, strict=True)}
+
+    async def _periodic_health(self) -> None:
+        """With ``health_interval_s``, probe every server before a request once the last probe
+        is older than that (one probe at a time; concurrent requests wait for it)."""
+        if self.health_interval_s is None:
+            return
+        loop = asyncio.get_running_loop()
+        task = self._health_task
+        if task is not None and task.get_loop() is not loop:
+            task = None
+        due = time.monotonic() - self._last_health >= self.health_interval_s
+        if task is None or (task.done() and due):
+            self._last_health = time.monotonic()
+            task = self._health_task = loop.create_task(self.check_health())
+        if not task.done():
+            await asyncio.shield(task)
+
+    def _server(self, url: str) -> ServerState:
+        url = _normalise(url)
+        for s in self.servers:
+            if s.url == url:
+                return s
+        raise ValueError(f"{url} is not a server of this pool ({', '.join(self.urls)})")
+
+
+def _normalise(url: str) -> str:
+    url = url.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    if "://" not in url:
+        url = "http://" + url
+    return url
+
+
+def _snippet(response: httpx.Response, limit: int = 300) -> str:
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            detail = body.get("detail") or body.get("message") or body.get("error") or body
+            if isinstance(detail, dict):
+                detail = detail.get("message", detail)
+            text = str(detail)
+        else:
+            text = str(body)
+    except ValueError:
+        text = response.text
+    text = " ".join(text.split())
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+def _json(response: httpx.Response, kind: str) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        raise BackendUnavailable(
+            f"{kind} response from {response.request.url} is not JSON: {_snippet(response)}",
+            url=str(response.request.url),
+            kind=kind,
+        ) from None

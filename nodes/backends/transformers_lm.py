@@ -1,0 +1,442 @@
+"""``TransformersLM``: a chat model run in-process with ``transformers`` (the engine behind the
+in-process backend and ``atelier serve lm``).
+
+Loads a model directory either as a vision-language model (``AutoProcessor`` +
+``AutoModelForImageTextToText``, when its config has a ``vision_config``) or as a text model
+(``AutoTokenizer`` + ``AutoModelForCausalLM``). ``run_batch`` serves many requests in one padded
+forward pass and a batched decoding loop with a KV cache:
+
+- each row samples with its own temperature, top-p and seeded ``torch.Generator``, so a seeded
+  request gets the same tokens whatever it is batched with (up to float rounding);
+- log-probs are the model's raw ones (``log_softmax`` of the logits, before temperature/top-p),
+  as vLLM returns by default; the stop token is part of the ids and log-probs, not the text;
+- prompt log-probs come from the same forward pass (vLLM's ``prompt_logprobs``);
+- LoRA adapters (peft) are loaded by name; rows are grouped by adapter within a batch.
+
+Supported: causal LMs and LLaVA-style VLMs (image features scattered at image tokens, standard
+1-D positions). Models with multimodal rotary positions (Qwen2-VL family) need their own
+position logic: serve those with vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nodes.backends.lm_types import (
+    InvalidRequest,
+    LMRequest,
+    LMResult,
+    PromptMessage,
+    TokenLogprob,
+    UnknownModel,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    extras: dict[str, torch.Tensor]
+    """Model inputs besides the ids (``pixel_values``, ...); per-token ones have shape (1, L)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> Any:
+    if dtype == "auto":
+        return "auto"
+    try:
+        return getattr(torch, dtype)
+    except AttributeError:
+        raise ValueError(f"unknown dtype {dtype!r}") from None
+
+
+class TransformersLM:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        name: str | None = None,
+        device: str = "cpu",
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+    ) -> None:
+        from transformers import AutoConfig
+
+        self.model_dir = str(model_dir)
+        self.name = name or self.model_dir
+        self.device = resolve_device(device)
+        config = AutoConfig.from_pretrained(self.model_dir)
+        self.is_vlm = getattr(config, "vision_config", None) is not None
+        kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype)}
+        if self.is_vlm:
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            self.processor: Any = AutoProcessor.from_pretrained(self.model_dir)
+            self.tokenizer: Any = self.processor.tokenizer
+            self.model: Any = AutoModelForImageTextToText.from_pretrained(self.model_dir, **kwargs)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.processor = None
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
+        self.model.to(self.device)
+        self.model.eval()
+        self.adapters: dict[str, str] = {}
+        self.max_model_len = max_model_len or _max_positions(config)
+        self.stop_ids = self._stop_ids()
+        self.pad_id = self._pad_id()
+        params = inspect.signature(self.model.forward).parameters
+        self._takes_logits_to_keep = "logits_to_keep" in params
+        self._decoded: dict[int, str] = {}
+
+    # --- prompts -------------------------------------------------------------------------------
+
+    def render(self, request: LMRequest) -> str:
+        """The prompt text from the chat template (vLLM: ``apply_chat_template``)."""
+        if request.continue_final_message and request.add_generation_prompt:
+            raise InvalidRequest(
+                "add_generation_prompt and continue_final_message cannot both be true"
+            )
+        if request.continue_final_message and (
+            not request.messages or request.messages[-1].role != "assistant"
+        ):
+            raise InvalidRequest("continue_final_message needs a final assistant message")
+        owner = self.processor if self.is_vlm else self.tokenizer
+        conversation = [self._template_message(m) for m in request.messages]
+        try:
+            return owner.apply_chat_template(
+                conversation,
+                tokenize=False,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+            )
+        except (ValueError, TypeError, KeyError) as error:  # template errors, jinja errors
+            raise InvalidRequest(f"the chat template failed: {error}") from None
+        except Exception as error:
+            if type(error).__module__.startswith("jinja2"):
+                raise InvalidRequest(f"the chat template failed: {error}") from None
+            raise
+
+    def _template_message(self, message: PromptMessage) -> dict[str, Any]:
+        if not self.is_vlm:
+            if message.images:
+                raise InvalidRequest(f"model {self.name} is a text model: it takes no images")
+            return {"role": message.role, "content": message.text}
+        content = [
+            {"type": "text", "text": p} if isinstance(p, str) else {"type": "image"}
+            for p in message.parts
+        ]
+        return {"role": message.role, "content": content}
+
+    def encode(self, request: LMRequest) -> Encoded:
+        text = self.render(request)
+        images = [img.convert("RGB") for m in request.messages for img in m.images]
+        if self.is_vlm:
+            batch = self.processor(
+                text=[text],
+                images=images or None,
+                return_tensors="pt",
+                add_special_tokens=False,
+            )
+        else:
+            batch = self.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+        ids = batch["input_ids"][0].tolist()
+        if len(ids) + request.max_tokens > self.max_model_len:
+            raise InvalidRequest(
+                f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
+                f"model's context of {self.max_model_len} tokens"
+            )
+        extras = {
+            k: v
+            for k, v in batch.items()
+            if k not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor)
+        }
+        return Encoded(ids, extras)
+
+    def decode_token(self, token_id: int) -> str:
+        text = self._decoded.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            self._decoded[token_id] = text
+        return text
+
+    # --- LoRA adapters -------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str, *, inplace: bool = False) -> None:
+        if name == self.name:
+            raise InvalidRequest(f"{name!r} is the base model's name")
+        if name in self.adapters:
+            if not inplace:
+                raise InvalidRequest(f"the LoRA adapter {name!r} has already been loaded")
+            self.unload_adapter(name)
+        if not Path(path).exists():
+            raise InvalidRequest(f"LoRA adapter path {path!r} does not exist on the server")
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report lists other adapters' keys
+        try:
+            self.model.load_adapter(path, adapter_name=name)
+        except (ValueError, OSError) as error:
+            raise InvalidRequest(f"could not load LoRA adapter {name!r}: {error}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.model.eval()
+        self.adapters[name] = path
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise UnknownModel(f"the LoRA adapter {name!r} is not loaded")
+        self.model.delete_adapter(name)
+        del self.adapters[name]
+
+    @contextlib.contextmanager
+    def using(self, adapter: str | None) -> Iterator[None]:
+        if adapter is not None and adapter not in self.adapters:
+            raise UnknownModel(f"the model {adapter!r} does not exist")
+        if not self.adapters:
+            yield
+            return
+        if adapter is None:
+            self.model.disable_adapters()
+        else:
+            self.model.enable_adapters()
+            self.model.set_adapter(adapter)
+        try:
+            yield
+        finally:
+            if adapter is None:
+                self.model.enable_adapters()
+
+    # --- batches -------------------------------------------------------------------------------
+
+    def run_batch(self, requests: Sequence[LMRequest]) -> list[LMResult | BaseException]:
+        """Serve ``requests`` together; a request's own error is returned in its place."""
+        results: list[LMResult | BaseException | None] = [None] * len(requests)
+        groups: dict[str | None, list[tuple[int, Encoded]]] = {}
+        for index, request in enumerate(requests):
+            try:
+                if request.adapter is not None and request.adapter not in self.adapters:
+                    raise UnknownModel(f"the model {request.adapter!r} does not exist")
+                groups.setdefault(request.adapter, []).append((index, self.encode(request)))
+            except (InvalidRequest, UnknownModel, ValueError) as error:
+                results[index] = error
+        for adapter, items in groups.items():
+            try:
+                with self.using(adapter):
+                    outputs = self._generate(
+                        [requests[i] for i, _ in items], [enc for _, enc in items]
+                    )
+            except Exception as error:
+                log.exception("batch of %d failed", len(items))
+                outputs = [error] * len(items)
+            for (index, _), output in zip(items, outputs, strict=True):
+                results[index] = output
+        return [r if r is not None else RuntimeError("request was not served") for r in results]
+
+    @torch.inference_mode()
+    def _generate(
+        self, requests: Sequence[LMRequest], encoded: Sequence[Encoded]
+    ) -> list[LMResult | BaseException]:
+        device = self.device
+        rows = len(requests)
+        lengths = [len(e.input_ids) for e in encoded]
+        width = max(lengths)
+        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((rows, width), dtype=torch.long)
+        for row, enc in enumerate(encoded):
+            input_ids[row, width - len(enc.input_ids) :] = torch.tensor(enc.input_ids)
+            mask[row, width - len(enc.input_ids) :] = 1
+        extras = self._batch_extras(encoded, width)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        wants_prompt = any(r.prompt_logprobs is not None for r in requests)
+        keep = {} if wants_prompt or not self._takes_logits_to_keep else {"logits_to_keep": 1}
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **extras,
+            **keep,
+        )
+        results = [LMResult(prompt_token_ids=list(e.input_ids)) for e in encoded]
+        if wants_prompt:
+            for row, request in enumerate(requests):
+                if request.prompt_logprobs is not None:
+                    results[row].prompt_logprobs = self._prompt_logprobs(
+                        out.logits[row, width - lengths[row] :],
+                        encoded[row].input_ids,
+                        request.prompt_logprobs,
+                    )
+        last = out.logits[:, -1, :]
+        cache = out.past_key_values
+        generators = [_generator(r.seed, device) for r in requests]
+        finished = [r.max_tokens <= 0 for r in requests]
+        for row, request in enumerate(requests):
+            if request.max_tokens <= 0:
+                results[row].finish_reason = "length"
+        steps = max((r.max_tokens for r in requests), default=0)
+        for _step in range(steps):
+            if all(finished):
+                break
+            raw = torch.log_softmax(last.float(), dim=-1)
+            next_tokens = torch.full((rows, 1), self.pad_id, dtype=torch.long, device=device)
+            for row, request in enumerate(requests):
+                if finished[row]:
+                    continue
+                token = _sample(last[row], request.temperature, request.top_p, generators[row])
+                result = results[row]
+                result.token_ids.append(token)
+                result.logprobs.append(float(raw[row, token]))
+                if request.top_logprobs:
+                    result.top_logprobs.append(self._top(raw[row], request.top_logprobs))
+                next_tokens[row, 0] = token
+                if token in self.stop_ids:
+                    finished[row] = True
+                    result.finish_reason = "stop"
+                elif len(result.token_ids) >= request.max_tokens:
+                    finished[row] = True
+                    result.finish_reason = "length"
+            if all(finished):
+                break
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], 1)
+            positions = positions[:, -1:] + 1
+            out = self.model(
+                input_ids=next_tokens,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            last = out.logits[:, -1, :]
+        for result in results:
+            ids = result.token_ids
+            visible = ids[:-1] if ids and ids[-1] in self.stop_ids else ids
+            result.text = self.tokenizer.decode(visible, skip_special_tokens=True)
+            result.decoded_tokens = [self.decode_token(t) for t in ids]
+        return list(results)
+
+    def _batch_extras(self, encoded: Sequence[Encoded], width: int) -> dict[str, torch.Tensor]:
+        """Batch the processor's other outputs: per-token ones (shape (1, L), present for every
+        row, e.g. token type ids) are left-padded like the ids; the rest (e.g. ``pixel_values``,
+        one entry per image) are concatenated in prompt order."""
+        batch: dict[str, torch.Tensor] = {}
+        for key in sorted({k for e in encoded for k in e.extras}):
+            rows = [(e, e.extras[key]) for e in encoded if key in e.extras]
+            per_token = len(rows) == len(encoded) and all(
+                v.dim() == 2 and tuple(v.shape) == (1, len(e.input_ids)) for e, v in rows
+            )
+            if per_token:
+                tensor = torch.zeros((len(rows), width), dtype=rows[0][1].dtype)
+                for row, (e, value) in enumerate(rows):
+                    tensor[row, width - len(e.input_ids) :] = value[0]
+            else:
+                tensor = torch.cat([value for _, value in rows], dim=0)
+            if tensor.is_floating_point():
+                tensor = tensor.to(self.model.dtype)
+            batch[key] = tensor.to(self.device)
+        return batch
+
+    def _prompt_logprobs(
+        self, logits: torch.Tensor, ids: Sequence[int], top: int
+    ) -> list[dict[int, TokenLogprob] | None]:
+        logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+        targets = torch.tensor(ids[1:], device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0]
+        ranks = (logprobs > chosen[:, None]).sum(-1) + 1
+        entries: list[dict[int, TokenLogprob] | None] = [None]
+        chosen_list, ranks_list = chosen.tolist(), ranks.tolist()
+        tops = torch.topk(logprobs, top, dim=-1) if top > 0 else None
+        for pos, token in enumerate(ids[1:]):
+            entry = {
+                token: TokenLogprob(chosen_list[pos], ranks_list[pos], self.decode_token(token))
+            }
+            if tops is not None:
+                for rank, (value, tid) in enumerate(
+                    zip(tops.values[pos].tolist(), tops.indices[pos].tolist(), strict=True), 1
+                ):
+                    entry.setdefault(tid, TokenLogprob(value, rank, self.decode_token(tid)))
+            entries.append(entry)
+        return entries
+
+    def _top(self, raw: torch.Tensor, k: int) -> dict[int, TokenLogprob]:
+        values, indices = torch.topk(raw, k)
+        return {
+            int(t): TokenLogprob(float(v), rank, self.decode_token(int(t)))
+            for rank, (v, t) in enumerate(zip(values.tolist(), indices.tolist(), strict=True), 1)
+        }
+
+    # --- setup helpers -------------------------------------------------------------------------
+
+    def _stop_ids(self) -> set[int]:
+        ids: set[int] = set()
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(i) for i in eos)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    def _pad_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+
+def _max_positions(config: Any) -> int:
+    text = getattr(config, "text_config", None) or config
+    return int(getattr(text, "max_position_embeddings", 0) or 32768)
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed % (2**64))
+    return generator
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        drop = cumulative - sorted_probs >= top_p
+        drop[0] = False
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def json_validity(text: str) -> bool:
+    """Best-effort structured output: does the text parse as JSON? (No constrained decoding.)"""
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,194 @@
+"""Backends per role from config files: the shipped examples, and clear errors for bad ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent_graph.context import Backends, ReasonerContext
+from agent_graph.runner import Runner
+from agent_graph.state import Task
+from nodes.backends.base import ChatMessage, ChatRequest, ImageRequest, SamplingParams
+from nodes.backends.config import (
+    ROLES,
+    ConfigError,
+    build_backends,
+    load_backends,
+    load_config,
+    parse_config,
+)
+from nodes.backends.omni_client import OmniImageClient
+from nodes.backends.openai_client import OpenAIChatClient
+from nodes.backends.vlm_judge import VLMJudge
+from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
+
+pytest_plugins = ("tests.tiny_models",)  # the session fixtures: tiny models and servers
+
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+ROLE_TABLE = {
+    "planner": "a",
+    "reflector": "a",
+    "decomposer": "a",
+    "generator": "b",
+    "editor": "b",
+}
+
+
+def config(backends: dict, roles: dict | None = None) -> dict:
+    return {"backends": backends, "roles": ROLE_TABLE if roles is None else roles}
+
+
+OPENAI = {"kind": "openai", "urls": ["http://127.0.0.1:9"]}
+OMNI = {"kind": "omni", "urls": ["http://127.0.0.1:9"]}
+
+
+def test_every_example_config_validates_and_builds_without_connecting(monkeypatch):
+    monkeypatch.setenv("ATELIER_SERVER_TOKEN", "t0ken")
+    names = sorted(p.name for p in CONFIGS.glob("*.toml"))
+    assert {"shapeworld.toml", "tiny-models.toml"} <= set(names)
+    for path in CONFIGS.glob("*.toml"):
+        parsed = load_config(path)
+        assert set(parsed.roles) >= {"planner", "reflector", "decomposer", "generator", "editor"}
+        if any(spec.kind.startswith("inprocess") for spec in parsed.backends.values()):
+            continue  # built from real model folders in the test below
+        backends = build_backends(parsed)
+        assert set(backends) == set(ROLES)
+        Backends(**backends)  # the graph's context accepts them
+
+
+def test_remote_configs_share_one_pool_per_backend(monkeypatch):
+    monkeypatch.setenv("ATELIER_SERVER_TOKEN", "t0ken")
+    backends = load_backends(CONFIGS / "qwen-vl-vllm-omni.toml")
+    planner, reflector = backends["planner"], backends["reflector"]
+    assert isinstance(planner, OpenAIChatClient) and planner is reflector
+    assert planner.pool.urls == ["http://gpu-node-1:8000", "http://gpu-node-1:8010"]
+    assert planner.pool.token == "t0ken" and planner.model == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert isinstance(backends["generator"], OmniImageClient)
+    assert backends["generator"] is not backends["editor"]
+    assert backends["generator"].extra_body == {"true_cfg_scale": 4.0}
+    judge = backends["judge"]
+    assert isinstance(judge, VLMJudge) and judge.model is planner
+
+
+def test_role_adapters_select_a_lora_on_the_shared_servers():
+    parsed = parse_config(
+        config(
+            {"a": OPENAI, "b": OMNI},
+            {**ROLE_TABLE, "reflector": {"backend": "a", "adapter": "reflect-v3"}},
+        )
+    )
+    backends = build_backends(parsed)
+    assert backends["reflector"].model_id == "reflect-v3"
+    assert backends["reflector"].pool is backends["planner"].pool
+    assert backends["judge"] is None
+
+
+async def test_shapeworld_config_runs_the_graph():
+    backends = load_backends(CONFIGS / "shapeworld.toml")
+    context = ReasonerContext(
+        backends=Backends(**backends),
+        router=FixedModePolicy("reflect"),
+        stopper=FollowReflectionStopPolicy(),
+    )
+    result = await Runner(context).run_one(Task(prompt="two red circles", seed=3))
+    assert result.status == "succeeded" and result.state.judgement is not None
+
+
+def test_shapeworld_options_are_checked():
+    parsed = parse_config(
+        config(
+            {"a": {"kind": "shapeworld", "options": {"gapp": 3}}},
+            {role: "a" for role in ROLE_TABLE},
+        )
+    )
+    with pytest.raises(ConfigError, match=r"backends\.a\.options\.gapp: Extra inputs"):
+        build_backends(parsed)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (config({"a": {**OPENAI, "urlz": []}, "b": OMNI}), r"backends\.a\.urlz: Extra inputs"),
+        (config({"a": {**OPENAI, "urls": []}, "b": OMNI}), r"backends\.a\.urls: List should"),
+        (config({"a": {"kind": "vllm"}, "b": OMNI}), r"backends\.a: Input tag 'vllm'"),
+        (config({"a": OPENAI, "b": OMNI}, {"planner": "a"}), "roles: missing reflector"),
+        (
+            config({"a": OPENAI, "b": OMNI}, {**ROLE_TABLE, "editor": "c"}),
+            r"roles\.editor: no backend named 'c' \(known: a, b\)",
+        ),
+        (
+            config({"a": OPENAI, "b": OMNI}, {**ROLE_TABLE, "generator": "a"}),
+            r"roles\.generator: backend 'a' is of kind 'openai'",
+        ),
+        (
+            config({"a": OPENAI, "b": OMNI}, {**ROLE_TABLE, "painter": "b"}),
+            r"roles\.painter: Input should be 'planner'",
+        ),
+        (
+            config(
+                {"a": OPENAI, "b": OMNI}, {**ROLE_TABLE, "editor": {"backend": "b", "adapter": "x"}}
+            ),
+            r"roles\.editor: adapters need an openai or inprocess-lm backend",
+        ),
+        ({"backends": {"a": OPENAI}, "roles": ROLE_TABLE, "extra": 1}, r"extra: Extra inputs"),
+        (
+            config({"a": {**OPENAI, "model": "${NOT_SET_ANYWHERE}"}, "b": OMNI}),
+            r"backends\.a\.model: environment variable NOT_SET_ANYWHERE is not set",
+        ),
+        (config({"a": OPENAI, "b": {"kind": "inprocess-image"}}), r"backends\.b: set model"),
+    ],
+)
+def test_bad_configs_name_the_bad_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data, source="my.toml")
+
+
+def test_file_errors_are_config_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[backends\nkind=")
+    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.toml")
+    as_json = tmp_path / "c.json"
+    as_json.write_text(
+        '{"backends": {"w": {"kind": "shapeworld"}}, "roles": {"planner": "w", "reflector": "w",'
+        ' "decomposer": "w", "generator": "w", "editor": "w"}}'
+    )
+    assert load_config(as_json).role("planner").backend == "w"
+
+
+def test_env_defaults_and_relative_paths(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATELIER_TINY_MODELS", raising=False)
+    parsed = load_config(CONFIGS / "tiny-models.toml")
+    assert parsed.backends["vlm"].model == "/tmp/atelier-tiny/vlm"
+    path = tmp_path / "rel.toml"
+    path.write_text(
+        '[backends.m]\nkind = "inprocess-lm"\nmodel = "models/vlm"\n'
+        '[backends.p]\nkind = "inprocess-image"\nmodel = "models/sd"\n'
+        '[roles]\nplanner = "m"\nreflector = "m"\ndecomposer = "m"\n'
+        'generator = "p"\neditor = "p"\n'
+    )
+    parsed = load_config(path)
+    assert parsed.backends["m"].model == str(tmp_path / "models" / "vlm")
+
+
+async def test_tiny_models_config_builds_in_process_backends(tiny_models, monkeypatch):
+    monkeypatch.setenv("ATELIER_TINY_MODELS", str(tiny_models.root))
+    backends = load_backends(CONFIGS / "tiny-models.toml")
+    planner = backends["planner"]
+    assert planner is backends["reflector"] and isinstance(backends["judge"], VLMJudge)
+    completion = await planner.chat(
+        ChatRequest(
+            messages=(ChatMessage("user", "plan a red circle"),),
+            sampling=SamplingParams(max_tokens=3, seed=0),
+        )
+    )
+    assert len(completion.token_ids) == len(completion.logprobs) == 3
+    image = await backends["generator"].generate(ImageRequest("a red circle", 32, 32, seed=1))
+    assert image.size == (32, 32)
+    verdict = await backends["judge"].judge(image, "a red circle")
+    assert 0.0 <= verdict.score <= 1.0
+    planner.service.close()
+    backends["generator"].service.close()

@@ -1,0 +1,402 @@
+"""Tiny random-weight models for offline backend tests (never a hub download).
+
+Everything is built from configs with a tokenizer trained in-process, in a few seconds on CPU:
+
+- ``lm``: a Qwen2 causal LM (hidden 64, 2 layers) with a ChatML template;
+- ``vlm``: a LLaVA model (tiny CLIP vision tower + Qwen2 text model) with the real
+  ``LlavaProcessor`` (32×32 images, 16 image tokens per image);
+- ``sd``: a tiny Stable Diffusion text-to-image pipeline (64×64 in a few steps);
+- ``ip2p``: a tiny InstructPix2Pix pipeline (UNet ``in_channels=8``) for edits.
+
+Use the session fixture ``tiny_models`` (import it into a test module), or build a directory by
+hand for the example config ``examples/configs/tiny-models.toml``::
+
+    python -m tests.tiny_models /tmp/atelier-tiny
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+SHAPES = ["circle", "square", "triangle", "star", "hexagon"]
+RELATIONS = ["left of", "right of", "above", "below", "next to"]
+WORDS = [
+    "one",
+    "two",
+    "three",
+    "four",
+    "a",
+    "an",
+    "the",
+    "image",
+    "shows",
+    "add",
+    "remove",
+    "make",
+    "move",
+    "no",
+    "further",
+    "edit",
+    "needed",
+    "target",
+    "description",
+    "is",
+    "think",
+    "draw",
+    "steps",
+    "instruction",
+    "expect",
+    "blueprint",
+    "scene",
+]
+TORCH_THREADS = 1
+"""Tiny models run fastest on one thread; OpenMP threads spinning on cores that other processes
+share can make every op 100x slower (measured on a busy 2-core machine)."""
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    root: Path
+    lm: Path
+    vlm: Path
+    sd: Path
+    ip2p: Path
+
+
+def corpus() -> list[str]:
+    lines = []
+    for i, colour in enumerate(COLOURS):
+        for j, shape in enumerate(SHAPES):
+            other = SHAPES[(i + j + 1) % len(SHAPES)]
+            rel = RELATIONS[(i * 3 + j) % len(RELATIONS)]
+            lines.append(f"two {colour} {shape}s {rel} a {COLOURS[j]} {other}.")
+            lines.append(f"<think>The image shows a {colour} {shape}.</think>Add one {other}.")
+            lines.append(f'{{"steps": [{{"instruction": "Draw a {shape}.", "expect": "{rel}"}}]}}')
+    lines.append(" ".join(WORDS) + " No further edit needed.")
+    return lines
+
+
+def build_tokenizer(directory: Path | None = None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    if directory is not None:
+        fast.save_pretrained(directory)
+    return fast
+
+
+def _text_config(tokenizer):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+
+
+def _finish_generation_config(model, tokenizer) -> None:
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+
+
+def build_lm(directory: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(directory)
+    model = Qwen2ForCausalLM(_text_config(tokenizer))
+    _finish_generation_config(model, tokenizer)
+    model.save_pretrained(directory)
+    return directory
+
+
+def build_vlm(directory: Path, seed: int = 1) -> Path:
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=32,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=_text_config(tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config)
+    _finish_generation_config(model, tokenizer)
+    model.save_pretrained(directory)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(directory)
+    return directory
+
+
+def build_clip_tokenizer(directory: Path):
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz.,"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in letters:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = ["#version: 0.2", "r e</w>", "e d</w>"]
+    vocab.setdefault("re</w>", len(vocab))
+    vocab.setdefault("ed</w>", len(vocab))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(
+        str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77
+    )
+    return tokenizer
+
+
+def _sd_components(directory: Path, in_channels: int, seed: int):
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = build_clip_tokenizer(Path(scratch))
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=in_channels,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+    }
+
+
+def build_sd(directory: Path, seed: int = 2) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        **_sd_components(directory, 4, seed), requires_safety_checker=False
+    )
+    pipe.save_pretrained(directory)
+    return directory
+
+
+def build_ip2p(directory: Path, seed: int = 3) -> Path:
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        **_sd_components(directory, 8, seed), requires_safety_checker=False
+    )
+    pipe.save_pretrained(directory)
+    return directory
+
+
+def build_all(root: Path) -> TinyModels:
+    root.mkdir(parents=True, exist_ok=True)
+    models = TinyModels(root, root / "lm", root / "vlm", root / "sd", root / "ip2p")
+    build_lm(models.lm)
+    build_vlm(models.vlm)
+    build_sd(models.sd)
+    build_ip2p(models.ip2p)
+    return models
+
+
+_BUILT: dict[str, Any] = {}
+
+
+def _once(key: str, build: Any) -> Any:
+    if key not in _BUILT:
+        _BUILT[key] = build()
+    return _BUILT[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    """Every tiny model, built once per test session (import this fixture into a module)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("diffusers")
+    return _once("models", lambda: build_all(tmp_path_factory.mktemp("tiny-models")))
+
+
+@pytest.fixture(scope="session")
+def vlm_service(tiny_models: TinyModels) -> Any:
+    """The tiny VLM, loaded once, served in batches of up to 8 (collected for 20 ms)."""
+    from nodes.backends.lm_inprocess import LMService
+
+    return _once(
+        "vlm_service",
+        lambda: LMService.from_pretrained(
+            tiny_models.vlm, name="tiny-vlm", max_wait_ms=20, torch_threads=TORCH_THREADS
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+def image_service(tiny_models: TinyModels) -> Any:
+    from nodes.backends.image_inprocess import ImageService
+
+    return _once(
+        "image_service",
+        lambda: ImageService.from_pretrained(
+            tiny_models.sd,
+            edit_model_dir=tiny_models.ip2p,
+            name="tiny-sd",
+            default_steps=2,
+            max_wait_ms=30,
+            torch_threads=TORCH_THREADS,
+        ),
+    )
+
+
+SERVER_LIMITS = {"max_body_bytes": 1024 * 1024, "max_image_pixels": 256 * 256}
+
+
+@pytest.fixture(scope="session")
+def lm_server(vlm_service: Any) -> Any:
+    """``atelier serve lm`` for the tiny VLM on a free loopback port (no token)."""
+    from nodes.backends.http_common import BackgroundServer, ServerLimits
+    from nodes.backends.lm_server import create_lm_app
+
+    def start() -> Any:
+        app = create_lm_app(vlm_service, limits=ServerLimits(**SERVER_LIMITS))
+        return BackgroundServer(app).start()
+
+    return _once("lm_server", start)
+
+
+@pytest.fixture(scope="session")
+def image_server(image_service: Any) -> Any:
+    """``atelier serve image`` for tiny SD + InstructPix2Pix on a free loopback port."""
+    from nodes.backends.http_common import BackgroundServer, ServerLimits
+    from nodes.backends.image_server import create_image_app
+
+    def start() -> Any:
+        app = create_image_app(image_service, limits=ServerLimits(**SERVER_LIMITS))
+        return BackgroundServer(app).start()
+
+    return _once("image_server", start)
+
+
+if __name__ == "__main__":  # pragma: no cover - a helper for the example config
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/atelier-tiny")
+    print(build_all(target))
