@@ -11,6 +11,7 @@ Atelier's but the text formats.
 from __future__ import annotations
 
 import operator
+import re
 from enum import Enum
 from typing import Annotated, Literal
 
@@ -20,6 +21,9 @@ from nodes.formats import SubTask
 
 MAX_PROMPT_CHARS = 4000
 """Longest prompt accepted. Text models have finite context; a clear error beats truncation."""
+
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+"""C0 control characters other than tab and newlines (and DEL)."""
 
 
 class Mode(str, Enum):
@@ -70,6 +74,10 @@ class Task(BaseModel):
             raise ValueError(
                 f"prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}"
             )
+        bad = _CONTROL_RE.search(prompt)
+        if bad:
+            # NUL cannot even be stored by PostgreSQL; the others are never meant as text.
+            raise ValueError(f"prompt contains the control character {bad.group()!r}")
         return prompt
 
 
