@@ -41,7 +41,7 @@ def test_unusable_prompts_are_refused_with_a_reason(prompt, message):
     "prompt",
     [
         "一个红色的圆",
-        "a red circle и синий квадрат",
+        "красный круг",
         "🔴🔵",
         "a red circle\twith tabs\nand lines",
         "x" * MAX_PROMPT_CHARS,
