@@ -1,0 +1,124 @@
+"""The router learns from recorded ShapeWorld rollouts (GRPO from the store, end to end).
+
+Iteration 0 records 90 prompts × G=8 with the uniform router; four more iterations record 45
+new prompts × 8 each with the version being trained (on-policy). Reward: the checker score with
+seed 002's complexity penalty. Budget: 2 correction rounds (R3 trains with short reflect-refine
+chains; with 4, reflect's extra fixes make it a close rival of decompose on multi_count and the
+learned mix varies more between seeds). Evaluation: 90 held-out prompts (other seeds), 4 samples.
+
+How the reward is compared: the penalty is relative to a group, so the trained router and the
+uniform one run the same tasks (same seeds) and the penalty is applied over the pooled group of
+both routers' trajectories of each prompt (``compare_routers``). Within a router's own samples
+a router that always decomposes is never penalised (no cheaper winner is in its group), so that
+number is checked too but is not the headline.
+
+Measured with this configuration for training seeds 0-5 (this test is seed 0; the pipeline is
+deterministic given the seeds). Gain = pooled reward, trained − uniform (± paired stderr);
+P(...) = the router's mean probability over the held-out prompts of those categories
+(simple = single_object, colors, two_objects, attribute_binding):
+
+    seed  gain            P(decompose|multi_count)  P(decompose|simple)  P(direct|simple)
+    0     +0.052 ± 0.013  0.92                      0.10                 0.49
+    1     +0.043 ± 0.013  0.95                      0.07                 0.56
+    2     +0.030 ± 0.014  0.87                      0.05                 0.61
+    3     +0.057 ± 0.013  0.69                      0.08                 0.68
+    4     +0.052 ± 0.016  0.85                      0.05                 0.68
+    5     +0.026 ± 0.016  0.83                      0.09                 0.38
+    (uniform router: gain 0, every P = 1/3)
+
+Direct vs reflect on simple prompts is close to a tie under this reward (a reflect trajectory
+that accepts its first image has one image, like direct), so the direct threshold is modest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from agent_graph.context import GraphSettings
+from agent_graph.runner import make_group_tasks
+from agent_graph.state import Budget
+from nodes.backends.shapeworld.prompts import fixed_prompt_set
+from policies.router import RouterPolicy
+from policies.simple import UniformModePolicy
+from storage.store import TrajectoryStore
+from training.evaluate import compare_routers, mode_probabilities
+from training.loop import grpo_iterations
+from training.trainer import GRPOConfig, GRPOTrainer
+
+# 128 px halves rendering and detection time; measured checker scores and image counts per
+# mode match 256 px within noise.
+SETTINGS = GraphSettings(width=128, height=128)
+BUDGET = Budget(max_rounds=2)
+G = 8
+SIMPLE = ("single_object", "colors", "two_objects", "attribute_binding")
+COMPLEX = ("position_count", "multi_count")
+
+
+def _tasks(per_category: int, seed: int):
+    items = fixed_prompt_set(per_category, seed=seed)
+    return make_group_tasks(
+        [i.text for i in items], G, seed=seed, categories=[i.category for i in items]
+    )
+
+
+def _mean(values):
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def test_grpo_router_beats_uniform_and_learns_a_mode_mix(tmp_path):
+    store = TrajectoryStore(f"sqlite:///{tmp_path / 'learn.db'}")
+    batches = [_tasks(10, seed=1)] + [_tasks(5, seed=2 + k) for k in range(4)]
+    trainer = GRPOTrainer(RouterPolicy(seed=0), GRPOConfig(seed=0))
+    policy, log = asyncio.run(
+        grpo_iterations(
+            store,
+            trainer,
+            batches,
+            first_behaviour=UniformModePolicy(),
+            settings=SETTINGS,
+            budget=BUDGET,
+            save_dir=tmp_path / "versions",
+        )
+    )
+    # Each iteration trained on the decisions of the version before it, and every version was
+    # saved and registered.
+    assert [it.behaviour for it in log] == ["uniform-mode@1"] + [f"router@{v}" for v in range(1, 5)]
+    assert policy.version == "5"
+    assert [v.version for v in store.policy_versions(name="router")] == ["1", "2", "3", "4", "5"]
+    assert all(it.metrics["groups_used"] >= 20 for it in log)
+
+    held_out = fixed_prompt_set(10, seed=999)
+    result = asyncio.run(
+        compare_routers(
+            UniformModePolicy(),
+            policy,
+            held_out,
+            samples=4,
+            seed=998,
+            settings=SETTINGS,
+            budget=BUDGET,
+        )
+    )
+    gain, stderr = result.difference, result.difference_stderr
+    print(
+        f"\npooled penalised reward: uniform {result.reward_a:.3f} trained {result.reward_b:.3f}"
+        f" gain {gain:+.3f} ± {stderr:.3f}; own-group: uniform {result.report_a.reward:.3f}"
+        f" trained {result.report_b.reward:.3f}"
+    )
+    # seeds 0-5: gain 0.026-0.057 (mean 0.043, sd 0.012), 1.6-4.4 paired stderrs
+    assert gain > 0.015 and gain > 1.5 * stderr
+    assert result.report_b.reward > result.report_a.reward
+
+    mix = mode_probabilities(policy, held_out)
+    for category, probs in mix.items():
+        print(f"  {category:18s}", {m: round(p, 2) for m, p in probs.items()})
+    simple_direct = _mean(mix[c]["direct"] for c in SIMPLE)
+    simple_decompose = _mean(mix[c]["decompose"] for c in SIMPLE)
+    complex_direct = _mean(mix[c]["direct"] for c in COMPLEX)
+    complex_decompose = _mean(mix[c]["decompose"] for c in COMPLEX)
+    # uniform: 1/3 everywhere; thresholds sit below the worst of seeds 0-5 (table above)
+    assert simple_decompose < 0.15 and simple_direct > 0.35
+    assert mix["multi_count"]["decompose"] > 0.6 and mix["multi_count"]["direct"] < 0.15
+    assert complex_decompose > simple_decompose + 0.25
+    assert simple_direct > complex_direct

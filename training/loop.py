@@ -1,0 +1,74 @@
+"""GRPO iterations on ShapeWorld: roll out (recorded) → read decision groups → train → repeat.
+
+Iteration 0 may use another behaviour policy (e.g. the uniform router, maximal exploration);
+every later iteration rolls out the version the previous one returned, so the log-probs the
+store holds are those of the policy being improved (on-policy GRPO).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent_graph.context import GraphSettings
+from agent_graph.state import Budget, Task
+from training.collect import collect
+from training.groups import DecisionKind, decision_groups
+from training.trainer import GRPOTrainer, save_and_register
+
+
+@dataclass
+class Iteration:
+    run_id: str
+    behaviour: str
+    """name@version of the policy that made the run."""
+    trained: str
+    """name@version of the policy this iteration produced."""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+async def grpo_iterations(
+    store: Any,
+    trainer: GRPOTrainer,
+    task_batches: Sequence[Sequence[Task]],
+    *,
+    kind: DecisionKind = "mode",
+    first_behaviour: Any = None,
+    budget: Budget | None = None,
+    settings: GraphSettings | None = None,
+    save_dir: str | Path | None = None,
+) -> tuple[Any, list[Iteration]]:
+    """One iteration per task batch; returns (the last policy version, per-iteration logs).
+
+    ``kind`` "mode" trains the router, "stop" the stop policy (the other role keeps
+    ShapeWorld's defaults). With ``save_dir``, every version is saved under
+    ``save_dir/<name>-<version>`` and registered in the store.
+    """
+    policy = trainer.policy.clone()
+    log: list[Iteration] = []
+    for index, tasks in enumerate(task_batches):
+        behaviour = first_behaviour if index == 0 and first_behaviour is not None else policy
+        role = {"router": behaviour} if kind == "mode" else {"stopper": behaviour}
+        run_id, _ = await collect(
+            store, tasks, budget=budget, settings=settings, name=f"grpo-{index}", **role
+        )
+        groups = decision_groups(
+            store, run_id, kind, policy=behaviour.name, version=behaviour.version
+        )
+        result = trainer.train(groups)
+        policy = result.policy
+        if save_dir is not None:
+            save_and_register(
+                policy, store, Path(save_dir) / f"{policy.name}-{policy.version}", result.metrics
+            )
+        log.append(
+            Iteration(
+                run_id,
+                f"{behaviour.name}@{behaviour.version}",
+                f"{policy.name}@{policy.version}",
+                result.metrics,
+            )
+        )
+    return policy, log

@@ -1,0 +1,272 @@
+"""GRPO for node policies from stored decision groups (``training.groups``).
+
+Each member of a group is one "completion" whose tokens are its decisions: the member's shaped
+reward (composite, then the group's complexity penalty) gives its group-relative advantage,
+shared by its decisions; the loss is ``training.grpo.grpo_loss`` on the policy's current
+log-probs against the log-probs recorded at sampling time.
+
+The trainer owns a working copy of the policy and its AdamW state; ``train`` returns a frozen
+snapshot with the next version, ready to roll out, save, and register in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from policies.weights import load_policy, load_weights, next_version, save_weights
+from training.groups import DecisionGroup
+from training.grpo import AdvantageScale, LossType, group_advantages, grpo_loss
+from training.rewards import complexity_penalty, composite_reward
+
+
+@dataclass
+class GRPOConfig:
+    lr: float = 0.05
+    """AdamW learning rate. The papers' 1e-6 is for billion-parameter LLMs; a router is a
+    softmax over a few hundred features."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    epochs: int = 8
+    """Passes over each batch of groups (GRPO's μ; the papers' LLM runs use 1-2). A small policy
+    needs several to move within the clip range; the clip stops each sample past 1 ± ε."""
+    minibatch_size: int = 64
+    """Members (trajectories) per optimizer step; their decisions are the loss's tokens."""
+    eps_low: float = 0.2
+    """Lower clip ε: ratios below 1 − ε_low stop pushing down negative-advantage actions."""
+    eps_high: float = 0.28
+    """Upper clip ε (DAPO "clip-higher", 0.28; GRPO uses 0.2)."""
+    beta: float = 0.0
+    """Weight of the k3 KL to the reference (the policy the trainer started from); DAPO and
+    Dr. GRPO use 0, DeepSeekMath's GRPO 0.04."""
+    loss_type: LossType = "token_mean"
+    """Aggregation: "token_mean" (DAPO), "sequence_mean" (GRPO) or "dr_grpo"."""
+    advantage_scale: AdvantageScale = "group"
+    """"group" (GRPO), "batch" (batch std) or "none" (Dr. GRPO)."""
+    advantage_eps: float = 1e-4
+    """ε in (r − mean) / (std + ε), as TRL."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global L2 norm)."""
+    complexity_eps: float | None = 0.05
+    """Seed 002's near-best margin for the complexity penalty (not published there); None
+    turns the penalty off."""
+    reward_weights: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    """(a1, a2, a3) of R = a1·R_o + a2·R_f + a3·R_s (seed 002 does not publish them)."""
+    outcome_reward: str = "checker"
+    """Reward component used as R_o (``checker`` = the stored judge score, or a stored name)."""
+    format_reward: str = "format"
+    """Component used as R_f."""
+    stepwise_reward: str = "stepwise"
+    """Component used as R_s (a trajectory reward stored under this name)."""
+    seed: int = 0
+    """Seeds the minibatch shuffling."""
+
+
+def shaped_rewards(group: DecisionGroup, config: GRPOConfig) -> list[float]:
+    """Composite reward of each member, then the group's complexity penalty."""
+    names = (config.outcome_reward, config.format_reward, config.stepwise_reward)
+    values = []
+    for member in group.members:
+        parts = []
+        for name, weight in zip(names, config.reward_weights, strict=True):
+            if weight == 0.0:
+                parts.append(0.0)
+            elif name in member.rewards:
+                parts.append(member.rewards[name])
+            else:
+                raise KeyError(f"trajectory {member.trajectory_id} has no reward {name!r}")
+        values.append(composite_reward(*parts, weights=config.reward_weights))
+    if config.complexity_eps is not None:
+        counts = [m.image_count for m in group.members]
+        values = complexity_penalty(values, counts, config.complexity_eps)
+    return values
+
+
+def _advantages(
+    rewards: list[list[float]], scale: AdvantageScale, eps: float
+) -> tuple[list[torch.Tensor], list[bool]]:
+    """Per-group advantages and zero-variance flags; groups may differ in size."""
+    if len({len(r) for r in rewards}) == 1:
+        adv, zero = group_advantages(
+            torch.tensor(rewards, dtype=torch.float64), scale=scale, eps=eps
+        )
+        return list(adv), zero.tolist()
+    tensors = [torch.tensor(r, dtype=torch.float64) for r in rewards]
+    advs, zeros = [], []
+    batch_std = torch.cat(tensors).std() if scale == "batch" else None
+    for r in tensors:
+        adv, zero = group_advantages(r, scale="group" if scale == "group" else "none", eps=eps)
+        if batch_std is not None:
+            adv = adv / (batch_std + eps)
+        advs.append(adv)
+        zeros.append(bool(zero))
+    return advs, zeros
+
+
+@dataclass
+class TrainResult:
+    policy: Any
+    """The new policy version (a frozen snapshot)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class GRPOTrainer:
+    def __init__(self, policy: Any, config: GRPOConfig | None = None) -> None:
+        self.config = config or GRPOConfig()
+        self.policy = policy.clone()
+        """The working copy being optimised (its version is the last one returned)."""
+        self.reference = policy.clone()
+        """Frozen start point: the KL reference when β > 0."""
+        self.optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
+        )
+        self.updates = 0
+        """Optimizer steps taken so far (over every ``train`` call)."""
+        self.rounds = 0
+        """``train`` calls so far."""
+
+    # --- training -----------------------------------------------------------------------------
+
+    def train(self, groups: Sequence[DecisionGroup]) -> TrainResult:
+        """GRPO on ``groups``; returns the new policy version and metrics."""
+        cfg = self.config
+        rewards = [shaped_rewards(g, cfg) for g in groups]
+        metrics: dict[str, float] = {
+            "groups": float(len(groups)),
+            "reward_mean": _mean([r for rs in rewards for r in rs]),
+        }
+        if not groups:
+            return TrainResult(self.policy.clone(), metrics)
+        advantages, zero = _advantages(rewards, cfg.advantage_scale, cfg.advantage_eps)
+        rows = []  # one per member with decisions: (decisions, advantage)
+        for group, adv, is_zero in zip(groups, advantages, zero, strict=True):
+            if is_zero:
+                continue  # every advantage is 0: no signal, only noise in the loss's mean
+            for member, a in zip(group.members, adv.tolist(), strict=True):
+                if member.decisions:
+                    rows.append((member.decisions, a))
+        metrics["groups_zero_variance"] = float(sum(zero))
+        metrics["groups_used"] = float(len(groups) - sum(zero))
+        metrics["decisions"] = float(sum(len(d) for d, _ in rows))
+        totals: dict[str, list[float]] = {}
+        shuffler = random.Random(f"{cfg.seed}:{self.rounds}")
+        for _ in range(cfg.epochs if rows else 0):
+            order = list(range(len(rows)))
+            shuffler.shuffle(order)
+            for start in range(0, len(order), cfg.minibatch_size):
+                batch = [rows[i] for i in order[start : start + cfg.minibatch_size]]
+                for key, value in self._step(batch).items():
+                    totals.setdefault(key, []).append(value)
+        metrics.update({k: _mean(v) for k, v in totals.items()})
+        self.rounds += 1
+        self.policy.version = next_version(self.policy.version)
+        metrics["updates"] = float(self.updates)
+        return TrainResult(self.policy.clone(), metrics)
+
+    def _step(self, batch: list[tuple[Sequence[Any], float]]) -> dict[str, float]:
+        cfg = self.config
+        width = max(len(decisions) for decisions, _ in batch)
+        obs = [d.observation for decisions, _ in batch for d in decisions]
+        actions = [d.action for decisions, _ in batch for d in decisions]
+        # Members' decisions laid out as padded rows: [B, T] with a mask, like token sequences.
+        index = torch.tensor(
+            [i * width + j for i, (decisions, _) in enumerate(batch) for j in range(len(decisions))]
+        )
+        shape = (len(batch), width)
+        old = torch.zeros(shape, dtype=torch.float64)
+        old.view(-1)[index] = torch.tensor(
+            [d.log_prob for decisions, _ in batch for d in decisions], dtype=torch.float64
+        )
+        mask = torch.zeros(shape, dtype=torch.float64)
+        mask.view(-1)[index] = 1.0
+        logp = torch.zeros(shape, dtype=torch.float64).view(-1)
+        logp = logp.index_put((index,), self.policy.log_prob(obs, actions)).view(shape)
+        ref = None
+        if cfg.beta:
+            with torch.no_grad():
+                ref = torch.zeros(shape, dtype=torch.float64).view(-1)
+                ref = ref.index_put((index,), self.reference.log_prob(obs, actions)).view(shape)
+        adv = torch.tensor([a for _, a in batch], dtype=torch.float64)
+        loss, metrics = grpo_loss(
+            logp,
+            old,
+            adv,
+            mask,
+            eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high,
+            beta=cfg.beta,
+            ref_logprobs=ref,
+            loss_type=cfg.loss_type,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.updates += 1
+        return {"loss": loss.item(), "grad_norm": norm.item(), **metrics}
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Policy (``policy/``), optimizer moments (safetensors) and counters + config (JSON)."""
+        path = Path(directory)
+        self.policy.save(path / "policy")
+        self.reference.save(path / "reference")
+        state = self.optimizer.state_dict()
+        tensors = {
+            f"{index}.{key}": value if torch.is_tensor(value) else torch.tensor(value)
+            for index, slot in state["state"].items()
+            for key, value in slot.items()
+        }
+        groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
+        meta = {
+            "class": "grpo-trainer",
+            "config": asdict(self.config),
+            "updates": self.updates,
+            "rounds": self.rounds,
+            "param_groups": groups,
+        }
+        save_weights(path / "optimizer", tensors, meta)
+        return path
+
+    @classmethod
+    def resume(cls, directory: str | Path, config: GRPOConfig | None = None) -> GRPOTrainer:
+        """Rebuild a trainer from :meth:`save_checkpoint`; continuing gives the same updates as
+        never having stopped."""
+        path = Path(directory)
+        tensors, meta = load_weights(path / "optimizer")
+        saved = meta["config"]
+        saved["reward_weights"] = tuple(saved["reward_weights"])
+        trainer = cls(load_policy(path / "policy"), config or GRPOConfig(**saved))
+        trainer.policy = load_policy(path / "policy")  # the working copy itself, not a clone
+        trainer.reference = load_policy(path / "reference")
+        trainer.optimizer = torch.optim.AdamW(trainer.policy.parameters(), lr=trainer.config.lr)
+        slots: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            slots.setdefault(int(index), {})[name] = value
+        trainer.optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+        trainer.updates = int(meta["updates"])
+        trainer.rounds = int(meta["rounds"])
+        return trainer
+
+
+def save_and_register(
+    policy: Any, store: Any, directory: str | Path, metadata: dict | None = None
+) -> Path:
+    """Save a policy version and record it in the store's ``policy_versions``."""
+    path = policy.save(directory)
+    store.register_policy_version(
+        policy.name, policy.version, path=str(path), metadata=json.loads(json.dumps(metadata or {}))
+    )
+    return path
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else 0.0
