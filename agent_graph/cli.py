@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(commands)
 
+    from training.cli import add_train_parser  # argparse only; torch loads on use
+
+    add_train_parser(commands, _add_db)
+
     graph = commands.add_parser("graph", help="print the reasoner graph as Mermaid")
     graph.set_defaults(handler=cmd_graph)
     return parser
@@ -206,7 +210,7 @@ def _resolve_run(store, ref: str):
     try:
         return store.resolve_run(ref)
     except KeyError as exc:
-        raise CliError(str(exc).strip("'\"")) from None
+        raise CliError(str(exc.args[0]) if exc.args else str(exc)) from None
 
 
 def _check_output_path(path: Path, suffix: str = ".png") -> None:
@@ -414,7 +418,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     try:
         trajectory = store.trajectory(store.resolve_trajectory(args.id))
     except TrajectoryNotFound as exc:
-        raise CliError(str(exc).strip("'\"")) from None
+        raise CliError(str(exc.args[0]) if exc.args else str(exc)) from None
     print_stored_trajectory(trajectory)
     return 0
 
@@ -475,4 +479,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the imported module, not this __main__ copy: commands in other modules (training/cli.py)
+    # raise agent_graph.cli.CliError, which only that module's main() catches.
+    from agent_graph.cli import main as _main
+
+    raise SystemExit(_main())

@@ -1,0 +1,72 @@
+"""``atelier train``: the on-policy ShapeWorld loop and training from stored runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from storage.store import TrajectoryStore
+
+ATELIER = [sys.executable, "-m", "agent_graph.cli"]
+
+
+def atelier(*args: str, db, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ATELIER_DB": str(db), "COLUMNS": "200"}
+    return subprocess.run(
+        [*ATELIER, *args], capture_output=True, text=True, timeout=600, env=env, cwd=cwd
+    )
+
+
+def test_train_loop_then_train_from_a_stored_run(tmp_path):
+    db = tmp_path / "train.db"
+    loop = atelier(
+        "train",
+        "--world",
+        "shapeworld",
+        "--iterations",
+        "2",
+        "--per-category",
+        "2",
+        "-G",
+        "4",
+        "--out",
+        "versions",
+        db=db,
+        cwd=tmp_path,
+    )
+    assert loop.returncode == 0, loop.stderr
+    rows = [
+        line for line in loop.stdout.splitlines() if line.startswith("| ") and "|---" not in line
+    ]
+    assert len(rows) == 3  # header + one row per iteration
+    assert "uniform-mode@1" in rows[1] and "router@1" in rows[2]
+    assert (tmp_path / "versions" / "router-2" / "config.json").exists()
+
+    store = TrajectoryStore(f"sqlite:///{db}")
+    assert [v.version for v in store.policy_versions(name="router")] == ["1", "2"]
+    runs = {run.name: run for run in store.runs()}
+    assert {"grpo-0", "grpo-1"} <= set(runs)
+    # The second iteration's decisions were taken (and recorded) by the first trained version.
+    detail = store.trajectory(store.trajectories(run=runs["grpo-1"].id, limit=1)[0].id)
+    decision = detail.steps[0].update["decisions"][0]
+    assert (decision["policy"], decision["version"]) == ("router", "1")
+    store.close()
+
+    offline = atelier(
+        "train",
+        "--run",
+        "grpo-0",
+        "--init",
+        "versions/router-2",
+        "--out",
+        "versions",
+        db=db,
+        cwd=tmp_path,
+    )
+    assert offline.returncode == 0, offline.stderr
+    assert "trained router@3" in offline.stdout
+    assert (tmp_path / "versions" / "router-3").is_dir()
+
+    missing = atelier("train", "--run", "nope", db=db, cwd=tmp_path)
+    assert missing.returncode == 2 and "no run 'nope'" in missing.stderr

@@ -1,0 +1,143 @@
+"""``atelier train``: GRPO on node policies, from stored runs or on-policy in ShapeWorld.
+
+argparse only at import; torch and the trainer load when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+POLICIES = ("router", "stop")
+
+
+def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
+    train = commands.add_parser(
+        "train",
+        help="train a node policy with GRPO (from stored runs, or on-policy in ShapeWorld)",
+    )
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", action="append", help="stored run(s) to train from (repeatable)")
+    source.add_argument("--world", choices=("shapeworld",), help="roll out, train, repeat")
+    train.add_argument("--policy", choices=POLICIES, default="router")
+    train.add_argument("--init", type=Path, help="start from this saved policy version")
+    train.add_argument("--iterations", type=int, default=4, help="on-policy iterations")
+    train.add_argument("--per-category", type=int, default=6, help="prompts per category")
+    train.add_argument("--group-size", "-G", type=int, default=8, help="samples per prompt")
+    train.add_argument("--max-rounds", type=int, default=2, help="correction rounds in rollouts")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=Path("atelier-policies"),
+        help="where policy versions are saved (default: atelier-policies/)",
+    )
+    add_db(train)
+    train.set_defaults(handler=cmd_train)
+    return train
+
+
+def _initial_policy(args: argparse.Namespace) -> Any:
+    from policies.weights import load_policy
+
+    if args.init is not None:
+        return load_policy(args.init)
+    if args.policy == "router":
+        from policies.router import RouterPolicy
+
+        return RouterPolicy(seed=args.seed)
+    from policies.stop import LearnedStopPolicy
+
+    return LearnedStopPolicy(seed=args.seed)
+
+
+def _run_table(store: Any, run_id: str) -> tuple[float, float, float, str]:
+    rows = store.trajectories(run=run_id)
+    n = max(len(rows), 1)
+    modes = Counter(r.mode or "?" for r in rows)
+    mix = " ".join(f"{m[:3]} {modes[m] / n:.2f}" for m in ("direct", "reflect", "decompose"))
+    return (
+        sum(r.score or 0.0 for r in rows) / n,
+        sum(bool(r.correct) for r in rows) / n,
+        sum(r.image_count for r in rows) / n,
+        mix,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from agent_graph.cli import CliError, _open_store, _resolve_run
+
+    for name in ("iterations", "per_category", "group_size"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be at least 1")
+    kind = "mode" if args.policy == "router" else "stop"
+    store = _open_store(args, must_exist=args.world is None)
+    from training.trainer import GRPOConfig, GRPOTrainer, save_and_register
+
+    trainer = GRPOTrainer(_initial_policy(args), GRPOConfig(seed=args.seed))
+    if args.run:
+        from training.groups import decision_groups
+
+        runs = [_resolve_run(store, ref).id for ref in args.run]
+        groups = decision_groups(store, runs, kind)
+        if not groups:
+            raise CliError(f"no {kind} decision groups of 2 or more in {', '.join(args.run)}")
+        result = trainer.train(groups)
+        policy = result.policy
+        # Versions are unique per name in a store: a fresh policy trained here takes the next
+        # free number rather than colliding with versions an earlier loop registered.
+        from policies.weights import next_version
+
+        taken = {v.version for v in store.policy_versions(name=policy.name)}
+        while policy.version in taken:
+            policy = policy.clone(version=next_version(policy.version))
+        path = args.out / f"{policy.name}-{policy.version}"
+        save_and_register(policy, store, path, result.metrics)
+        metrics = ", ".join(f"{k}={v:.3g}" for k, v in sorted(result.metrics.items()))
+        print(f"trained {policy.name}@{policy.version} on {len(groups)} groups: {metrics}")
+        print(f"saved {path}")
+        return 0
+
+    from agent_graph.runner import make_group_tasks
+    from agent_graph.state import Budget
+    from nodes.backends.shapeworld import fixed_prompt_set
+    from policies.simple import UniformModePolicy, UniformStopPolicy
+    from training.loop import grpo_iterations
+
+    batches = []
+    for iteration in range(args.iterations):
+        items = fixed_prompt_set(args.per_category, seed=args.seed + iteration)
+        batches.append(
+            make_group_tasks(
+                [i.text for i in items],
+                args.group_size,
+                seed=args.seed + iteration,
+                categories=[i.category for i in items],
+            )
+        )
+    explore = UniformModePolicy() if kind == "mode" else UniformStopPolicy()
+    policy, log = asyncio.run(
+        grpo_iterations(
+            store,
+            trainer,
+            batches,
+            kind=kind,
+            first_behaviour=explore,
+            budget=Budget(max_rounds=args.max_rounds),
+            save_dir=args.out,
+        )
+    )
+    print("| iteration | behaviour | mean V | accuracy | images | mode mix | trained |")
+    print("|---|---|---|---|---|---|---|")
+    for index, iteration in enumerate(log):
+        score, accuracy, images, mix = _run_table(store, iteration.run_id)
+        print(
+            f"| {index} | {iteration.behaviour} | {score:.3f} | {accuracy:.2f} | {images:.2f} "
+            f"| {mix} | {iteration.trained} |"
+        )
+    print(f"final policy {policy.name}@{policy.version} saved under {args.out}", file=sys.stderr)
+    return 0
