@@ -115,6 +115,30 @@ class GuardMiddleware:
         return f"request body exceeds the limit of {self.max_body_bytes} bytes"
 
 
+def base_app(title: str, service: Any) -> Any:
+    """A FastAPI app with what every Atelier server has: protocol-shaped errors, ``/health``
+    (open, for load balancers) and ``/stats`` (the service's batch sizes)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import PlainTextResponse
+
+    app = FastAPI(title=title, docs_url=None, redoc_url=None)
+    app.state.service = service
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, error: HTTPError) -> JSONResponse:
+        return error_response(error.status, error.message, error.kind)
+
+    @app.get("/health")
+    async def health() -> PlainTextResponse:
+        return PlainTextResponse("")
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        return service.stats()
+
+    return app
+
+
 def guard(app: ASGIApp, token: str | None, limits: ServerLimits) -> ASGIApp:
     return GuardMiddleware(app, token=token, max_body_bytes=limits.max_body_bytes)
 

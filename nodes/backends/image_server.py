@@ -20,11 +20,16 @@ import random
 import time
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nodes.backends.http_common import HTTPError, ServerLimits, error_response, guard, read_json
+from nodes.backends.http_common import (
+    HTTPError,
+    ServerLimits,
+    base_app,
+    guard,
+    read_json,
+)
 from nodes.backends.image_inprocess import ImageService
 from nodes.backends.image_types import ImageJob, ImageUnsupported
 from nodes.backends.wire import (
@@ -68,20 +73,7 @@ def create_image_app(
 ) -> Any:
     """The ASGI app (guarded by the token and size limits) serving ``service``."""
     limits = limits or ServerLimits()
-    app = FastAPI(title="Atelier image server", docs_url=None, redoc_url=None)
-    app.state.service = service
-
-    @app.exception_handler(HTTPError)
-    async def _http_error(request: Request, error: HTTPError) -> JSONResponse:
-        return error_response(error.status, error.message, error.kind)
-
-    @app.get("/health")
-    async def health() -> PlainTextResponse:
-        return PlainTextResponse("")
-
-    @app.get("/stats")
-    async def stats() -> dict[str, Any]:
-        return service.stats()
+    app = base_app("Atelier image server", service)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

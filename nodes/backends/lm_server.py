@@ -18,14 +18,14 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import Request
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nodes.backends.http_common import (
     HTTPError,
     ServerLimits,
-    error_response,
+    base_app,
     guard,
     read_json,
 )
@@ -80,20 +80,7 @@ def create_lm_app(
 ) -> Any:
     """The ASGI app (guarded by the token and size limits) serving ``service``."""
     limits = limits or ServerLimits()
-    app = FastAPI(title="Atelier lm server", docs_url=None, redoc_url=None)
-    app.state.service = service
-
-    @app.exception_handler(HTTPError)
-    async def _http_error(request: Request, error: HTTPError) -> JSONResponse:
-        return error_response(error.status, error.message, error.kind)
-
-    @app.get("/health")
-    async def health() -> PlainTextResponse:
-        return PlainTextResponse("")
-
-    @app.get("/stats")
-    async def stats() -> dict[str, Any]:
-        return service.stats()
+    app = base_app("Atelier lm server", service)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
