@@ -8,12 +8,15 @@ make the continuation identical to what the uninterrupted run would have done.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from agent_graph.context import GraphSettings
 from agent_graph.presets import config_context, shapeworld_context
 from agent_graph.runner import Runner, TrajectoryResult
 from agent_graph.state import Budget, ReasonerState, Task
+from policies.base import ModePolicy, StopPolicy
 
 DEFAULT_DB = "sqlite:///atelier.db"
 
@@ -36,7 +39,13 @@ def run_config(mode: str, budget: Budget, backends_config: Path | None = None) -
     return config
 
 
-def _context(config: dict[str, Any], store: Any, recorder: Any) -> Any:
+def _context(config: dict[str, Any], store: Any, recorder: Any, resuming: bool = True) -> Any:
+    if resuming and ("router" in config or "stopper" in config or "settings" in config):
+        named = ", ".join(f"{k}={config[k]}" for k in ("router", "stopper") if k in config)
+        raise ValueError(
+            f"this run used policies or settings given in code ({named or 'settings'}); "
+            "resume it in code: Runner(context with them).resume(resume_points(store, run))"
+        )
     world = config.get("world")
     if world == "shapeworld":
         return shapeworld_context(config["mode"], images=store, recorder=recorder)
@@ -58,21 +67,32 @@ async def rollout(
     progress: bool = False,
     keep_steps: bool = False,
     backends_config: Path | None = None,
+    router: ModePolicy | None = None,
+    stopper: StopPolicy | None = None,
+    settings: GraphSettings | None = None,
 ) -> tuple[str, list[TrajectoryResult]]:
     """Run ``tasks`` (on ShapeWorld, or the backends a config file names), recording every
-    step; returns (run id, results)."""
+    step; returns (run id, results).
+
+    ``router`` / ``stopper`` (e.g. a learned policy version being trained) replace the policies
+    ``mode`` would pick; the run's config names them, and ``resume`` then refuses to guess them.
+    """
     from storage.recorder import SQLRecorder
 
     budget = budget or Budget()
     config = run_config(mode, budget, backends_config)
+    overrides: dict[str, Any] = {}
+    for key, policy in (("router", router), ("stopper", stopper)):
+        if policy is not None:
+            config[key] = f"{policy.name}@{policy.version}"
+            overrides[key] = policy
+    if settings is not None:
+        config["settings"] = {"width": settings.width, "height": settings.height}
+        overrides["settings"] = settings
     run = store.create_run(name, config)
     async with SQLRecorder(store, run.id) as recorder:
-        runner = Runner(
-            _context(config, store, recorder),
-            concurrency=concurrency,
-            budget=budget,
-            keep_steps=keep_steps,
-        )
+        context = replace(_context(config, store, recorder, resuming=False), **overrides)
+        runner = Runner(context, concurrency=concurrency, budget=budget, keep_steps=keep_steps)
         # Every trajectory is in the store before any starts: a run killed early resumes all.
         states = [runner.state_factory(task, budget) for task in tasks]
         store.register_trajectories(run.id, states)

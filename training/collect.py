@@ -1,9 +1,8 @@
 """Record ShapeWorld rollouts of a given (e.g. learned) router or stop policy into the store.
 
-``agent_graph.rollout.rollout`` takes a mode name; a GRPO iteration needs the policy version
-being trained as the behaviour policy, so this builds the same context and swaps it in
-(``dataclasses.replace(ctx, router=...)``). The run's config names the policies; such a run
-cannot be rebuilt by ``agent_graph.rollout.resume_run`` (it only knows mode names).
+A GRPO iteration needs the policy version being trained as the behaviour policy:
+``agent_graph.rollout.rollout`` takes it as ``router=`` / ``stopper=``. The run's config names
+the policies; ``resume_run`` refuses such a run rather than guess them.
 """
 
 from __future__ import annotations
@@ -14,14 +13,10 @@ from typing import Any
 
 from agent_graph.context import GraphSettings
 from agent_graph.presets import shapeworld_context
-from agent_graph.rollout import run_config
-from agent_graph.runner import Runner, TrajectoryResult
+from agent_graph.rollout import rollout
+from agent_graph.runner import TrajectoryResult
 from agent_graph.state import Budget, Task
 from policies.base import ModePolicy, StopPolicy
-
-
-def _label(policy: Any) -> str:
-    return f"{policy.name}@{policy.version}"
 
 
 def shapeworld_policy_context(
@@ -50,22 +45,14 @@ async def collect(
 ) -> tuple[str, list[TrajectoryResult]]:
     """Run ``tasks`` on ShapeWorld with these policies, recording every step; returns
     (run id, results). Without ``router``, ``mode`` picks a built-in one as in ``rollout``."""
-    from storage.recorder import SQLRecorder
-
-    budget = budget or Budget()
-    label = f"policy:{_label(router)}" if router is not None else mode
-    config = run_config(label, budget)
-    if stopper is not None:
-        config["stopper"] = _label(stopper)
-    if settings is not None:
-        config["settings"] = {"width": settings.width, "height": settings.height}
-    run = store.create_run(name, config)
-    async with SQLRecorder(store, run.id) as recorder:
-        ctx = shapeworld_policy_context(
-            router, stopper, mode=mode, images=store, recorder=recorder, settings=settings
-        )
-        runner = Runner(ctx, concurrency=concurrency, budget=budget, keep_steps=False)
-        states = [runner.state_factory(task, budget) for task in tasks]
-        store.register_trajectories(run.id, states)
-        results = await runner.resume([(s, None) for s in states], description=name or "collect")
-    return run.id, results
+    return await rollout(
+        store,
+        tasks,
+        mode=mode,
+        router=router,
+        stopper=stopper,
+        settings=settings,
+        budget=budget,
+        name=name or "collect",
+        concurrency=concurrency,
+    )
