@@ -117,3 +117,16 @@ async def test_a_trajectory_meeting_a_garbage_server_is_recorded_as_failed():
     assert server.url in result.error and result.error.startswith("plan:")
     assert [s.node for s in result.steps] == ["plan", "stop"]
     assert painter.calls == []
+
+
+def test_loopback_servers_listen_as_tcp_so_responses_are_not_delayed():
+    # proto 0 made asyncio skip TCP_NODELAY on accepted connections: +40 ms per response.
+    import socket
+
+    from nodes.backends.http_common import free_socket
+
+    sock = free_socket()
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
