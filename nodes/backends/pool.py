@@ -60,10 +60,15 @@ class Timeouts:
     connect_s: float = 5.0
 
 
+CONNECTIONS_PER_CLIENT = 8
+"""Connections per httpx client; see ``ServerPool._http``."""
+
+
 @dataclass
 class _LoopClient:
     loop: asyncio.AbstractEventLoop
-    client: httpx.AsyncClient
+    clients: list[httpx.AsyncClient]
+    turn: int = 0
 
 
 class ServerPool:
@@ -113,25 +118,40 @@ class ServerPool:
     # --- connections -------------------------------------------------------------------------
 
     def _http(self) -> httpx.AsyncClient:
+        """One of a few small httpx clients, in turn.
+
+        httpcore's pool rescans every connection of a client each time a request is queued or
+        released (is_idle / has_expired, a getpeername call each), so one client with many
+        connections costs O(connections) per request event: at 64 connections it dominated the
+        runner's CPU. Clients of at most ``CONNECTIONS_PER_CLIENT`` connections keep each scan
+        short; together they still allow ``max_connections``.
+        """
         loop = asyncio.get_running_loop()
         if self._client is None or self._client.loop is not loop or self._client.loop.is_closed():
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-            client = httpx.AsyncClient(
-                headers=headers,
-                timeout=httpx.Timeout(self.timeouts.request_s, connect=self.timeouts.connect_s),
-                limits=httpx.Limits(
-                    max_connections=self.max_connections,
-                    max_keepalive_connections=self.max_connections,
-                ),
-                transport=self._transport,
-            )
-            self._client = _LoopClient(loop, client)
-        return self._client.client
+            per_client = min(CONNECTIONS_PER_CLIENT, self.max_connections)
+            count = max(1, -(-self.max_connections // per_client))
+            clients = [
+                httpx.AsyncClient(
+                    headers=headers,
+                    timeout=httpx.Timeout(self.timeouts.request_s, connect=self.timeouts.connect_s),
+                    limits=httpx.Limits(
+                        max_connections=per_client, max_keepalive_connections=per_client
+                    ),
+                    transport=self._transport,
+                )
+                for _ in range(count)
+            ]
+            self._client = _LoopClient(loop, clients)
+        state = self._client
+        state.turn = (state.turn + 1) % len(state.clients)
+        return state.clients[state.turn]
 
     async def aclose(self) -> None:
-        client = self._client
-        if client is not None and client.loop is asyncio.get_running_loop():
-            await client.client.aclose()
+        state = self._client
+        if state is not None and state.loop is asyncio.get_running_loop():
+            for client in state.clients:
+                await client.aclose()
         self._client = None
 
     # --- choosing a server -------------------------------------------------------------------

@@ -1,0 +1,196 @@
+"""Concurrency: trajectories/s against loopback model servers with a fixed latency per call.
+
+    PYTHONPATH=. python benchmarks/concurrency.py [--latency-ms 50] [--levels 1,8,64,256,512]
+                                                  [--record]   # also record into SQLite
+
+A separate process serves the OpenAI chat API and the vLLM-Omni image API, answering every call
+after ``--latency-ms`` (a tiny PNG for images; "No further edit needed" for reflections). The
+reasoner runs in reflect mode through the real HTTP clients: plan, draw, reflect, stop = 3 model
+calls, so a trajectory's ideal duration is 3 × latency and the ideal rate at concurrency c is
+c / (3 × latency). Efficiency = achieved / ideal. Peak memory per 1,000 in-flight trajectories is
+the growth of the process's peak RSS at the highest level, scaled.
+Target (issue 6): efficiency ≥ 90% up to 256 concurrent trajectories on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from PIL import Image
+
+
+def serve(port: int, latency_s: float) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
+    png = base64.b64encode(buffer.getvalue()).decode()
+    reply = "<think>The image matches.</think>No further edit needed."
+
+    async def chat(request: Request) -> JSONResponse:
+        await request.body()
+        await asyncio.sleep(latency_s)
+        return JSONResponse(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "model": "m",
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "token_ids": [1, 2, 3],
+                        "message": {"role": "assistant", "content": reply},
+                        "logprobs": {
+                            "content": [
+                                {"token": t, "logprob": -0.1, "bytes": None, "top_logprobs": []}
+                                for t in ("a", "b", "c")
+                            ]
+                        },
+                    }
+                ],
+            }
+        )
+
+    async def images(request: Request) -> JSONResponse:
+        await request.body()
+        await asyncio.sleep(latency_s)
+        return JSONResponse({"created": 0, "data": [{"b64_json": png}]})
+
+    async def models(request: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    async def health(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("")
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/images/generations", images, methods=["POST"]),
+            Route("/v1/images/edits", images, methods=["POST"]),
+            Route("/v1/models", models),
+            Route("/health", health),
+        ]
+    )
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", backlog=4096)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def run_level(url: str, concurrency: int, trajectories: int, record_dir: str | None):
+    from agent_graph.context import Backends, GraphSettings, ReasonerContext
+    from agent_graph.runner import Runner, make_group_tasks
+    from nodes.backends.omni_client import OmniImageClient
+    from nodes.backends.openai_client import OpenAIChatClient
+    from nodes.backends.pool import Timeouts
+    from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
+
+    chat = OpenAIChatClient(url, model="m", timeouts=Timeouts(request_s=60))
+    painter = OmniImageClient(url, model="m", timeouts=Timeouts(request_s=60))
+    backends = Backends(
+        planner=chat, reflector=chat, decomposer=chat, generator=painter, editor=painter
+    )
+    context = ReasonerContext(
+        backends=backends,
+        router=FixedModePolicy("reflect"),
+        stopper=FollowReflectionStopPolicy(),
+        settings=GraphSettings(width=8, height=8, score_images=False),
+    )
+    tasks = make_group_tasks([f"prompt {i}" for i in range(trajectories)], 1, seed=0)
+    recorder_cm = None
+    if record_dir is not None:
+        from storage.recorder import SQLRecorder
+        from storage.store import TrajectoryStore
+
+        store = TrajectoryStore(f"sqlite:///{record_dir}/c{concurrency}.db")
+        run = store.create_run("concurrency")
+        recorder_cm = SQLRecorder(store, run.id)
+        recorder = await recorder_cm.__aenter__()
+        from dataclasses import replace
+
+        context = replace(context, images=store, recorder=recorder)
+    started = time.perf_counter()
+    results = await Runner(context, concurrency=concurrency, keep_steps=False).run(tasks)
+    elapsed = time.perf_counter() - started
+    if recorder_cm is not None:
+        await recorder_cm.__aexit__(None, None, None)
+    await chat.aclose()
+    await painter.aclose()
+    failed = sum(r.status != "succeeded" for r in results)
+    return len(results) / elapsed, failed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--latency-ms", type=float, default=50)
+    parser.add_argument("--levels", default="1,8,64,256,512")
+    parser.add_argument(
+        "--rounds",
+        type=float,
+        default=6,
+        help="trajectories per level = rounds × concurrency (at least 20)",
+    )
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args()
+    latency = args.latency_ms / 1000
+    if args.serve:
+        serve(args.serve, latency)
+        return
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(port), "--latency-ms", str(args.latency_ms)]
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        for _ in range(100):
+            try:
+                httpx.get(url + "/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        record_dir = tempfile.mkdtemp(prefix="atelier-conc-") if args.record else None
+        levels = [int(x) for x in args.levels.split(",")]
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(
+            f"latency {args.latency_ms:.0f} ms per call, 3 calls per trajectory"
+            + (", recording into SQLite" if args.record else "")
+        )
+        print("| concurrency | trajectories | trajectories/s | ideal | efficiency | failed |")
+        print("|---|---|---|---|---|---|")
+        for level in levels:
+            n = max(20, int(args.rounds * level))
+            rate, failed = asyncio.run(run_level(url, level, n, record_dir))
+            ideal = level / (3 * latency)
+            print(f"| {level} | {n} | {rate:.1f} | {ideal:.1f} | {rate / ideal:.0%} | {failed} |")
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+        print(
+            f"\npeak RSS growth {peak_mb:.0f} MB at {levels[-1]} in flight → "
+            f"{peak_mb * 1000 / levels[-1]:.0f} MB per 1,000 in-flight trajectories"
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
