@@ -1,0 +1,449 @@
+"""Tree-RL (R3, seed 000): stage-wise GRPO from stored intermediate states.
+
+R3 splits a trajectory into a reason stage and reflect-refine stages. Each stage starts from a
+result of the previous one; the trainer forks G continuations from a start state, rewards each
+by what *this stage* achieved, and runs GRPO on the group of one start state. Here:
+
+1. **Start states** (:func:`stage_start_states`): every recorded point of a stored run where a
+   reflect-refine stage began — the state right before a ``reflect`` step that follows an image
+   (``draw`` or ``refine``), i.e. a stage-(k−1) result (reason, decompose or an earlier
+   reflect-refine round), with its image's judge score V̂. Points inside a decomposition (the
+   reflection checks a sub-task's expectation, not the prompt) are left out: V̂ is the prompt's
+   score, which says nothing there.
+2. **Selection** (:func:`select_start_states`): a share (``perfect_share``, 15% as R3's released
+   code) drawn uniformly from already-perfect states (V̂ = 1: the stage should learn to stop
+   there), the rest drawn with probability ∝ 1 − V̂, the room left to improve (R3 samples
+   "larger reward differences" more often).
+3. **Forks** (:func:`fork`): G continuations of each selected state through
+   ``Runner.resume((state, node))``, recorded as new trajectories of a new run: new trajectory
+   ids, new task seeds (so reflections, edits and policy samples differ), group id = the fork
+   point ``<parent trajectory>@<step seq>``; the run's config lists every fork's parent.
+4. **Stage groups** (:func:`stage_groups`): per fork point, the G members' decision of this stage
+   (the stop policy's first decision after the fork) with R3's stage rewards: the correction
+   C_j, ``reflection`` = C + r_format, ``refinement`` = C (``training.rewards.stages``).
+5. **Training**: ``GRPOTrainer`` on those groups with R_o = C (:func:`stage_config`).
+
+The stop policy's decision plays the role of R3's "No further edit needed": in Atelier the
+reflector writes the reflection and the stop policy decides whether the loop ends, so for the
+policy trained here "the reflection was the stop phrase" means "the policy stopped".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+from agent_graph.context import GraphSettings
+from agent_graph.rollout import run_config
+from agent_graph.state import Budget, ReasonerState
+from nodes.common import derive_seed
+from nodes.reflect import reflection_target
+from training.groups import DecisionGroup, Member, trajectory_decisions
+from training.rewards import correction, reflection_format_reward, reflection_reward
+
+STAGE_DECISIONS = {"reflect_refine": "stop"}
+"""The decision each trainable stage's groups carry. The reason stage's decision (the router's
+mode) is trained from whole trajectories (``training.groups.decision_groups``): a mode's worth
+shows only at the end of the trajectory, not in the first image."""
+
+STAGE_REWARD = {"reflect_refine": "correction"}
+"""The stage reward the stop policy is trained on: C_j (r_format is the reflector's, not the
+stop policy's output)."""
+
+IMAGE_NODES = ("draw", "refine")
+PERFECT = 1.0 - 1e-9
+"""V̂ at or above this counts as perfect (ShapeWorld's V is a fraction of criteria met)."""
+
+
+@dataclass(frozen=True)
+class StartState:
+    """A stored point where a stage can be forked: the state after step ``step_seq``."""
+
+    trajectory_id: str
+    step_seq: int
+    """The stored step whose result this state is; the fork continues after it."""
+    node: str
+    """That step's node: the graph goes on along its out-edges."""
+    from_stage: str
+    """That step's stage (the stage k−1 whose result this is)."""
+    state: Mapping[str, Any]
+    """The state (JSON) the next stage's first step saw."""
+    score: float
+    """V̂: the judge score of the current image."""
+    rounds: int
+    """Correction rounds already used (0: the stage is the first reflect-refine round)."""
+
+    @property
+    def point(self) -> str:
+        """The fork point's id, used as the forks' group id."""
+        return f"{self.trajectory_id}@{self.step_seq}"
+
+    @property
+    def perfect(self) -> bool:
+        return self.score >= PERFECT
+
+
+# --- 1. start states ------------------------------------------------------------------------
+
+
+def stage_start_states(
+    store: Any,
+    runs: str | Iterable[str],
+    stage: str = "reflect_refine",
+    *,
+    rounds: int | None = None,
+    status: str | None = "succeeded",
+) -> list[StartState]:
+    """Every point in ``runs`` where ``stage`` began after an image (see the module doc);
+    ``rounds`` keeps only starts with that many correction rounds already used."""
+    if stage not in STAGE_DECISIONS:
+        raise ValueError(f"Tree-RL trains the stages {sorted(STAGE_DECISIONS)}, not {stage!r}")
+    run_ids = [runs] if isinstance(runs, str) else list(runs)
+    found: list[StartState] = []
+    for run_id in run_ids:
+        for summary in store.trajectories(run=run_id, status=status):
+            steps = store.steps(summary.id)
+            for before, step in pairwise(steps):
+                if step.node != "reflect" or before.node not in IMAGE_NODES:
+                    continue
+                state = ReasonerState.model_validate(step.state_before)
+                current = state.current_image
+                if current is None or current.score is None:
+                    continue  # no V̂: the graph did not score images
+                if reflection_target(state) != state.task.prompt:
+                    continue  # inside a decomposition: V̂ (the prompt's score) says nothing
+                if rounds is not None and state.rounds != rounds:
+                    continue
+                found.append(
+                    StartState(
+                        trajectory_id=summary.id,
+                        step_seq=before.seq,
+                        node=before.node,
+                        from_stage=before.stage,
+                        state=step.state_before,
+                        score=float(current.score),
+                        rounds=state.rounds,
+                    )
+                )
+    return found
+
+
+# --- 2. selection ---------------------------------------------------------------------------
+
+
+def room_to_improve(score: float) -> float:
+    """Sampling weight of an imperfect start state: 1 − V̂."""
+    return max(0.0, 1.0 - score)
+
+
+def select_start_states(
+    candidates: Sequence[StartState],
+    n: int,
+    *,
+    perfect_share: float = 0.15,
+    seed: int = 0,
+) -> list[StartState]:
+    """Draw ``n`` start states, with replacement:
+
+        n_perfect = round(perfect_share · n)      uniformly from states with V̂ = 1
+        n − n_perfect                             with P(s) ∝ 1 − V̂(s) from the others
+
+    When one pool is empty every draw comes from the other. Deterministic for a ``seed``.
+    """
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    if not 0.0 <= perfect_share <= 1.0:
+        raise ValueError("perfect_share must be in [0, 1]")
+    perfect = [c for c in candidates if c.perfect]
+    imperfect = [c for c in candidates if not c.perfect]
+    if n and not candidates:
+        raise ValueError("no start states to select from")
+    n_perfect = round(perfect_share * n)
+    if not perfect:
+        n_perfect = 0
+    elif not imperfect:
+        n_perfect = n
+    rng = random.Random(derive_seed(seed, "tree-select"))
+    chosen = [rng.choice(perfect) for _ in range(n_perfect)]
+    if n - n_perfect:
+        chosen += rng.choices(
+            imperfect, weights=[room_to_improve(c.score) for c in imperfect], k=n - n_perfect
+        )
+    return chosen
+
+
+# --- 3. forks -------------------------------------------------------------------------------
+
+
+def fork_points(
+    starts: Sequence[StartState], group_size: int, seed: int = 0
+) -> list[tuple[ReasonerState, str]]:
+    """G copies of each start state as new trajectories: (state, node) points for
+    ``Runner.resume``. Only the trajectory id and the task's group id, sample index and seed
+    change; a state drawn m times forks m·G members into its one group."""
+    if group_size < 1:
+        raise ValueError("group_size must be at least 1")
+    drawn: dict[str, int] = {}
+    points = []
+    for start in starts:
+        first = drawn.get(start.point, 0)
+        drawn[start.point] = first + group_size
+        state = ReasonerState.model_validate(start.state)
+        for sample in range(first, first + group_size):
+            task = state.task.model_copy(
+                update={
+                    "group_id": start.point,
+                    "sample_index": sample,
+                    "seed": derive_seed(seed, start.point, sample, "fork"),
+                }
+            )
+            forked = state.model_copy(
+                update={
+                    "trajectory_id": uuid.uuid4().hex,
+                    "task": task,
+                }
+            )
+            points.append((forked, start.node))
+    return points
+
+
+async def fork(
+    store: Any,
+    starts: Sequence[StartState],
+    *,
+    stopper: Any,
+    group_size: int = 8,
+    seed: int = 0,
+    stage: str = "reflect_refine",
+    parent_runs: Sequence[str] = (),
+    name: str | None = None,
+    settings: GraphSettings | None = None,
+    concurrency: int = 64,
+) -> str:
+    """Run G continuations of every start state with ``stopper`` as the stop policy, recorded
+    into a new run of ``store`` (the store holding the start states' images); returns its id.
+
+    The run's config names the stop policy and holds ``tree``: the stage, the parent runs, and
+    per group (fork point) the parent trajectory, step, node and V̂.
+    """
+    from storage.recorder import SQLRecorder
+    from training.collect import shapeworld_policy_context
+
+    points = fork_points(starts, group_size, seed)
+    budget = points[0][0].budget if points else Budget()
+    config = run_config("auto", budget)
+    config["stopper"] = f"{stopper.name}@{stopper.version}"
+    if settings is not None:
+        config["settings"] = {"width": settings.width, "height": settings.height}
+    parents = {
+        s.point: {
+            "trajectory": s.trajectory_id,
+            "step": s.step_seq,
+            "node": s.node,
+            "from_stage": s.from_stage,
+            "score": s.score,
+        }
+        for s in starts
+    }
+    config["tree"] = {
+        "stage": stage,
+        "parent_runs": list(parent_runs),
+        "group_size": group_size,
+        "seed": seed,
+        "forks": parents,
+    }
+    run = store.create_run(name or f"tree-{stage}", config)
+    async with SQLRecorder(store, run.id) as recorder:
+        context = shapeworld_policy_context(
+            stopper=stopper, images=store, recorder=recorder, settings=settings
+        )
+        from agent_graph.runner import Runner
+
+        runner = Runner(context, concurrency=concurrency, keep_steps=False)
+        store.register_trajectories(run.id, [state for state, _ in points])
+        await runner.resume(points, description=f"tree {stage}")
+    store.finish_run(run.id)
+    return run.id
+
+
+# --- 4. stage rewards and groups ------------------------------------------------------------
+
+
+def reflect_refine_rewards(
+    v_prev: float, v_new: float | None, stopped: bool, r_format: float
+) -> dict[str, float]:
+    """R3's reflect-refine stage rewards for one member (``training.rewards.stages``):
+
+    C            = V − V̂ if V̂ < 1, else 1[stopped]    (V = V̂ when no image was made)
+    reflection   = C + r_format
+    refinement   = C
+    """
+    c = correction(v_prev, v_new, stopped)
+    return {
+        "correction": c,
+        "reflection": reflection_reward(v_prev, v_new, stopped, r_format),
+        "refinement": c,
+    }
+
+
+def member_stage_rewards(detail: Any) -> tuple[dict[str, float], int]:
+    """Stage rewards of a forked trajectory (``store.trajectory(id)``) and the seq of the
+    stage's first step. V̂ is the current image's score when the fork started, V the score of
+    the first image the stage made (None: it made none), ``stopped`` the stop policy's first
+    decision, r_format that of the first reflection."""
+    first = detail.steps[0]
+    if first.node != "reflect":
+        raise ValueError(f"trajectory {detail.id} does not start with a reflect-refine stage")
+    before = first.state_before["images"]
+    v_prev = float(before[-1]["score"])
+    after = (detail.final_state or {}).get("images") or []
+    new = after[len(before)]["score"] if len(after) > len(before) else None
+    reflection = first.update["reflections"][0]
+    rewards = reflect_refine_rewards(
+        v_prev,
+        None if new is None else float(new),
+        bool(reflection["accept"]),
+        reflection_format_reward(reflection["text"]),
+    )
+    rewards["checker"] = float(detail.score) if detail.score is not None else 0.0
+    return rewards, first.seq
+
+
+def stage_groups(
+    store: Any,
+    runs: str | Iterable[str],
+    stage: str = "reflect_refine",
+    *,
+    policy: str | None = None,
+    version: str | None = None,
+    status: str | None = "succeeded",
+    min_size: int = 2,
+) -> list[DecisionGroup]:
+    """Per fork point, a GRPO group of the stage's decision: each member carries only the
+    decision taken at the fork (later rounds are later stages) and the stage rewards
+    (:func:`member_stage_rewards`; ``checker`` is the trajectory's final score)."""
+    kind = STAGE_DECISIONS[stage]
+    run_ids = [runs] if isinstance(runs, str) else list(runs)
+    groups = []
+    for run_id in run_ids:
+        for point, summaries in store.groups(run=run_id, status=status).items():
+            if len(summaries) < min_size:
+                continue
+            members = []
+            for summary in summaries:
+                detail = store.trajectory(summary.id)
+                rewards, seq = member_stage_rewards(detail)
+                decisions = tuple(
+                    d
+                    for d in trajectory_decisions(detail, kind, policy=policy, version=version)
+                    if d.step_seq == seq
+                )
+                members.append(
+                    Member(
+                        trajectory_id=detail.id,
+                        sample_index=detail.sample_index,
+                        status=detail.status,
+                        mode=detail.mode,
+                        image_count=detail.image_count,
+                        rewards=rewards,
+                        decisions=decisions,
+                    )
+                )
+            group = DecisionGroup(
+                run_id=run_id,
+                group_id=point,
+                prompt=summaries[0].prompt,
+                category=summaries[0].category,
+                kind=kind,
+                members=tuple(members),
+            )
+            if group.decision_count:
+                groups.append(group)
+    return groups
+
+
+# --- 5. training ----------------------------------------------------------------------------
+
+
+def stage_config(config: Any, stage: str = "reflect_refine") -> Any:
+    """A ``GRPOConfig`` for a stage: R = the stage reward alone, no complexity penalty (the
+    stage's members all start from one state; the penalty is for whole trajectories)."""
+    return dataclasses.replace(
+        config,
+        outcome_reward=STAGE_REWARD[stage],
+        reward_weights=(1.0, 0.0, 0.0),
+        complexity_eps=None,
+    )
+
+
+@dataclass
+class StageIteration:
+    run_id: str
+    """The forked run."""
+    behaviour: str
+    trained: str
+    starts: int
+    perfect_starts: int
+    metrics: dict[str, float]
+
+
+async def tree_iterations(
+    store: Any,
+    trainer: Any,
+    runs: str | Sequence[str],
+    *,
+    stage: str = "reflect_refine",
+    iterations: int = 1,
+    starts: int = 32,
+    group_size: int = 8,
+    perfect_share: float = 0.15,
+    rounds: int | None = None,
+    seed: int = 0,
+    settings: GraphSettings | None = None,
+) -> tuple[Any, list[StageIteration]]:
+    """Tree-RL on one stage: per iteration, draw ``starts`` start states from ``runs``, fork G
+    continuations with the current policy version (on-policy), train on the stage groups.
+    ``trainer`` is a ``GRPOTrainer`` of the stage's policy whose config is a
+    :func:`stage_config`. Returns (last policy version, per-iteration logs)."""
+    run_ids = [runs] if isinstance(runs, str) else list(runs)
+    if trainer.config.outcome_reward != STAGE_REWARD[stage]:
+        raise ValueError("train a stage with stage_config(config, stage)")
+    candidates = stage_start_states(store, run_ids, stage, rounds=rounds)
+    if not candidates:
+        raise ValueError(f"no {stage} start states in {', '.join(run_ids)}")
+    policy = trainer.policy.clone()
+    log = []
+    for index in range(iterations):
+        chosen = select_start_states(
+            candidates, starts, perfect_share=perfect_share, seed=derive_seed(seed, index)
+        )
+        run_id = await fork(
+            store,
+            chosen,
+            stopper=policy,
+            group_size=group_size,
+            seed=derive_seed(seed, index, "fork"),
+            stage=stage,
+            parent_runs=run_ids,
+            name=f"tree-{stage}-{index}",
+            settings=settings,
+        )
+        groups = stage_groups(store, run_id, stage, policy=policy.name, version=policy.version)
+        result = trainer.train(groups)
+        log.append(
+            StageIteration(
+                run_id,
+                f"{policy.name}@{policy.version}",
+                f"{result.policy.name}@{result.policy.version}",
+                len(chosen),
+                sum(s.perfect for s in chosen),
+                result.metrics,
+            )
+        )
+        policy = result.policy
+    return policy, log
