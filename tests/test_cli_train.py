@@ -70,3 +70,47 @@ def test_train_loop_then_train_from_a_stored_run(tmp_path):
 
     missing = atelier("train", "--run", "nope", db=db, cwd=tmp_path)
     assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
+
+
+def test_tree_rl_stage_from_a_stored_run(tmp_path):
+    db = tmp_path / "tree.db"
+    common = ("--per-category", "2", "-G", "4", "--out", "versions")
+    loop = atelier(
+        "train", "--world", "shapeworld", "--policy", "stop", "--iterations", "1", *common,
+        db=db, cwd=tmp_path,
+    )  # fmt: skip
+    assert loop.returncode == 0, loop.stderr
+    tree = atelier(
+        "train", "--run", "grpo-0", "--tree-stage", "reflect_refine", "--iterations", "2",
+        "--starts", "6", "--perfect-share", "0.5", *common,
+        db=db, cwd=tmp_path,
+    )  # fmt: skip
+    assert tree.returncode == 0, tree.stderr
+    rows = [row for row in tree.stdout.splitlines() if row.startswith("| ") and "---" not in row]
+    assert len(rows) == 3  # header + one row per iteration
+    # A fresh stop policy takes a version no stored one has (stop@1 came from the loop).
+    assert "| stop@2 |" in rows[1] and "6 (3)" in rows[1] and rows[1].endswith("| stop@3 |")
+    assert "| stop@3 |" in rows[2] and rows[2].endswith("| stop@4 |")
+    assert (tmp_path / "versions" / "stop-4" / "config.json").exists()
+
+    store = TrajectoryStore(f"sqlite:///{db}")
+    assert [v.version for v in store.policy_versions(name="stop")] == ["1", "3", "4"]
+    forks = [run for run in store.runs() if run.name.startswith("tree-reflect_refine")]
+    assert len(forks) == 2
+    parent = store.resolve_run("grpo-0").id
+    for run in forks:
+        assert run.config["tree"]["parent_runs"] == [parent]
+        for point, parent_step in run.config["tree"]["forks"].items():
+            assert point == f"{parent_step['trajectory']}@{parent_step['step']}"
+            assert len(store.trajectories(run=run.id, group=point)) % 4 == 0
+    store.close()
+
+    wrong = atelier(
+        "train", "--run", "grpo-0", "--tree-stage", "reflect_refine", "--policy", "router",
+        db=db, cwd=tmp_path,
+    )  # fmt: skip
+    assert wrong.returncode == 2 and "trains the stop policy" in wrong.stderr
+    no_run = atelier(
+        "train", "--world", "shapeworld", "--tree-stage", "reflect_refine", db=db, cwd=tmp_path
+    )
+    assert no_run.returncode == 2 and "--run" in no_run.stderr

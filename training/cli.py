@@ -23,13 +23,34 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", action="append", help="stored run(s) to train from (repeatable)")
     source.add_argument("--world", choices=("shapeworld",), help="roll out, train, repeat")
-    train.add_argument("--policy", choices=POLICIES, default="router")
+    train.add_argument(
+        "--policy",
+        choices=POLICIES,
+        help="policy to train (default: router; stop with --tree-stage)",
+    )
     train.add_argument("--init", type=Path, help="start from this saved policy version")
     train.add_argument("--iterations", type=int, default=4, help="on-policy iterations")
     train.add_argument("--per-category", type=int, default=6, help="prompts per category")
     train.add_argument("--group-size", "-G", type=int, default=8, help="samples per prompt")
     train.add_argument("--max-rounds", type=int, default=2, help="correction rounds in rollouts")
     train.add_argument("--seed", type=int, default=0)
+    tree = train.add_argument_group(
+        "Tree-RL (R3)",
+        "with --run: fork G continuations from stored stage start states and train the stage's "
+        "policy on per-fork-point groups with R3's stage rewards",
+    )
+    tree.add_argument(
+        "--tree-stage",
+        choices=("reflect_refine",),
+        help="train this stage (reflect_refine: the stop policy, reward C_j)",
+    )
+    tree.add_argument("--starts", type=int, default=32, help="start states drawn per iteration")
+    tree.add_argument(
+        "--perfect-share",
+        type=float,
+        default=0.15,
+        help="share of start states drawn from already-perfect ones (R3: 0.15)",
+    )
     train.add_argument(
         "--out",
         type=Path,
@@ -74,8 +95,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     for name in ("iterations", "per_category", "group_size"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.tree_stage is not None:
+        if args.run is None:
+            raise CliError("--tree-stage forks stored states: give the stored run(s) with --run")
+        if args.policy == "router":
+            raise CliError("the reflect_refine stage trains the stop policy, not the router")
+        if args.starts < 1 or not 0.0 <= args.perfect_share <= 1.0:
+            raise CliError("--starts must be at least 1 and --perfect-share in [0, 1]")
+        args.policy = "stop"
+    args.policy = args.policy or "router"
     kind = "mode" if args.policy == "router" else "stop"
     store = _open_store(args, must_exist=args.world is None)
+    if args.tree_stage is not None:
+        return _train_tree(args, store)
     from training.trainer import GRPOConfig, GRPOTrainer, save_and_register
 
     trainer = GRPOTrainer(_initial_policy(args), GRPOConfig(seed=args.seed))
@@ -138,6 +170,57 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(
             f"| {index} | {iteration.behaviour} | {score:.3f} | {accuracy:.2f} | {images:.2f} "
             f"| {mix} | {iteration.trained} |"
+        )
+    print(f"final policy {policy.name}@{policy.version} saved under {args.out}", file=sys.stderr)
+    return 0
+
+
+def _train_tree(args: argparse.Namespace, store: Any) -> int:
+    from agent_graph.cli import CliError, _resolve_run
+    from policies.weights import next_version
+    from training.trainer import GRPOConfig, GRPOTrainer
+    from training.tree import stage_config, stage_start_states, tree_iterations
+
+    runs = [_resolve_run(store, ref).id for ref in args.run]
+    if not stage_start_states(store, runs, args.tree_stage):
+        raise CliError(f"no {args.tree_stage} start states in {', '.join(args.run)}")
+    policy = _initial_policy(args)
+    # Versions are unique per name in a store. A fresh policy takes a free number (its forks
+    # record it as their behaviour policy); a loaded one keeps its own, so the versions this
+    # run registers must be free.
+    taken = {v.version for v in store.policy_versions(name=policy.name)}
+    if args.init is None:
+        while policy.version in taken or next_version(policy.version) in taken:
+            policy = policy.clone(version=next_version(policy.version))
+    elif next_version(policy.version) in taken:
+        raise CliError(
+            f"{policy.name}@{next_version(policy.version)} is already in the store; "
+            "start from the newest version"
+        )
+    trainer = GRPOTrainer(policy, stage_config(GRPOConfig(seed=args.seed), args.tree_stage))
+    policy, log = asyncio.run(
+        tree_iterations(
+            store,
+            trainer,
+            runs,
+            stage=args.tree_stage,
+            iterations=args.iterations,
+            starts=args.starts,
+            group_size=args.group_size,
+            perfect_share=args.perfect_share,
+            seed=args.seed,
+            save_dir=args.out,
+        )
+    )
+    print(
+        "| iteration | behaviour | fork run | starts (perfect) | groups used | mean C | trained |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for index, it in enumerate(log):
+        print(
+            f"| {index} | {it.behaviour} | {it.run_id[:8]} | {it.starts} ({it.perfect_starts}) "
+            f"| {it.metrics.get('groups_used', 0):.0f} | {it.metrics['reward_mean']:.3f} "
+            f"| {it.trained} |"
         )
     print(f"final policy {policy.name}@{policy.version} saved under {args.out}", file=sys.stderr)
     return 0

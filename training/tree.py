@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 from agent_graph.context import GraphSettings
@@ -405,11 +406,14 @@ async def tree_iterations(
     rounds: int | None = None,
     seed: int = 0,
     settings: GraphSettings | None = None,
+    save_dir: str | Path | None = None,
 ) -> tuple[Any, list[StageIteration]]:
     """Tree-RL on one stage: per iteration, draw ``starts`` start states from ``runs``, fork G
     continuations with the current policy version (on-policy), train on the stage groups.
     ``trainer`` is a ``GRPOTrainer`` of the stage's policy whose config is a
-    :func:`stage_config`. Returns (last policy version, per-iteration logs)."""
+    :func:`stage_config`. With ``save_dir``, every version is saved under
+    ``save_dir/<name>-<version>`` and registered in the store. Returns (last policy version,
+    per-iteration logs)."""
     run_ids = [runs] if isinstance(runs, str) else list(runs)
     if trainer.config.outcome_reward != STAGE_REWARD[stage]:
         raise ValueError("train a stage with stage_config(config, stage)")
@@ -435,6 +439,11 @@ async def tree_iterations(
         )
         groups = stage_groups(store, run_id, stage, policy=policy.name, version=policy.version)
         result = trainer.train(groups)
+        if save_dir is not None:
+            from training.trainer import save_and_register
+
+            path = Path(save_dir) / f"{result.policy.name}-{result.policy.version}"
+            save_and_register(result.policy, store, path, {**result.metrics, "fork_run": run_id})
         log.append(
             StageIteration(
                 run_id,
