@@ -343,6 +343,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         raise CliError(exc.errors()[0]["msg"]) from None
     _check_config(args.config)
     store = _open_store(args, must_exist=False)
+    requests: dict[str, dict[str, int]] = {}
     run_id, results = asyncio.run(
         rollout(
             store,
@@ -353,12 +354,22 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             progress=sys.stderr.isatty(),
             backends_config=args.config,
+            request_stats=requests,
         )
     )
     ok = sum(r.status == "succeeded" for r in results)
     correct = sum(r.correct for r in results)
     print(f"run {run_id}: {len(results)} trajectories, {ok} succeeded, {correct} correct")
+    _print_requests(requests)
     return 0
+
+
+def _print_requests(requests: dict[str, dict[str, int]]) -> None:
+    """The HTTP backends' summary line (nothing for ShapeWorld or in-process backends)."""
+    if requests:
+        from nodes.backends.pool import describe_counters
+
+        print(f"backends: {describe_counters(requests)}")
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -460,14 +471,22 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     store = _open_store(args)
     run = _resolve_run(store, args.run)
+    requests: dict[str, dict[str, int]] = {}
     try:
         results = asyncio.run(
-            resume_run(store, run.id, concurrency=args.concurrency, progress=sys.stderr.isatty())
+            resume_run(
+                store,
+                run.id,
+                concurrency=args.concurrency,
+                progress=sys.stderr.isatty(),
+                request_stats=requests,
+            )
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None
     ok = sum(r.status == "succeeded" for r in results)
     print(f"run {run.id}: resumed {len(results)} trajectories, {ok} succeeded")
+    _print_requests(requests)
     return 0
 
 

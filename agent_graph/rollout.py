@@ -8,7 +8,7 @@ make the continuation identical to what the uninterrupted run would have done.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +70,15 @@ async def rollout(
     router: ModePolicy | None = None,
     stopper: StopPolicy | None = None,
     settings: GraphSettings | None = None,
+    request_stats: dict[str, dict[str, int]] | None = None,
 ) -> tuple[str, list[TrajectoryResult]]:
     """Run ``tasks`` (on ShapeWorld, or the backends a config file names), recording every
     step; returns (run id, results).
 
     ``router`` / ``stopper`` (e.g. a learned policy version being trained) replace the policies
     ``mode`` would pick; the run's config names them, and ``resume`` then refuses to guess them.
+    ``request_stats``, when given, is filled with the HTTP backends' counts per server
+    (attempts, retries, requests given up: :meth:`~nodes.backends.pool.ServerPool.counters`).
     """
     from storage.recorder import SQLRecorder
 
@@ -97,7 +100,10 @@ async def rollout(
         states = [runner.state_factory(task, budget) for task in tasks]
         store.register_trajectories(run.id, states)
         starts = [(state, None) for state in states]
-        results = await runner.resume(starts, progress=progress, description=name or "rollout")
+        try:
+            results = await runner.resume(starts, progress=progress, description=name or "rollout")
+        finally:
+            _report_requests(context, request_stats)
     return run.id, results
 
 
@@ -116,9 +122,15 @@ def resume_points(store: Any, run_id: str) -> list[tuple[ReasonerState, str | No
 
 
 async def resume_run(
-    store: Any, run_id: str, *, concurrency: int = 64, progress: bool = False
+    store: Any,
+    run_id: str,
+    *,
+    concurrency: int = 64,
+    progress: bool = False,
+    request_stats: dict[str, dict[str, int]] | None = None,
 ) -> list[TrajectoryResult]:
-    """Finish every incomplete trajectory of a run from where its recording stopped."""
+    """Finish every incomplete trajectory of a run from where its recording stopped
+    (``request_stats``: as for :func:`rollout`)."""
     from storage.recorder import SQLRecorder
 
     run = store.run(run_id)
@@ -127,10 +139,18 @@ async def resume_run(
         return []
     budget = Budget.model_validate(run.config.get("budget", {}))
     async with SQLRecorder(store, run.id) as recorder:
-        runner = Runner(
-            _context(run.config, store, recorder),
-            concurrency=concurrency,
-            budget=budget,
-            keep_steps=False,
-        )
-        return await runner.resume(points, progress=progress)
+        context = _context(run.config, store, recorder)
+        runner = Runner(context, concurrency=concurrency, budget=budget, keep_steps=False)
+        try:
+            return await runner.resume(points, progress=progress)
+        finally:
+            _report_requests(context, request_stats)
+
+
+def _report_requests(context: Any, into: dict[str, dict[str, int]] | None) -> None:
+    if into is None:
+        return
+    from nodes.backends.pool import pools_of, request_counters
+
+    backends = [getattr(context.backends, f.name) for f in fields(context.backends)]
+    into.update(request_counters(pools_of(backends)))

@@ -5,6 +5,7 @@
     urls = ["http://10.0.0.5:8000", "http://10.0.0.6:8000"]
     model = "Qwen/Qwen2.5-VL-7B-Instruct"
     token_env = "ATELIER_SERVER_TOKEN"  # or token = "..." (avoid secrets in files)
+    max_in_flight = 16                  # per server; more requests wait for a slot
 
     [backends.painter]
     kind = "omni"
@@ -76,6 +77,8 @@ class _Remote(_Strict):
     cooldown_s: float = Field(5.0, ge=0)
     health_interval_s: float | None = Field(None, ge=0)
     """Probe ``/health`` on every server at most this often, before requests (None: never)."""
+    max_in_flight: int | None = Field(None, ge=1)
+    """Most requests in flight per server; more wait for a free slot (None: no cap)."""
     extra_body: dict[str, Any] = Field(default_factory=dict)
     """More request fields, passed through (e.g. ``guidance_scale``, ``top_k``)."""
 
@@ -301,6 +304,7 @@ def _pool(spec: _Remote) -> Any:
         ),
         timeouts=Timeouts(request_s=spec.timeout_s, connect_s=spec.connect_timeout_s),
         health_interval_s=spec.health_interval_s,
+        max_in_flight=spec.max_in_flight,
     )
 
 

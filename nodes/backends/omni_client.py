@@ -102,7 +102,9 @@ class OmniImageClient:
         try:
             body = response.json()
         except ValueError as error:
-            raise WireFormatError(f"images.edits response is not JSON: {error}") from None
+            raise WireFormatError(
+                f"images.edits response from {response.request.url} is not JSON: {error}"
+            ) from None
         return self._first_image(body, "images.edits")
 
     def _first_image(self, body: Any, kind: str) -> Image.Image:

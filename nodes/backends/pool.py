@@ -8,6 +8,9 @@ With ``health_interval_s`` set, ``GET /health`` probes run before requests once 
 dead servers are skipped before anything is sent to them, recovered ones come back. When every
 attempt fails, the error (:class:`~nodes.backends.base.BackendUnavailable` or
 :class:`~nodes.backends.base.BackendRequestError`) names the server URL and the request kind.
+``max_in_flight`` caps the requests in flight per server: further requests wait (first come,
+first served) for a free slot. ``counters()`` says per server how many attempts were sent,
+failed, retried and given up, how many requests waited for a slot, and the most in flight.
 
 One ``httpx.AsyncClient`` (a keep-alive connection pool) is kept per event loop.
 """
@@ -15,10 +18,11 @@ One ``httpx.AsyncClient`` (a keep-alive connection pool) is kept per event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,7 +50,16 @@ class ServerState:
     in_flight: int = 0
     down_until: float = 0.0
     requests: int = 0
+    """Attempts sent (a retried request counts once per attempt)."""
     failures: int = 0
+    """Attempts that failed with a connection error, a timeout or a 5xx answer."""
+    retries: int = 0
+    """Attempts sent here because an earlier attempt of the same request failed."""
+    gave_up: int = 0
+    """Requests whose last attempt failed here, so their caller got the error."""
+    waited: int = 0
+    """Requests that waited for a free slot here (``max_in_flight``)."""
+    peak_in_flight: int = 0
     last_error: str = ""
 
     def up(self, now: float) -> bool:
@@ -62,6 +75,14 @@ class Timeouts:
 
 CONNECTIONS_PER_CLIENT = 8
 """Connections per httpx client; see ``ServerPool._http``."""
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A request waiting for a free slot (``max_in_flight``), on any server or a pinned one."""
+
+    future: asyncio.Future[ServerState]
+    pinned: str | None
 
 
 @dataclass
@@ -84,12 +105,15 @@ class ServerPool:
         timeouts: Timeouts | None = None,
         max_connections: int = 64,
         health_interval_s: float | None = None,
+        max_in_flight: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if isinstance(urls, str):
             urls = [urls]
         if not urls:
             raise ValueError("a server pool needs at least one URL")
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1 (or None: no cap)")
         if strategy not in ("least_inflight", "round_robin"):
             raise ValueError(f"unknown load-balancing strategy {strategy!r}")
         self.servers = [ServerState(_normalise(u)) for u in urls]
@@ -99,6 +123,8 @@ class ServerPool:
         self.timeouts = timeouts or Timeouts()
         self.max_connections = max_connections
         self.health_interval_s = health_interval_s
+        self.max_in_flight = max_in_flight
+        self._waiters: collections.deque[_Waiter] = collections.deque()
         self._transport = transport
         self._last_health = float("-inf")
         self._health_task: asyncio.Task[dict[str, bool]] | None = None
@@ -112,6 +138,21 @@ class ServerPool:
     def stats(self) -> dict[str, dict[str, Any]]:
         return {
             s.url: {"requests": s.requests, "failures": s.failures, "in_flight": s.in_flight}
+            for s in self.servers
+        }
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Cumulative counts per server URL (see :class:`ServerState`); ``retries`` over all
+        servers is how many attempts the pool repeated, ``gave_up`` how many requests failed."""
+        return {
+            s.url: {
+                "requests": s.requests,
+                "failures": s.failures,
+                "retries": s.retries,
+                "gave_up": s.gave_up,
+                "waited": s.waited,
+                "peak_in_flight": s.peak_in_flight,
+            }
             for s in self.servers
         }
 
@@ -156,19 +197,59 @@ class ServerPool:
 
     # --- choosing a server -------------------------------------------------------------------
 
-    def _pick(self, exclude: set[str]) -> ServerState:
+    def _pick(self, exclude: set[str]) -> ServerState | None:
+        """The server for the next attempt; None when every server is at ``max_in_flight``."""
         now = time.monotonic()
-        candidates = [s for s in self.servers if s.up(now) and s.url not in exclude]
+        servers = [s for s in self.servers if self._has_slot(s)]
+        if not servers:
+            return None
+        candidates = [s for s in servers if s.up(now) and s.url not in exclude]
         if not candidates:
-            candidates = [s for s in self.servers if s.url not in exclude]
+            candidates = [s for s in servers if s.url not in exclude]
         if not candidates:  # every server tried: start over with the least recently failed
-            candidates = sorted(self.servers, key=lambda s: s.down_until)[:1]
+            candidates = sorted(servers, key=lambda s: s.down_until)[:1]
         turn = next(self._counter)
         if self.strategy == "round_robin":
             return candidates[turn % len(candidates)]
         # Least in flight; ties broken by rotating the starting point.
         rotated = candidates[turn % len(candidates) :] + candidates[: turn % len(candidates)]
         return min(rotated, key=lambda s: s.in_flight)
+
+    def _has_slot(self, server: ServerState) -> bool:
+        return self.max_in_flight is None or server.in_flight < self.max_in_flight
+
+    async def _acquire(self, pinned: str | None, exclude: set[str]) -> ServerState:
+        """Take a slot on a server: the pinned one, or the best one with a free slot; wait
+        (first come, first served) while there is none. Released by :meth:`_release`."""
+        target = self._server(pinned) if pinned else self._pick(exclude)
+        if target is None or not self._has_slot(target):
+            waiter = _Waiter(asyncio.get_running_loop().create_future(), pinned)
+            self._waiters.append(waiter)
+            try:
+                target = await waiter.future
+            except asyncio.CancelledError:
+                if waiter.future.done() and not waiter.future.cancelled():
+                    self._release(waiter.future.result())  # handed a slot, then cancelled
+                elif waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                raise
+            target.waited += 1
+        else:
+            target.in_flight += 1
+        target.peak_in_flight = max(target.peak_in_flight, target.in_flight)
+        return target
+
+    def _release(self, server: ServerState) -> None:
+        """Free a slot on ``server``, or hand it straight to the first request waiting for a
+        slot there (so a newcomer cannot overtake the requests already waiting)."""
+        for waiter in self._waiters:
+            if waiter.future.done():  # cancelled: its task removes it when it wakes
+                continue
+            if waiter.pinned is None or _normalise(waiter.pinned) == server.url:
+                self._waiters.remove(waiter)
+                waiter.future.set_result(server)  # the slot changes hands: in_flight stays
+                return
+        server.in_flight -= 1
 
     def _mark_down(self, server: ServerState, error: str) -> None:
         server.failures += 1
@@ -198,17 +279,18 @@ class ServerPool:
         attempts = self.retry.retries + 1 if retry else 1
         tried: set[str] = set()
         last: BackendUnavailable | None = None
+        last_server: ServerState | None = None
         for attempt in range(attempts):
             if attempt:
                 delay = min(self.retry.max_backoff_s, self.retry.backoff_s * 2 ** (attempt - 1))
                 await asyncio.sleep(delay * random.uniform(0.75, 1.25))
-            target = self._server(server) if server else self._pick(tried)
+            target = await self._acquire(server, tried)
             tried.add(target.url)
             if len(tried) == len(self.servers):
                 tried.clear()
             url = target.url + path
-            target.in_flight += 1
             target.requests += 1
+            target.retries += attempt > 0
             try:
                 response = await self._http().request(
                     method, url, json=json, data=data, files=files
@@ -219,9 +301,10 @@ class ServerPool:
                 last = BackendUnavailable(
                     f"{kind} request to {url} failed: {detail}", url=url, kind=kind
                 )
+                last_server = target
                 continue
             finally:
-                target.in_flight -= 1
+                self._release(target)
             if response.status_code >= 500:
                 detail = f"HTTP {response.status_code}: {_snippet(response)}"
                 self._mark_down(target, detail)
@@ -231,6 +314,7 @@ class ServerPool:
                     kind=kind,
                     status=response.status_code,
                 )
+                last_server = target
                 continue
             if response.status_code >= 400:
                 raise BackendRequestError(
@@ -242,7 +326,8 @@ class ServerPool:
                 )
             target.down_until = 0.0
             return response
-        assert last is not None
+        assert last is not None and last_server is not None
+        last_server.gave_up += 1
         raise BackendUnavailable(
             f"{last} (gave up after {attempts} attempt{'s' * (attempts > 1)}; "
             f"servers: {', '.join(self.urls)})",
@@ -345,3 +430,37 @@ def _json(response: httpx.Response, kind: str) -> Any:
             url=str(response.request.url),
             kind=kind,
         ) from None
+
+
+def pools_of(backends: Iterable[Any]) -> list[ServerPool]:
+    """The distinct pools behind some backends (HTTP clients hold one as ``.pool``; a judge
+    wrapping a chat client as ``.model.pool``); in-process and simulated backends have none."""
+    found: dict[int, ServerPool] = {}
+    for backend in backends:
+        for candidate in (backend, getattr(backend, "model", None)):
+            pool = getattr(candidate, "pool", None)
+            if isinstance(pool, ServerPool):
+                found[id(pool)] = pool
+    return list(found.values())
+
+
+def request_counters(pools: Iterable[ServerPool]) -> dict[str, dict[str, int]]:
+    """:meth:`ServerPool.counters` of several pools, summed per server URL."""
+    total: dict[str, dict[str, int]] = {}
+    for pool in pools:
+        for url, counts in pool.counters().items():
+            into = total.setdefault(url, dict.fromkeys(counts, 0))
+            for key, value in counts.items():
+                into[key] = max(into[key], value) if key == "peak_in_flight" else into[key] + value
+    return total
+
+
+def describe_counters(counters: Mapping[str, Mapping[str, int]]) -> str:
+    """One line for a run summary: attempts, retries and requests given up, over all servers."""
+    attempts = sum(c["requests"] for c in counters.values())
+    retries = sum(c["retries"] for c in counters.values())
+    gave_up = sum(c["gave_up"] for c in counters.values())
+    return (
+        f"{attempts} requests to {len(counters)} server{'s' * (len(counters) != 1)}, "
+        f"{retries} retried, {gave_up} given up"
+    )
