@@ -26,6 +26,7 @@ from training.rewards import (
     trajectory_format_reward,
     yes_probability,
 )
+from training.rewards.composite import apply_complexity_penalty, margin_complexity_penalty
 
 # --- outcome -------------------------------------------------------------------------------------
 
@@ -184,3 +185,70 @@ def test_reward_records_are_stored(tmp_path):
     assert summary.rewards == {"gvu": 0.25, "checker": checker.value}
     assert checker.value == checker_score(detail.final_state).value == result.score
     assert [r.step_seq for r in store.rewards(tid)] == [None, None, reflect_seq]
+
+
+def test_seed_002_penalty_can_rank_a_wrong_cheap_answer_above_a_right_one():
+    # The case the margin form exists for: right in 2 images, right in 1, wrong in 1 (0.67).
+    # eps 0.05: near-best = the two right ones, N* = 1 -> the 2-image one falls to 0.5 < 0.67.
+    assert complexity_penalty([1.0, 1.0, 0.67], [2, 1, 1], eps=0.05) == pytest.approx(
+        [0.5, 1.0, 0.67], abs=1e-15
+    )
+
+
+def test_margin_penalty_scales_the_margin_over_the_best_of_the_rest():
+    # Same group: b = 0.67 (best outside the near-best set); the 2-image right answer gets
+    # 0.67 + 0.33 · 1/2 = 0.835, still above the wrong one.
+    assert margin_complexity_penalty([1.0, 1.0, 0.67], [2, 1, 1], eps=0.05) == pytest.approx(
+        [0.835, 1.0, 0.67], abs=1e-15
+    )
+    # The first seed-002 case: near-best {0, 1, 4}, N* = 1, b = 0.75:
+    # 0.75 + 0.25 · (1, 1/3, 1/4) = 1.0, 0.8333…, 0.8125; the others unchanged.
+    rewards, counts = [1.0, 1.0, 0.75, 0.5, 1.0], [1, 3, 1, 2, 4]
+    assert margin_complexity_penalty(rewards, counts, eps=0.1) == pytest.approx(
+        [1.0, 0.75 + 0.25 / 3, 0.75, 0.5, 0.8125], abs=1e-15
+    )
+    # Every member near-best: b = 0, i.e. exactly seed 002's form.
+    for group in (([0.9, 1.0, 0.95], [2, 4, 3], 0.5), ([1.0, 1.0], [0, 2], 0.0)):
+        assert margin_complexity_penalty(*group) == complexity_penalty(*group)
+    assert margin_complexity_penalty([], [], eps=0.1) == []
+    with pytest.raises(ValueError):
+        margin_complexity_penalty([1.0], [1, 2], eps=0.1)
+
+
+def test_margin_penalty_keeps_the_order_of_better_and_worse_answers():
+    # Property, over many random groups: a member outside the near-best set never ends at or
+    # above a near-best one (seed 002's form breaks this in a sizeable share of the groups),
+    # the near-best keep their order among equal image counts, and nothing is raised.
+    import random
+
+    rng = random.Random(0)
+    broken_by_scale = 0
+    for _ in range(2000):
+        size = rng.randint(2, 8)
+        rewards = [rng.choice([0.0, 0.25, 0.5, 0.67, 0.75, 1.0]) for _ in range(size)]
+        counts = [rng.randint(1, 6) for _ in range(size)]
+        eps = rng.choice([0.0, 0.05, 0.1])
+        top = max(rewards)
+        near = [r >= top - eps for r in rewards]
+        shaped = margin_complexity_penalty(rewards, counts, eps)
+        scaled = complexity_penalty(rewards, counts, eps)
+        worst_near = min(v for v, n in zip(shaped, near, strict=True) if n)
+        best_other = max((v for v, n in zip(shaped, near, strict=True) if not n), default=None)
+        if best_other is not None:
+            assert worst_near > best_other
+            other = max(v for v, n in zip(scaled, near, strict=True) if not n)
+            broken_by_scale += min(v for v, n in zip(scaled, near, strict=True) if n) <= other
+        for i in range(size):
+            assert shaped[i] <= rewards[i] + 1e-12  # a penalty never raises a reward
+            for j in range(size):
+                if near[i] and near[j] and counts[i] == counts[j] and rewards[i] > rewards[j]:
+                    assert shaped[i] > shaped[j]
+    assert broken_by_scale > 300
+
+
+def test_complexity_penalty_by_name():
+    args = ([1.0, 1.0, 0.67], [2, 1, 1], 0.05)
+    assert apply_complexity_penalty(*args) == complexity_penalty(*args)
+    assert apply_complexity_penalty(*args, form="margin") == margin_complexity_penalty(*args)
+    with pytest.raises(ValueError):
+        apply_complexity_penalty(*args, form="additive")

@@ -161,3 +161,17 @@ def test_one_stop_policy_iteration_from_recorded_rollouts(tmp_path):
     assert it.behaviour == "stop@0" and it.trained == "stop@1" == f"{policy.name}@{policy.version}"
     assert it.metrics["decisions"] > 0
     assert it.metrics["groups"] == 3
+
+
+def test_shaped_rewards_with_the_order_preserving_penalty():
+    members = (
+        Member("a", 0, "succeeded", "decompose", 2, {"checker": 1.0}),
+        Member("b", 1, "succeeded", "reflect", 1, {"checker": 1.0}),
+        Member("c", 2, "succeeded", "direct", 1, {"checker": 0.67}),
+    )
+    group = DecisionGroup("run", "g", "p", None, "mode", members)
+    # seed 002: the right 2-image answer drops to 0.5, below the wrong one (0.67)
+    assert shaped_rewards(group, GRPOConfig(complexity_eps=0.05)) == pytest.approx([0.5, 1.0, 0.67])
+    # margin: 0.67 + (1 − 0.67) / 2 = 0.835
+    margin = GRPOConfig(complexity_eps=0.05, complexity_form="margin")
+    assert shaped_rewards(group, margin) == pytest.approx([0.835, 1.0, 0.67])

@@ -23,7 +23,8 @@ import torch
 from policies.weights import load_policy, load_weights, next_version, save_weights
 from training.groups import DecisionGroup
 from training.grpo import AdvantageScale, LossType, group_advantages, grpo_loss
-from training.rewards import complexity_penalty, composite_reward
+from training.rewards import composite_reward
+from training.rewards.composite import ComplexityForm, apply_complexity_penalty
 
 
 @dataclass
@@ -56,6 +57,10 @@ class GRPOConfig:
     complexity_eps: float | None = 0.05
     """Seed 002's near-best margin for the complexity penalty (not published there); None
     turns the penalty off."""
+    complexity_form: ComplexityForm = "scale"
+    """"scale": seed 002 as stated (near-best R × N*/N); "margin": the order-preserving form
+    that scales only the margin over the best member outside the near-best set
+    (``training.rewards.composite.margin_complexity_penalty``)."""
     reward_weights: tuple[float, float, float] = (1.0, 0.0, 0.0)
     """(a1, a2, a3) of R = a1·R_o + a2·R_f + a3·R_s (seed 002 does not publish them)."""
     outcome_reward: str = "checker"
@@ -84,7 +89,9 @@ def shaped_rewards(group: DecisionGroup, config: GRPOConfig) -> list[float]:
         values.append(composite_reward(*parts, weights=config.reward_weights))
     if config.complexity_eps is not None:
         counts = [m.image_count for m in group.members]
-        values = complexity_penalty(values, counts, config.complexity_eps)
+        values = apply_complexity_penalty(
+            values, counts, config.complexity_eps, config.complexity_form
+        )
     return values
 
 
