@@ -19,11 +19,19 @@ class CliError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
+class StoreUnavailable(Exception):
+    """The store failed under a running command (a database server went away): one line,
+    exit code 1."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
+    except StoreUnavailable as exc:
+        print(f"atelier: error: {exc}", file=sys.stderr)
+        return 1
     except CliError as exc:
         print(f"atelier: error: {exc}", file=sys.stderr)
         return 2
@@ -206,6 +214,24 @@ def _open_store(args: argparse.Namespace, *, must_exist: bool = True):  # -> Tra
         raise CliError(f"cannot open the store {url}: {type(exc).__name__}: {exc}") from None
 
 
+def _check_store_failure(store, exc: BaseException, run_ref: str | None) -> None:
+    """Raise :class:`StoreUnavailable` naming the store if ``exc`` is the store failing."""
+    from sqlalchemy.exc import DBAPIError
+
+    from storage.engine import DatabaseLocked
+    from storage.recorder import RecorderBroken
+
+    if not isinstance(exc, (DBAPIError, DatabaseLocked, RecorderBroken)):
+        return
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    resume = f"atelier resume {run_ref}" if run_ref else "atelier resume RUN"
+    raise StoreUnavailable(
+        f"the store {store.url} became unavailable: {reason} — every step recorded before "
+        f"it went away is kept; once it is back, `{resume}` finishes the run"
+    ) from None
+
+
 def _resolve_run(store, ref: str):
     try:
         return store.resolve_run(ref)
@@ -344,19 +370,23 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     _check_config(args.config)
     store = _open_store(args, must_exist=False)
     requests: dict[str, dict[str, int]] = {}
-    run_id, results = asyncio.run(
-        rollout(
-            store,
-            tasks,
-            mode=args.mode,
-            budget=budget,
-            name=args.name,
-            concurrency=args.concurrency,
-            progress=sys.stderr.isatty(),
-            backends_config=args.config,
-            request_stats=requests,
+    try:
+        run_id, results = asyncio.run(
+            rollout(
+                store,
+                tasks,
+                mode=args.mode,
+                budget=budget,
+                name=args.name,
+                concurrency=args.concurrency,
+                progress=sys.stderr.isatty(),
+                backends_config=args.config,
+                request_stats=requests,
+            )
         )
-    )
+    except Exception as exc:
+        _check_store_failure(store, exc, args.name)
+        raise
     ok = sum(r.status == "succeeded" for r in results)
     correct = sum(r.correct for r in results)
     print(f"run {run_id}: {len(results)} trajectories, {ok} succeeded, {correct} correct")
@@ -484,6 +514,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    except Exception as exc:
+        _check_store_failure(store, exc, args.run)
+        raise
     ok = sum(r.status == "succeeded" for r in results)
     print(f"run {run.id}: resumed {len(results)} trajectories, {ok} succeeded")
     _print_requests(requests)

@@ -1,0 +1,169 @@
+"""The store goes away mid-run: PostgreSQL is stopped under a running ``atelier rollout``.
+
+The rollout must end promptly with one clear error line naming the database (not hang, not a
+traceback); once PostgreSQL is back, ``atelier resume`` finishes the run, every trajectory
+ends exactly once, and the trajectories continue exactly where their recording stopped (each
+one that succeeded took the undisturbed run's path, step for step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette")
+
+from agent_graph.rollout import rollout
+from agent_graph.runner import make_group_tasks
+from agent_graph.state import Budget
+from nodes.backends.http_common import BackgroundServer
+from storage.store import TrajectoryStore
+from tests.fake_servers import FakeModelServer
+from tests.faults_common import check_recorded_run, write_backends_config
+from tests.pg import PG_BIN, PostgresServer, missing_reason
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [f"{i % 4 + 1} yellow stars below a green circle, take {i}" for i in range(30)]
+GROUP, SEED, MAX_ROUNDS = 2, 21, 3
+
+
+class StoppablePostgres(PostgresServer):
+    """A private cluster of its own (the session's shared one must stay up for other tests),
+    which this test stops and starts again."""
+
+    def options(self) -> str:
+        return (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c full_page_writes=off -c max_connections=300"
+        )
+
+    def pg_ctl(self, *args: str) -> None:
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args)
+
+    def halt(self) -> None:
+        self.pg_ctl("-m", "fast", "-w", "stop")
+
+    def restart(self) -> None:
+        self.pg_ctl("-o", self.options(), "-w", "-l", str(self.root / "server.log"), "start")
+
+    def count_steps(self, url: str) -> int:
+        import psycopg
+
+        dbname = url.rsplit("/", 1)[1]
+        try:
+            with psycopg.connect(
+                host="127.0.0.1", port=self.port, user="postgres", dbname=dbname, connect_timeout=2
+            ) as conn:
+                return conn.execute("SELECT count(*) FROM steps").fetchone()[0]
+        except psycopg.Error:  # the tables are not there yet
+            return 0
+
+
+@pytest.fixture
+def postgres():
+    reason = missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = StoppablePostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):  # stopped already
+            server.stop()
+
+
+def atelier(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent_graph.cli", *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def paths(store: TrajectoryStore, run_id: str) -> dict[tuple[str, int], list[tuple[str, str]]]:
+    return {
+        (t.group_id, t.sample_index): [(s.node, s.text or "") for s in store.steps(t.id)]
+        for t in store.trajectories(run=run_id, status="succeeded")
+    }
+
+
+def test_postgres_stopped_mid_run_gives_a_clear_error_and_resume_finishes(postgres, tmp_path):
+    fake = FakeModelServer(latency_s=0.02, edit_percent=50)
+    with BackgroundServer(fake.app) as server:
+        config = write_backends_config(tmp_path / "b.toml", server.url)
+        reference = TrajectoryStore(f"sqlite:///{tmp_path / 'reference.db'}")
+        tasks = make_group_tasks(PROMPTS, GROUP, SEED)
+        ref_run, _ = asyncio.run(
+            rollout(
+                reference,
+                tasks,
+                mode="reflect",
+                budget=Budget(max_rounds=MAX_ROUNDS),
+                backends_config=config,
+            )
+        )
+        expected = paths(reference, ref_run)
+        reference.close()
+        assert len(expected) == len(tasks)
+        total_steps = sum(len(p) for p in expected.values())
+
+        url = postgres.create_database()
+        (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+        proc = atelier(
+            "rollout",
+            *("--prompts", str(tmp_path / "prompts.txt"), "-G", str(GROUP), "--seed", str(SEED)),
+            *("--mode", "reflect", "--max-rounds", str(MAX_ROUNDS), "--concurrency", "16"),
+            *("--name", "pgdown", "--config", str(config), "--db", url),
+        )
+        deadline = time.monotonic() + 90
+        while postgres.count_steps(url) < total_steps // 3:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the rollout recorded too little in time"
+            time.sleep(0.05)
+        postgres.halt()
+        stopped = time.monotonic()
+        out, err = proc.communicate(timeout=60)  # not a hang
+        ended_after = time.monotonic() - stopped
+        rollout_error = err.strip()
+
+        # One clear line naming the database, no traceback.
+        assert proc.returncode == 1, (out, err)
+        assert "Traceback" not in err, err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1, err
+        assert lines[0].startswith("atelier: error: the store ") and "unavailable" in lines[0]
+        assert f"127.0.0.1:{postgres.port}" in lines[0]
+        assert "atelier resume pgdown" in lines[0]
+        assert ended_after < 30
+
+        postgres.restart()
+        store = TrajectoryStore(url)
+        run = store.resolve_run("pgdown")
+        done_before = {
+            t.id: t.status for t in store.trajectories(run=run.id) if t.status != "running"
+        }
+        resumed = atelier("resume", "pgdown", "--db", url)
+        out, err = resumed.communicate(timeout=120)
+        assert resumed.returncode == 0, (out, err)
+
+    statuses = check_recorded_run(store, run.id, len(tasks))
+    assert statuses == {"succeeded": len(tasks)}
+    assert store.run(run.id).status == "finished"
+    got = paths(store, run.id)
+    assert got == expected  # every trajectory continued exactly where its recording stopped
+    finished_before = {i for i, s in done_before.items() if s in ("succeeded", "failed")}
+    for trajectory_id in finished_before:  # finished before the outage: untouched by resume
+        assert store.trajectory(trajectory_id).status == done_before[trajectory_id]
+    print(f"\nstore stopped; rollout ended {ended_after:.1f} s later: {rollout_error}; {out}")
+    store.close()
