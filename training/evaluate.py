@@ -13,6 +13,7 @@ a group, so *which* group matters when routers are compared:
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -176,3 +177,49 @@ def mode_probabilities(router: Any, prompts: Sequence[Any]) -> dict[str, dict[st
             sums[p.category][mode] += probs[mode]
         counts[p.category] += 1
     return {c: {m: v / counts[c] for m, v in modes.items()} for c, modes in sums.items()}
+
+
+def oracle_accuracy(options: Sequence[Sequence[tuple[float, float]]], images: float) -> float:
+    """The best mean accuracy any mode choice reaches with at most ``images`` mean images.
+
+    ``options[u]`` lists, for unit u (a prompt category, or a single prompt), each fixed mode's
+    measured (accuracy, mean images) on it; units weigh equally. A router may mix modes on a
+    unit, so this is the linear relaxation of a multiple-choice knapsack:
+
+        max Σ_u Σ_m x_um acc_um   s.t.   Σ_u Σ_m x_um img_um ≤ images · |U|,
+                                         Σ_m x_um = 1,  x ≥ 0
+
+    solved exactly by starting every unit at its cheapest option and buying the steps of each
+    unit's upper convex hull in order of accuracy gained per image. An upper bound for routers
+    that see no more than a unit's identity (when a unit's numbers are measured on the very
+    samples, the in-sample max is optimistic too). Returns nan if even the cheapest options
+    need more images.
+    """
+    accuracy = spent = 0.0
+    steps: list[tuple[float, float, float]] = []  # (gain per image, gain, images)
+    for unit in options:
+        hull: list[tuple[float, float]] = []  # (images, accuracy), accuracy increasing
+        for acc, img in sorted(set(unit), key=lambda o: (o[1], -o[0])):
+            if hull and acc <= hull[-1][1]:
+                continue  # costs at least as much, gains nothing
+            while len(hull) >= 2:
+                (i1, a1), (i2, a2) = hull[-2], hull[-1]
+                if (a2 - a1) * (img - i1) <= (acc - a1) * (i2 - i1):
+                    hull.pop()  # the middle point is under the chord: never worth buying
+                else:
+                    break
+            hull.append((img, acc))
+        spent += hull[0][0]
+        accuracy += hull[0][1]
+        for (i1, a1), (i2, a2) in itertools.pairwise(hull):
+            steps.append(((a2 - a1) / (i2 - i1), a2 - a1, i2 - i1))
+    budget = images * len(options)
+    if spent > budget + 1e-12:
+        return float("nan")
+    for _, gain, cost in sorted(steps, reverse=True):
+        if spent >= budget:
+            break
+        share = min(1.0, (budget - spent) / cost)
+        accuracy += share * gain
+        spent += share * cost
+    return accuracy / len(options)
