@@ -397,6 +397,85 @@ def image_server(image_service: Any) -> Any:
     return _once("image_server", start)
 
 
+def build_sd3(directory: Path, seed: int = 4) -> Path:
+    """A tiny Stable Diffusion 3 pipeline (flow matching): ``SD3Transformer2DModel`` (2 layers,
+    hidden 32, patch 2), two tiny CLIP text encoders with projection and no T5 (the pipeline
+    then feeds zeros in T5's place), a 16-channel-free 4-channel VAE with scale factor 2, and
+    ``FlowMatchEulerDiscreteScheduler``. 32×32 images are 16×16×4 latents, 64 tokens."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = build_clip_tokenizer(Path(scratch) / "one")
+        tokenizer_2 = build_clip_tokenizer(Path(scratch) / "two")
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,  # the two CLIP hidden states side by side (T5's width)
+        caption_projection_dim=32,
+        pooled_projection_dim=64,  # the two CLIP pooled outputs concatenated
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD3 pipeline directory, built once per test session."""
+    pytest.importorskip("diffusers")
+    return _once("sd3", lambda: build_sd3(tmp_path_factory.mktemp("tiny-sd3")))
+
+
 if __name__ == "__main__":  # pragma: no cover - a helper for the example config
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/atelier-tiny")
     print(build_all(target))

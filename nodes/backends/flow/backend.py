@@ -1,0 +1,245 @@
+"""``FlowImageModel``: an image generator and editor whose images come with their Flow-GRPO
+transitions (the draw and refine nodes record them), in this process, in dynamic batches.
+
+It is opt-in: the nodes record transitions only from a backend whose ``traced`` attribute is
+true (this one), calling ``generate_traced`` / ``edit_traced``; its plain ``generate`` / ``edit``
+return the same images without the record. Edits are image-to-image with the same components
+(the input image is encoded, noised to ``σ`` at ``strength`` of the schedule, and denoised under
+the instruction as prompt), which is what a flow-matching edit policy samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from nodes.backends.base import EditRequest, ImageRequest
+from nodes.backends.batching import DynamicBatcher, torch_threads_initializer
+from nodes.backends.flow.transitions import TracedImage
+
+
+@dataclass(frozen=True)
+class FlowJob:
+    kind: str  # "generate" | "edit"
+    prompt: str
+    size: tuple[int, int]
+    seed: int
+    steps: int
+    guidance_scale: float
+    negative_prompt: str = ""
+    strength: float = 1.0
+    image: Image.Image | None = None
+
+    def group_key(self) -> tuple[object, ...]:
+        return (
+            self.kind, self.size, self.steps, self.guidance_scale, self.negative_prompt,
+            self.strength,
+        )  # fmt: skip
+
+
+def load_pipeline(model_dir: str | Path, *, device: str = "cpu", dtype: str = "auto") -> Any:
+    """A saved diffusers pipeline, with optional components its index lists as absent (e.g. SD3
+    without T5) passed as None — ``from_pretrained`` refuses them otherwise."""
+    from diffusers import DiffusionPipeline
+
+    from nodes.backends.transformers_lm import resolve_device, resolve_dtype
+
+    kwargs: dict[str, Any] = absent_components(model_dir)
+    torch_dtype = resolve_dtype(dtype)
+    if torch_dtype != "auto":
+        kwargs["torch_dtype"] = torch_dtype
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir), **kwargs)
+    pipe.to(resolve_device(device))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def absent_components(model_dir: str | Path) -> dict[str, None]:
+    import json
+
+    index = Path(model_dir) / "model_index.json"
+    if not index.is_file():
+        return {}
+    entries = json.loads(index.read_text())
+    return {
+        name: None
+        for name, value in entries.items()
+        if not name.startswith("_") and isinstance(value, list) and value[:1] == [None]
+    }
+
+
+def flow_model(pipe: Any, name: str) -> Any:
+    """The :class:`~nodes.backends.flow.sampler.FlowModel` adapter for ``pipe``."""
+    from nodes.backends.flow.sampler import SD3Flow
+
+    family = type(pipe).__name__
+    if family.startswith("StableDiffusion3"):
+        return SD3Flow(pipe, name)
+    raise ValueError(
+        f"traced (Flow-GRPO) sampling supports StableDiffusion3 pipelines, not {family}"
+    )
+
+
+def run_traced(sampler: Any, jobs: Sequence[FlowJob]) -> list[TracedImage]:
+    """One sampler call for jobs sharing a group key; sizes rounded up to what the model takes
+    and the images resized back to the requested size."""
+    from nodes.backends.flow.sampler import SampleJob
+
+    first = jobs[0]
+    width, height = first.size
+    multiple = sampler.model.size_multiple()
+    run_w, run_h = _round_up(width, multiple), _round_up(height, multiple)
+    traced = sampler.sample(
+        [SampleJob(job.prompt, job.seed, job.image) for job in jobs],
+        width=run_w,
+        height=run_h,
+        steps=first.steps,
+        guidance_scale=first.guidance_scale,
+        negative_prompt=first.negative_prompt,
+        strength=first.strength,
+    )
+    return [
+        TracedImage(
+            t.image
+            if t.image.size == (width, height)  # type: ignore[attr-defined]
+            else t.image.resize((width, height), Image.Resampling.LANCZOS),  # type: ignore[attr-defined]
+            t.transitions,
+        )
+        for t in traced
+    ]
+
+
+class FlowImageEngine:
+    """A flow-matching pipeline with a :class:`FlowSampler` (batches by group key)."""
+
+    def __init__(
+        self, pipe: Any, *, name: str, sde_config: Any = None, lora: str | None = None
+    ) -> None:
+        from nodes.backends.flow.sampler import FlowSampler
+
+        self.pipe = pipe
+        self.name = name
+        self.sampler = FlowSampler(flow_model(pipe, name), sde_config)
+        self.sampler.lora = lora
+
+    def run_batch(self, jobs: Sequence[FlowJob]) -> list[TracedImage | BaseException]:
+        results: list[TracedImage | BaseException | None] = [None] * len(jobs)
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault(job.group_key(), []).append(index)
+        for indices in groups.values():
+            try:
+                outputs: Sequence[TracedImage | BaseException] = run_traced(
+                    self.sampler, [jobs[i] for i in indices]
+                )
+            except Exception as error:
+                outputs = [error] * len(indices)
+            for index, output in zip(indices, outputs, strict=True):
+                results[index] = output
+        return [r if r is not None else RuntimeError("job was not served") for r in results]
+
+
+class FlowImageModel:
+    """:class:`~nodes.backends.base.ImageGenerator` and ``ImageEditor`` with traced variants."""
+
+    traced = True
+
+    def __init__(
+        self,
+        engine: FlowImageEngine,
+        *,
+        default_steps: int = 10,
+        guidance_scale: float = 4.5,
+        negative_prompt: str = "",
+        edit_strength: float = 0.8,
+        max_batch: int = 8,
+        max_wait_ms: float = 10.0,
+        torch_threads: int | None = None,
+    ) -> None:
+        self.engine = engine
+        self.default_steps = default_steps
+        self.guidance_scale = guidance_scale
+        self.negative_prompt = negative_prompt
+        self.edit_strength = edit_strength
+        self.batcher: DynamicBatcher[FlowJob, TracedImage] = DynamicBatcher(
+            engine.run_batch,
+            max_batch=max_batch,
+            max_wait_s=max_wait_ms / 1000.0,
+            name="atelier-flow",
+            initializer=torch_threads_initializer(torch_threads),
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        *,
+        name: str | None = None,
+        device: str = "cpu",
+        dtype: str = "auto",
+        sde_config: Any = None,
+        lora_dir: str | Path | None = None,
+        **kwargs: Any,
+    ) -> FlowImageModel:
+        pipe = load_pipeline(model_dir, device=device, dtype=dtype)
+        lora = None
+        if lora_dir is not None:
+            from policies.diffusion_lora import load_lora
+
+            lora = load_lora(pipe.transformer, lora_dir).label
+        engine = FlowImageEngine(
+            pipe, name=name or str(model_dir), sde_config=sde_config, lora=lora
+        )
+        return cls(engine, **kwargs)
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.name
+
+    def _job(self, kind: str, prompt: str, size: tuple[int, int], seed: int, steps: int | None,
+             image: Image.Image | None = None) -> FlowJob:  # fmt: skip
+        return FlowJob(
+            kind,
+            prompt,
+            size,
+            seed,
+            steps or self.default_steps,
+            self.guidance_scale,
+            self.negative_prompt,
+            self.edit_strength if kind == "edit" else 1.0,
+            image,
+        )
+
+    async def generate_traced(self, request: ImageRequest) -> TracedImage:
+        job = self._job(
+            "generate", request.prompt, (request.width, request.height), request.seed, request.steps
+        )
+        return await self.batcher.submit(job)
+
+    async def edit_traced(self, request: EditRequest) -> TracedImage:
+        job = self._job(
+            "edit",
+            request.instruction,
+            request.image.size,
+            request.seed,
+            request.steps,
+            request.image.convert("RGB"),
+        )
+        return await self.batcher.submit(job)
+
+    async def generate(self, request: ImageRequest) -> Image.Image:
+        return (await self.generate_traced(request)).image  # type: ignore[return-value]
+
+    async def edit(self, request: EditRequest) -> Image.Image:
+        return (await self.edit_traced(request)).image  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
