@@ -17,7 +17,9 @@ by what *this stage* achieved, and runs GRPO on the group of one start state. He
 3. **Forks** (:func:`fork`): G continuations of each selected state through
    ``Runner.resume((state, node))``, recorded as new trajectories of a new run: new trajectory
    ids, new task seeds (so reflections, edits and policy samples differ), group id = the fork
-   point ``<parent trajectory>@<step seq>``; the run's config lists every fork's parent.
+   point ``<parent trajectory>@<step seq>``; the run's config lists every fork's parent. A
+   continuation runs to the end of the graph; its later rounds are later stages' results, so a
+   forked run is itself a parent run for the next stage's forks (the tree grows a level).
 4. **Stage groups** (:func:`stage_groups`): per fork point, the G members' decision of this stage
    (the stop policy's first decision after the fork) with R3's stage rewards: the correction
    C_j, ``reflection`` = C + r_format, ``refinement`` = C (``training.rewards.stages``).
