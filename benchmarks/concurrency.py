@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import resource
 import socket
 import subprocess
@@ -25,67 +23,13 @@ import sys
 import tempfile
 import time
 
-from PIL import Image
-
 
 def serve(port: int, latency_s: float) -> None:
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, PlainTextResponse
-    from starlette.routing import Route
+    # The fake server the fault tests use; with edit_percent 0 every reflection says the stop
+    # phrase, so a reflect-mode trajectory is plan, draw, reflect: 3 calls.
+    from tests.fake_servers import serve as serve_fake
 
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
-    png = base64.b64encode(buffer.getvalue()).decode()
-    reply = "<think>The image matches.</think>No further edit needed."
-
-    async def chat(request: Request) -> JSONResponse:
-        await request.body()
-        await asyncio.sleep(latency_s)
-        return JSONResponse(
-            {
-                "id": "x",
-                "object": "chat.completion",
-                "model": "m",
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": "stop",
-                        "token_ids": [1, 2, 3],
-                        "message": {"role": "assistant", "content": reply},
-                        "logprobs": {
-                            "content": [
-                                {"token": t, "logprob": -0.1, "bytes": None, "top_logprobs": []}
-                                for t in ("a", "b", "c")
-                            ]
-                        },
-                    }
-                ],
-            }
-        )
-
-    async def images(request: Request) -> JSONResponse:
-        await request.body()
-        await asyncio.sleep(latency_s)
-        return JSONResponse({"created": 0, "data": [{"b64_json": png}]})
-
-    async def models(request: Request) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [{"id": "m", "object": "model"}]})
-
-    async def health(request: Request) -> PlainTextResponse:
-        return PlainTextResponse("")
-
-    app = Starlette(
-        routes=[
-            Route("/v1/chat/completions", chat, methods=["POST"]),
-            Route("/v1/images/generations", images, methods=["POST"]),
-            Route("/v1/images/edits", images, methods=["POST"]),
-            Route("/v1/models", models),
-            Route("/health", health),
-        ]
-    )
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", backlog=4096)
+    serve_fake(port, latency_s, edit_percent=0)
 
 
 def free_port() -> int:
