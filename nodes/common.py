@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nodes.backends.base import ChatMessage, ChatModel, ChatRequest, SamplingParams
+from nodes.backends.flow.transitions import DiffusionTransition
 
 TRACE_KEY = "trace"
 """Key of a node's update under which it reports its :class:`NodeTrace`; the recording
@@ -36,6 +37,8 @@ class NodeTrace:
     images_out: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
     """Ids of every model called, texts and images alike."""
+    transitions: list[DiffusionTransition] = field(default_factory=list)
+    """Stochastic denoising steps of the images made (traced generators only; Flow-GRPO)."""
 
 
 def derive_seed(*parts: Any) -> int:

@@ -27,7 +27,13 @@ async def draw(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dict:
         steps=settings.steps,
         seed=derive_seed(state.task.seed, state.step_count, "draw"),
     )
-    trace.models.append(ctx.backends.generator.model_id)
-    image = await ctx.backends.generator.generate(request)
+    generator = ctx.backends.generator
+    trace.models.append(generator.model_id)
+    if getattr(generator, "traced", False):  # records its Flow-GRPO transitions (opt-in)
+        traced = await generator.generate_traced(request)
+        image = traced.image
+        trace.transitions.extend(traced.transitions)
+    else:
+        image = await generator.generate(request)
     update["images"] = [await save_image(ctx, state, image, "draw", text, trace)]
     return update

@@ -46,8 +46,14 @@ async def refine(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dic
         seed=derive_seed(state.task.seed, state.step_count, "refine"),
         steps=ctx.settings.steps,
     )
-    trace.models.append(ctx.backends.editor.model_id)
-    image = await ctx.backends.editor.edit(request)
+    editor = ctx.backends.editor
+    trace.models.append(editor.model_id)
+    if getattr(editor, "traced", False):  # records its Flow-GRPO transitions (opt-in)
+        traced = await editor.edit_traced(request)
+        image = traced.image
+        trace.transitions.extend(traced.transitions)
+    else:
+        image = await editor.edit(request)
     update: dict = {
         TRACE_KEY: trace,
         "images": [await save_image(ctx, state, image, "refine", edit.instruction, trace)],

@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from storage.codec import pack_ids, pack_logprobs
+from storage.diffusion import transition_rows
 from storage.images import check_ref
 from storage.schema import derive_stage
 
@@ -133,6 +134,9 @@ class StepRows:
     step: dict[str, Any]
     generations: list[dict[str, Any]] = field(default_factory=list)
     images: list[dict[str, Any]] = field(default_factory=list)
+    blobs: list[dict[str, Any]] = field(default_factory=list)
+    transitions: list[dict[str, Any]] = field(default_factory=list)
+    """Diffusion transitions (``storage.diffusion``) and the blobs holding their latents."""
     mode: str | None = None
     """The mode the step chose, if it chose one (the trajectory row is updated with it)."""
 
@@ -198,6 +202,8 @@ def step_rows(record: Any) -> StepRows:
                     "ref": check_ref(ref),
                 }
             )
+    if getattr(trace, "transitions", None):
+        rows.blobs, rows.transitions = transition_rows(tid, seq, trace.transitions)
     return rows
 
 

@@ -43,10 +43,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import BYTEA, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bumped with every migration; recorded in the ``schema_version`` table."""
 
-HEAD_REVISION = "0001_initial"
+HEAD_REVISION = "0002_diffusion_transitions"
 """The Alembic revision this code's schema corresponds to (a test checks it is the head)."""
 
 TRAJECTORY_STATUSES = ("running", "succeeded", "failed", "incomplete")
@@ -243,6 +243,61 @@ class PolicyVersion(Base):
     meta: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
 
     __table_args__ = (UniqueConstraint("name", "version", name="uq_policy_versions_name_version"),)
+
+
+class BlobData(Base):
+    """Content-addressed binary data that is not an image (e.g. safetensors latents)."""
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(Blob)
+    media_type: Mapped[str] = mapped_column(String(100))
+    """e.g. ``application/safetensors``."""
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class DiffusionTransition(Base):
+    """One stochastic denoising step an image step took (Flow-GRPO trains on these)."""
+
+    __tablename__ = "diffusion_transitions"
+
+    trajectory_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    step_seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step_index: Mapped[int] = mapped_column(Integer)
+    """Index in the denoising loop (0 = noisiest)."""
+    num_steps: Mapped[int] = mapped_column(Integer)
+    timestep: Mapped[float] = mapped_column(Float)
+    sigma: Mapped[float] = mapped_column(Float)
+    sigma_next: Mapped[float] = mapped_column(Float)
+    sigma_cap: Mapped[float] = mapped_column(Float)
+    noise_level: Mapped[float] = mapped_column(Float)
+    logprob: Mapped[float] = mapped_column(Float)
+    """Sampling-time log-prob (mean over latent elements)."""
+    latents: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+    """Blob (safetensors) holding ``latents`` and ``next_latents``."""
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text)
+    guidance_scale: Mapped[float] = mapped_column(Float)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(200))
+    lora: Mapped[str | None] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))
+    strength: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["trajectory_id", "step_seq"],
+            ["steps.trajectory_id", "steps.seq"],
+            name="fk_diffusion_transitions_step",
+            ondelete="CASCADE",
+        ),
+        Index("ix_diffusion_transitions_latents", "latents"),
+    )
 
 
 class SchemaVersion(Base):

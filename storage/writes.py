@@ -17,7 +17,16 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from storage.rows import StepRows, as_utc
-from storage.schema import Generation, Image, Run, Step, StepImage, Trajectory
+from storage.schema import (
+    BlobData,
+    DiffusionTransition,
+    Generation,
+    Image,
+    Run,
+    Step,
+    StepImage,
+    Trajectory,
+)
 
 RESUMABLE = ("incomplete",)
 """Statuses from which ``start_trajectory`` may restart an existing trajectory."""
@@ -91,6 +100,11 @@ def write_batch(conn: Connection, rows: BatchRows) -> None:
         step_images = [i for s in rows.steps for i in s.images]
         if step_images:
             conn.execute(insert(StepImage.__table__), step_images)
+        blobs = sorted((b for s in rows.steps for b in s.blobs), key=lambda b: b["sha256"])
+        if blobs:  # diffusion transitions (Flow-GRPO) and their latents blobs
+            insert_ignore(conn, BlobData.__table__, blobs, ["sha256"])
+            transitions = [t for s in rows.steps for t in s.transitions]
+            conn.execute(insert(DiffusionTransition.__table__), transitions)
         modes = [{"tid": s.trajectory_id, "new_mode": s.mode} for s in rows.steps if s.mode]
         if modes:
             conn.execute(

@@ -58,8 +58,16 @@ class DiffusersImageEngine:
             kwargs["torch_dtype"] = torch_dtype
         self.generator_pipe: Any = None
         self.edit_pipe: Any = None
+        self.adapters: dict[str, str] = {}
+        """Diffusion LoRA adapters loaded (name -> path); the last loaded is active."""
+        self._traced: Any = None
         if model_dir is not None:
-            pipe = self._prepare(DiffusionPipeline.from_pretrained(str(model_dir), **kwargs))
+            from nodes.backends.flow.backend import absent_components  # e.g. SD3 without T5
+
+            pipe = DiffusionPipeline.from_pretrained(
+                str(model_dir), **kwargs, **absent_components(model_dir)
+            )
+            pipe = self._prepare(pipe)
             if is_edit_pipeline(pipe):
                 self.edit_pipe = pipe
             else:
@@ -83,6 +91,70 @@ class DiffusersImageEngine:
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    # --- diffusion LoRA adapters and traced (Flow-GRPO) sampling --------------------------------
+
+    def _policy_model(self) -> Any:
+        pipe = self.generator_pipe or self.edit_pipe
+        model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        if model is None:
+            raise ImageUnsupported(f"{self.name} has no transformer or UNet to put a LoRA on")
+        return model
+
+    def load_adapter(self, name: str, path: str, *, inplace: bool = False) -> None:
+        """Load a diffusion LoRA (peft layout, ``policies.diffusion_lora``) and make it the one
+        active adapter (the edit pipeline shares the weights, so it applies to edits too)."""
+        from policies.diffusion_lora import AdapterError, load_lora, unload_lora
+
+        model = self._policy_model()
+        if name in self.adapters and not inplace:
+            raise ValueError(f"the LoRA adapter {name!r} has already been loaded")
+        for loaded in list(self.adapters):  # one active diffusion LoRA at a time
+            unload_lora(model, loaded)
+            del self.adapters[loaded]
+        try:
+            load_lora(model, path, adapter_name=name)
+        except AdapterError as error:
+            raise ValueError(str(error)) from None
+        self.adapters[name] = path
+        if self._traced is not None:
+            self._traced.sampler.lora = name
+
+    def unload_adapter(self, name: str) -> None:
+        from policies.diffusion_lora import unload_lora
+
+        if name not in self.adapters:
+            raise KeyError(f"the LoRA adapter {name!r} is not loaded")
+        unload_lora(self._policy_model(), name)
+        del self.adapters[name]
+        if self._traced is not None:
+            self._traced.sampler.lora = None
+
+    def run_traced(self, job: ImageJob, noise_level: float | None = None) -> Any:
+        """One image with its Flow-GRPO transitions (``nodes.backends.flow``; SD3 pipelines)."""
+        from nodes.backends.flow.backend import FlowImageEngine, FlowJob, run_traced
+        from nodes.backends.flow.sampler import SDEConfig
+
+        pipe = self.generator_pipe if job.kind == "generate" else self.edit_pipe
+        if pipe is None:
+            raise ImageUnsupported(f"{self.name} cannot {job.kind}")
+        if self._traced is None or self._traced.pipe is not pipe:
+            lora = next(iter(self.adapters), None)
+            self._traced = FlowImageEngine(pipe, name=self.name, lora=lora)
+        sampler = self._traced.sampler
+        sampler.sde = SDEConfig() if noise_level is None else SDEConfig(noise_level=noise_level)
+        flow_job = FlowJob(
+            job.kind,
+            job.prompt,
+            job.size,
+            job.seed,
+            job.steps or self.default_steps or 28,
+            7.0 if job.guidance_scale is None else job.guidance_scale,
+            job.negative_prompt or "",
+            0.8 if job.kind == "edit" else 1.0,
+            job.image.convert("RGB") if job.image is not None else None,
+        )
+        return run_traced(sampler, [flow_job])[0]
 
     @property
     def can_generate(self) -> bool:

@@ -70,8 +70,20 @@ class ImageService:
     async def run(self, job: ImageJob) -> Image.Image:
         return await self.batcher.submit(job)
 
+    async def load_adapter(self, name: str, path: str, *, inplace: bool = False) -> None:
+        """Load a diffusion LoRA between batches (the model's worker thread)."""
+        await self.batcher.run_exclusive(_load_adapter, self.engine, name, path, inplace)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.batcher.run_exclusive(self.engine.unload_adapter, name)
+
+    async def run_traced(self, job: ImageJob, noise_level: float | None = None) -> Any:
+        """The image with its Flow-GRPO transitions (one job, between batches)."""
+        return await self.batcher.run_exclusive(self.engine.run_traced, job, noise_level)
+
     def stats(self) -> dict[str, Any]:
         return {
+            "adapters": list(getattr(self.engine, "adapters", {})),
             "model": self.name,
             "generate": bool(self.engine.can_generate),
             "edit": bool(self.engine.can_edit),
@@ -80,6 +92,10 @@ class ImageService:
 
     def close(self) -> None:
         self.batcher.close()
+
+
+def _load_adapter(engine: Any, name: str, path: str, inplace: bool) -> None:
+    engine.load_adapter(name, path, inplace=inplace)
 
 
 class InProcessImageModel:

@@ -7,7 +7,12 @@
   ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``; a JSON body with ``image``
   as base64 (or a data URL) is accepted too;
 - answers ``{"data": [{"b64_json": <PNG>}], "size": "WxH", "output_format": "png"}``;
-- ``GET /v1/models``, ``GET /health``, ``GET /stats`` (batch sizes).
+- ``GET /v1/models``, ``GET /health``, ``GET /stats`` (batch sizes);
+- ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (``lora_name``, ``lora_path``):
+  a diffusion LoRA in peft's layout (``policies.diffusion_lora``) becomes, or stops being, the
+  active adapter of every request;
+- ``return_transitions: true`` on a generation (SD3 pipelines): Flow-GRPO's SDE sampling, each
+  image with its stochastic transitions (``nodes.backends.flow``; latents base64 safetensors).
 
 Uploaded images are decoded with the decompression-bomb guard (400 beyond the pixel limit or
 when the bytes are not an image); bodies beyond the size limit are answered 413.
@@ -21,6 +26,7 @@ import time
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nodes.backends.http_common import (
@@ -57,6 +63,19 @@ class GenerationBody(BaseModel):
     negative_prompt: str | None = None
     response_format: str = "b64_json"
     output_format: str = "png"
+    return_transitions: bool = False
+    """Atelier extension: sample with the Flow-GRPO SDE step and return each image's
+    stochastic transitions (latents as base64 safetensors) under ``data[i].transitions``."""
+    noise_level: float | None = Field(None, ge=0.0, le=5.0)
+    """The SDE's noise level for ``return_transitions`` (default 0.7)."""
+
+
+class LoraBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str | None = None
+    load_inplace: bool = False
 
 
 class EditBody(GenerationBody):
@@ -101,7 +120,30 @@ def create_image_app(
             )
             for seed in _seeds(body.seed, body.n)
         ]
+        if body.return_transitions:
+            return await _answer_traced(service, jobs, body, size)
         return await _answer(service, jobs, body, size)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(request: Request) -> PlainTextResponse:
+        """A diffusion LoRA (peft layout) becomes the active adapter of every request."""
+        body = _lora_body(await read_json(request))
+        if not body.lora_path:
+            raise HTTPError(400, "lora_path is required")
+        try:
+            await service.load_adapter(body.lora_name, body.lora_path, inplace=body.load_inplace)
+        except ValueError as error:
+            raise HTTPError(400, str(error)) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(request: Request) -> PlainTextResponse:
+        body = _lora_body(await read_json(request))
+        try:
+            await service.unload_adapter(body.lora_name)
+        except KeyError as error:
+            raise HTTPError(404, str(error.args[0]), "not_found_error") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> dict[str, Any]:
@@ -158,6 +200,36 @@ async def _edit_form(request: Request, limits: ServerLimits) -> tuple[EditBody, 
     except ImageDecodeError as error:
         raise HTTPError(400, f"image: {error}") from None
     return body, image
+
+
+def _lora_body(data: Any) -> LoraBody:
+    try:
+        return LoraBody.model_validate(data)
+    except ValidationError as error:
+        raise HTTPError(400, f"invalid request: {error.errors()[0]['msg']}") from None
+
+
+async def _answer_traced(
+    service: ImageService, jobs: list[ImageJob], body: GenerationBody, size: tuple[int, int]
+) -> dict[str, Any]:
+    from nodes.backends.flow.transitions import transition_to_json
+
+    try:
+        traced = [await service.run_traced(job, body.noise_level) for job in jobs]
+    except (ImageUnsupported, ValueError) as error:
+        raise HTTPError(400, str(error)) from None
+    except Exception as error:
+        raise HTTPError(500, f"{type(error).__name__}: {error}", "internal_error") from None
+    encoded = await asyncio.to_thread(lambda: [image_to_b64(t.image) for t in traced])
+    return {
+        "created": int(time.time()),
+        "data": [
+            {"b64_json": b64, "transitions": [transition_to_json(x) for x in t.transitions]}
+            for b64, t in zip(encoded, traced, strict=True)
+        ],
+        "output_format": "png",
+        "size": format_size(*size),
+    }
 
 
 def _validate(model: type[BaseModel], data: Any) -> Any:
