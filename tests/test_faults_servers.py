@@ -32,8 +32,9 @@ def payload(i: int) -> dict:
 
 
 async def flood(pool: ServerPool, requests: int) -> list[str]:
-    bodies = await asyncio.gather(
-        *(pool.post_json("chat", CHAT, payload(i)) for i in range(requests))
+    bodies = await asyncio.wait_for(  # a lost slot would hang: bound it
+        asyncio.gather(*(pool.post_json("chat", CHAT, payload(i)) for i in range(requests))),
+        timeout=30,
     )
     return [b["choices"][0]["message"]["content"] for b in bodies]
 
@@ -76,10 +77,10 @@ async def test_a_request_cancelled_while_waiting_for_a_slot_frees_nothing_it_did
         waiting = [asyncio.create_task(pool.post_json("chat", CHAT, payload(i))) for i in (1, 2)]
         await asyncio.sleep(0.05)
         waiting[0].cancel()
-        await first
-        await waiting[1]
+        await asyncio.wait_for(asyncio.gather(first, waiting[1]), timeout=10)
         assert waiting[0].cancelled()
-        await pool.post_json("chat", CHAT, payload(3))  # the slot is free again
+        # The slot is free again.
+        await asyncio.wait_for(pool.post_json("chat", CHAT, payload(3)), timeout=10)
         await pool.aclose()
     assert fake.requests["chat"] == 3 and fake.peak_in_flight == 1
     assert pool.servers[0].in_flight == 0 and not pool._waiters
@@ -94,14 +95,17 @@ async def test_max_in_flight_from_the_backends_config_holds_during_a_run(tmp_pat
         store = TrajectoryStore(f"sqlite:///{tmp_path / 'capped.db'}")
         tasks = make_group_tasks([f"prompt {i}" for i in range(12)], 2, seed=1)
         requests: dict[str, dict[str, int]] = {}
-        run_id, results = await rollout(
-            store,
-            tasks,
-            mode="reflect",
-            budget=Budget(max_rounds=2),
-            concurrency=24,
-            backends_config=config,
-            request_stats=requests,
+        run_id, results = await asyncio.wait_for(
+            rollout(
+                store,
+                tasks,
+                mode="reflect",
+                budget=Budget(max_rounds=2),
+                concurrency=24,
+                backends_config=config,
+                request_stats=requests,
+            ),
+            timeout=60,
         )
     assert {r.status for r in results} == {"succeeded"}
     # Two pools (chat, images), each at most 2 in flight, on one server: at most 4 there.
