@@ -46,6 +46,7 @@ class OmniImageClient:
         edit_size: Literal["input", "auto"] = "input",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         pool: ServerPool | None = None,
+        traced: bool = False,
     ) -> None:
         if pool is None:
             if urls is None:
@@ -56,6 +57,9 @@ class OmniImageClient:
         self.extra_body = dict(extra_body or {})
         self.edit_size = edit_size
         self.max_pixels = max_pixels
+        self.traced = traced
+        """Ask ``atelier serve image`` for Flow-GRPO transitions (``return_transitions``); the
+        draw node then records them. Edits over HTTP come back without transitions."""
 
     @property
     def model_id(self) -> str:
@@ -79,6 +83,40 @@ class OmniImageClient:
             payload["num_inference_steps"] = request.steps
         body = await self.pool.post_json("images.generations", "/v1/images/generations", payload)
         return self._first_image(body, "images.generations")
+
+    async def generate_traced(self, request: ImageRequest) -> Any:
+        """The image and its stochastic transitions (an Atelier server extension)."""
+        from nodes.backends.flow.transitions import TracedImage, transition_from_json
+
+        payload: dict[str, Any] = {
+            "prompt": request.prompt,
+            "size": format_size(request.width, request.height),
+            "seed": request.seed,
+            "n": 1,
+            "response_format": "b64_json",
+            **self.extra_body,
+            "return_transitions": True,
+        }
+        if self.model:
+            payload["model"] = self.model
+        if request.steps is not None:
+            payload["num_inference_steps"] = request.steps
+        body = await self.pool.post_json("images.generations", "/v1/images/generations", payload)
+        image = self._first_image(body, "images.generations")
+        try:
+            items = body["data"][0]["transitions"]
+            transitions = tuple(transition_from_json(item) for item in items)
+        except (KeyError, TypeError, ValueError) as error:
+            raise WireFormatError(
+                f"images.generations response from {self.pool.urls} has no valid "
+                f"data[0].transitions (is it an Atelier image server?): {error}"
+            ) from None
+        return TracedImage(image, transitions)
+
+    async def edit_traced(self, request: EditRequest) -> Any:
+        from nodes.backends.flow.transitions import TracedImage
+
+        return TracedImage(await self.edit(request), ())
 
     async def edit(self, request: EditRequest) -> Image.Image:
         form: dict[str, Any] = {

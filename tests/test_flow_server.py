@@ -1,0 +1,146 @@
+"""``atelier serve image`` with a tiny SD3 and diffusion LoRAs, over real loopback HTTP:
+transitions come back with ``return_transitions`` and recompute to ratio 1; a LoRA loaded at
+run time changes the images and unloading restores them bit for bit; bad adapters are refused
+with a message that says what is wrong, and leave the model as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from nodes.backends.base import ImageRequest  # noqa: E402
+
+pytest_plugins = ("tests.tiny_models",)
+
+BODY = {"prompt": "a red circle", "size": "32x32", "n": 2, "seed": 5, "guidance_scale": 3.0}
+
+
+@pytest.fixture(scope="module")
+def sd3_server(tiny_sd3):
+    from nodes.backends.http_common import BackgroundServer
+    from nodes.backends.image_inprocess import ImageService
+    from nodes.backends.image_server import create_image_app
+
+    service = ImageService.from_pretrained(
+        tiny_sd3, name="tiny-sd3", default_steps=4, torch_threads=1
+    )
+    server = BackgroundServer(create_image_app(service)).start()
+    yield server
+    server.stop()
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_sd3, tmp_path_factory):
+    """A LoRA with non-zero weights, a corrupt copy, a wrong-shape copy, a wrong-target copy."""
+    from safetensors.torch import load_file, save_file
+
+    from nodes.backends.flow.backend import load_pipeline
+    from policies.diffusion_lora import attach_lora, lora_config, save_lora
+
+    root = tmp_path_factory.mktemp("loras")
+    transformer = load_pipeline(tiny_sd3).transformer
+    params = attach_lora(transformer, lora_config(4, 8))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in params:
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    good = save_lora(transformer, root / "good", name="draw", version="7").path
+    dirs = {"good": good}
+    for name in ("corrupt", "shape", "target"):
+        target = root / name
+        target.mkdir()
+        for file in good.iterdir():
+            (target / file.name).write_bytes(file.read_bytes())
+        dirs[name] = target
+    (dirs["corrupt"] / "adapter_model.safetensors").write_bytes(b"\x00" * 40)
+    tensors = load_file(str(good / "adapter_model.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    save_file(tensors, str(dirs["shape"] / "adapter_model.safetensors"))
+    config = json.loads((good / "adapter_config.json").read_text())
+    config["target_modules"] = ["no_such_module"]
+    (dirs["target"] / "adapter_config.json").write_text(json.dumps(config))
+    return dirs
+
+
+def generate(server, **extra) -> dict:
+    reply = httpx.post(server.url + "/v1/images/generations", json={**BODY, **extra}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def images(body: dict) -> list[str]:
+    return [item["b64_json"] for item in body["data"]]
+
+
+def test_transitions_over_http_recompute_to_ratio_one(sd3_server, tiny_sd3):
+    from nodes.backends.flow.backend import load_pipeline
+    from nodes.backends.flow.sampler import FlowSampler, SD3Flow
+    from nodes.backends.flow.transitions import transition_from_json
+    from nodes.backends.omni_client import OmniImageClient
+
+    plain = generate(sd3_server)
+    assert all("transitions" not in item for item in plain["data"])  # opt-in only
+    traced = generate(sd3_server, return_transitions=True, noise_level=0.5)
+    transitions = [transition_from_json(t) for d in traced["data"] for t in d["transitions"]]
+    assert len(transitions) == 2 and [t.seed for t in transitions] == [5, 6]
+    assert all(t.noise_level == 0.5 and t.guidance_scale == 3.0 for t in transitions)
+    assert images(traced) != images(plain)  # SDE sampling, not the pipeline's ODE
+    sampler = FlowSampler(SD3Flow(load_pipeline(tiny_sd3), "tiny-sd3"))
+    with torch.no_grad():
+        again = sampler.recompute(transitions).logprob
+    old = torch.tensor([t.logprob for t in transitions])
+    assert torch.allclose(torch.exp(again - old), torch.ones(2), atol=1e-5)
+
+    client = OmniImageClient(sd3_server.url, traced=True, extra_body={"guidance_scale": 3.0})
+    result = asyncio.run(client.generate_traced(ImageRequest("a red circle", 32, 32, seed=5)))
+    assert result.image.size == (32, 32) and len(result.transitions) == 1
+    assert result.transitions[0].seed == 5 and result.transitions[0].noise_level == 0.7
+
+
+def test_lora_loads_at_run_time_changes_images_and_unloads(sd3_server, loras):
+    base = images(generate(sd3_server))
+    post = lambda path, body: httpx.post(sd3_server.url + path, json=body, timeout=60)  # noqa: E731
+    reply = post("/v1/load_lora_adapter", {"lora_name": "draw@7", "lora_path": str(loras["good"])})
+    assert reply.status_code == 200, reply.text
+    stats = httpx.get(sd3_server.url + "/stats", timeout=10).json()
+    assert stats["adapters"] == ["draw@7"]
+    tuned = images(generate(sd3_server))
+    assert tuned != base
+    traced = generate(sd3_server, return_transitions=True)
+    assert {t["lora"] for d in traced["data"] for t in d["transitions"]} == {"draw@7"}
+    again = post("/v1/load_lora_adapter", {"lora_name": "draw@7", "lora_path": str(loras["good"])})
+    assert again.status_code == 400 and "already been loaded" in again.text
+    assert post("/v1/unload_lora_adapter", {"lora_name": "draw@7"}).status_code == 200
+    assert images(generate(sd3_server)) == base
+    missing = post("/v1/unload_lora_adapter", {"lora_name": "draw@7"})
+    assert missing.status_code == 404 and "not loaded" in missing.text
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("corrupt", "not a readable safetensors file"),
+        ("shape", "shapes do not match"),
+        ("target", "does not fit this model"),
+        ("nowhere", "is not a directory"),
+    ],
+)
+def test_bad_adapters_are_refused_clearly_and_change_nothing(sd3_server, loras, kind, message):
+    base = images(generate(sd3_server))
+    path = str(loras.get(kind, loras["good"].parent / "nowhere"))
+    reply = httpx.post(
+        sd3_server.url + "/v1/load_lora_adapter",
+        json={"lora_name": f"bad-{kind}", "lora_path": path},
+        timeout=60,
+    )
+    assert reply.status_code == 400 and message in reply.text, reply.text
+    assert httpx.get(sd3_server.url + "/stats", timeout=10).json()["adapters"] == []
+    assert images(generate(sd3_server)) == base
