@@ -4,9 +4,10 @@
                                                [--eval-per-category 12] [--samples 2]
                                                [--oracle-samples 8]
 
-Trains three routers from the uniform router's rollouts with the same seeds — without a
-complexity penalty, with seed 002's penalty as stated ("scale") and with its order-preserving
-variant ("margin", ``training.rewards.composite``) — then evaluates every policy on a held-out
+Trains four routers from the uniform router's rollouts with the same seeds — without a
+complexity penalty, with seed 002's penalty as stated ("scale"), with its order-preserving
+variant ("margin") and with a plain price per image for every member ("linear", λ = 0.1; see
+``training.rewards.composite``) — then evaluates every policy on a held-out
 prompt set (different seed): the three fixed modes, the uniform and rule-based routers, and the
 GRPO routers (sampling, as deployed). Reward = checker score V; budget 2 correction rounds (R3
 trains with short reflect-refine chains); 128 px images (scores and image counts match 256 px).
@@ -57,6 +58,7 @@ ROUTERS = {
     "GRPO router, no penalty": None,
     "GRPO router, seed 002 penalty": "scale",
     "GRPO router, order-preserving penalty": "margin",
+    "GRPO router, image price λ = 0.1": "linear",
 }
 PENALTY_EPS = 0.05
 MODE_NAMES = {"direct": "direct only", "reflect": "reflect always", "decompose": "decompose always"}

@@ -26,7 +26,11 @@ from training.rewards import (
     trajectory_format_reward,
     yes_probability,
 )
-from training.rewards.composite import apply_complexity_penalty, margin_complexity_penalty
+from training.rewards.composite import (
+    apply_complexity_penalty,
+    linear_complexity_penalty,
+    margin_complexity_penalty,
+)
 
 # --- outcome -------------------------------------------------------------------------------------
 
@@ -250,5 +254,25 @@ def test_complexity_penalty_by_name():
     args = ([1.0, 1.0, 0.67], [2, 1, 1], 0.05)
     assert apply_complexity_penalty(*args) == complexity_penalty(*args)
     assert apply_complexity_penalty(*args, form="margin") == margin_complexity_penalty(*args)
+    assert apply_complexity_penalty(*args, form="linear", cost=0.2) == linear_complexity_penalty(
+        args[0], args[1], 0.2
+    )
     with pytest.raises(ValueError):
         apply_complexity_penalty(*args, form="additive")
+
+
+def test_linear_penalty_prices_every_image_for_every_member():
+    # λ = 0.1, N_min = 1: right in 2 images 1.0 − 0.1 = 0.9; right in 1: 1.0; wrong in 1: 0.67;
+    # wrong in 4 (0.5): 0.5 − 0.3 = 0.2. No near-best set: every member pays its images.
+    assert linear_complexity_penalty([1.0, 1.0, 0.67, 0.5], [2, 1, 1, 4], 0.1) == pytest.approx(
+        [0.9, 1.0, 0.67, 0.2], abs=1e-15
+    )
+    # The price can outweigh a better score: right in 5 images (1 − 0.4 = 0.6) < wrong in 1.
+    assert linear_complexity_penalty([1.0, 0.67], [5, 1], 0.1) == pytest.approx([0.6, 0.67])
+    # A member without images counts as one; λ = 0 changes nothing; equal counts change nothing.
+    assert linear_complexity_penalty([0.5, 1.0], [0, 3], 0.25) == pytest.approx([0.5, 0.5])
+    assert linear_complexity_penalty([0.3, 0.9], [1, 6], 0.0) == [0.3, 0.9]
+    assert linear_complexity_penalty([0.3, 0.9], [2, 2], 0.5) == [0.3, 0.9]
+    assert linear_complexity_penalty([], [], 0.1) == []
+    with pytest.raises(ValueError):
+        linear_complexity_penalty([1.0], [1], -0.1)

@@ -59,8 +59,11 @@ class GRPOConfig:
     turns the penalty off."""
     complexity_form: ComplexityForm = "scale"
     """"scale": seed 002 as stated (near-best R × N*/N); "margin": the order-preserving form
-    that scales only the margin over the best member outside the near-best set
-    (``training.rewards.composite.margin_complexity_penalty``)."""
+    that scales only the margin over the best member outside the near-best set; "linear":
+    R − λ·(N − N_min) for every member (``training.rewards.composite``)."""
+    complexity_cost: float = 0.1
+    """λ, the reward one image costs, for the "linear" form (not from a paper: an extra image
+    must raise the judge score by 0.1 to pay for itself)."""
     reward_weights: tuple[float, float, float] = (1.0, 0.0, 0.0)
     """(a1, a2, a3) of R = a1·R_o + a2·R_f + a3·R_s (seed 002 does not publish them)."""
     outcome_reward: str = "checker"
@@ -90,7 +93,11 @@ def shaped_rewards(group: DecisionGroup, config: GRPOConfig) -> list[float]:
     if config.complexity_eps is not None:
         counts = [m.image_count for m in group.members]
         values = apply_complexity_penalty(
-            values, counts, config.complexity_eps, config.complexity_form
+            values,
+            counts,
+            config.complexity_eps,
+            config.complexity_form,
+            config.complexity_cost,
         )
     return values
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-ComplexityForm = Literal["scale", "margin"]
+ComplexityForm = Literal["scale", "margin", "linear"]
 
 
 def stepwise_reward(step_scores: Sequence[float]) -> float:
@@ -71,18 +71,50 @@ def margin_complexity_penalty(
     ]
 
 
+def linear_complexity_penalty(
+    rewards: Sequence[float], image_counts: Sequence[int], cost: float
+) -> list[float]:
+    """A price per image, for every member (not seed 002's; a Lagrangian form):
+
+        N_min = min_j N_img_j,    R'_i = R_i − λ · (N_img_i − N_min)
+
+    Within a group the −λ·N_min shift is common to all members, so GRPO's advantages see
+    R_i − λ·N_img_i: the policy maximises E[R] − λ·E[N_img] per prompt, which puts it on the
+    best-accuracy-for-its-images frontier, at the point where one more image buys λ of reward.
+    The near-best forms instead compare each member with the cheapest winner *of its group*,
+    so a mode that is sometimes right cheaply (reflect accepting a lucky first image) beats one
+    that is nearly always right with one image more. The best cheapest member keeps R; no
+    member falls more than λ·(N_max − N_min). Unlike "margin" it may rank a right answer
+    below a wrong one, when the extra images cost more than the score they bought: that is
+    the trade λ prices.
+    """
+    if len(rewards) != len(image_counts):
+        raise ValueError("one image count per reward")
+    if cost < 0:
+        raise ValueError("the cost per image must be >= 0")
+    if not rewards:
+        return []
+    counts = [max(1, int(n)) for n in image_counts]
+    fewest = min(counts)
+    return [r - cost * (n - fewest) for r, n in zip(rewards, counts, strict=True)]
+
+
 def apply_complexity_penalty(
     rewards: Sequence[float],
     image_counts: Sequence[int],
     eps: float,
     form: ComplexityForm = "scale",
+    cost: float = 0.1,
 ) -> list[float]:
-    """The penalty by name: "scale" (seed 002 as stated) or "margin" (order-preserving)."""
+    """The penalty by name: "scale" (seed 002 as stated) or "margin" (order-preserving), both
+    with near-best margin ``eps``; or "linear", with ``cost`` λ per image."""
     if form == "scale":
         return complexity_penalty(rewards, image_counts, eps)
     if form == "margin":
         return margin_complexity_penalty(rewards, image_counts, eps)
-    raise ValueError(f"complexity penalty form must be 'scale' or 'margin', not {form!r}")
+    if form == "linear":
+        return linear_complexity_penalty(rewards, image_counts, cost)
+    raise ValueError(f"complexity penalty form must be scale, margin or linear, not {form!r}")
 
 
 def _near_best(
