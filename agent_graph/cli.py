@@ -218,9 +218,12 @@ def _check_store_failure(store, exc: BaseException, run_ref: str | None) -> None
     """Raise :class:`StoreUnavailable` naming the store if ``exc`` is the store failing."""
     from sqlalchemy.exc import DBAPIError
 
+    from agent_graph.recording import RecordingFailed
     from storage.engine import DatabaseLocked
     from storage.recorder import RecorderBroken
 
+    if isinstance(exc, RecordingFailed) and exc.__cause__ is not None:
+        exc = exc.__cause__
     if not isinstance(exc, (DBAPIError, DatabaseLocked, RecorderBroken)):
         return
     cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc

@@ -40,6 +40,12 @@ class StepRecord:
     error: str | None = None
 
 
+class RecordingFailed(RuntimeError):
+    """A step could not be recorded (e.g. the store went away): the trajectory cannot go on
+    durably. The runner stops the run on it instead of recording the trajectory as failed, so
+    ``resume`` later continues the trajectory from its last recorded step."""
+
+
 @runtime_checkable
 class Recorder(Protocol):
     async def start_trajectory(self, state: Any) -> None: ...
@@ -98,19 +104,24 @@ def recorded(name: str, node: NodeFn) -> NodeFn:
         update["step_count"] = state.step_count + 1
         recorder = getattr(runtime.context, "recorder", None) if runtime is not None else None
         if recorder is not None:
-            await recorder.record_step(
-                StepRecord(
-                    trajectory_id=state.trajectory_id,
-                    seq=state.step_count,
-                    node=name,
-                    started_at=started_at,
-                    latency_s=time.perf_counter() - started,
-                    state_before=state.model_dump(mode="json"),
-                    update=to_jsonable_python(update),
-                    trace=trace,
-                    error=error,
-                )
+            record = StepRecord(
+                trajectory_id=state.trajectory_id,
+                seq=state.step_count,
+                node=name,
+                started_at=started_at,
+                latency_s=time.perf_counter() - started,
+                state_before=state.model_dump(mode="json"),
+                update=to_jsonable_python(update),
+                trace=trace,
+                error=error,
             )
+            try:
+                await recorder.record_step(record)
+            except Exception as exc:  # the store's failure, not the node's
+                raise RecordingFailed(
+                    f"recording step {state.step_count} of trajectory {state.trajectory_id} "
+                    f"failed: {type(exc).__name__}: {exc}"
+                ) from exc
         return update
 
     run_recorded.__name__ = name

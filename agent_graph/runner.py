@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from agent_graph.context import ReasonerContext
 from agent_graph.graph import build_reasoner, step_limit
-from agent_graph.recording import MemoryRecorder, StepRecord
+from agent_graph.recording import MemoryRecorder, RecordingFailed, StepRecord
 from agent_graph.state import Budget, ReasonerState, Task
 from nodes.common import derive_seed
 
@@ -169,6 +169,8 @@ class Runner:
             error = final.error
             if error is None and final.final_image is None:
                 error = "the trajectory ended without a final image"
+        except RecordingFailed:  # the store's failure, not the trajectory's: stop the run
+            raise
         except Exception as exc:  # the graph itself broke: a failed trajectory, not a crash
             error = f"graph: {type(exc).__name__}: {exc}"
         status: Status = "succeeded" if error is None else "failed"

@@ -98,16 +98,18 @@ def paths(store: TrajectoryStore, run_id: str) -> dict[tuple[str, int], list[tup
     }
 
 
-def test_postgres_stopped_mid_run_gives_a_clear_error_and_resume_finishes(postgres, tmp_path):
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory):
+    """The fake model server, its config, and the undisturbed run's path per (group, sample)."""
+    tmp = tmp_path_factory.mktemp("models")
     fake = FakeModelServer(latency_s=0.02, edit_percent=50)
     with BackgroundServer(fake.app) as server:
-        config = write_backends_config(tmp_path / "b.toml", server.url)
-        reference = TrajectoryStore(f"sqlite:///{tmp_path / 'reference.db'}")
-        tasks = make_group_tasks(PROMPTS, GROUP, SEED)
+        config = write_backends_config(tmp / "b.toml", server.url)
+        reference = TrajectoryStore(f"sqlite:///{tmp / 'reference.db'}")
         ref_run, _ = asyncio.run(
             rollout(
                 reference,
-                tasks,
+                make_group_tasks(PROMPTS, GROUP, SEED),
                 mode="reflect",
                 budget=Budget(max_rounds=MAX_ROUNDS),
                 backends_config=config,
@@ -115,58 +117,90 @@ def test_postgres_stopped_mid_run_gives_a_clear_error_and_resume_finishes(postgr
         )
         expected = paths(reference, ref_run)
         reference.close()
-        assert len(expected) == len(tasks)
-        total_steps = sum(len(p) for p in expected.values())
+        assert len(expected) == len(PROMPTS) * GROUP
+        yield config, expected
 
-        url = postgres.create_database()
-        (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-        proc = atelier(
-            "rollout",
-            *("--prompts", str(tmp_path / "prompts.txt"), "-G", str(GROUP), "--seed", str(SEED)),
-            *("--mode", "reflect", "--max-rounds", str(MAX_ROUNDS), "--concurrency", "16"),
-            *("--name", "pgdown", "--config", str(config), "--db", url),
-        )
-        deadline = time.monotonic() + 90
-        while postgres.count_steps(url) < total_steps // 3:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the rollout recorded too little in time"
-            time.sleep(0.05)
+
+def kill_connections(postgres: StoppablePostgres, url: str, seconds: float) -> int:
+    """Terminate every connection to the database, again and again for ``seconds``."""
+    import psycopg
+
+    dbname = url.rsplit("/", 1)[1]
+    killed = 0
+    deadline = time.monotonic() + seconds
+    with psycopg.connect(
+        host="127.0.0.1", port=postgres.port, user="postgres", dbname="postgres", autocommit=True
+    ) as conn:
+        while time.monotonic() < deadline:
+            killed += conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (dbname,),
+            ).fetchone()[0]
+            time.sleep(0.02)
+    return killed
+
+
+@pytest.mark.parametrize("outage", ["server_stopped", "connections_killed"])
+def test_the_store_failing_mid_run_gives_a_clear_error_and_resume_finishes(
+    postgres, model_server, tmp_path, outage
+):
+    """``server_stopped``: PostgreSQL stopped (fast) under the run, started again afterwards.
+    ``connections_killed``: the server stays up but drops the run's connections (an admin, a
+    failover, a proxy): a step whose write was cut off must stop the run, never be recorded as
+    a failed trajectory (which resume would not retry)."""
+    config, expected = model_server
+    total_steps = sum(len(p) for p in expected.values())
+    url = postgres.create_database()
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    proc = atelier(
+        "rollout",
+        *("--prompts", str(tmp_path / "prompts.txt"), "-G", str(GROUP), "--seed", str(SEED)),
+        *("--mode", "reflect", "--max-rounds", str(MAX_ROUNDS), "--concurrency", "16"),
+        *("--name", "pgdown", "--config", str(config), "--db", url),
+    )
+    deadline = time.monotonic() + 90
+    while postgres.count_steps(url) < total_steps // 3:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the rollout recorded too little in time"
+        time.sleep(0.05)
+    if outage == "server_stopped":
         postgres.halt()
-        stopped = time.monotonic()
-        out, err = proc.communicate(timeout=60)  # not a hang
-        ended_after = time.monotonic() - stopped
-        rollout_error = err.strip()
+    else:
+        assert kill_connections(postgres, url, seconds=0.5) > 0
+    stopped = time.monotonic()
+    out, err = proc.communicate(timeout=60)  # not a hang
+    ended_after = time.monotonic() - stopped
+    rollout_error = err.strip()
 
-        # One clear line naming the database, last, and no traceback. (psycopg may log a
-        # line of its own before it, e.g. "error ignored terminating <psycopg.Pipeline [BAD]>:
-        # the connection is lost".)
-        assert proc.returncode == 1, (out, err)
-        assert "Traceback" not in err, err
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) <= 3 and sum("atelier: error" in line for line in lines) == 1, err
-        line = lines[-1]
-        assert line.startswith("atelier: error: the store ") and "unavailable" in line
-        assert f"127.0.0.1:{postgres.port}" in line
-        assert "atelier resume pgdown" in line
-        assert ended_after < 30
+    # One clear line naming the database, last, and no traceback. (psycopg may log a line of
+    # its own before it, e.g. "error ignored terminating <psycopg.Pipeline [BAD]>: the
+    # connection is lost".)
+    assert proc.returncode == 1, (out, err)
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) <= 3 and sum("atelier: error" in line for line in lines) == 1, err
+    line = lines[-1]
+    assert line.startswith("atelier: error: the store ") and "unavailable" in line
+    assert f"127.0.0.1:{postgres.port}" in line
+    assert "atelier resume pgdown" in line
+    assert ended_after < 30
 
+    if outage == "server_stopped":
         postgres.restart()
-        store = TrajectoryStore(url)
-        run = store.resolve_run("pgdown")
-        done_before = {
-            t.id: t.status for t in store.trajectories(run=run.id) if t.status != "running"
-        }
-        resumed = atelier("resume", "pgdown", "--db", url)
-        out, err = resumed.communicate(timeout=120)
-        assert resumed.returncode == 0, (out, err)
+    store = TrajectoryStore(url)
+    run = store.resolve_run("pgdown")
+    before = {t.id: t.status for t in store.trajectories(run=run.id)}
+    assert "failed" not in before.values()  # a store error is not the trajectory's failure
+    resumed = atelier("resume", "pgdown", "--db", url)
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, (out, err)
 
-    statuses = check_recorded_run(store, run.id, len(tasks))
-    assert statuses == {"succeeded": len(tasks)}
+    statuses = check_recorded_run(store, run.id, len(PROMPTS) * GROUP)
+    assert statuses == {"succeeded": len(PROMPTS) * GROUP}
     assert store.run(run.id).status == "finished"
-    got = paths(store, run.id)
-    assert got == expected  # every trajectory continued exactly where its recording stopped
-    finished_before = {i for i, s in done_before.items() if s in ("succeeded", "failed")}
-    for trajectory_id in finished_before:  # finished before the outage: untouched by resume
-        assert store.trajectory(trajectory_id).status == done_before[trajectory_id]
-    print(f"\nstore stopped; rollout ended {ended_after:.1f} s later: {rollout_error}; {out}")
+    assert paths(store, run.id) == expected  # each continued exactly where its recording stopped
+    resumed_count = sum(status != "succeeded" for status in before.values())
+    assert f"resumed {resumed_count} trajectories, {resumed_count} succeeded" in out
+    print(f"\n{outage}: rollout ended {ended_after:.1f} s later: {rollout_error}; {out}")
     store.close()
