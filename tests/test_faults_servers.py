@@ -40,7 +40,7 @@ async def flood(pool: ServerPool, requests: int) -> list[str]:
 
 
 async def test_without_a_cap_the_server_sees_every_request_at_once():
-    fake = FakeModelServer(latency_s=0.1)
+    fake = FakeModelServer(latency_s=0.3)  # long enough for all 24 to be sent meanwhile
     with BackgroundServer(fake.app) as server:
         pool = ServerPool(server.url)
         answers = await flood(pool, 24)
