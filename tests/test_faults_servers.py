@@ -175,3 +175,13 @@ async def test_a_model_server_restarted_mid_run_costs_retries_not_trajectories(t
     check_recorded_run(store, run_id, 60)
     print(f"\nrestart: {counts}; new server served {dict(second.requests)}")
     store.close()
+
+
+def test_max_in_flight_must_be_at_least_one(tmp_path):
+    from nodes.backends.config import ConfigError
+
+    config = write_backends_config(tmp_path / "b.toml", "http://127.0.0.1:9", max_in_flight=0)
+    with pytest.raises(ConfigError, match=r"backends\.vlm\.max_in_flight: .*greater than or equal"):
+        load_config(config)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        ServerPool("http://127.0.0.1:9", max_in_flight=0)
