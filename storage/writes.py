@@ -16,6 +16,7 @@ from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from storage.bulk import bulk_insert
 from storage.rows import StepRows, as_utc
 from storage.schema import (
     BlobData,
@@ -58,7 +59,8 @@ def insert_ignore(
 
 def insert_images(conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
     # Sorted by key: concurrent writers then lock rows in one order (no deadlocks on PostgreSQL).
-    insert_ignore(conn, Image.__table__, sorted(rows, key=lambda r: r["sha256"]), ["sha256"])
+    rows = sorted(rows, key=lambda r: r["sha256"])
+    bulk_insert(conn, Image.__table__, rows, ignore_conflicts_on=["sha256"])
 
 
 def existing_images(conn: Connection, refs: Iterable[str]) -> set[str]:
@@ -91,15 +93,11 @@ def write_batch(conn: Connection, rows: BatchRows) -> None:
     insert_images(conn, rows.images)
     if rows.starts:
         _start(conn, rows.starts)
-    insert_ignore(conn, trajectories, rows.implicit, ["id"])
+    bulk_insert(conn, trajectories, rows.implicit, ignore_conflicts_on=["id"])
     if rows.steps:
-        conn.execute(insert(Step.__table__), [s.step for s in rows.steps])
-        generations = [g for s in rows.steps for g in s.generations]
-        if generations:
-            conn.execute(insert(Generation.__table__), generations)
-        step_images = [i for s in rows.steps for i in s.images]
-        if step_images:
-            conn.execute(insert(StepImage.__table__), step_images)
+        bulk_insert(conn, Step.__table__, [s.step for s in rows.steps])
+        bulk_insert(conn, Generation.__table__, [g for s in rows.steps for g in s.generations])
+        bulk_insert(conn, StepImage.__table__, [i for s in rows.steps for i in s.images])
         blobs = sorted((b for s in rows.steps for b in s.blobs), key=lambda b: b["sha256"])
         if blobs:  # diffusion transitions (Flow-GRPO) and their latents blobs
             insert_ignore(conn, BlobData.__table__, blobs, ["sha256"])
@@ -153,8 +151,7 @@ def _start(conn: Connection, starts: list[dict[str, Any]]) -> None:
             .where(Trajectory.id == row["id"])
             .values(status="running", finished_at=None, error=None, run_id=row["run_id"])
         )
-    if fresh:
-        conn.execute(insert(Trajectory.__table__), fresh)
+    bulk_insert(conn, Trajectory.__table__, fresh)
 
 
 def _finish(conn: Connection, finishes: list[tuple[str, dict[str, Any]]]) -> None:

@@ -1,0 +1,96 @@
+"""Bulk INSERTs straight through the DBAPI cursor, for the recorder's hot tables.
+
+SQLAlchemy Core's ``executemany`` builds an execution context, looks statements up in its
+compiled cache and constructs the parameters of every row in Python: on the recorder's writer
+thread that was ~40 % of the CPU spent per recorded step (``benchmarks/overhead.py``), time
+taken under the GIL from the graph itself. Here the SQL text and the columns' bind processors
+are derived once per (dialect, table, columns, conflict key) from the SQLAlchemy ``Table``, and
+each batch is one ``cursor.executemany`` on the transaction's own connection. Values go through
+the same bind processors SQLAlchemy would apply (JSON via the engine's serializer, SQLite
+timestamps as its text format), so the stored bytes are identical and SQLAlchemy reads them back.
+
+DBAPI errors are re-raised as :class:`sqlalchemy.exc.DBAPIError`, like every other statement's,
+so :meth:`storage.engine.Database.write` still recognises locks and transient failures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Connection, Table
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
+
+Processor = Callable[[Any], Any]
+
+BULK_DIALECTS = ("sqlite", "postgresql")
+
+
+@lru_cache(maxsize=256)
+def _statement(
+    dialect: Dialect, table: Table, columns: tuple[str, ...], conflict: tuple[str, ...]
+) -> tuple[str, tuple[tuple[int, Processor], ...]]:
+    quote = dialect.identifier_preparer.quote
+    marker = "?" if dialect.paramstyle == "qmark" else "%s"
+    sql = (
+        f"INSERT INTO {quote(table.name)} ({', '.join(quote(c) for c in columns)}) "
+        f"VALUES ({', '.join([marker] * len(columns))})"
+    )
+    if conflict:
+        sql += f" ON CONFLICT ({', '.join(quote(c) for c in conflict)}) DO NOTHING"
+    processors = []
+    for index, name in enumerate(columns):
+        column_type = table.c[name].type
+        processor = column_type.dialect_impl(dialect).bind_processor(dialect)
+        if processor is not None:
+            processors.append((index, processor))
+    return sql, tuple(processors)
+
+
+def bulk_insert(
+    conn: Connection,
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    *,
+    ignore_conflicts_on: Sequence[str] = (),
+) -> None:
+    """INSERT ``rows`` (dicts; rows with different key sets are grouped) in the connection's
+    current transaction; with ``ignore_conflicts_on``, rows whose key exists are skipped."""
+    if not rows:
+        return
+    dialect = conn.dialect
+    if dialect.name not in BULK_DIALECTS:  # pragma: no cover - other dialects: plain Core
+        from storage.writes import insert_ignore
+
+        if ignore_conflicts_on:
+            insert_ignore(conn, table, list(rows), list(ignore_conflicts_on))
+        else:
+            from sqlalchemy import insert
+
+            conn.execute(insert(table), list(rows))
+        return
+    shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        shapes.setdefault(tuple(row), []).append(row)
+    for columns, group in shapes.items():
+        sql, processors = _statement(dialect, table, columns, tuple(ignore_conflicts_on))
+        params = []
+        for row in group:
+            values = list(row.values())
+            for index, processor in processors:
+                values[index] = processor(values[index])
+            params.append(values)
+        _executemany(conn, sql, params)
+
+
+def _executemany(conn: Connection, sql: str, params: list[list[Any]]) -> None:
+    dbapi_error = conn.dialect.loaded_dbapi.Error
+    cursor = conn.connection.cursor()
+    try:
+        cursor.executemany(sql, params)
+    except dbapi_error as exc:
+        raise DBAPIError.instance(sql, params[:1], exc, dbapi_error) from exc
+    finally:
+        cursor.close()
