@@ -133,7 +133,14 @@ def stage_start_states(
                         rounds=state.rounds,
                     )
                 )
+    # Trajectory ids and start times differ between otherwise identical runs; the tasks do not.
+    found.sort(key=_stable_key)
     return found
+
+
+def _stable_key(start: StartState) -> tuple[str, int, int, int]:
+    task = start.state["task"]
+    return (task["group_id"], task["sample_index"], task["seed"], start.step_seq)
 
 
 # --- 2. selection ---------------------------------------------------------------------------
@@ -202,7 +209,8 @@ def fork_points(
                 update={
                     "group_id": start.point,
                     "sample_index": sample,
-                    "seed": derive_seed(seed, start.point, sample, "fork"),
+                    # From the parent's task seed, not its (random) id: reproducible forks.
+                    "seed": derive_seed(seed, state.task.seed, start.step_seq, sample, "fork"),
                 }
             )
             forked = state.model_copy(
@@ -332,14 +340,16 @@ def stage_groups(
     (:func:`member_stage_rewards`; ``checker`` is the trajectory's final score)."""
     kind = STAGE_DECISIONS[stage]
     run_ids = [runs] if isinstance(runs, str) else list(runs)
-    groups = []
+    keyed: list[tuple[tuple[str, int], DecisionGroup]] = []
     for run_id in run_ids:
         for point, summaries in store.groups(run=run_id, status=status).items():
             if len(summaries) < min_size:
                 continue
             members = []
+            seeds = []
             for summary in summaries:
                 detail = store.trajectory(summary.id)
+                seeds.append(int(detail.initial_state["task"]["seed"]))
                 rewards, seq = member_stage_rewards(detail)
                 decisions = tuple(
                     d
@@ -366,8 +376,10 @@ def stage_groups(
                 members=tuple(members),
             )
             if group.decision_count:
-                groups.append(group)
-    return groups
+                keyed.append(((run_id, min(seeds)), group))
+    # Fork points are named after random trajectory ids; order the groups by their members'
+    # (derived) seeds instead, so that training on them is reproducible.
+    return [group for _, group in sorted(keyed, key=lambda kv: kv[0])]
 
 
 # --- 5. training ----------------------------------------------------------------------------
