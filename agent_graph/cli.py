@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--seed", type=int, default=0)
     rollout.add_argument("--max-rounds", type=int, default=4)
     rollout.add_argument("--concurrency", type=int, default=64)
+    rollout.add_argument(
+        "--keep-groups-together",
+        action="store_true",
+        help="admit the G samples of a prompt together, once G slots are free",
+    )
     rollout.add_argument("--name", help="run name")
     _add_config(rollout)
     _add_db(rollout)
@@ -385,6 +390,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                 progress=sys.stderr.isatty(),
                 backends_config=args.config,
                 request_stats=requests,
+                keep_groups_together=args.keep_groups_together,
             )
         )
     except Exception as exc:

@@ -71,6 +71,7 @@ async def rollout(
     stopper: StopPolicy | None = None,
     settings: GraphSettings | None = None,
     request_stats: dict[str, dict[str, int]] | None = None,
+    keep_groups_together: bool = False,
 ) -> tuple[str, list[TrajectoryResult]]:
     """Run ``tasks`` (on ShapeWorld, or the backends a config file names), recording every
     step; returns (run id, results).
@@ -95,7 +96,13 @@ async def rollout(
     run = store.create_run(name, config)
     async with SQLRecorder(store, run.id) as recorder:
         context = replace(_context(config, store, recorder, resuming=False), **overrides)
-        runner = Runner(context, concurrency=concurrency, budget=budget, keep_steps=keep_steps)
+        runner = Runner(
+            context,
+            concurrency=concurrency,
+            budget=budget,
+            keep_steps=keep_steps,
+            keep_groups_together=keep_groups_together,
+        )
         # Every trajectory is in the store before any starts: a run killed early resumes all.
         states = [runner.state_factory(task, budget) for task in tasks]
         store.register_trajectories(run.id, states)

@@ -82,8 +82,16 @@ def make_group_tasks(
 class Runner:
     """Runs a compiled graph over many tasks with bounded concurrency.
 
+    At most ``concurrency`` trajectories are in flight; they are admitted in the order given
+    (a trajectory's asyncio task exists only once admitted, so 100k queued tasks cost nothing).
+    ``keep_groups_together`` admits the G samples of a group (same ``task.group_id``) as one
+    block, once ``min(G, concurrency)`` slots are free: the samples run side by side (servers
+    see one prompt's requests together, which prefix caches reward) and a group finishes
+    together instead of trailing its last member behind later groups.
     ``keep_steps`` keeps every step record in the results (and still forwards them to the
-    context's recorder, if any).
+    context's recorder, if any). A :class:`~agent_graph.recording.RecordingFailed` (the store
+    is gone) stops the run: the trajectories in flight are cancelled, left unfinished in the
+    store for ``resume``, and the error is raised.
     """
 
     def __init__(
@@ -95,12 +103,14 @@ class Runner:
         budget: Budget | None = None,
         keep_steps: bool = True,
         state_factory: Callable[[Task, Budget], ReasonerState] | None = None,
+        keep_groups_together: bool = False,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.context = context
         self.graph = graph if graph is not None else build_reasoner()
         self.concurrency = concurrency
+        self.keep_groups_together = keep_groups_together
         self.budget = budget or Budget()
         self.keep_steps = keep_steps
         self.state_factory = state_factory or _initial_state
@@ -137,19 +147,74 @@ class Runner:
     ) -> list[TrajectoryResult]:
         collector = MemoryRecorder(inner=self.context.recorder) if self.keep_steps else None
         context = replace(self.context, recorder=collector) if collector else self.context
-        limiter = asyncio.Semaphore(self.concurrency)
+        slots = asyncio.Semaphore(self.concurrency)
+        results: list[TrajectoryResult | None] = [None] * len(starts)
         bar = _progress(progress, len(starts), description)
 
-        async def one(state: ReasonerState, after_node: str | None) -> TrajectoryResult:
-            async with limiter:
+        failures: list[Exception] = []
+        settled = asyncio.Event()  # set on the first failure, or when the last one finished
+        running: set[asyncio.Task[None]] = set()
+        admitted_all = False
+
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            if admitted_all and not running:
+                settled.set()
+
+        async def one(index: int) -> None:
+            state, after_node = starts[index]
+            try:
                 result = await self._run_one(state, after_node, context)
+            except Exception as exc:  # the store failed (RecordingFailed): stop the run
+                failures.append(exc)
+                settled.set()
+                return
+            finally:
+                slots.release()
             if collector is not None:
                 result.steps = collector.steps.pop(result.trajectory_id, [])
+            results[index] = result
             bar.advance()
-            return result
 
-        with bar:
-            return list(await asyncio.gather(*(one(s, node) for s, node in starts)))
+        try:
+            with bar:
+                for block in self._admission_blocks([state for state, _ in starts]):
+                    # Only this loop acquires slots, so blocks are admitted in order.
+                    for _ in block:
+                        await slots.acquire()
+                        if failures:
+                            break
+                    if failures:
+                        break
+                    for index in block:
+                        task = asyncio.ensure_future(one(index))
+                        running.add(task)
+                        task.add_done_callback(finished)
+                admitted_all = True
+                if running and not failures:
+                    await settled.wait()
+        finally:  # on a failure (or our own cancellation) stop what is still in flight
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(set(running))
+        if failures:
+            raise failures[0]
+        return [result for result in results if result is not None]
+
+    def _admission_blocks(self, states: Sequence[ReasonerState]) -> list[list[int]]:
+        """Indices of ``starts`` in admission order, in blocks admitted together."""
+        if not self.keep_groups_together:
+            return [[index] for index in range(len(states))]
+        groups: dict[str, list[int]] = {}
+        for index, state in enumerate(states):
+            groups.setdefault(state.task.group_id, []).append(index)
+        size = self.concurrency
+        return [
+            members[start : start + size]
+            for members in groups.values()
+            for start in range(0, len(members), size)
+        ]
 
     async def _run_one(
         self, state: ReasonerState, after_node: str | None, context: ReasonerContext
