@@ -61,12 +61,20 @@ def test_train_loop_then_train_from_a_stored_run(tmp_path):
         "versions/router-2",
         "--out",
         "versions",
+        "--penalty",
+        "margin",
         db=db,
         cwd=tmp_path,
     )
     assert offline.returncode == 0, offline.stderr
     assert "trained router@3" in offline.stdout
     assert (tmp_path / "versions" / "router-3").is_dir()
+    store = TrajectoryStore(f"sqlite:///{db}")
+    (version,) = [v for v in store.policy_versions(name="router") if v.version == "3"]
+    assert version.metadata["penalty"] == "margin"
+    store.close()
+    negative = atelier("train", "--run", "grpo-0", "--image-cost", "-1", db=db, cwd=tmp_path)
+    assert negative.returncode == 2 and "--image-cost" in negative.stderr
 
     missing = atelier("train", "--run", "nope", db=db, cwd=tmp_path)
     assert missing.returncode == 2 and "no run 'nope'" in missing.stderr

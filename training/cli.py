@@ -34,6 +34,16 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
     train.add_argument("--group-size", "-G", type=int, default=8, help="samples per prompt")
     train.add_argument("--max-rounds", type=int, default=2, help="correction rounds in rollouts")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--penalty",
+        choices=("scale", "margin", "linear", "none"),
+        default="scale",
+        help="complexity penalty: scale = seed 002's (default), margin = order-preserving, "
+        "linear = a price per image (--image-cost), none",
+    )
+    train.add_argument(
+        "--image-cost", type=float, default=0.1, help="λ per image for --penalty linear"
+    )
     tree = train.add_argument_group(
         "Tree-RL (R3)",
         "with --run: fork G continuations from stored stage start states and train the stage's "
@@ -76,6 +86,14 @@ def _initial_policy(args: argparse.Namespace) -> Any:
     return LearnedStopPolicy(seed=args.seed)
 
 
+def _config(args: argparse.Namespace) -> Any:
+    from training.trainer import GRPOConfig
+
+    if args.penalty == "none":
+        return GRPOConfig(seed=args.seed, complexity_eps=None)
+    return GRPOConfig(seed=args.seed, complexity_form=args.penalty, complexity_cost=args.image_cost)
+
+
 def _run_table(store: Any, run_id: str) -> tuple[float, float, float, str]:
     rows = store.trajectories(run=run_id)
     n = max(len(rows), 1)
@@ -95,6 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for name in ("iterations", "per_category", "group_size"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.image_cost < 0:
+        raise CliError("--image-cost must be >= 0")
     if args.tree_stage is not None:
         if args.run is None:
             raise CliError("--tree-stage forks stored states: give the stored run(s) with --run")
@@ -108,9 +128,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     store = _open_store(args, must_exist=args.world is None)
     if args.tree_stage is not None:
         return _train_tree(args, store)
-    from training.trainer import GRPOConfig, GRPOTrainer, save_and_register
+    from training.trainer import GRPOTrainer, save_and_register
 
-    trainer = GRPOTrainer(_initial_policy(args), GRPOConfig(seed=args.seed))
+    trainer = GRPOTrainer(_initial_policy(args), _config(args))
     if args.run:
         from training.groups import decision_groups
 
@@ -128,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         while policy.version in taken:
             policy = policy.clone(version=next_version(policy.version))
         path = args.out / f"{policy.name}-{policy.version}"
-        save_and_register(policy, store, path, result.metrics)
+        save_and_register(policy, store, path, {**result.metrics, "penalty": args.penalty})
         metrics = ", ".join(f"{k}={v:.3g}" for k, v in sorted(result.metrics.items()))
         print(f"trained {policy.name}@{policy.version} on {len(groups)} groups: {metrics}")
         print(f"saved {path}")
@@ -178,7 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_tree(args: argparse.Namespace, store: Any) -> int:
     from agent_graph.cli import CliError, _resolve_run
     from policies.weights import next_version
-    from training.trainer import GRPOConfig, GRPOTrainer
+    from training.trainer import GRPOTrainer
     from training.tree import stage_config, stage_start_states, tree_iterations
 
     runs = [_resolve_run(store, ref).id for ref in args.run]
@@ -197,7 +217,7 @@ def _train_tree(args: argparse.Namespace, store: Any) -> int:
             f"{policy.name}@{next_version(policy.version)} is already in the store; "
             "start from the newest version"
         )
-    trainer = GRPOTrainer(policy, stage_config(GRPOConfig(seed=args.seed), args.tree_stage))
+    trainer = GRPOTrainer(policy, stage_config(_config(args), args.tree_stage))
     policy, log = asyncio.run(
         tree_iterations(
             store,
