@@ -19,6 +19,8 @@ compose their own graphs with it from the same nodes (see ``examples/``).
 
 from __future__ import annotations
 
+import inspect
+import typing
 from typing import Any
 
 from langgraph.graph import END, START, StateGraph
@@ -46,6 +48,40 @@ class AtelierGraph(StateGraph):
             name = node
         super().add_node(name, recorded(name, action), **kwargs)
         return self
+
+    def add_conditional_edges(  # type: ignore[override]
+        self, source: str, path: Any, path_map: Any = None
+    ) -> AtelierGraph:
+        super().add_conditional_edges(source, _awaitable_router(path), path_map)
+        return self
+
+
+def _awaitable_router(path: Any) -> Any:
+    """A plain sync router ``f(state)`` as a coroutine function.
+
+    LangGraph runs a sync router of an async graph in a thread pool (a thread hop, and a GIL
+    hand-off, for every routing decision: ~3 per trajectory). Routers are tiny pure functions
+    of the state, so they run inline instead. Annotations are kept (LangGraph reads a
+    ``Literal`` return type as the path map); anything else (Runnables, async functions,
+    routers taking ``config`` or the runtime) is passed through unchanged.
+    """
+    if not inspect.isfunction(path) or inspect.iscoroutinefunction(path):
+        return path
+    if len(inspect.signature(path).parameters) != 1:
+        return path
+
+    async def route(state: Any) -> Any:
+        return path(state)
+
+    route.__name__ = path.__name__
+    route.__qualname__ = path.__qualname__
+    route.__doc__ = path.__doc__
+    try:  # resolved here, in the router's own module (the wrapper lives in this one)
+        route.__annotations__ = typing.get_type_hints(path)
+    except Exception:
+        route.__annotations__ = dict(getattr(path, "__annotations__", {}))
+    route.__module__ = path.__module__
+    return route
 
 
 # --- routers: plain functions of the state --------------------------------------------------

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import operator
 import resource
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Annotated, TypedDict
 
 
 def serve(port: int, latency_s: float) -> None:
@@ -81,6 +83,105 @@ async def run_level(url: str, concurrency: int, trajectories: int, record_dir: s
     return len(results) / elapsed, failed
 
 
+class BareState(TypedDict):
+    prompt: str
+    seed: int
+    blueprint: str
+    images: Annotated[list, operator.add]
+    reflections: Annotated[list, operator.add]
+
+
+async def run_bare_level(url: str, concurrency: int, trajectories: int, http: bool):
+    """The same path (plan, draw, reflect, stop) as a bare LangGraph graph: dict state, nodes
+    that make the same three HTTP calls with plain httpx (``http``) or only sleep the latency
+    (the LangGraph floor). The ceiling any LangGraph runner on this machine can reach."""
+    import base64
+    import itertools
+
+    import httpx
+    from langgraph.graph import END, START, StateGraph
+
+    latency = LATENCY_S
+    clients = [
+        httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=8), timeout=60)
+        for _ in range(max(1, -(-concurrency // 8)))
+    ]  # several small pools, as ServerPool does (one big httpcore pool scans all connections)
+    turn = itertools.cycle(clients)
+
+    async def post(path: str, payload: dict) -> dict:
+        if not http:
+            await asyncio.sleep(latency)
+            return {}
+        response = await next(turn).post(path, json=payload)
+        response.raise_for_status()
+        return response.json()
+
+    async def plan(state: BareState) -> dict:
+        body = {
+            "model": "m",
+            "seed": state["seed"],
+            "messages": [{"role": "user", "content": state["prompt"]}],
+        }
+        answer = await post("/v1/chat/completions", body)
+        return {"blueprint": str(answer.get("choices", [{}])[0].get("message", {}))}
+
+    async def draw(state: BareState) -> dict:
+        body = {
+            "model": "m",
+            "prompt": state["blueprint"],
+            "size": "8x8",
+            "seed": state["seed"],
+            "response_format": "b64_json",
+        }
+        answer = await post("/v1/images/generations", body)
+        data = answer.get("data", [{"b64_json": ""}])[0]["b64_json"]
+        return {"images": [base64.b64decode(data)]}
+
+    async def reflect(state: BareState) -> dict:
+        image = base64.b64encode(state["images"][-1]).decode()
+        content = [
+            {"type": "text", "text": state["prompt"]},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+        ]
+        body = {
+            "model": "m",
+            "seed": state["seed"],
+            "messages": [{"role": "user", "content": content}],
+        }
+        answer = await post("/v1/chat/completions", body)
+        return {"reflections": [str(answer)]}
+
+    async def stop(state: BareState) -> dict:
+        return {}
+
+    builder = StateGraph(BareState)
+    for node in (plan, draw, reflect, stop):
+        builder.add_node(node)
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "draw")
+    builder.add_edge("draw", "reflect")
+    builder.add_edge("reflect", "stop")
+    builder.add_edge("stop", END)
+    graph = builder.compile()
+    limiter = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with limiter:
+            await graph.ainvoke(
+                {"prompt": f"prompt {i}", "seed": i, "images": [], "reflections": []}
+            )
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(trajectories)))
+    elapsed = time.perf_counter() - started
+    for client in clients:
+        await client.aclose()
+    return trajectories / elapsed
+
+
+LATENCY_S = 0.05
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
@@ -95,6 +196,7 @@ def main() -> None:
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     latency = args.latency_ms / 1000
+    globals()["LATENCY_S"] = latency
     if args.serve:
         serve(args.serve, latency)
         return
@@ -119,13 +221,23 @@ def main() -> None:
             f"latency {args.latency_ms:.0f} ms per call, 3 calls per trajectory"
             + (", recording into SQLite" if args.record else "")
         )
-        print("| concurrency | trajectories | trajectories/s | ideal | efficiency | failed |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "| concurrency | trajectories | Atelier traj/s | ideal | efficiency | failed "
+            "| bare LangGraph + httpx: traj/s (efficiency) | bare LangGraph, sleep only "
+            "| Atelier ÷ bare + httpx |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
         for level in levels:
             n = max(20, int(args.rounds * level))
             rate, failed = asyncio.run(run_level(url, level, n, record_dir))
+            bare_http = asyncio.run(run_bare_level(url, level, n, http=True))
+            bare_sleep = asyncio.run(run_bare_level(url, level, n, http=False))
             ideal = level / (3 * latency)
-            print(f"| {level} | {n} | {rate:.1f} | {ideal:.1f} | {rate / ideal:.0%} | {failed} |")
+            print(
+                f"| {level} | {n} | {rate:.1f} | {ideal:.1f} | {rate / ideal:.0%} | {failed} "
+                f"| {bare_http:.1f} ({bare_http / ideal:.0%}) "
+                f"| {bare_sleep:.1f} ({bare_sleep / ideal:.0%}) | {rate / bare_http:.2f} |"
+            )
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
         print(
             f"\npeak RSS growth {peak_mb:.0f} MB at {levels[-1]} in flight → "

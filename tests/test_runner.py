@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
+from typing import Literal
 
 import pytest
+from langgraph.graph import END, START
 
+from agent_graph.graph import AtelierGraph
 from agent_graph.presets import shapeworld_context
 from agent_graph.recording import RecordingFailed
 from agent_graph.runner import Runner, make_group_tasks
+from agent_graph.state import ReasonerState
 from nodes.backends.shapeworld import fixed_prompt_set
 
 
@@ -146,3 +151,32 @@ def test_cli_rollout_keeps_groups_together(tmp_path):
     for t in trajectories:
         groups[t.group_id] = groups.get(t.group_id, 0) + 1
     assert len(groups) == 9 and set(groups.values()) == {3}
+
+
+async def test_sync_routers_run_inline_and_keep_their_literal_path_map():
+    threads: list[str] = []
+
+    def check(state: ReasonerState) -> Literal["finish", "__end__"]:
+        threads.append(threading.current_thread().name)
+        return "finish" if state.step_count == 1 else END
+
+    def start(state: ReasonerState) -> dict:
+        return {}
+
+    def finish(state: ReasonerState) -> dict:
+        return {}
+
+    graph = AtelierGraph(ReasonerState)
+    graph.add_node(start)
+    graph.add_node(finish)
+    graph.add_edge(START, "start")
+    graph.add_conditional_edges("start", check)  # no path map: read off the Literal
+    graph.add_conditional_edges("finish", check)
+    compiled = graph.compile()
+    edges = {(e.source, e.target) for e in compiled.get_graph().edges}
+    assert ("start", "finish") in edges and ("start", "__end__") in edges
+    task = _tasks(1, 1)[0]
+    output = await compiled.ainvoke(ReasonerState(trajectory_id="t", task=task))
+    assert output["step_count"] == 2
+    # LangGraph would run a sync router in its thread pool; AtelierGraph runs it inline.
+    assert threads == [threading.current_thread().name] * 2
