@@ -144,3 +144,32 @@ def test_bad_adapters_are_refused_clearly_and_change_nothing(sd3_server, loras, 
     assert reply.status_code == 400 and message in reply.text, reply.text
     assert httpx.get(sd3_server.url + "/stats", timeout=10).json()["adapters"] == []
     assert images(generate(sd3_server)) == base
+
+
+def test_serve_image_loads_a_lora_at_start_up(tiny_sd3, loras):
+    from nodes.backends.http_common import BackgroundServer
+    from nodes.backends.serve import build_image_app, build_parser
+
+    def args(lora: str):
+        return build_parser().parse_args(
+            [
+                "serve",
+                "image",
+                "--model",
+                str(tiny_sd3),
+                "--steps",
+                "4",
+                "--size",
+                "32x32",
+                "--lora",
+                lora,
+            ]
+        )
+
+    app = build_image_app(args(f"draw@7={loras['good']}"))
+    with BackgroundServer(app) as server:
+        assert httpx.get(server.url + "/stats", timeout=10).json()["adapters"] == ["draw@7"]
+    with pytest.raises(SystemExit, match="not a readable safetensors file"):
+        build_image_app(args(f"bad={loras['corrupt']}"))
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        build_image_app(args(str(loras["good"])))

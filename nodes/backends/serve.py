@@ -82,6 +82,12 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edit-model", default=None, help="separate editing pipeline directory")
     parser.add_argument("--steps", type=int, default=None, help="default num_inference_steps")
     parser.add_argument("--size", default="512x512", help="default image size (default: 512x512)")
+    parser.add_argument(
+        "--lora",
+        default=None,
+        metavar="NAME=PATH",
+        help="load a diffusion LoRA (peft layout) at start-up; it serves every request",
+    )
 
 
 def add_serve_parser(commands: Any) -> argparse.ArgumentParser:
@@ -153,6 +159,14 @@ def build_image_app(args: argparse.Namespace) -> Any:
         max_wait_ms=args.max_wait_ms,
         torch_threads=args.torch_threads,
     )
+    if args.lora:
+        name, sep, path = args.lora.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--lora expects NAME=PATH, got {args.lora!r}")
+        try:
+            service.engine.load_adapter(name, path)
+        except ValueError as error:
+            raise SystemExit(f"--lora: {error}") from None
     return create_image_app(
         service, token=_token(args), limits=_limits(args), default_size=parse_size(args.size)
     )
