@@ -129,3 +129,65 @@ def test_traced_edits_record_transitions_of_the_part_of_the_schedule_they_run(pi
         assert plain.tobytes() == traced.image.tobytes()
     finally:
         painter.close()
+
+
+def test_refine_records_edit_transitions_and_groups_take_the_step_reward(pipe, tmp_path):
+    """Reflect mode: the refine node records its edit's transitions (stage reflect_refine), and
+    ``flow_groups(node="refine")`` pairs them with the refine step's own reward (R3's C_j)."""
+    from agent_graph.context import Backends, GraphSettings, ReasonerContext
+    from agent_graph.runner import Runner, make_group_tasks
+    from agent_graph.state import Budget
+    from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
+    from storage.diffusion import load_transitions
+    from storage.recorder import SQLRecorder
+    from storage.store import RewardInput, TrajectoryStore
+    from tests.scripted import ScriptedChat
+    from training.flow_trainer import flow_groups
+
+    edit = "<think>It lacks red.</think>Make it red."
+    store = TrajectoryStore(f"sqlite:///{tmp_path}/refine.db")
+    painter = painter_for(pipe)
+    run = store.create_run("refine", {})
+
+    async def rollout() -> list:
+        async with SQLRecorder(store, run.id) as recorder:
+            context = ReasonerContext(
+                backends=Backends(
+                    ScriptedChat(["a circle"]),
+                    ScriptedChat([edit]),  # always edit; the budget of 1 round ends it
+                    ScriptedChat(["{}"]),
+                    painter,
+                    painter,
+                ),
+                router=FixedModePolicy("reflect"),
+                stopper=FollowReflectionStopPolicy(),
+                images=store,
+                settings=GraphSettings(width=32, height=32, steps=4, score_images=False),
+                recorder=recorder,
+            )
+            tasks = make_group_tasks(["a circle"], group_size=2, seed=3)
+            return await Runner(context, budget=Budget(max_rounds=1)).run(tasks)
+
+    try:
+        results = asyncio.run(rollout())
+        assert all(r.status == "succeeded" for r in results)
+        refines = []
+        for result in results:
+            steps = store.steps(result.trajectory_id)
+            assert [s.node for s in steps][:4] == ["plan", "draw", "reflect", "refine"]
+            refine = steps[3]
+            assert refine.stage == "reflect_refine"
+            (stored,) = load_transitions(store.db, [(result.trajectory_id, refine.seq)])
+            assert stored.transition.kind == "edit" and stored.transition.prompt == "Make it red."
+            refines.append((result.trajectory_id, refine.seq))
+        # C_j on the refine step; a different trajectory-level value must not be used.
+        store.add_rewards(
+            [RewardInput(tid, "C", 0.1 * (i + 1), step=seq) for i, (tid, seq) in enumerate(refines)]
+            + [RewardInput(tid, "C", 9.0) for tid, _ in refines]
+        )
+        (group,) = flow_groups(store, run.id, reward="C", node="refine")
+        assert sorted(s.reward for s in group.samples) == pytest.approx([0.1, 0.2])
+        assert all(s.transitions[0].kind == "edit" for s in group.samples)
+    finally:
+        painter.close()
+        store.close()
