@@ -183,7 +183,9 @@ def main() -> None:
         if args.config == "tiny":
             trainer, transitions = tiny_setup(args.size, batch, args.rank)
         else:
-            trainer, transitions = synthetic_setup(args.size, batch, args.rank, args.device, dtype)
+            trainer, transitions = synthetic_setup(
+                args.size, batch, args.rank, args.device, dtype, args.layers
+            )
         times = measure(trainer, transitions[:batch], args.repeats)
         if args.device.startswith("cuda"):
             memory = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA)"
