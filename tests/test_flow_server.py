@@ -173,3 +173,33 @@ def test_serve_image_loads_a_lora_at_start_up(tiny_sd3, loras):
         build_image_app(args(f"bad={loras['corrupt']}"))
     with pytest.raises(SystemExit, match="NAME=PATH"):
         build_image_app(args(str(loras["good"])))
+
+
+def test_trainer_continues_from_a_saved_version(tiny_sd3, loras, tmp_path):
+    """A trainer started from version 7 holds exactly its weights, and saves the next version
+    with its lineage; both client backends satisfy the traced-model protocol."""
+    from safetensors.torch import load_file
+
+    from nodes.backends.base import TracedImageModel
+    from nodes.backends.flow.backend import FlowImageEngine, FlowImageModel, load_pipeline
+    from nodes.backends.omni_client import OmniImageClient
+    from policies.diffusion_lora import read_lora
+    from policies.weights import next_version
+    from training.flow_trainer import FlowGRPOTrainer
+
+    pipe = load_pipeline(tiny_sd3)
+    trainer = FlowGRPOTrainer(pipe, init_lora=loras["good"], name="tiny-sd3")
+    assert trainer.parameters and all(p.requires_grad for p in trainer.parameters)
+    _, _, parent = read_lora(loras["good"])
+    version = next_version(parent.version)
+    info = trainer.save(tmp_path / "v8", name="draw", version=version, meta={"parent": "7"})
+    assert (info.label, info.meta["parent"]) == ("draw@8", "7")
+    saved = load_file(str(info.path / "adapter_model.safetensors"))
+    original = load_file(str(loras["good"] / "adapter_model.safetensors"))
+    assert saved.keys() == original.keys()
+    assert all(torch.equal(saved[k], original[k]) for k in saved)
+
+    painter = FlowImageModel(FlowImageEngine(pipe, name="tiny-sd3"))
+    assert isinstance(painter, TracedImageModel) and painter.traced
+    assert isinstance(OmniImageClient("http://127.0.0.1:1", traced=True), TracedImageModel)
+    painter.close()

@@ -144,6 +144,21 @@ class ImageEditor(Protocol):
 
 
 @runtime_checkable
+class TracedImageModel(Protocol):
+    """A generator/editor that can return, with each image, the stochastic denoising
+    transitions that produced it (``nodes.backends.flow.transitions.TracedImage``), for
+    Flow-GRPO. Opt-in: the draw and refine nodes call the traced methods only when ``traced``
+    is true, and record the transitions with the step."""
+
+    model_id: str
+    traced: bool
+
+    async def generate_traced(self, request: ImageRequest) -> Any: ...
+
+    async def edit_traced(self, request: EditRequest) -> Any: ...
+
+
+@runtime_checkable
 class Judge(Protocol):
     """Scores an image against a text (GenEval-style checker, VLM yes-probability, ...)."""
 
