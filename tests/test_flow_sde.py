@@ -160,3 +160,18 @@ def test_images_are_seeded_per_image_not_per_batch(sd3_pipe):
     # R3's default: one stochastic step, in the high-noise window.
     assert [len(b.transitions) for b in batch] == [1, 1]
     assert all(b.transitions[0].step_index in (0, 1) for b in batch)
+
+
+def test_a_batch_may_mix_transitions_sampled_with_different_noise_levels(sd3_pipe):
+    model = SD3Flow(sd3_pipe, "tiny-sd3")
+    mixed = []
+    for level in (0.5, 1.0):
+        sampler = FlowSampler(model, SDEConfig(noise_level=level))
+        traced = sampler.sample(
+            [SampleJob("a star", 9)], width=32, height=32, steps=6, guidance_scale=2.0
+        )
+        mixed += traced[0].transitions
+    assert [t.noise_level for t in mixed] == [0.5, 1.0]
+    with torch.no_grad():
+        again = FlowSampler(model).recompute(mixed).logprob
+    assert torch.allclose(again, torch.tensor([t.logprob for t in mixed]), atol=1e-5)

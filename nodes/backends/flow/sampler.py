@@ -348,17 +348,16 @@ class FlowSampler:
         velocity = guided(*model.velocity(latents, timesteps, cond), guidance)
         sigma = torch.tensor([t.sigma for t in transitions])
         sigma_next = torch.tensor([t.sigma_next for t in transitions])
-        caps = {t.sigma_cap for t in transitions}
-        levels = {t.noise_level for t in transitions}
-        if len(caps) != 1 or len(levels) != 1:
-            raise ValueError("recompute: transitions of one batch must share noise level and cap")
+        # Per-transition noise level and cap: a batch may mix draws sampled with different SDEs.
+        levels = torch.tensor([t.noise_level for t in transitions], device=model.device)
+        caps = torch.tensor([t.sigma_cap for t in transitions], device=model.device)
         logprob, mean, std = sde.transition_logprob(
             latents,
             next_latents,
             velocity,
             sigma.to(model.device),
             sigma_next.to(model.device),
-            noise_level=levels.pop(),
-            sigma_cap=caps.pop(),
+            noise_level=levels,
+            sigma_cap=caps,
         )
         return Recomputed(logprob, mean, std)

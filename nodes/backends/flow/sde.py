@@ -71,10 +71,17 @@ def ode_step(
     return x + _up(velocity) * dt
 
 
-def sde_std(sigma: torch.Tensor | float, noise_level: float, sigma_cap: float) -> torch.Tensor:
-    """``s_σ = a √(σ / (1 − min(σ, sigma_cap)))`` (the diffusion coefficient, before √−dt)."""
+def sde_std(
+    sigma: torch.Tensor | float,
+    noise_level: torch.Tensor | float,
+    sigma_cap: torch.Tensor | float,
+) -> torch.Tensor:
+    """``s_σ = a √(σ / (1 − min(σ, sigma_cap)))`` (the diffusion coefficient, before √−dt).
+    Each argument is a float or a tensor broadcastable against the others (per-sample values)."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32)
-    return noise_level * torch.sqrt(sigma / (1 - torch.clamp(sigma, max=sigma_cap)))
+    cap = torch.as_tensor(sigma_cap, dtype=torch.float32, device=sigma.device)
+    level = torch.as_tensor(noise_level, dtype=torch.float32, device=sigma.device)
+    return level * torch.sqrt(sigma / (1 - torch.minimum(sigma, cap)))
 
 
 def sde_mean_std(
@@ -83,14 +90,15 @@ def sde_mean_std(
     sigma: torch.Tensor | float,
     sigma_next: torch.Tensor | float,
     *,
-    noise_level: float,
-    sigma_cap: float,
+    noise_level: torch.Tensor | float,
+    sigma_cap: torch.Tensor | float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean ``μ`` and std ``s_σ √(−dt)`` of ``π(x' | x)`` (std shaped to broadcast)."""
     x, v = _up(latents), _up(velocity)
     s = _as_batch(sigma, x)
     dt = _as_batch(sigma_next, x) - s
-    s_sigma = sde_std(s, noise_level, sigma_cap).to(x.device)
+    level, cap = _as_batch(noise_level, x), _as_batch(sigma_cap, x)
+    s_sigma = sde_std(s, level, cap).to(x.device)
     var = s_sigma**2
     mean = x * (1 + var / (2 * s) * dt) + v * (1 + var * (1 - s) / (2 * s)) * dt
     return mean, s_sigma * torch.sqrt(-dt)
@@ -134,8 +142,8 @@ def transition_logprob(
     sigma: torch.Tensor | float,
     sigma_next: torch.Tensor | float,
     *,
-    noise_level: float,
-    sigma_cap: float,
+    noise_level: torch.Tensor | float,
+    sigma_cap: torch.Tensor | float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log π(x' | x), μ, std) of a given transition under the velocity ``v`` — what training
     recomputes under the current policy (differentiable in ``velocity``)."""
