@@ -216,7 +216,6 @@ def main() -> None:
                 time.sleep(0.1)
         record_dir = tempfile.mkdtemp(prefix="atelier-conc-") if args.record else None
         levels = [int(x) for x in args.levels.split(",")]
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(
             f"latency {args.latency_ms:.0f} ms per call, 3 calls per trajectory"
             + (", recording into SQLite" if args.record else "")
@@ -229,7 +228,11 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|")
         for level in levels:
             n = max(20, int(args.rounds * level))
+            # Peak RSS is a high-water mark: its growth during the top level (after the lower
+            # levels warmed imports and caches) is what that many trajectories in flight cost.
+            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             rate, failed = asyncio.run(run_level(url, level, n, record_dir))
+            rss_growth_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
             bare_http = asyncio.run(run_bare_level(url, level, n, http=True))
             bare_sleep = asyncio.run(run_bare_level(url, level, n, http=False))
             ideal = level / (3 * latency)
@@ -238,7 +241,7 @@ def main() -> None:
                 f"| {bare_http:.1f} ({bare_http / ideal:.0%}) "
                 f"| {bare_sleep:.1f} ({bare_sleep / ideal:.0%}) | {rate / bare_http:.2f} |"
             )
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+        peak_mb = rss_growth_kb / 1024
         print(
             f"\npeak RSS growth {peak_mb:.0f} MB at {levels[-1]} in flight → "
             f"{peak_mb * 1000 / levels[-1]:.0f} MB per 1,000 in-flight trajectories"

@@ -90,11 +90,18 @@ class SQLRecorder:
         *,
         images: ImageStore | None = None,
         max_batch: int = 512,
+        state_snapshot_every: int = 16,
         run_name: str | None = None,
         run_config: dict[str, Any] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if state_snapshot_every < 1:
+            raise ValueError("state_snapshot_every must be at least 1")
+        self.state_snapshot_every = state_snapshot_every
+        """Steps whose number is a multiple of this carry the full state; the others only their
+        update, which the store replays (1: every step a snapshot). Deltas halve the bytes and
+        most of the per-step recording cost; ``initial_state`` is always stored."""
         self.store = store
         self.run_id = run_id
         self.images = images
@@ -336,6 +343,11 @@ class SQLRecorder:
                 item.rows = step_rows(record)
             if not is_open:
                 # Never started through this recorder: create it from the state it had.
+                if record.state_before is None:
+                    raise ValueError(
+                        f"step {record.seq} of trajectory {tid} carries no state and the "
+                        "trajectory was never started: call start_trajectory first"
+                    )
                 state = dict(record.state_before)
                 state.setdefault("trajectory_id", tid)
                 batch.implicit.append(trajectory_row(state, self.run_id, utc(record.started_at)))

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+from sqlalchemy import JSON
 
 from storage.codec import pack_ids, pack_logprobs
 from storage.diffusion import transition_rows
@@ -158,8 +159,9 @@ def step_rows(record: Any) -> StepRows:
         "trajectory_id": tid,
         "seq": seq,
         "node": record.node,
-        "stage": derive_stage(record.node, record.state_before, update),
-        "state_before": record.state_before,
+        "stage": derive_stage(record.node, _stage_facts(record), update),
+        # A delta step stores JSON null (the column stays NOT NULL: no table rebuild needed).
+        "state_before": JSON.NULL if record.state_before is None else record.state_before,
         "state_update": update,
         "text": "\n\n".join(texts) if texts else None,
         "latency_s": float(record.latency_s),
@@ -216,6 +218,43 @@ def reduced_fields(state_type: Any = None) -> frozenset[str]:
         for name, info in state_type.model_fields.items()
         if any(callable(meta) for meta in info.metadata)
     )
+
+
+def _stage_facts(record: Any) -> dict[str, Any]:
+    """What :func:`derive_stage` reads of the state before a step: the stored state, or for a
+    delta step the same fields read off the live state object."""
+    if record.state_before is not None:
+        return record.state_before
+    state = getattr(record, "state", None)
+    mode = getattr(state, "mode", None)
+    return {"mode": getattr(mode, "value", mode), "subtasks": getattr(state, "subtasks", None)}
+
+
+def replay_states(
+    initial_state: Callable[[], dict[str, Any] | None],
+    steps: Sequence[tuple[dict[str, Any] | None, dict[str, Any]]],
+    reduced: Iterable[str] = DEFAULT_REDUCED_FIELDS,
+) -> list[dict[str, Any]]:
+    """The state before each of a trajectory's steps, given in order as (stored state or None,
+    update): a stored state is taken as is; a delta step's state is the previous state merged
+    with the previous update, starting from the trajectory's initial state (asked for only when
+    the first step is a delta)."""
+    reduced = frozenset(reduced)
+    states: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    previous_update: dict[str, Any] = {}
+    for stored, update in steps:
+        if stored is not None:
+            current = stored
+        elif current is None:  # the first step is a delta: start from the initial state
+            current = initial_state()
+            if current is None:
+                raise ValueError("a delta step with neither a snapshot nor an initial state")
+        else:
+            current = merge_update(current, previous_update, reduced)
+        states.append(current)
+        previous_update = update
+    return states
 
 
 def merge_update(

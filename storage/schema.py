@@ -128,7 +128,10 @@ class Step(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     node: Mapped[str] = mapped_column(String(100))
     stage: Mapped[str] = mapped_column(String(100))
-    state_before: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    state_before: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, nullable=False)
+    """The state the node saw, or JSON ``null`` for a step recorded as a delta (see
+    ``SQLRecorder.state_snapshot_every``): the store then rebuilds it from the last snapshot
+    (or the trajectory's ``initial_state``) and the updates after it."""
     state_update: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
     text: Mapped[str | None] = mapped_column(Text)
     """The step's text output: its generations' texts joined by a blank line."""

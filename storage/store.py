@@ -49,7 +49,16 @@ from storage.records import (
     TrajectoryDetail,
     TrajectorySummary,
 )
-from storage.rows import as_utc, merge_update, now, reduced_fields, state_json, trajectory_row
+from storage.rows import (
+    DEFAULT_REDUCED_FIELDS,
+    as_utc,
+    merge_update,
+    now,
+    reduced_fields,
+    replay_states,
+    state_json,
+    trajectory_row,
+)
 from storage.schema import (
     TRAJECTORY_STATUSES,
     Generation,
@@ -396,8 +405,17 @@ class TrajectoryStore(SQLImageStore):
             images.setdefault((r.step_seq, r.direction), []).append(
                 StoredImage(r.sha256, r.width, r.height, r.size, self.get)
             )
-        steps = conn.execute(
-            select(Step.__table__).where(Step.trajectory_id == trajectory_id).order_by(Step.seq)
+        steps = list(
+            conn.execute(
+                select(Step.__table__).where(Step.trajectory_id == trajectory_id).order_by(Step.seq)
+            )
+        )
+        states = replay_states(
+            lambda: conn.scalar(
+                select(Trajectory.initial_state).where(Trajectory.id == trajectory_id)
+            ),
+            [(s.state_before, s.state_update) for s in steps],
+            DEFAULT_REDUCED_FIELDS,
         )
         return [
             StepInfo(
@@ -412,13 +430,13 @@ class TrajectoryStore(SQLImageStore):
                 models=list(s.models or []),
                 policy=s.policy,
                 policy_version=s.policy_version,
-                state_before=s.state_before,
+                state_before=state_before,
                 update=s.state_update,
                 generations=generations.get(s.seq, []),
                 images_in=images.get((s.seq, "in"), []),
                 images_out=images.get((s.seq, "out"), []),
             )
-            for s in steps
+            for s, state_before in zip(steps, states, strict=True)
         ]
 
     def last_state_dict(
@@ -427,21 +445,22 @@ class TrajectoryStore(SQLImageStore):
         """The state (JSON) after the last recorded step: that step's ``state_before`` merged
         with its update (list fields appended, the rest replaced, as the graph does); the
         initial state when no step was recorded."""
+        reduced = reduced_fields(state_type)
         with self.db.read() as conn:
             initial = conn.scalar(
                 select(Trajectory.initial_state).where(Trajectory.id == trajectory_id)
             )
-            last = conn.execute(
+            rows = conn.execute(
                 select(Step.state_before, Step.state_update)
                 .where(Step.trajectory_id == trajectory_id)
-                .order_by(Step.seq.desc())
-                .limit(1)
-            ).first()
-        if last is None:
+                .order_by(Step.seq)
+            ).all()
+        if not rows:
             if initial is None:
                 raise TrajectoryNotFound(trajectory_id)
             return dict(initial)
-        return merge_update(last.state_before, last.state_update, reduced_fields(state_type))
+        states = replay_states(lambda: initial, [(r[0], r[1]) for r in rows], reduced)
+        return merge_update(states[-1], rows[-1][1], reduced)
 
     def last_state(self, trajectory_id: str, state_type: type[M] | None = None) -> M:
         """:meth:`last_state_dict` validated as ``state_type`` (default: ``ReasonerState``), e.g.
