@@ -137,6 +137,19 @@ def test_shapeworld_options_are_checked():
             r"backends\.a\.model: environment variable NOT_SET_ANYWHERE is not set",
         ),
         (config({"a": OPENAI, "b": {"kind": "inprocess-image"}}), r"backends\.b: set model"),
+        (
+            config({"a": OPENAI, "b": {"kind": "inprocess-image", "model": "m", "lora": "l"}}),
+            r"backends\.b: lora is loaded by the traced sampler",
+        ),
+        (
+            config(
+                {
+                    "a": OPENAI,
+                    "b": {"kind": "inprocess-image", "edit_model": "e", "traced": True},
+                }
+            ),
+            r"backends\.b: traced sampling needs model",
+        ),
     ],
 )
 def test_bad_configs_name_the_bad_key(data, message):
@@ -192,3 +205,31 @@ async def test_tiny_models_config_builds_in_process_backends(tiny_models, monkey
     assert 0.0 <= verdict.score <= 1.0
     planner.service.close()
     backends["generator"].service.close()
+
+
+async def test_traced_image_backends_from_config(tiny_sd3):
+    from nodes.backends.flow.backend import FlowImageModel
+
+    parsed = parse_config(
+        config(
+            {
+                "a": {"kind": "shapeworld"},
+                "b": {
+                    "kind": "inprocess-image",
+                    "model": str(tiny_sd3),
+                    "traced": True,
+                    "steps": 3,
+                    "device": "cpu",
+                },
+                "c": {**OMNI, "traced": True},
+            },
+            {**ROLE_TABLE, "editor": "c"},
+        ),
+        source="flow.toml",
+    )
+    backends = build_backends(parsed)
+    generator, editor = backends["generator"], backends["editor"]
+    assert isinstance(generator, FlowImageModel) and editor.traced
+    traced = await generator.generate_traced(ImageRequest("a red circle", 32, 32, seed=3))
+    assert traced.image.size == (32, 32) and len(traced.transitions) >= 1
+    generator.batcher.close()

@@ -91,6 +91,9 @@ class OpenAIBackend(_Remote):
 class OmniBackend(_Remote):
     kind: Literal["omni"]
     edit_size: Literal["input", "auto"] = "input"
+    traced: bool = False
+    """Ask the server for each image's diffusion transitions (``return_transitions``), so the
+    draw/refine steps record what Flow-GRPO trains on (``atelier serve image`` answers it)."""
 
 
 class InProcessLMBackend(_Strict):
@@ -118,11 +121,20 @@ class InProcessImageBackend(_Strict):
     max_batch: int = Field(4, ge=1)
     max_wait_ms: float = Field(10.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)
+    traced: bool = False
+    """Sample with the Flow-GRPO SDE sampler and record each image's transitions (a
+    flow-matching ``model``, e.g. SD3; edits are image-to-image on the same model)."""
+    lora: str | None = None
+    """A diffusion LoRA directory (``policies.diffusion_lora``) to load, with ``traced``."""
 
     @model_validator(mode="after")
     def _some_model(self) -> InProcessImageBackend:
         if self.model is None and self.edit_model is None:
             raise ValueError("set model and/or edit_model")
+        if self.traced and (self.model is None or self.edit_model is not None):
+            raise ValueError("traced sampling needs model (and no edit_model: it edits with it)")
+        if self.lora is not None and not self.traced:
+            raise ValueError("lora is loaded by the traced sampler: set traced = true")
         return self
 
 
@@ -205,7 +217,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             "inprocess-image",
         ):
             continue
-        for key in ("model", "edit_model"):
+        for key in ("model", "edit_model", "lora"):
             value = spec.get(key)
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
                 spec[key] = str((base / value).resolve())
@@ -337,6 +349,7 @@ def build_backend(name: str, spec: Any) -> Any:
             extra_body=spec.extra_body,
             edit_size=spec.edit_size,
             pool=_pool(spec),
+            traced=spec.traced,
         )
     if isinstance(spec, InProcessLMBackend):
         from nodes.backends.lm_inprocess import InProcessChatModel, LMService
@@ -353,6 +366,20 @@ def build_backend(name: str, spec: Any) -> Any:
         for adapter, path in spec.adapters.items():
             service.engine.load_adapter(adapter, path)
         return InProcessChatModel(service)
+    if isinstance(spec, InProcessImageBackend) and spec.traced:
+        from nodes.backends.flow.backend import FlowImageModel
+
+        return FlowImageModel.from_pretrained(
+            spec.model,
+            name=spec.name,
+            device=spec.device,
+            dtype=spec.dtype,
+            lora_dir=spec.lora,
+            max_batch=spec.max_batch,
+            max_wait_ms=spec.max_wait_ms,
+            torch_threads=spec.torch_threads,
+            **({"default_steps": spec.steps} if spec.steps else {}),
+        )
     if isinstance(spec, InProcessImageBackend):
         from nodes.backends.image_inprocess import InProcessImageModel
 
