@@ -476,6 +476,119 @@ def tiny_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _once("sd3", lambda: build_sd3(tmp_path_factory.mktemp("tiny-sd3")))
 
 
+def build_t5_tokenizer(directory: Path | None = None):
+    """A T5 (Unigram) tokenizer trained in-process on :func:`corpus` — ~200 pieces, ``<pad>`` 0,
+    ``</s>`` 1, ``<unk>`` 2 and T5's 100 sentinel tokens, as a real T5 tokenizer lays them out."""
+    from transformers import T5Tokenizer
+
+    tokenizer = T5Tokenizer().train_new_from_iterator(corpus(), vocab_size=300)
+    if directory is not None:
+        tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def build_flux(directory: Path, seed: int = 5) -> Path:
+    """A tiny FLUX.1-dev-shaped pipeline: ``FluxTransformer2DModel`` (1 double + 1 single block,
+    2 heads of 16, rope axes 4+6+6, guidance embedding as in the guidance-distilled dev model), a
+    16-channel VAE with scale factor 2 (so 32×32 images are 16×16×16 latents, packed 2×2 into 64
+    tokens of 64 channels), a tiny CLIP text model (its pooled output) and a tiny T5 encoder with
+    an in-process T5 tokenizer, and Flux's resolution-shifted ``FlowMatchEulerDiscreteScheduler``
+    (FLUX.1-dev's scheduler config)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = build_clip_tokenizer(Path(scratch))
+    tokenizer_2 = build_t5_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=tokenizer_2.pad_token_id,
+        )
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels × a 2×2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's width
+        pooled_projection_dim=32,  # CLIP's pooled width
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Flux pipeline directory, built once per test session."""
+    pytest.importorskip("diffusers")
+    return _once("flux", lambda: build_flux(tmp_path_factory.mktemp("tiny-flux")))
+
+
 if __name__ == "__main__":  # pragma: no cover - a helper for the example config
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/atelier-tiny")
     print(build_all(target))

@@ -74,13 +74,17 @@ def absent_components(model_dir: str | Path) -> dict[str, None]:
 
 def flow_model(pipe: Any, name: str) -> Any:
     """The :class:`~nodes.backends.flow.sampler.FlowModel` adapter for ``pipe``."""
+    from nodes.backends.flow.flux import FLUX_PIPELINES, FluxFlow
     from nodes.backends.flow.sampler import SD3Flow
 
     family = type(pipe).__name__
     if family.startswith("StableDiffusion3"):
         return SD3Flow(pipe, name)
+    if family in FLUX_PIPELINES:
+        return FluxFlow(pipe, name)
     raise ValueError(
-        f"traced (Flow-GRPO) sampling supports StableDiffusion3 pipelines, not {family}"
+        "traced (Flow-GRPO) sampling supports StableDiffusion3 pipelines and "
+        f"{' / '.join(FLUX_PIPELINES)}, not {family}"
     )
 
 

@@ -3,11 +3,14 @@ stored transition under the current weights.
 
 The sampler does not call the pipeline's ``__call__``: it runs the same three phases from the
 pipeline's parts so it can swap in the SDE step — encode the prompt (the pipeline's own
-``encode_prompt``), a denoising loop over the scheduler's own sigmas/timesteps with classifier-
-free guidance, and the VAE decode. What differs between model families (how the transformer is
-called, how latents are laid out) sits behind :class:`FlowModel`; :class:`SD3Flow` implements it
-for ``StableDiffusion3Pipeline`` (and its img2img variant, same components). A Flux adapter
-(packed latents, guidance embedding, text/image ids) plugs in the same way.
+``encode_prompt``), a denoising loop over the scheduler's own sigmas/timesteps with the family's
+guidance, and the VAE decode. What differs between model families (how the transformer is
+called and guided, how latents are laid out) sits behind :class:`FlowModel`; :class:`SD3Flow`
+implements it for ``StableDiffusion3Pipeline`` (and its img2img variant, same components) with
+classifier-free guidance, :class:`~nodes.backends.flow.flux.FluxFlow` for ``FluxPipeline``
+(packed latents, the distilled guidance embedding, text/image ids). The sampler keeps latents in
+the VAE's layout ``[C, h, w]`` for every family; an adapter that packs them does so inside
+``velocity``.
 
 Stochastic window (R3 trains with one stochastic high-noise step per image; Flow-GRPO-Fast does
 the same): of the steps in ``[window[0], window[1])`` — counted from the first step actually
@@ -86,9 +89,15 @@ class FlowModel(Protocol):
     def encode(self, prompt: str, negative_prompt: str) -> Conditioning: ...
 
     def velocity(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conditional, unconditional) velocities."""
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        guidance: torch.Tensor,
+    ) -> torch.Tensor:
+        """The velocity to step with, for latents ``[B, *latent_shape]``, the scheduler's
+        timesteps ``[B]`` and the guidance scales ``[B]``, applied the family's way (CFG for SD3,
+        the guidance embedding for guidance-distilled Flux)."""
         ...
 
     def latent_shape(self, width: int, height: int) -> tuple[int, ...]: ...
@@ -131,8 +140,12 @@ class SD3Flow:
         return Conditioning(embeds, pooled, negative, negative_pooled)
 
     def velocity(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        guidance: torch.Tensor,
+    ) -> torch.Tensor:
         # One transformer call for both halves, as the pipeline does for CFG.
         out = self.transformer(
             hidden_states=torch.cat([latents, latents]).to(self.dtype),
@@ -142,7 +155,7 @@ class SD3Flow:
             return_dict=False,
         )[0]
         uncond, conditional = out.chunk(2)
-        return conditional, uncond
+        return guided(conditional, uncond, guidance)
 
     def latent_shape(self, width: int, height: int) -> tuple[int, ...]:
         factor = self.pipe.vae_scale_factor
@@ -174,21 +187,32 @@ class SD3Flow:
         scheduler.set_timesteps(steps, device="cpu", **kwargs)
         return scheduler.timesteps.float().clone(), scheduler.sigmas.float().clone()
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        vae = self.pipe.vae
-        scaled = latents / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(images, output_type="pil")
+        return vae_decode(self.pipe, latents)
 
-    @torch.no_grad()
     def encode_image(self, images: Sequence[Image.Image], width: int, height: int) -> torch.Tensor:
-        vae = self.pipe.vae
-        pixels = self.pipe.image_processor.preprocess(
-            [img.convert("RGB") for img in images], height=height, width=width
-        ).to(device=self.device, dtype=vae.dtype)
-        latents = vae.encode(pixels).latent_dist.mean  # the mode: no randomness outside seeds
-        return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
+        return vae_encode(self.pipe, images, width, height, self.device)
+
+
+@torch.no_grad()
+def vae_decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """Images of latents in the VAE's layout (SD3 and Flux scale and shift them alike)."""
+    vae = pipe.vae
+    scaled = latents / vae.config.scaling_factor + vae.config.shift_factor
+    images = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(images, output_type="pil")
+
+
+@torch.no_grad()
+def vae_encode(
+    pipe: Any, images: Sequence[Image.Image], width: int, height: int, device: Any
+) -> torch.Tensor:
+    vae = pipe.vae
+    pixels = pipe.image_processor.preprocess(
+        [img.convert("RGB") for img in images], height=height, width=width
+    ).to(device=device, dtype=vae.dtype)
+    latents = vae.encode(pixels).latent_dist.mean  # the mode: no randomness outside seeds
+    return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
 
 
 def guided(conditional: torch.Tensor, uncond: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
@@ -287,7 +311,7 @@ class FlowSampler:
         for index in range(start, steps):
             sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
             t = timesteps[index].expand(len(jobs)).to(model.device)
-            velocity = guided(*model.velocity(latents, t, cond), guidance)
+            velocity = model.velocity(latents, t, cond, guidance)
             next_latents = sde.ode_step(latents, velocity, sigma, sigma_next)
             for row, job in enumerate(jobs):
                 if index - start not in stochastic[row]:
@@ -334,7 +358,7 @@ class FlowSampler:
         ]
 
     def recompute(self, transitions: Sequence[DiffusionTransition]) -> Recomputed:
-        """log π(x' | x) of stored transitions under the model's current weights, with CFG as
+        """log π(x' | x) of stored transitions under the model's current weights, guided as
         sampled (same prompt, negative prompt, guidance scale); differentiable."""
         model = self.model
         pairs = [unpack_latents(t.latents) for t in transitions]
@@ -345,7 +369,7 @@ class FlowSampler:
         )
         timesteps = torch.tensor([t.timestep for t in transitions], device=model.device)
         guidance = torch.tensor([t.guidance_scale for t in transitions], device=model.device)
-        velocity = guided(*model.velocity(latents, timesteps, cond), guidance)
+        velocity = model.velocity(latents, timesteps, cond, guidance)
         sigma = torch.tensor([t.sigma for t in transitions])
         sigma_next = torch.tensor([t.sigma_next for t in transitions])
         # Per-transition noise level and cap: a batch may mix draws sampled with different SDEs.
