@@ -1,21 +1,23 @@
 """Flow-GRPO training cost: seconds per optimizer step and peak memory.
 
-    PYTHONPATH=. python benchmarks/flow_grpo.py [--config tiny] [--device cpu] [--batch 8,16]
-                                               [--size 32] [--rank 8] [--repeats 5]
+    PYTHONPATH=. python benchmarks/flow_grpo.py [--config tiny] [--family sd3|flux] [--device cpu]
+                                               [--batch 8,16] [--size 32] [--rank 8] [--repeats 5]
     PYTHONPATH=. python benchmarks/flow_grpo.py --config sd3-medium --device cuda \\
                                                --dtype bfloat16 --size 512 --batch 1,4 --rank 32
 
 One optimizer step = recompute the log-probs of ``batch`` stored transitions under base + LoRA
-(one transformer call with CFG: 2 × batch rows), the reference means with the LoRA disabled
-(another, no grad), the loss, backward, AdamW — ``FlowGRPOTrainer._step`` as ``train`` runs it.
+(SD3: one transformer call with CFG, 2 × batch rows; Flux: batch rows, the guidance as an
+embedding), the reference means with the LoRA disabled (another, no grad), the loss, backward,
+AdamW — ``FlowGRPOTrainer._step`` as ``train`` runs it.
 
-``tiny``: the test suite's tiny SD3 pipeline (32×32 images, its real text encoders), the
-transitions sampled by the traced sampler. ``sd3-medium``: an SD3-medium-sized transformer
-(24 layers, hidden 1536, 16 latent channels; random weights, built from its config) with
-synthetic prompt embeddings of SD3's shapes (the text encoders are frozen and cached during
-training, so they are not part of a step); transitions are random latents at the schedule's
-first sigmas. CPU peak memory is the process's peak RSS (``ru_maxrss``, imports included), with
-the RSS before training for reference; on CUDA ``torch.cuda.max_memory_allocated``.
+``tiny``: the test suite's tiny SD3 pipeline, or with ``--family flux`` its tiny Flux pipeline
+(32×32 images, their real text encoders), the transitions sampled by the traced sampler.
+``sd3-medium``: an SD3-medium-sized transformer (24 layers, hidden 1536, 16 latent channels; random
+weights, built from its config) with synthetic prompt embeddings of SD3's shapes (the text encoders
+are frozen and cached during training, so they are not part of a step); transitions are random
+latents at the schedule's first sigmas. CPU peak memory is the process's peak RSS (``ru_maxrss``,
+imports included), with the RSS before training for reference; on CUDA
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -82,14 +84,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def tiny_setup(size: int, batch: int, rank: int) -> tuple[FlowGRPOTrainer, list[Any]]:
+def tiny_setup(
+    size: int, batch: int, rank: int, family: str = "sd3"
+) -> tuple[FlowGRPOTrainer, list[Any]]:
     from nodes.backends.flow.backend import load_pipeline
     from nodes.backends.flow.sampler import FlowSampler, SDEConfig
-    from tests.tiny_models import build_sd3
+    from tests.tiny_models import build_flux, build_sd3
 
-    directory = Path(tempfile.mkdtemp(prefix="flow-bench-")) / "sd3"
-    pipe = load_pipeline(build_sd3(directory))
-    trainer = FlowGRPOTrainer(pipe, FlowGRPOConfig(r=rank, alpha=2 * rank), name="tiny-sd3")
+    build = build_flux if family == "flux" else build_sd3
+    directory = Path(tempfile.mkdtemp(prefix="flow-bench-")) / family
+    pipe = load_pipeline(build(directory))
+    config = FlowGRPOConfig(r=rank, alpha=2 * rank)
+    trainer = FlowGRPOTrainer(pipe, config, name=f"tiny-{family}")
     sampler = FlowSampler(trainer.sampler.model, SDEConfig(window=(0, 3), count=1))
     traced = sampler.sample(
         [SampleJob(f"prompt {i % 4}", i) for i in range(batch)],
@@ -155,6 +161,9 @@ def measure(trainer: FlowGRPOTrainer, transitions: list[Any], repeats: int) -> l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=("tiny", "sd3-medium"), default="tiny")
+    parser.add_argument(
+        "--family", choices=("sd3", "flux"), default="sd3", help="tiny: which tiny pipeline"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", default="8,16", help="transitions per step, comma-separated")
@@ -166,10 +175,14 @@ def main() -> None:
         "--layers", type=int, default=None, help="sd3-medium: fewer layers (a quick CPU check)"
     )
     args = parser.parse_args()
+    if args.family != "sd3" and args.config != "tiny":
+        raise SystemExit("--family flux: only with --config tiny")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     label = args.config if args.layers is None else f"{args.config} ({args.layers} layers)"
+    if args.config == "tiny":
+        label = f"tiny {args.family}"
     print(
         "| config | device | dtype | image | LoRA rank | transitions/step | s/step | peak memory |"
     )
@@ -181,7 +194,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         before = rss_mb()
         if args.config == "tiny":
-            trainer, transitions = tiny_setup(args.size, batch, args.rank)
+            trainer, transitions = tiny_setup(args.size, batch, args.rank, args.family)
         else:
             trainer, transitions = synthetic_setup(
                 args.size, batch, args.rank, args.device, dtype, args.layers

@@ -195,3 +195,35 @@ def test_only_plain_flux_pipelines_are_traced(flux_pipe):
     with pytest.raises(ValueError, match="FluxFillPipeline"):
         flow_model(fill, "x")
     assert type(flow_model(flux_pipe, "x")).__name__ == "FluxFlow"
+
+
+def test_image_server_returns_flux_transitions_that_recompute_to_ratio_one(flux_pipe, tiny_flux):
+    """``atelier serve image`` with the tiny Flux: ``return_transitions`` samples with the Flux
+    adapter, and the transitions travel over HTTP and recompute to ratio 1 in another process's
+    sampler (here: another pipeline instance)."""
+    import httpx
+
+    from nodes.backends.flow.transitions import transition_from_json
+    from nodes.backends.http_common import BackgroundServer
+    from nodes.backends.image_inprocess import ImageService
+    from nodes.backends.image_server import create_image_app
+
+    service = ImageService.from_pretrained(
+        tiny_flux, name="tiny-flux", default_steps=STEPS, torch_threads=1
+    )
+    server = BackgroundServer(create_image_app(service)).start()
+    try:
+        body = {"prompt": "a red circle", "size": "32x32", "n": 2, "seed": 5,
+                "guidance_scale": 3.5, "return_transitions": True}  # fmt: skip
+        reply = httpx.post(server.url + "/v1/images/generations", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+    finally:
+        server.stop()
+        service.close()
+    data = reply.json()["data"]
+    transitions = [transition_from_json(t) for item in data for t in item["transitions"]]
+    assert [t.seed for t in transitions] == [5, 6] and transitions[0].model == "tiny-flux"
+    with torch.no_grad():
+        again = FlowSampler(flux_model(flux_pipe)).recompute(transitions).logprob
+    old = torch.tensor([t.logprob for t in transitions])
+    assert torch.allclose(torch.exp(again - old), torch.ones(2), atol=1e-5)
