@@ -68,6 +68,27 @@ def test_deterministic_sampler_reproduces_the_flux_pipeline(flux_pipe):
     assert np.abs(pixels(other.image) - pixels(traced[0].image)).max() > 1
 
 
+def test_without_a_guidance_embedding_the_sampler_still_reproduces_the_pipeline(flux_pipe):
+    """FLUX.1-schnell-style transformer (``guidance_embeds=False``): the guidance scale is not
+    passed at all, as the pipeline does."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(1)
+    config = {**flux_pipe.transformer.config, "guidance_embeds": False}
+    transformer = FluxTransformer2DModel.from_config(config)
+    pipe = FluxPipeline(**{**flux_pipe.components, "transformer": transformer})
+    pipe.set_progress_bar_config(disable=True)
+    sampler = FlowSampler(flux_model(pipe), SDEConfig(count=0))
+    traced = sampler.sample(
+        [SampleJob("a star", 2)], width=SIZE, height=SIZE, steps=2, guidance_scale=0.0
+    )[0]
+    expected = pipe(
+        "a star", height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(2),
+    ).images[0]  # fmt: skip
+    assert np.abs(pixels(traced.image) - pixels(expected)).max() <= 1
+
+
 def pack_by_hand(x: torch.Tensor) -> torch.Tensor:
     """[C, h, w] → [h/2 · w/2, 4C]: 2×2 patches, row-major, channels then the patch's rows and
     columns (Flux's layout, written out independently of the pipeline's helper)."""
