@@ -24,6 +24,7 @@ noise and then its SDE noise, so an image does not depend on what it was batched
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -78,6 +79,9 @@ class Conditioning:
 
 
 _COND_FIELDS = ("embeds", "pooled", "negative_embeds", "negative_pooled")
+
+CONDITIONING_CACHE_BYTES = 512 << 20
+"""Prompt embeddings kept per sampler (least recently used first out)."""
 
 
 class FlowModel(Protocol):
@@ -265,15 +269,29 @@ class FlowSampler:
         self.sde = sde_config or SDEConfig()
         self.lora: str | None = None
         """The active diffusion LoRA's name, recorded with each transition."""
-        self._cond_cache: dict[tuple[str, str], Conditioning] = {}
+        self._cond_cache: OrderedDict[tuple[str, str], tuple[Conditioning, int]] = OrderedDict()
+        self._cond_bytes = 0
 
     def conditioning(self, prompt: str, negative_prompt: str) -> Conditioning:
+        """The prompt's embeddings, from a least-recently-used cache bounded in bytes (the text
+        encoders are frozen, so an entry stays valid): at real Flux/SD3 sizes one prompt's T5
+        embeddings are megabytes, so a cache bounded by count could hold gigabytes."""
         key = (prompt, negative_prompt)
-        if key not in self._cond_cache:
-            if len(self._cond_cache) > 4096:  # frozen text encoders: a cache is always valid
-                self._cond_cache.clear()
-            self._cond_cache[key] = self.model.encode(prompt, negative_prompt)
-        return self._cond_cache[key]
+        found = self._cond_cache.get(key)
+        if found is not None:
+            self._cond_cache.move_to_end(key)
+            return found[0]
+        conditioning = self.model.encode(prompt, negative_prompt)
+        size = sum(
+            getattr(conditioning, name).numel() * getattr(conditioning, name).element_size()
+            for name in _COND_FIELDS
+        )
+        self._cond_cache[key] = (conditioning, size)
+        self._cond_bytes += size
+        while self._cond_bytes > CONDITIONING_CACHE_BYTES and len(self._cond_cache) > 1:
+            _, (_, evicted) = self._cond_cache.popitem(last=False)
+            self._cond_bytes -= evicted
+        return conditioning
 
     @torch.no_grad()
     def sample(
