@@ -113,3 +113,54 @@ def test_state_round_trips_through_json(prompt, seed, mode, images, reflections,
     again = ReasonerState.model_validate_json(state.model_dump_json())
     assert again == state
     assert ReasonerState.model_validate(state.model_dump(mode="json")) == state
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width × height`` but holds a few bytes of pixel data: what a
+    hostile or broken server sends to make a decoder allocate gigabytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_30000_by_30000_header_is_refused_before_any_pixel_is_decoded():
+    import resource
+
+    from nodes.backends.wire import ImageDecodeError, decode_b64_image, decode_image
+
+    hostile = _png_claiming(30000, 30000)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageDecodeError, match="900000000 pixels.*decompression.bomb"):
+        decode_image(hostile)
+    import base64
+
+    with pytest.raises(ImageDecodeError, match="decompression-bomb guard"):
+        decode_b64_image("data:image/png;base64," + base64.b64encode(hostile).decode())
+    # Nothing near the 2.7 GB those pixels would take was allocated.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+
+
+def test_broken_image_bytes_in_the_store_give_a_clear_error(tmp_path):
+    from PIL import Image
+
+    from storage.store import TrajectoryStore
+
+    store = TrajectoryStore(f"sqlite:///{tmp_path}/bad.db")
+    hostile = store.put_bytes(_png_claiming(30000, 30000))
+    with pytest.raises(Image.DecompressionBombError, match="decompression bomb"):
+        store.get(hostile)
+    truncated = store.put_bytes(_png_claiming(8, 8)[:30])
+    with pytest.raises(OSError):
+        store.get(truncated)
+    store.close()
