@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from storage.store import TrajectoryStore
 
 ATELIER = [sys.executable, "-m", "agent_graph.cli"]
@@ -32,6 +34,8 @@ def test_train_loop_then_train_from_a_stored_run(tmp_path):
         "4",
         "--out",
         "versions",
+        "--tensorboard",
+        "tb",
         db=db,
         cwd=tmp_path,
     )
@@ -41,6 +45,15 @@ def test_train_loop_then_train_from_a_stored_run(tmp_path):
     ]
     assert len(rows) == 3  # header + one row per iteration
     assert "uniform-mode@1" in rows[1] and "router@1" in rows[2]
+    # The same numbers as TensorBoard scalars, one point per iteration.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    accuracy = [e.value for e in events.Scalars("rollout/accuracy")]
+    printed = [float(row.split("|")[4]) for row in rows[1:]]
+    assert accuracy == pytest.approx(printed, abs=0.005)
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 1]
     assert (tmp_path / "versions" / "router-2" / "config.json").exists()
 
     store = TrajectoryStore(f"sqlite:///{db}")

@@ -67,6 +67,12 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
         default=Path("atelier-policies"),
         help="where policy versions are saved (default: atelier-policies/)",
     )
+    train.add_argument(
+        "--tensorboard",
+        type=Path,
+        metavar="DIR",
+        help="also write the training scalars as TensorBoard event files under DIR",
+    )
     add_db(train)
     train.set_defaults(handler=cmd_train)
     return train
@@ -107,8 +113,14 @@ def _run_table(store: Any, run_id: str) -> tuple[float, float, float, str]:
     )
 
 
+def _mode_shares(store: Any, run_id: str) -> dict[str, float]:
+    rows = store.trajectories(run=run_id)
+    modes = Counter(r.mode or "?" for r in rows)
+    return {f"share_{m}": modes[m] / max(len(rows), 1) for m in ("direct", "reflect", "decompose")}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from agent_graph.cli import CliError, _open_store, _resolve_run
+    from agent_graph.cli import CliError, _open_store
 
     for name in ("iterations", "per_category", "group_size"):
         if getattr(args, name) < 1:
@@ -125,9 +137,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.policy = "stop"
     args.policy = args.policy or "router"
     kind = "mode" if args.policy == "router" else "stop"
+    board = _tensorboard(args)
     store = _open_store(args, must_exist=args.world is None)
+    try:
+        return _train(args, store, kind, board)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _tensorboard(args: argparse.Namespace) -> Any:
+    if args.tensorboard is None:
+        return None
+    from agent_graph.cli import CliError
+    from training.tensorboard import TensorBoardLog, TensorBoardUnavailable
+
+    try:
+        return TensorBoardLog(args.tensorboard)
+    except TensorBoardUnavailable as exc:
+        raise CliError(str(exc)) from None
+
+
+def _train(args: argparse.Namespace, store: Any, kind: str, board: Any) -> int:
+    from agent_graph.cli import CliError, _resolve_run
+
     if args.tree_stage is not None:
-        return _train_tree(args, store)
+        return _train_tree(args, store, board)
     from training.trainer import GRPOTrainer, save_and_register
 
     trainer = GRPOTrainer(_initial_policy(args), _config(args))
@@ -139,6 +174,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not groups:
             raise CliError(f"no {kind} decision groups of 2 or more in {', '.join(args.run)}")
         result = trainer.train(groups)
+        if board is not None:
+            board.scalars(0, result.metrics, "train")
         policy = result.policy
         # Versions are unique per name in a store: a fresh policy trained here takes the next
         # free number rather than colliding with versions an earlier loop registered.
@@ -172,6 +209,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         )
     explore = UniformModePolicy() if kind == "mode" else UniformStopPolicy()
+
+    def logged(index: int, iteration: Any) -> None:
+        if board is None:
+            return
+        score, accuracy, images, _ = _run_table(store, iteration.run_id)
+        board.scalars(index, iteration.metrics, "train")
+        rollout = {"mean_V": score, "accuracy": accuracy, "mean_images": images}
+        rollout.update(_mode_shares(store, iteration.run_id))
+        board.scalars(index, rollout, "rollout")
+
     policy, log = asyncio.run(
         grpo_iterations(
             store,
@@ -181,6 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             first_behaviour=explore,
             budget=Budget(max_rounds=args.max_rounds),
             save_dir=args.out,
+            on_iteration=logged,
         )
     )
     print("| iteration | behaviour | mean V | accuracy | images | mode mix | trained |")
@@ -195,7 +243,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_tree(args: argparse.Namespace, store: Any) -> int:
+def _train_tree(args: argparse.Namespace, store: Any, board: Any = None) -> int:
     from agent_graph.cli import CliError, _resolve_run
     from policies.weights import next_version
     from training.trainer import GRPOTrainer
@@ -232,6 +280,9 @@ def _train_tree(args: argparse.Namespace, store: Any) -> int:
             save_dir=args.out,
         )
     )
+    if board is not None:
+        for index, it in enumerate(log):
+            board.scalars(index, {**it.metrics, "starts": it.starts}, "tree")
     print(
         "| iteration | behaviour | fork run | starts (perfect) | groups used | mean C | trained |"
     )

@@ -7,7 +7,7 @@ store holds are those of the policy being improved (on-policy GRPO).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +39,14 @@ async def grpo_iterations(
     budget: Budget | None = None,
     settings: GraphSettings | None = None,
     save_dir: str | Path | None = None,
+    on_iteration: Callable[[int, Iteration], None] | None = None,
 ) -> tuple[Any, list[Iteration]]:
     """One iteration per task batch; returns (the last policy version, per-iteration logs).
 
     ``kind`` "mode" trains the router, "stop" the stop policy (the other role keeps
     ShapeWorld's defaults). With ``save_dir``, every version is saved under
-    ``save_dir/<name>-<version>`` and registered in the store.
+    ``save_dir/<name>-<version>`` and registered in the store. ``on_iteration(index,
+    iteration)`` is called as each iteration ends (e.g. to log it live).
     """
     policy = trainer.policy.clone()
     log: list[Iteration] = []
@@ -71,4 +73,6 @@ async def grpo_iterations(
                 result.metrics,
             )
         )
+        if on_iteration is not None:
+            on_iteration(index, log[-1])
     return policy, log
