@@ -153,8 +153,8 @@ class FaultProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
+        if task is not None:  # always set inside a server callback; kept so shutdown can cancel
+            self._handlers.add(task)
         try:
             while await self._one_request(reader, writer):
                 pass
