@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, is_dataclass, replace
 from enum import Enum
@@ -16,6 +15,7 @@ from pydantic import BaseModel
 
 from agent_graph.context import ReasonerContext
 from agent_graph.graph import build_reasoner, step_limit
+from agent_graph.ids import time_ordered_id
 from agent_graph.recording import MemoryRecorder, RecordingFailed, StepRecord
 from agent_graph.state import Budget, ReasonerState, Task
 from nodes.common import derive_seed
@@ -290,7 +290,7 @@ def _model_types(model: type[BaseModel]) -> list[tuple[str, str]]:
 
 
 def _initial_state(task: Task, budget: Budget) -> ReasonerState:
-    return ReasonerState(trajectory_id=uuid.uuid4().hex, task=task, budget=budget)
+    return ReasonerState(trajectory_id=time_ordered_id(), task=task, budget=budget)
 
 
 class _NoProgress:

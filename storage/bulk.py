@@ -85,11 +85,90 @@ def bulk_insert(
         _executemany(conn, sql, params)
 
 
-def _executemany(conn: Connection, sql: str, params: list[list[Any]]) -> None:
+@lru_cache(maxsize=256)
+def _update_statement(
+    dialect: Dialect, table: Table, columns: tuple[str, ...], key: str
+) -> tuple[str, tuple[tuple[int, Processor], ...]]:
+    quote = dialect.identifier_preparer.quote
+    marker = "?" if dialect.paramstyle == "qmark" else "%s"
+    assignments = ", ".join(f"{quote(c)} = {marker}" for c in columns)
+    sql = f"UPDATE {quote(table.name)} SET {assignments} WHERE {quote(key)} = {marker}"
+    processors = []
+    for index, name in enumerate((*columns, key)):
+        processor = table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+        if processor is not None:
+            processors.append((index, processor))
+    return sql, tuple(processors)
+
+
+def bulk_update(conn: Connection, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> int:
+    """UPDATE ``table`` setting each row's other columns WHERE ``key`` = the row's ``key``
+    (one executemany per set of columns); returns how many rows matched in all."""
+    if not rows:
+        return 0
+    if conn.dialect.name not in BULK_DIALECTS:  # pragma: no cover - other dialects: plain Core
+        from sqlalchemy import bindparam, update
+
+        matched = 0
+        for row in rows:
+            values = {c: v for c, v in row.items() if c != key}
+            statement = update(table).where(table.c[key] == bindparam("_key")).values(values)
+            matched += conn.execute(statement, {"_key": row[key]}).rowcount
+        return matched
+    shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        shapes.setdefault(tuple(c for c in row if c != key), []).append(row)
+    matched = 0
+    for columns, group in shapes.items():
+        sql, processors = _update_statement(conn.dialect, table, columns, key)
+        params = []
+        for row in group:
+            values = [row[c] for c in columns]
+            values.append(row[key])
+            for index, processor in processors:
+                values[index] = processor(values[index])
+            params.append(values)
+        matched += _executemany(conn, sql, params)
+    return matched
+
+
+def select_text_column(
+    conn: Connection, table: Table, key: str, column: str, keys: Sequence[str]
+) -> dict[str, str]:
+    """{key: column} for the rows whose ``key`` is in ``keys``: both text columns (the values
+    come back as the driver returns them, with no result processing)."""
+    found: dict[str, str] = {}
+    if not keys:
+        return found
+    dialect = conn.dialect
+    quote = dialect.identifier_preparer.quote
+    marker = "?" if dialect.paramstyle == "qmark" else "%s"
+    dbapi_error = dialect.loaded_dbapi.Error
+    cursor = conn.connection.cursor()
+    try:
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            sql = (
+                f"SELECT {quote(key)}, {quote(column)} FROM {quote(table.name)} "
+                f"WHERE {quote(key)} IN ({', '.join([marker] * len(chunk))})"
+            )
+            try:
+                cursor.execute(sql, chunk)
+                found.update(cursor.fetchall())
+            except dbapi_error as exc:
+                raise DBAPIError.instance(sql, chunk, exc, dbapi_error) from exc
+    finally:
+        cursor.close()
+    return found
+
+
+def _executemany(conn: Connection, sql: str, params: list[list[Any]]) -> int:
+    """``cursor.executemany``; returns the rows it changed in all (both drivers sum them)."""
     dbapi_error = conn.dialect.loaded_dbapi.Error
     cursor = conn.connection.cursor()
     try:
         cursor.executemany(sql, params)
+        return int(cursor.rowcount)
     except dbapi_error as exc:
         raise DBAPIError.instance(sql, params[:1], exc, dbapi_error) from exc
     finally:

@@ -16,7 +16,7 @@ from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from storage.bulk import bulk_insert
+from storage.bulk import bulk_insert, bulk_update, select_text_column
 from storage.rows import StepRows, as_utc
 from storage.schema import (
     BlobData,
@@ -132,10 +132,8 @@ def write_batch(conn: Connection, rows: BatchRows) -> None:
 
 
 def _start(conn: Connection, starts: list[dict[str, Any]]) -> None:
-    ids = [row["id"] for row in starts]
-    existing = dict(
-        conn.execute(select(Trajectory.id, Trajectory.status).where(Trajectory.id.in_(ids))).all()
-    )
+    table = Trajectory.__table__
+    existing = select_text_column(conn, table, "id", "status", [row["id"] for row in starts])
     fresh = [row for row in starts if row["id"] not in existing]
     for row in starts:
         status = existing.get(row["id"])
@@ -151,34 +149,32 @@ def _start(conn: Connection, starts: list[dict[str, Any]]) -> None:
             .where(Trajectory.id == row["id"])
             .values(status="running", finished_at=None, error=None, run_id=row["run_id"])
         )
-    bulk_insert(conn, Trajectory.__table__, fresh)
+    bulk_insert(conn, table, fresh)
 
 
 def _finish(conn: Connection, finishes: list[tuple[str, dict[str, Any]]]) -> None:
-    """One executemany per shape of finish (with or without a final state)."""
-    ids = [trajectory_id for trajectory_id, _ in finishes]
-    started = dict(
-        conn.execute(
-            select(Trajectory.id, Trajectory.started_at).where(Trajectory.id.in_(ids))
-        ).all()
-    )
-    missing = sorted(set(ids) - started.keys())
+    """One executemany per shape of finish (with or without a final state). The recorder
+    knows each duration; only a finish without one reads ``started_at`` back."""
+    rows = [{**values, "id": trajectory_id} for trajectory_id, values in finishes]
+    unknown = [row for row in rows if row.get("duration_s") is None]
+    if unknown:
+        ids = [row["id"] for row in unknown]
+        started = dict(
+            conn.execute(
+                select(Trajectory.id, Trajectory.started_at).where(Trajectory.id.in_(ids))
+            ).all()
+        )
+        _refuse_unstarted(ids, started)
+        for row in unknown:
+            row["duration_s"] = (row["finished_at"] - as_utc(started[row["id"]])).total_seconds()
+    if bulk_update(conn, Trajectory.__table__, "id", rows) < len(rows):
+        ids = [row["id"] for row in rows]
+        _refuse_unstarted(
+            ids, set(conn.scalars(select(Trajectory.id).where(Trajectory.id.in_(ids))))
+        )
+
+
+def _refuse_unstarted(ids: Iterable[str], found: Iterable[str]) -> None:
+    missing = sorted(set(ids) - set(found))
     if missing:
         raise KeyError(f"finish_trajectory: no trajectory {missing[0]!r} was started")
-    shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for trajectory_id, values in finishes:
-        params = dict(values)
-        if params.get("duration_s") is None:
-            params["duration_s"] = (
-                params["finished_at"] - as_utc(started[trajectory_id])
-            ).total_seconds()
-        params["tid"] = trajectory_id
-        shapes.setdefault(tuple(sorted(values)), []).append(params)
-    table = Trajectory.__table__
-    for keys, params in shapes.items():
-        statement = (
-            update(table)
-            .where(table.c.id == bindparam("tid"))
-            .values({key: bindparam(key) for key in keys})
-        )
-        conn.execute(statement, params)

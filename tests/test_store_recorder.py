@@ -17,6 +17,7 @@ from nodes.common import NodeTrace
 from storage.images import ImageNotFound, MemoryImageStore
 from storage.recorder import RecorderBroken, RecorderClosed, SQLRecorder
 from storage.schema import Generation, Step, StepImage, Trajectory
+from storage.store import TrajectoryNotFound
 from storage.writes import TrajectoryExists
 from tests.pg import STOP, graph_context
 
@@ -252,3 +253,31 @@ async def test_step_stages_follow_the_method(store):
                     ("draw", "decompose"),
                 ]
                 assert ("refine", "decompose") in stages
+
+
+async def test_finishing_an_unknown_trajectory_fails_only_its_caller_and_others_get_durations(
+    store,
+):
+    async with SQLRecorder(store, "first") as recorder:
+        await recorder.start_trajectory(state("earlier"))
+        await recorder.record_step(step("earlier", 0))
+    async with SQLRecorder(store, "second") as recorder:
+        await recorder.start_trajectory(state("fresh"))
+        # Submitted together, so they share one batch: the bad finish must not sink the others.
+        outcomes = await asyncio.gather(
+            recorder.finish_trajectory("ghost", "failed", None, "never started"),
+            recorder.finish_trajectory("earlier", "failed", None, "given up"),
+            recorder.finish_trajectory("fresh", "succeeded", None, None),
+            return_exceptions=True,
+        )
+    assert isinstance(outcomes[0], KeyError) and "ghost" in str(outcomes[0])
+    assert outcomes[1:] == [None, None]
+    earlier, fresh = store.trajectory("earlier"), store.trajectory("fresh")
+    assert (earlier.status, earlier.error, fresh.status) == ("failed", "given up", "succeeded")
+    # "earlier" was not started by this recorder: its duration comes from the stored start.
+    assert earlier.duration_s == pytest.approx(
+        (earlier.finished_at - earlier.started_at).total_seconds(), abs=1e-3
+    )
+    assert 0 <= fresh.duration_s <= (fresh.finished_at - fresh.started_at).total_seconds() + 1e-3
+    with pytest.raises(TrajectoryNotFound):
+        store.trajectory("ghost")

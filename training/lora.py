@@ -85,6 +85,7 @@ async def collect(
     """Sample ``group_size`` completions of every prompt from ``client`` (a chat model with
     token ids and log-probs, e.g. ``OpenAIChatClient``) concurrently, and record each as a
     one-step trajectory in ``store``. Returns the run id."""
+    from agent_graph.ids import time_ordered_id
     from agent_graph.recording import StepRecord
     from agent_graph.state import ReasonerState, Task
     from nodes.backends.base import SamplingParams
@@ -103,7 +104,7 @@ async def collect(
             sample_index=k,
             seed=derive_seed(seed, index, k),
         )
-        state = ReasonerState(trajectory_id=uuid.uuid4().hex, task=task)
+        state = ReasonerState(trajectory_id=time_ordered_id(), task=task)
         await recorder.start_trajectory(state)
         trace = NodeTrace()
         started_at, started = time.time(), time.perf_counter()

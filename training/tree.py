@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_graph.context import GraphSettings
+from agent_graph.ids import time_ordered_id
 from agent_graph.rollout import run_config
 from agent_graph.state import Budget, ReasonerState
 from nodes.common import derive_seed
@@ -215,7 +215,7 @@ def fork_points(
             )
             forked = state.model_copy(
                 update={
-                    "trajectory_id": uuid.uuid4().hex,
+                    "trajectory_id": time_ordered_id(),
                     "task": task,
                 }
             )
