@@ -12,6 +12,9 @@ import os
 import sys
 from pathlib import Path
 
+from agent_graph.heap import freeze_startup_heap
+from agent_graph.ids import short_id
+
 MODES = ("auto", "direct", "reflect", "decompose", "random")
 
 
@@ -134,14 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(handler=cmd_ls)
 
     show = commands.add_parser("show", help="show one recorded trajectory, step by step")
-    show.add_argument("id", help="trajectory id or unique prefix")
+    show.add_argument("id", help="trajectory id, or a unique prefix or suffix (as `ls` shows)")
     _add_db(show)
     show.set_defaults(handler=cmd_show)
 
     view = commands.add_parser(
         "view", help="write a self-contained HTML page of a run or trajectory"
     )
-    view.add_argument("ref", help="run id/prefix/name, or trajectory id/prefix")
+    view.add_argument("ref", help="run id/prefix/name, or trajectory id/prefix/suffix")
     view.add_argument("--out", type=Path, help="HTML file (default: atelier-<ref>.html)")
     view.add_argument("--limit", type=int, default=500, help="most trajectories on the page")
     _add_db(view)
@@ -324,6 +327,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     console = Console()
     store = None if args.no_record else _open_store(args, must_exist=False)
+    freeze_startup_heap()
     report = asyncio.run(
         run_demo(
             args.per_category,
@@ -379,6 +383,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     store = _open_store(args, must_exist=False)
     requests: dict[str, dict[str, int]] = {}
     try:
+        freeze_startup_heap()
         run_id, results = asyncio.run(
             rollout(
                 store,
@@ -448,7 +453,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for t in rows:
         score = "" if t.score is None else f"{t.score:.2f}"
         table.add_row(
-            t.id[:12],
+            short_id(t.id),
             t.prompt[:60],
             t.mode or "",
             t.status,
@@ -512,6 +517,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run = _resolve_run(store, args.run)
     requests: dict[str, dict[str, int]] = {}
     try:
+        freeze_startup_heap()
         results = asyncio.run(
             resume_run(
                 store,

@@ -6,6 +6,10 @@ B-tree, so every group commit rewrites one index page per trajectory; ids that s
 creation time keep the trajectories in flight next to each other at the end of the tree, and a
 commit touches a handful of pages. The rest of the id is random: ids stay unguessable enough to
 be unique across processes and machines.
+
+The leading 12 hex digits are the creation millisecond, shared by the trajectories of a batch,
+so a short form of an id is its *tail* (:func:`short_id`); the store resolves a unique prefix or
+suffix (``TrajectoryStore.resolve_trajectory``).
 """
 
 from __future__ import annotations
@@ -28,3 +32,23 @@ def time_ordered_id() -> str:
     rand_b = random & ((1 << 62) - 1)
     value = (millis & ((1 << 48) - 1)) << 80 | _VERSION_7 | rand_a << 64 | _VARIANT_RFC | rand_b
     return uuid.UUID(int=value).hex
+
+
+SHORT_ID_LENGTH = 12
+
+
+def short_id(identifier: str) -> str:
+    """What the CLI shows of an id: the random tail of a UUID7 (its head is a timestamp that
+    ids made together share), the head of any other id (UUID4 ids of older stores, users' own)."""
+    if _is_uuid7_hex(identifier):
+        return identifier[-SHORT_ID_LENGTH:]
+    return identifier[:SHORT_ID_LENGTH]
+
+
+def _is_uuid7_hex(identifier: str) -> bool:
+    return (
+        len(identifier) == 32
+        and identifier[12] == "7"
+        and identifier[16] in "89ab"
+        and all(c in "0123456789abcdef" for c in identifier)
+    )

@@ -27,7 +27,7 @@ from agent_graph.state import ReasonerState, StopReason
 from nodes.common import TRACE_KEY, NodeTrace
 
 
-@dataclass
+@dataclass(slots=True)  # one per recorded step: no per-instance __dict__
 class StepRecord:
     trajectory_id: str
     seq: int

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent_graph.ids import short_id
 from agent_graph.recording import StepRecord
 from agent_graph.runner import TrajectoryResult
 
@@ -73,7 +74,8 @@ def print_trajectory(result: TrajectoryResult, console: Any = None) -> None:
     console.print(f"[bold]{result.task.prompt}[/bold]")
     mode = result.mode or "?"
     console.print(
-        f"trajectory {result.trajectory_id[:12]}  mode [bold]{mode}[/bold]  seed {result.task.seed}"
+        f"trajectory {short_id(result.trajectory_id)}  mode [bold]{mode}[/bold]  "
+        f"seed {result.task.seed}"
     )
     for step in result.steps:
         console.print(

@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py [--trajectories 1000] [--edits 2] [--repeats 3]
                                   [--concurrency 64] [--pg]   # --pg: also PostgreSQL
+                                  [--no-freeze]  # leave start-up objects to the collector
 
 Side by side in one run, interleaved, medians of ``--repeats``:
 - a bare LangGraph graph of the same topology (TypedDict state, functions that return the same
@@ -11,6 +12,10 @@ Side by side in one run, interleaved, medians of ``--repeats``:
 - Atelier's reasoner with no-op backends (answer at once; 8×8 images), recording off;
 - the same, recording every step into SQLite (WAL, group commit) and optionally PostgreSQL.
 Targets: Atelier without recording ≤ 1.3× bare LangGraph; recording adds ≤ 20%.
+
+Like the ``atelier`` commands that run graphs, the benchmark freezes the start-up heap
+(``agent_graph.heap``) before the first run, for every configuration alike; ``--no-freeze``
+measures without (full collections then walk every imported module's objects).
 """
 
 from __future__ import annotations
@@ -169,6 +174,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
     parser.add_argument("--pg", action="store_true", help="also record into PostgreSQL")
+    parser.add_argument("--no-freeze", action="store_true", help="do not gc.freeze() first")
     args = parser.parse_args()
     globals()["CONCURRENCY"] = args.concurrency
 
@@ -187,6 +193,14 @@ def main() -> None:
         pg.start()
         configs["Atelier + PostgreSQL"] = "pg"
     timings: dict[str, list[float]] = {name: [] for name in configs}
+    import langgraph.graph  # noqa: F401 - imported before freezing, as the CLI has it by then
+
+    import storage.recorder  # noqa: F401
+
+    if not args.no_freeze:
+        from agent_graph.heap import freeze_startup_heap
+
+        freeze_startup_heap()
     steps_per_run = 0
     for repeat in range(args.repeats):
         for name, kind in configs.items():

@@ -63,7 +63,7 @@ class RecorderStats:
         return self.records / self.commits if self.commits else 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     kind: str  # start | step | finish | flush | close
     payload: Any

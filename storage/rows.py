@@ -23,6 +23,7 @@ from storage.schema import derive_stage
 
 _UTC = timezone.utc
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_NO_DECISION: dict[str, Any] = {}
 DEFAULT_REDUCED_FIELDS = frozenset({"images", "reflections", "decisions"})
 """``ReasonerState``'s append-reduced fields, used when no state type is given."""
 
@@ -129,7 +130,7 @@ def finish_values(
     return values
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRows:
     trajectory_id: str
     step: dict[str, Any]
@@ -148,13 +149,13 @@ class StepRows:
 
 def step_rows(record: Any) -> StepRows:
     """Rows for one :class:`agent_graph.recording.StepRecord` (duck-typed: storage does not
-    import the graph)."""
+    import the graph). Runs once per recorded step on the writer thread: kept lean."""
     trace = record.trace
     update = record.update
-    decisions = update.get("decisions") or []
-    decision = decisions[-1] if decisions and isinstance(decisions[-1], dict) else {}
     tid, seq = record.trajectory_id, record.seq
-    texts = [generation.text for generation in trace.generations]
+    decisions = update.get("decisions")
+    decision = decisions[-1] if decisions and isinstance(decisions[-1], dict) else _NO_DECISION
+    generations = trace.generations
     step = {
         "trajectory_id": tid,
         "seq": seq,
@@ -163,17 +164,17 @@ def step_rows(record: Any) -> StepRows:
         # A delta step stores JSON null (the column stays NOT NULL: no table rebuild needed).
         "state_before": JSON.NULL if record.state_before is None else record.state_before,
         "state_update": update,
-        "text": "\n\n".join(texts) if texts else None,
+        "text": "\n\n".join([g.text for g in generations]) if generations else None,
         "latency_s": float(record.latency_s),
-        "started_at": utc(record.started_at),
+        "started_at": datetime.fromtimestamp(record.started_at, _UTC),
         "error": record.error,
         "models": list(trace.models),
         "policy": decision.get("policy"),
         "policy_version": decision.get("version"),
     }
-    rows = StepRows(tid, step, mode=update.get("mode") if "mode" in update else None)
-    for position, generation in enumerate(trace.generations):
-        token_ids, logprobs = tuple(generation.token_ids), tuple(generation.logprobs)
+    rows = StepRows(tid, step, mode=update.get("mode"))
+    for position, generation in enumerate(generations):
+        token_ids, logprobs = _sized(generation.token_ids), _sized(generation.logprobs)
         if logprobs and len(logprobs) != len(token_ids):
             raise ValueError(
                 f"step {seq} of {tid}: generation {position} has {len(token_ids)} token ids "
@@ -207,6 +208,10 @@ def step_rows(record: Any) -> StepRows:
     if getattr(trace, "transitions", None):
         rows.blobs, rows.transitions = transition_rows(tid, seq, trace.transitions)
     return rows
+
+
+def _sized(values: Any) -> Sequence[Any]:
+    return values if isinstance(values, (tuple, list)) else tuple(values)
 
 
 def reduced_fields(state_type: Any = None) -> frozenset[str]:

@@ -243,19 +243,22 @@ class TrajectoryStore(SQLImageStore):
         raise KeyError(f"{'ambiguous' if ids else 'no'} run {ref!r}")
 
     def resolve_trajectory(self, ref: str) -> str:
-        """A trajectory id from an id or a unique id prefix."""
+        """A trajectory id from an id, a unique id prefix, or a unique id suffix (time-ordered
+        ids share their leading timestamp digits: the CLI shows their random tail)."""
+        if not ref:
+            raise TrajectoryNotFound("no trajectory ''")
+        ids: list[str] = []
         with self.db.read() as conn:
-            ids = (
-                conn.execute(
-                    select(Trajectory.id)
-                    .where(Trajectory.id.startswith(ref, autoescape=True))
-                    .limit(2)
+            for match in (Trajectory.id.startswith, Trajectory.id.endswith):
+                ids = list(
+                    conn.execute(select(Trajectory.id).where(match(ref, autoescape=True)).limit(2))
+                    .scalars()
+                    .all()
                 )
-                .scalars()
-                .all()
-            )
-        if ref in ids or len(ids) == 1:
-            return ref if ref in ids else ids[0]
+                if ref in ids or len(ids) == 1:
+                    return ref if ref in ids else ids[0]
+                if ids:
+                    break
         raise TrajectoryNotFound(f"{'ambiguous' if ids else 'no'} trajectory {ref!r}")
 
     def finish_run(self, run_id: str, status: str = "finished") -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agent_graph.ids import short_id
 from storage.store import TrajectoryStore
 
 ATELIER = [sys.executable, "-m", "agent_graph.cli"]
@@ -62,7 +63,8 @@ def test_runs_ls_show_read_the_store(demo_db):
     run = store.resolve_run("demo-reflect")
     edited = next(t for t in store.trajectories(run=run.id) if t.image_count > 1)
     store.close()
-    shown = atelier("show", edited.id[:10], db=demo_db)
+    assert short_id(edited.id) in listed.stdout  # the id `ls` shows, as users copy it
+    shown = atelier("show", short_id(edited.id), db=demo_db)
     assert shown.returncode == 0, shown.stderr
     assert edited.prompt in shown.stdout and "reflection" in shown.stdout
     assert shown.stdout.count(" refine ") == edited.image_count - 1

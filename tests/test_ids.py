@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 import uuid
 
+import pytest
+
 import agent_graph.ids as ids
-from agent_graph.ids import time_ordered_id
+from agent_graph.ids import short_id, time_ordered_id
 
 
 def test_ids_are_version_7_uuids_with_the_rfc_variant():
@@ -37,3 +39,40 @@ def test_the_random_tail_differs_within_one_millisecond(monkeypatch):
     monkeypatch.setattr(ids.time, "time_ns", lambda: 1_795_000_000_000_000_000)
     tails = {uuid.UUID(time_ordered_id()).int & ((1 << 80) - 1) for _ in range(1000)}
     assert len(tails) == 1000
+
+
+def test_short_ids_are_the_random_tail_of_uuid7_and_the_head_of_others():
+    made_together = [time_ordered_id() for _ in range(500)]
+    shorts = {short_id(i) for i in made_together}
+    assert len(shorts) == 500  # the heads are timestamps: only the tails tell them apart
+    assert all(i.endswith(short_id(i)) and len(short_id(i)) == 12 for i in made_together)
+    old = uuid.uuid4().hex
+    assert short_id(old) == old[:12]
+    assert short_id("my-own-id") == "my-own-id"
+
+
+def test_the_store_resolves_a_unique_prefix_or_suffix(store):
+    from agent_graph.state import ReasonerState, Task
+    from storage.recorder import SQLRecorder
+    from storage.store import TrajectoryNotFound
+
+    ids = [time_ordered_id() for _ in range(3)]
+
+    async def record() -> None:
+        async with SQLRecorder(store, "r") as recorder:
+            for tid in ids:
+                await recorder.start_trajectory(
+                    ReasonerState(trajectory_id=tid, task=Task(prompt="p", group_id="g"))
+                )
+
+    import asyncio
+
+    asyncio.run(record())
+    for tid in ids:
+        assert store.resolve_trajectory(tid) == tid
+        assert store.resolve_trajectory(short_id(tid)) == tid
+    shared_head = ids[0][:8]  # the same second: a prefix every id has
+    with pytest.raises(TrajectoryNotFound, match="ambiguous"):
+        store.resolve_trajectory(shared_head)
+    with pytest.raises(TrajectoryNotFound, match="no trajectory"):
+        store.resolve_trajectory("f" * 40)

@@ -12,6 +12,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from agent_graph.heap import freeze_startup_heap
+
 POLICIES = ("router", "stop")
 
 
@@ -219,6 +221,7 @@ def _train(args: argparse.Namespace, store: Any, kind: str, board: Any) -> int:
         rollout.update(_mode_shares(store, iteration.run_id))
         board.scalars(index, rollout, "rollout")
 
+    freeze_startup_heap()
     policy, log = asyncio.run(
         grpo_iterations(
             store,
@@ -266,6 +269,7 @@ def _train_tree(args: argparse.Namespace, store: Any, board: Any = None) -> int:
             "start from the newest version"
         )
     trainer = GRPOTrainer(policy, stage_config(_config(args), args.tree_stage))
+    freeze_startup_heap()
     policy, log = asyncio.run(
         tree_iterations(
             store,
