@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import timezone
 from typing import Any, TypeVar, cast
@@ -96,6 +96,10 @@ _SUMMARY = (
 )
 
 _UTC = timezone.utc
+
+_IN_CHUNK = 500
+"""Ids per ``IN (...)`` list: well under SQLite's bound-variable limit (32766; 999 before
+3.32), and a plan PostgreSQL handles well."""
 
 
 class TrajectoryNotFound(KeyError):
@@ -348,99 +352,158 @@ class TrajectoryStore(SQLImageStore):
         return groups
 
     def trajectory(self, trajectory_id: str) -> TrajectoryDetail:
+        return self.trajectory_details([trajectory_id])[trajectory_id]
+
+    def trajectory_details(self, trajectory_ids: Sequence[str]) -> dict[str, TrajectoryDetail]:
+        """``{id: store.trajectory(id)}`` for many trajectories, read in one transaction with a
+        few chunked queries instead of a handful per trajectory. Raises
+        :class:`TrajectoryNotFound` for an unknown id, as :meth:`trajectory` does."""
+        ids = list(dict.fromkeys(trajectory_ids))
         with self.db.read() as conn:
-            row = conn.execute(
-                select(*_SUMMARY, Trajectory.initial_state, Trajectory.final_state).where(
-                    Trajectory.id == trajectory_id
+            rows = {
+                row.id: row
+                for chunk in _chunks(ids)
+                for row in conn.execute(
+                    select(*_SUMMARY, Trajectory.initial_state, Trajectory.final_state).where(
+                        _among(Trajectory.id, chunk)
+                    )
                 )
-            ).first()
-            if row is None:
-                raise TrajectoryNotFound(trajectory_id)
-            steps = self._steps(conn, trajectory_id)
-            rewards = self._rewards(conn, trajectory_id, None)
-        summary = _summary(row)
-        return TrajectoryDetail(
-            **{f.name: getattr(summary, f.name) for f in fields(TrajectorySummary)},
-            initial_state=row.initial_state,
-            final_state=row.final_state,
-            steps=steps,
-            reward_records=rewards,
-        )
+            }
+            missing = [tid for tid in ids if tid not in rows]
+            if missing:
+                raise TrajectoryNotFound(missing[0])
+            steps = self._steps_many(
+                conn, ids, lambda wanted: {tid: rows[tid].initial_state for tid in wanted}
+            )
+            rewards: dict[str, list[RewardInfo]] = {tid: [] for tid in ids}
+            for reward in self._rewards(conn, ids, None):
+                rewards[reward.trajectory_id].append(reward)
+        details = {}
+        for tid in ids:
+            row = rows[tid]
+            summary = _summary(row)
+            details[tid] = TrajectoryDetail(
+                **{f.name: getattr(summary, f.name) for f in fields(TrajectorySummary)},
+                initial_state=row.initial_state,
+                final_state=row.final_state,
+                steps=steps[tid],
+                reward_records=rewards[tid],
+            )
+        return details
 
     def steps(self, trajectory_id: str) -> list[StepInfo]:
-        with self.db.read() as conn:
-            return self._steps(conn, trajectory_id)
+        """The trajectory's steps by ``seq``, each with its full ``state_before`` (rebuilt from
+        snapshots and deltas); ``[]`` for a trajectory without steps or an unknown id."""
+        return self.steps_many([trajectory_id])[trajectory_id]
 
-    def _steps(self, conn: Connection, trajectory_id: str) -> list[StepInfo]:
-        generations: dict[int, list[GenerationInfo]] = {}
-        query = (
-            select(Generation.__table__)
-            .where(Generation.trajectory_id == trajectory_id)
-            .order_by(Generation.step_seq, Generation.position)
-        )
-        for g in conn.execute(query):
-            generations.setdefault(g.step_seq, []).append(
-                GenerationInfo(
-                    g.position,
-                    g.role,
-                    g.text,
-                    g.model,
-                    g.latency_s,
-                    unpack_ids(g.token_ids),
-                    unpack_logprobs(g.logprobs),
+    def steps_many(self, trajectory_ids: Sequence[str]) -> dict[str, list[StepInfo]]:
+        """``{id: store.steps(id)}`` for many trajectories, read in one transaction with a few
+        chunked queries (at most ``_IN_CHUNK`` ids each) instead of three or four per
+        trajectory. Every id is a key (``[]`` for one without steps or unknown)."""
+        with self.db.read() as conn:
+            return self._steps_many(conn, trajectory_ids)
+
+    def _steps_many(
+        self,
+        conn: Connection,
+        trajectory_ids: Sequence[str],
+        initial_states: Callable[[list[str]], dict[str, Any]] | None = None,
+    ) -> dict[str, list[StepInfo]]:
+        """Steps of many trajectories in ``conn``'s transaction. ``initial_states`` (ids ->
+        their initial states) replaces the query for them when the caller has them already;
+        either way they are asked for only for trajectories whose first step is a delta."""
+        ids = list(dict.fromkeys(trajectory_ids))
+        generations: dict[tuple[str, int], list[GenerationInfo]] = {}
+        images: dict[tuple[str, int, str], list[StoredImage]] = {}
+        steps: dict[str, list[Row[Any]]] = {tid: [] for tid in ids}
+        for chunk in _chunks(ids):
+            query = (
+                select(Generation.__table__)
+                .where(_among(Generation.trajectory_id, chunk))
+                .order_by(Generation.trajectory_id, Generation.step_seq, Generation.position)
+            )
+            for g in conn.execute(query):
+                generations.setdefault((g.trajectory_id, g.step_seq), []).append(
+                    GenerationInfo(
+                        g.position,
+                        g.role,
+                        g.text,
+                        g.model,
+                        g.latency_s,
+                        unpack_ids(g.token_ids),
+                        unpack_logprobs(g.logprobs),
+                    )
+                )
+            query = (
+                select(
+                    StepImage.trajectory_id,
+                    StepImage.step_seq,
+                    StepImage.direction,
+                    Image.sha256,
+                    Image.width,
+                    Image.height,
+                    Image.size,
+                )
+                .join(Image, Image.sha256 == StepImage.ref)
+                .where(_among(StepImage.trajectory_id, chunk))
+                .order_by(
+                    StepImage.trajectory_id,
+                    StepImage.step_seq,
+                    StepImage.direction,
+                    StepImage.position,
                 )
             )
-        images: dict[tuple[int, str], list[StoredImage]] = {}
-        query = (
-            select(
-                StepImage.step_seq,
-                StepImage.direction,
-                Image.sha256,
-                Image.width,
-                Image.height,
-                Image.size,
+            for r in conn.execute(query):
+                images.setdefault((r.trajectory_id, r.step_seq, r.direction), []).append(
+                    StoredImage(r.sha256, r.width, r.height, r.size, self.get)
+                )
+            query = (
+                select(Step.__table__)
+                .where(_among(Step.trajectory_id, chunk))
+                .order_by(Step.trajectory_id, Step.seq)
             )
-            .join(Image, Image.sha256 == StepImage.ref)
-            .where(StepImage.trajectory_id == trajectory_id)
-            .order_by(StepImage.step_seq, StepImage.direction, StepImage.position)
-        )
-        for r in conn.execute(query):
-            images.setdefault((r.step_seq, r.direction), []).append(
-                StoredImage(r.sha256, r.width, r.height, r.size, self.get)
+            for s in conn.execute(query):
+                steps[s.trajectory_id].append(s)
+        # Only a trajectory whose first step is a delta replays from its initial state.
+        wanted = [tid for tid, rows in steps.items() if rows and rows[0].state_before is None]
+        initial: dict[str, Any] = {}
+        if wanted and initial_states is not None:
+            initial = initial_states(wanted)
+        elif wanted:
+            for chunk in _chunks(wanted):
+                query = select(Trajectory.id, Trajectory.initial_state).where(
+                    _among(Trajectory.id, chunk)
+                )
+                initial.update((row.id, row.initial_state) for row in conn.execute(query))
+        result: dict[str, list[StepInfo]] = {}
+        for tid, rows in steps.items():
+            states = replay_states(
+                lambda tid=tid: initial.get(tid),
+                [(s.state_before, s.state_update) for s in rows],
+                DEFAULT_REDUCED_FIELDS,
             )
-        steps = list(
-            conn.execute(
-                select(Step.__table__).where(Step.trajectory_id == trajectory_id).order_by(Step.seq)
-            )
-        )
-        states = replay_states(
-            lambda: conn.scalar(
-                select(Trajectory.initial_state).where(Trajectory.id == trajectory_id)
-            ),
-            [(s.state_before, s.state_update) for s in steps],
-            DEFAULT_REDUCED_FIELDS,
-        )
-        return [
-            StepInfo(
-                trajectory_id=s.trajectory_id,
-                seq=s.seq,
-                node=s.node,
-                stage=s.stage,
-                started_at=as_utc(s.started_at),
-                latency_s=s.latency_s,
-                text=s.text,
-                error=s.error,
-                models=list(s.models or []),
-                policy=s.policy,
-                policy_version=s.policy_version,
-                state_before=state_before,
-                update=s.state_update,
-                generations=generations.get(s.seq, []),
-                images_in=images.get((s.seq, "in"), []),
-                images_out=images.get((s.seq, "out"), []),
-            )
-            for s, state_before in zip(steps, states, strict=True)
-        ]
+            result[tid] = [
+                StepInfo(
+                    trajectory_id=s.trajectory_id,
+                    seq=s.seq,
+                    node=s.node,
+                    stage=s.stage,
+                    started_at=as_utc(s.started_at),
+                    latency_s=s.latency_s,
+                    text=s.text,
+                    error=s.error,
+                    models=list(s.models or []),
+                    policy=s.policy,
+                    policy_version=s.policy_version,
+                    state_before=state_before,
+                    update=s.state_update,
+                    generations=generations.get((tid, s.seq), []),
+                    images_in=images.get((tid, s.seq, "in"), []),
+                    images_out=images.get((tid, s.seq, "out"), []),
+                )
+                for s, state_before in zip(rows, states, strict=True)
+            ]
+        return result
 
     def last_state_dict(
         self, trajectory_id: str, state_type: type[BaseModel] | None = None
@@ -537,17 +600,24 @@ class TrajectoryStore(SQLImageStore):
         self, trajectory_id: str | None = None, name: str | None = None
     ) -> list[RewardInfo]:
         with self.db.read() as conn:
-            return self._rewards(conn, trajectory_id, name)
+            return self._rewards(conn, None if trajectory_id is None else [trajectory_id], name)
 
     def _rewards(
-        self, conn: Connection, trajectory_id: str | None, name: str | None
+        self, conn: Connection, trajectory_ids: Sequence[str] | None, name: str | None
     ) -> list[RewardInfo]:
+        """Rewards by id; of these trajectories only (chunked ``IN`` queries) when given."""
         query = select(Reward.__table__).order_by(Reward.id)
-        if trajectory_id is not None:
-            query = query.where(Reward.trajectory_id == trajectory_id)
         if name is not None:
             query = query.where(Reward.name == name)
-        return [_reward(r) for r in conn.execute(query)]
+        if trajectory_ids is None:
+            return [_reward(r) for r in conn.execute(query)]
+        rewards = [
+            _reward(r)
+            for chunk in _chunks(trajectory_ids)
+            for r in conn.execute(query.where(_among(Reward.trajectory_id, chunk)))
+        ]
+        rewards.sort(key=lambda r: r.id)
+        return rewards
 
     def register_policy_version(
         self,
@@ -591,6 +661,17 @@ class TrajectoryStore(SQLImageStore):
                 )
                 for p in conn.execute(query)
             ]
+
+
+def _chunks(ids: Sequence[str], size: int = _IN_CHUNK) -> Iterator[Sequence[str]]:
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
+def _among(column: Any, ids: Sequence[str]) -> Any:
+    """``column IN ids``; ``column = id`` for one id (a cached statement: the single-trajectory
+    reads take this path)."""
+    return column == ids[0] if len(ids) == 1 else column.in_(ids)
 
 
 def _insert_run(conn: Connection, row: dict[str, Any]) -> None:

@@ -212,8 +212,9 @@ def flow_groups(
                 if r.step_seq is not None
             }
             samples = []
+            steps_of = store.steps_many(ids)
             for member in members:
-                for step in store.steps(member.id):
+                for step in steps_of[member.id]:
                     key = (member.id, step.seq)
                     if step.node != node or key not in by_step:
                         continue

@@ -11,15 +11,44 @@ group's reward baseline; it just contributes no term to the loss.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from policies.base import ModeObservation, StopObservation
 from training.rewards import trajectory_format_reward
 
 DecisionKind = Literal["mode", "stop"]
 Observation = ModeObservation | StopObservation
+T = TypeVar("T")
+
+READ_BATCH = 1000
+"""Trajectories read back per bulk store call (``steps_many``, ``trajectory_details``): a few
+queries per batch rather than several per trajectory, with the steps of only one batch in
+memory at a time."""
+
+
+def batches(items: Sequence[T], size: int = READ_BATCH) -> Iterator[Sequence[T]]:
+    """``items`` in consecutive slices of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def group_batches(
+    groups: Iterable[tuple[str, Sequence[T]]], size: int = READ_BATCH
+) -> Iterator[list[tuple[str, Sequence[T]]]]:
+    """Consecutive runs of whole groups (id, members) with at most ``size`` members in all (a
+    larger group alone), so that one bulk read serves every member of a batch."""
+    batch: list[tuple[str, Sequence[T]]] = []
+    count = 0
+    for group in groups:
+        if batch and count + len(group[1]) > size:
+            yield batch
+            batch, count = [], 0
+        batch.append(group)
+        count += len(group[1])
+    if batch:
+        yield batch
 
 
 @dataclass(frozen=True)
@@ -161,35 +190,40 @@ def decision_groups(
     run_ids = [runs] if isinstance(runs, str) else list(runs)
     groups: list[DecisionGroup] = []
     for run_id in run_ids:
-        for group_id, summaries in store.groups(run=run_id, status=status).items():
-            if len(summaries) < min_size:
-                continue
-            members = []
-            for summary in summaries:
-                detail = store.trajectory(summary.id)
-                members.append(
-                    Member(
-                        trajectory_id=detail.id,
-                        sample_index=detail.sample_index,
-                        status=detail.status,
-                        mode=detail.mode,
-                        image_count=detail.image_count,
-                        rewards=member_rewards(detail),
-                        decisions=trajectory_decisions(
-                            detail, kind, policy=policy, version=version
-                        ),
+        stored = [
+            (group_id, summaries)
+            for group_id, summaries in store.groups(run=run_id, status=status).items()
+            if len(summaries) >= min_size
+        ]
+        for batch in group_batches(stored):
+            details = store.trajectory_details([s.id for _, members in batch for s in members])
+            for group_id, summaries in batch:
+                members = []
+                for summary in summaries:
+                    detail = details[summary.id]
+                    members.append(
+                        Member(
+                            trajectory_id=detail.id,
+                            sample_index=detail.sample_index,
+                            status=detail.status,
+                            mode=detail.mode,
+                            image_count=detail.image_count,
+                            rewards=member_rewards(detail),
+                            decisions=trajectory_decisions(
+                                detail, kind, policy=policy, version=version
+                            ),
+                        )
                     )
+                group = DecisionGroup(
+                    run_id=run_id,
+                    group_id=group_id,
+                    prompt=summaries[0].prompt,
+                    category=summaries[0].category,
+                    kind=kind,
+                    members=tuple(members),
                 )
-            group = DecisionGroup(
-                run_id=run_id,
-                group_id=group_id,
-                prompt=summaries[0].prompt,
-                category=summaries[0].category,
-                kind=kind,
-                members=tuple(members),
-            )
-            if group.decision_count:
-                groups.append(group)
+                if group.decision_count:
+                    groups.append(group)
     return groups
 
 

@@ -150,9 +150,8 @@ def target_fraction(target_ids: Iterable[int], stop_ids: Iterable[int] = ()) -> 
     return reward
 
 
-def _generation(store: Any, trajectory_id: str) -> Any:
+def _generation(trajectory_id: str, steps: Sequence[Any]) -> Any:
     """The trajectory's sampled completion (its first step's first generation)."""
-    steps = store.trajectory(trajectory_id).steps
     if not steps or not steps[0].generations:
         raise ValueError(f"trajectory {trajectory_id} has no recorded generation")
     return steps[0].generations[0]
@@ -162,12 +161,15 @@ def score_run(store: Any, run_id: str, reward: Reward, name: str = DEFAULT_REWAR
     """Compute ``reward`` of every recorded completion of the run and store it as the
     trajectory reward ``name``; returns how many were scored."""
     from storage.store import RewardInput
+    from training.groups import batches
 
     rows = []
-    for summary in store.trajectories(run=run_id):
-        generation = _generation(store, summary.id)
-        value = float(reward(generation.text, generation.token_ids))
-        rows.append(RewardInput(summary.id, name, value, source="training.lora"))
+    for batch in batches(store.trajectories(run=run_id)):
+        steps_of = store.steps_many([summary.id for summary in batch])
+        for summary in batch:
+            generation = _generation(summary.id, steps_of[summary.id])
+            value = float(reward(generation.text, generation.token_ids))
+            rows.append(RewardInput(summary.id, name, value, source="training.lora"))
     store.add_rewards(rows)
     return len(rows)
 
@@ -203,8 +205,9 @@ def load_groups(store: Any, run_id: str, reward: str = DEFAULT_REWARD) -> list[T
     groups = []
     for group_id, members in store.groups(run=run_id).items():
         completions = []
+        steps_of = store.steps_many([member.id for member in members])
         for member in members:
-            generation = _generation(store, member.id)
+            generation = _generation(member.id, steps_of[member.id])
             if len(generation.logprobs) != len(generation.token_ids):
                 raise ValueError(f"trajectory {member.id}: no sampling log-probs stored")
             if reward not in member.rewards:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -46,7 +46,13 @@ from agent_graph.rollout import run_config
 from agent_graph.state import Budget, ReasonerState
 from nodes.common import derive_seed
 from nodes.reflect import reflection_target
-from training.groups import DecisionGroup, Member, trajectory_decisions
+from training.groups import (
+    DecisionGroup,
+    Member,
+    batches,
+    group_batches,
+    trajectory_decisions,
+)
 from training.rewards import correction, reflection_format_reward, reflection_reward
 
 STAGE_DECISIONS = {"reflect_refine": "stop"}
@@ -109,33 +115,40 @@ def stage_start_states(
     run_ids = [runs] if isinstance(runs, str) else list(runs)
     found: list[StartState] = []
     for run_id in run_ids:
-        for summary in store.trajectories(run=run_id, status=status):
-            steps = store.steps(summary.id)
-            for before, step in pairwise(steps):
-                if step.node != "reflect" or before.node not in IMAGE_NODES:
-                    continue
-                state = ReasonerState.model_validate(step.state_before)
-                current = state.current_image
-                if current is None or current.score is None:
-                    continue  # no V̂: the graph did not score images
-                if reflection_target(state) != state.task.prompt:
-                    continue  # inside a decomposition: V̂ (the prompt's score) says nothing
-                if rounds is not None and state.rounds != rounds:
-                    continue
-                found.append(
-                    StartState(
-                        trajectory_id=summary.id,
-                        step_seq=before.seq,
-                        node=before.node,
-                        from_stage=before.stage,
-                        state=step.state_before,
-                        score=float(current.score),
-                        rounds=state.rounds,
-                    )
-                )
+        summaries = store.trajectories(run=run_id, status=status)
+        for batch in batches(summaries):
+            steps_of = store.steps_many([summary.id for summary in batch])
+            for summary in batch:
+                found.extend(_start_states(summary.id, steps_of[summary.id], rounds))
     # Trajectory ids and start times differ between otherwise identical runs; the tasks do not.
     found.sort(key=_stable_key)
     return found
+
+
+def _start_states(
+    trajectory_id: str, steps: Sequence[Any], rounds: int | None
+) -> Iterator[StartState]:
+    """The start states among one trajectory's stored steps."""
+    for before, step in pairwise(steps):
+        if step.node != "reflect" or before.node not in IMAGE_NODES:
+            continue
+        state = ReasonerState.model_validate(step.state_before)
+        current = state.current_image
+        if current is None or current.score is None:
+            continue  # no V̂: the graph did not score images
+        if reflection_target(state) != state.task.prompt:
+            continue  # inside a decomposition: V̂ (the prompt's score) says nothing
+        if rounds is not None and state.rounds != rounds:
+            continue
+        yield StartState(
+            trajectory_id=trajectory_id,
+            step_seq=before.seq,
+            node=before.node,
+            from_stage=before.stage,
+            state=step.state_before,
+            score=float(current.score),
+            rounds=state.rounds,
+        )
 
 
 def _stable_key(start: StartState) -> tuple[str, int, int, int]:
@@ -342,41 +355,46 @@ def stage_groups(
     run_ids = [runs] if isinstance(runs, str) else list(runs)
     keyed: list[tuple[tuple[str, int], DecisionGroup]] = []
     for run_id in run_ids:
-        for point, summaries in store.groups(run=run_id, status=status).items():
-            if len(summaries) < min_size:
-                continue
-            members = []
-            seeds = []
-            for summary in summaries:
-                detail = store.trajectory(summary.id)
-                seeds.append(int(detail.initial_state["task"]["seed"]))
-                rewards, seq = member_stage_rewards(detail)
-                decisions = tuple(
-                    d
-                    for d in trajectory_decisions(detail, kind, policy=policy, version=version)
-                    if d.step_seq == seq
-                )
-                members.append(
-                    Member(
-                        trajectory_id=detail.id,
-                        sample_index=detail.sample_index,
-                        status=detail.status,
-                        mode=detail.mode,
-                        image_count=detail.image_count,
-                        rewards=rewards,
-                        decisions=decisions,
+        stored = [
+            (point, summaries)
+            for point, summaries in store.groups(run=run_id, status=status).items()
+            if len(summaries) >= min_size
+        ]
+        for batch in group_batches(stored):
+            details = store.trajectory_details([s.id for _, members in batch for s in members])
+            for point, summaries in batch:
+                members = []
+                seeds = []
+                for summary in summaries:
+                    detail = details[summary.id]
+                    seeds.append(int(detail.initial_state["task"]["seed"]))
+                    rewards, seq = member_stage_rewards(detail)
+                    decisions = tuple(
+                        d
+                        for d in trajectory_decisions(detail, kind, policy=policy, version=version)
+                        if d.step_seq == seq
                     )
+                    members.append(
+                        Member(
+                            trajectory_id=detail.id,
+                            sample_index=detail.sample_index,
+                            status=detail.status,
+                            mode=detail.mode,
+                            image_count=detail.image_count,
+                            rewards=rewards,
+                            decisions=decisions,
+                        )
+                    )
+                group = DecisionGroup(
+                    run_id=run_id,
+                    group_id=point,
+                    prompt=summaries[0].prompt,
+                    category=summaries[0].category,
+                    kind=kind,
+                    members=tuple(members),
                 )
-            group = DecisionGroup(
-                run_id=run_id,
-                group_id=point,
-                prompt=summaries[0].prompt,
-                category=summaries[0].category,
-                kind=kind,
-                members=tuple(members),
-            )
-            if group.decision_count:
-                keyed.append(((run_id, min(seeds)), group))
+                if group.decision_count:
+                    keyed.append(((run_id, min(seeds)), group))
     # Fork points are named after random trajectory ids; order the groups by their members'
     # (derived) seeds instead, so that training on them is reproducible.
     return [group for _, group in sorted(keyed, key=lambda kv: kv[0])]
