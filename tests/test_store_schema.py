@@ -5,13 +5,14 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from datetime import datetime, timezone
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 
 from storage.engine import DatabaseLocked, normalise_url
 from storage.migrate import MIGRATIONS_DIR, SchemaError
@@ -121,3 +122,81 @@ def test_readers_are_not_blocked_by_a_writer(tmp_path):
     assert [r.id for r in store.runs()] == [run.id]  # WAL: the read needs no lock
     holder.join()
     store.close()
+
+
+def _migrate(db, revision: str, downgrade: bool = False) -> None:
+    from alembic import command
+
+    def run(conn) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        config.attributes["connection"] = conn
+        (command.downgrade if downgrade else command.upgrade)(config, revision)
+
+    db.write(run)
+
+
+def _has_ref_index(db) -> bool:
+    from sqlalchemy import inspect
+
+    with db.read() as conn:
+        return "ix_step_images_ref" in {i["name"] for i in inspect(conn).get_indexes("step_images")}
+
+
+def test_a_version_2_database_with_data_upgrades_in_place_and_downgrades(db_url):
+    from storage.engine import Database
+    from storage.schema import Image, Run, Step, StepImage, Trajectory
+
+    ref = "ab" * 32
+    db = Database(db_url)
+    _migrate(db, "0002_diffusion_transitions")
+    assert _has_ref_index(db)
+    now = datetime.now(timezone.utc)
+
+    def old_rows(conn) -> None:
+        conn.execute(
+            insert(Run),
+            [{"id": "r", "name": "r", "created_at": now, "status": "finished", "config": {}}],
+        )
+        conn.execute(
+            insert(Trajectory),
+            [{"id": "t", "run_id": "r", "prompt": "p", "group_id": "g", "sample_index": 0,
+              "seed": 1, "status": "succeeded", "image_count": 1, "rewards": {},
+              "started_at": now, "initial_state": {"trajectory_id": "t"}}],
+        )  # fmt: skip
+        conn.execute(
+            insert(Image),
+            [{"sha256": ref, "data": b"png", "width": 2, "height": 3, "size": 3,
+              "created_at": now}],
+        )  # fmt: skip
+        conn.execute(
+            insert(Step),
+            [{"trajectory_id": "t", "seq": 0, "node": "draw", "stage": "reason",
+              "state_before": {"trajectory_id": "t", "step_count": 0},
+              "state_update": {"step_count": 1}, "latency_s": 0.5, "started_at": now,
+              "models": []}],
+        )  # fmt: skip
+        conn.execute(
+            insert(StepImage),
+            [{"trajectory_id": "t", "step_seq": 0, "direction": "out", "position": 0,
+              "ref": ref}],
+        )  # fmt: skip
+
+    db.write(old_rows)
+    db.dispose()
+
+    with TrajectoryStore(db_url) as store:  # opening it upgrades it to head
+        [step] = store.steps("t")
+        assert (step.node, step.update, [i.ref for i in step.images_out]) == (
+            "draw",
+            {"step_count": 1},
+            [ref],
+        )
+        assert not _has_ref_index(store.db)
+        with store.db.read() as conn:
+            assert conn.execute(select(SchemaVersion.version)).scalar() == SCHEMA_VERSION == 3
+        _migrate(store.db, "0002_diffusion_transitions", downgrade=True)
+        assert _has_ref_index(store.db)
+        with store.db.read() as conn:
+            assert conn.execute(select(SchemaVersion.version)).scalar() == 2
+        assert [i.ref for i in store.steps("t")[0].images_out] == [ref]
