@@ -34,21 +34,28 @@ def batches(items: Sequence[T], size: int = READ_BATCH) -> Iterator[Sequence[T]]
         yield items[start : start + size]
 
 
-def group_batches(
-    groups: Iterable[tuple[str, Sequence[T]]], size: int = READ_BATCH
-) -> Iterator[list[tuple[str, Sequence[T]]]]:
-    """Consecutive runs of whole groups (id, members) with at most ``size`` members in all (a
-    larger group alone), so that one bulk read serves every member of a batch."""
-    batch: list[tuple[str, Sequence[T]]] = []
-    count = 0
-    for group in groups:
-        if batch and count + len(group[1]) > size:
-            yield batch
-            batch, count = [], 0
-        batch.append(group)
-        count += len(group[1])
-    if batch:
-        yield batch
+def stored_groups(
+    store: Any, runs: str | Iterable[str], status: str | None, min_size: int
+) -> Iterator[tuple[str, str, list[Any]]]:
+    """(run id, group id, its members' ``TrajectoryDetail``) for every stored group of
+    ``runs`` with at least ``min_size`` members of ``status``. Members are read in bulk, whole
+    groups at a time, about ``READ_BATCH`` trajectories per read (a larger group alone)."""
+    for run_id in [runs] if isinstance(runs, str) else list(runs):
+        groups = [
+            (group_id, [summary.id for summary in summaries])
+            for group_id, summaries in store.groups(run=run_id, status=status).items()
+            if len(summaries) >= min_size
+        ]
+        batch: list[tuple[str, list[str]]] = []
+        for index, group in enumerate(groups):
+            batch.append(group)
+            following = groups[index + 1][1] if index + 1 < len(groups) else None
+            if following is None or sum(len(ids) for _, ids in batch) + len(following) > READ_BATCH:
+                wanted = [tid for _, ids in batch for tid in ids]
+                details = store.trajectory_details(wanted)
+                for group_id, ids in batch:
+                    yield run_id, group_id, [details[tid] for tid in ids]
+                batch = []
 
 
 @dataclass(frozen=True)
@@ -187,44 +194,42 @@ def decision_groups(
     policies (fixed, rules) record log-prob 0.0, which is no sampling probability. Groups
     with fewer than ``min_size`` members are dropped: a group of one has no baseline.
     """
-    run_ids = [runs] if isinstance(runs, str) else list(runs)
     groups: list[DecisionGroup] = []
-    for run_id in run_ids:
-        stored = [
-            (group_id, summaries)
-            for group_id, summaries in store.groups(run=run_id, status=status).items()
-            if len(summaries) >= min_size
+    for run_id, group_id, details in stored_groups(store, runs, status, min_size):
+        members = [
+            member(
+                detail,
+                member_rewards(detail),
+                trajectory_decisions(detail, kind, policy=policy, version=version),
+            )
+            for detail in details
         ]
-        for batch in group_batches(stored):
-            details = store.trajectory_details([s.id for _, members in batch for s in members])
-            for group_id, summaries in batch:
-                members = []
-                for summary in summaries:
-                    detail = details[summary.id]
-                    members.append(
-                        Member(
-                            trajectory_id=detail.id,
-                            sample_index=detail.sample_index,
-                            status=detail.status,
-                            mode=detail.mode,
-                            image_count=detail.image_count,
-                            rewards=member_rewards(detail),
-                            decisions=trajectory_decisions(
-                                detail, kind, policy=policy, version=version
-                            ),
-                        )
-                    )
-                group = DecisionGroup(
-                    run_id=run_id,
-                    group_id=group_id,
-                    prompt=summaries[0].prompt,
-                    category=summaries[0].category,
-                    kind=kind,
-                    members=tuple(members),
-                )
-                if group.decision_count:
-                    groups.append(group)
+        group = DecisionGroup(
+            run_id=run_id,
+            group_id=group_id,
+            prompt=details[0].prompt,
+            category=details[0].category,
+            kind=kind,
+            members=tuple(members),
+        )
+        if group.decision_count:
+            groups.append(group)
     return groups
+
+
+def member(
+    detail: Any, rewards: Mapping[str, float], decisions: Sequence[DecisionRecord]
+) -> Member:
+    """A group member from its stored trajectory, its rewards and the decisions it trains."""
+    return Member(
+        trajectory_id=detail.id,
+        sample_index=detail.sample_index,
+        status=detail.status,
+        mode=detail.mode,
+        image_count=detail.image_count,
+        rewards=rewards,
+        decisions=tuple(decisions),
+    )
 
 
 def split_by_category(groups: Sequence[DecisionGroup]) -> dict[str | None, list[DecisionGroup]]:

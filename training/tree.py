@@ -48,9 +48,9 @@ from nodes.common import derive_seed
 from nodes.reflect import reflection_target
 from training.groups import (
     DecisionGroup,
-    Member,
     batches,
-    group_batches,
+    member,
+    stored_groups,
     trajectory_decisions,
 )
 from training.rewards import correction, reflection_format_reward, reflection_reward
@@ -352,49 +352,24 @@ def stage_groups(
     decision taken at the fork (later rounds are later stages) and the stage rewards
     (:func:`member_stage_rewards`; ``checker`` is the trajectory's final score)."""
     kind = STAGE_DECISIONS[stage]
-    run_ids = [runs] if isinstance(runs, str) else list(runs)
     keyed: list[tuple[tuple[str, int], DecisionGroup]] = []
-    for run_id in run_ids:
-        stored = [
-            (point, summaries)
-            for point, summaries in store.groups(run=run_id, status=status).items()
-            if len(summaries) >= min_size
-        ]
-        for batch in group_batches(stored):
-            details = store.trajectory_details([s.id for _, members in batch for s in members])
-            for point, summaries in batch:
-                members = []
-                seeds = []
-                for summary in summaries:
-                    detail = details[summary.id]
-                    seeds.append(int(detail.initial_state["task"]["seed"]))
-                    rewards, seq = member_stage_rewards(detail)
-                    decisions = tuple(
-                        d
-                        for d in trajectory_decisions(detail, kind, policy=policy, version=version)
-                        if d.step_seq == seq
-                    )
-                    members.append(
-                        Member(
-                            trajectory_id=detail.id,
-                            sample_index=detail.sample_index,
-                            status=detail.status,
-                            mode=detail.mode,
-                            image_count=detail.image_count,
-                            rewards=rewards,
-                            decisions=decisions,
-                        )
-                    )
-                group = DecisionGroup(
-                    run_id=run_id,
-                    group_id=point,
-                    prompt=summaries[0].prompt,
-                    category=summaries[0].category,
-                    kind=kind,
-                    members=tuple(members),
-                )
-                if group.decision_count:
-                    keyed.append(((run_id, min(seeds)), group))
+    for run_id, point, details in stored_groups(store, runs, status, min_size):
+        members = []
+        for detail in details:
+            rewards, seq = member_stage_rewards(detail)
+            decisions = trajectory_decisions(detail, kind, policy=policy, version=version)
+            members.append(member(detail, rewards, [d for d in decisions if d.step_seq == seq]))
+        group = DecisionGroup(
+            run_id=run_id,
+            group_id=point,
+            prompt=details[0].prompt,
+            category=details[0].category,
+            kind=kind,
+            members=tuple(members),
+        )
+        if group.decision_count:
+            seeds = [int(detail.initial_state["task"]["seed"]) for detail in details]
+            keyed.append(((run_id, min(seeds)), group))
     # Fork points are named after random trajectory ids; order the groups by their members'
     # (derived) seeds instead, so that training on them is reproducible.
     return [group for _, group in sorted(keyed, key=lambda kv: kv[0])]
