@@ -142,6 +142,25 @@ class DynamicBatcher(Generic[T, R]):
                     future.set_result(result)
 
 
+def model_batcher(
+    run_batch: Callable[[list[T]], Sequence[R | BaseException]],
+    *,
+    name: str,
+    max_batch: int,
+    max_wait_ms: float,
+    torch_threads: int | None,
+) -> DynamicBatcher[T, R]:
+    """The batcher an in-process model service runs its engine behind: options as the
+    services and backends TOML spell them (milliseconds; torch threads of the worker)."""
+    return DynamicBatcher(
+        run_batch,
+        max_batch=max_batch,
+        max_wait_s=max_wait_ms / 1000.0,
+        name=name,
+        initializer=torch_threads_initializer(torch_threads),
+    )
+
+
 def torch_threads_initializer(threads: int | None) -> Callable[[], None] | None:
     """An initializer giving the worker thread ``threads`` intra-op torch threads (None: keep
     torch's default). Tiny models run fastest on one; a big model on a shared CPU may want

@@ -11,7 +11,7 @@ from typing import Any
 from PIL import Image
 
 from nodes.backends.base import EditRequest, ImageRequest
-from nodes.backends.batching import DynamicBatcher, torch_threads_initializer
+from nodes.backends.batching import DynamicBatcher, model_batcher
 from nodes.backends.image_types import ImageJob
 
 
@@ -27,12 +27,12 @@ class ImageService:
         torch_threads: int | None = None,
     ) -> None:
         self.engine = engine
-        self.batcher: DynamicBatcher[ImageJob, Image.Image] = DynamicBatcher(
+        self.batcher: DynamicBatcher[ImageJob, Image.Image] = model_batcher(
             engine.run_batch,
-            max_batch=max_batch,
-            max_wait_s=max_wait_ms / 1000.0,
             name="atelier-image",
-            initializer=torch_threads_initializer(torch_threads),
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            torch_threads=torch_threads,
         )
 
     @classmethod

@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 
 from nodes.backends.base import ChatMessage, ChatRequest, ScoredText, TextCompletion
-from nodes.backends.batching import DynamicBatcher, torch_threads_initializer
+from nodes.backends.batching import DynamicBatcher, model_batcher
 from nodes.backends.lm_types import LMRequest, LMResult, PromptMessage
 from nodes.backends.wire import scoring_messages, text_span
 
@@ -32,12 +32,12 @@ class LMService:
         torch_threads: int | None = None,
     ) -> None:
         self.engine = engine
-        self.batcher: DynamicBatcher[LMRequest, LMResult] = DynamicBatcher(
+        self.batcher: DynamicBatcher[LMRequest, LMResult] = model_batcher(
             engine.run_batch,
-            max_batch=max_batch,
-            max_wait_s=max_wait_ms / 1000.0,
             name="atelier-lm",
-            initializer=torch_threads_initializer(torch_threads),
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            torch_threads=torch_threads,
         )
 
     @classmethod

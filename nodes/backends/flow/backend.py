@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from nodes.backends.base import EditRequest, ImageRequest
-from nodes.backends.batching import DynamicBatcher, torch_threads_initializer
+from nodes.backends.batching import DynamicBatcher, model_batcher
 from nodes.backends.flow.transitions import TracedImage
 
 
@@ -169,12 +169,12 @@ class FlowImageModel:
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
         self.edit_strength = edit_strength
-        self.batcher: DynamicBatcher[FlowJob, TracedImage] = DynamicBatcher(
+        self.batcher: DynamicBatcher[FlowJob, TracedImage] = model_batcher(
             engine.run_batch,
-            max_batch=max_batch,
-            max_wait_s=max_wait_ms / 1000.0,
             name="atelier-flow",
-            initializer=torch_threads_initializer(torch_threads),
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            torch_threads=torch_threads,
         )
 
     @classmethod
