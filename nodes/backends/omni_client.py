@@ -69,6 +69,12 @@ class OmniImageClient:
         await self.pool.aclose()
 
     async def generate(self, request: ImageRequest) -> Image.Image:
+        body = await self.pool.post_json(
+            "images.generations", "/v1/images/generations", self._generation_payload(request)
+        )
+        return self._first_image(body, "images.generations")
+
+    def _generation_payload(self, request: ImageRequest, **extension: Any) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "prompt": request.prompt,
             "size": format_size(request.width, request.height),
@@ -76,31 +82,19 @@ class OmniImageClient:
             "n": 1,
             "response_format": "b64_json",
             **self.extra_body,
+            **extension,
         }
         if self.model:
             payload["model"] = self.model
         if request.steps is not None:
             payload["num_inference_steps"] = request.steps
-        body = await self.pool.post_json("images.generations", "/v1/images/generations", payload)
-        return self._first_image(body, "images.generations")
+        return payload
 
     async def generate_traced(self, request: ImageRequest) -> Any:
         """The image and its stochastic transitions (an Atelier server extension)."""
         from nodes.backends.flow.transitions import TracedImage, transition_from_json
 
-        payload: dict[str, Any] = {
-            "prompt": request.prompt,
-            "size": format_size(request.width, request.height),
-            "seed": request.seed,
-            "n": 1,
-            "response_format": "b64_json",
-            **self.extra_body,
-            "return_transitions": True,
-        }
-        if self.model:
-            payload["model"] = self.model
-        if request.steps is not None:
-            payload["num_inference_steps"] = request.steps
+        payload = self._generation_payload(request, return_transitions=True)
         body = await self.pool.post_json("images.generations", "/v1/images/generations", payload)
         image = self._first_image(body, "images.generations")
         try:
