@@ -24,6 +24,8 @@ from sqlalchemy import Connection, Table
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 
+from storage import pg_copy  # imports psycopg only when it copies
+
 Processor = Callable[[Any], Any]
 
 BULK_DIALECTS = ("sqlite", "postgresql")
@@ -83,9 +85,7 @@ def bulk_insert(
     copy = not ignore_conflicts_on and dialect.name == "postgresql" and dialect.driver == "psycopg"
     for columns, group in shapes.items():
         if copy and len(group) >= COPY_MIN_ROWS:
-            from storage.pg_copy import copy_insert
-
-            copy_insert(conn, table, columns, [tuple(row.values()) for row in group])
+            pg_copy.copy_insert(conn, table, columns, [tuple(row.values()) for row in group])
             continue
         sql, processors = _statement(dialect, table, columns, tuple(ignore_conflicts_on))
         params = []
