@@ -7,7 +7,10 @@ closed list (:data:`POLICY_CLASSES`), so loading a directory cannot run code fro
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +28,47 @@ POLICY_CLASSES = {
 
 
 def save_weights(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write the tensors (safetensors) and the config (JSON) into ``directory``; returns it."""
+    """Write the tensors (safetensors) and the config (JSON) into a new ``directory``; returns it.
+
+    A saved policy version is never overwritten: an existing ``directory`` raises
+    ``FileExistsError``. The files are written into a temporary sibling directory that is
+    renamed into place, so a crash leaves either the whole version or none of it.
+    """
     from safetensors.torch import save_file
 
     path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(flat, str(path / WEIGHTS_FILE), metadata={"format": FORMAT})
-    payload = {"format": FORMAT, **config}
-    (path / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    if path.exists():
+        raise FileExistsError(f"{path} already exists: a saved policy version is never overwritten")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(flat, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
+        payload = {"format": FORMAT, **config}
+        (staging / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        _fsync_tree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        # rename(2) of a directory onto an existing non-empty one fails, so a version written
+        # by another process between the check above and here is not replaced either.
+        os.rename(staging, path)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if path.exists():
+            raise FileExistsError(
+                f"{path} already exists: a saved policy version is never overwritten"
+            ) from None
+        raise
     return path
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush the files' contents to disk before the rename makes them visible."""
+    for file in directory.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
 
 
 def load_weights(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

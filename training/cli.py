@@ -81,10 +81,16 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
 
 
 def _initial_policy(args: argparse.Namespace) -> Any:
+    from agent_graph.cli import CliError
     from policies.weights import load_policy
 
     if args.init is not None:
-        return load_policy(args.init)
+        if not args.init.is_dir():
+            raise CliError(f"--init {args.init}: no such policy directory")
+        try:
+            return load_policy(args.init)
+        except (OSError, ValueError, KeyError) as exc:  # missing/corrupt config or weights
+            raise CliError(f"--init {args.init} is not a saved policy version: {exc}") from None
     if args.policy == "router":
         from policies.router import RouterPolicy
 
@@ -92,6 +98,20 @@ def _initial_policy(args: argparse.Namespace) -> Any:
     from policies.stop import LearnedStopPolicy
 
     return LearnedStopPolicy(seed=args.seed)
+
+
+def _reserved_policy(args: argparse.Namespace, store: Any, count: int) -> Any:
+    """The initial policy, numbered so that the ``count`` versions this command saves are free
+    in the store and under ``--out`` (checked before any rollout: nothing is overwritten)."""
+    from agent_graph.cli import CliError
+    from training.versions import VersionTaken, reserve_versions, taken_versions
+
+    policy = _initial_policy(args)
+    taken = taken_versions(store, policy.name, args.out)
+    try:
+        return reserve_versions(policy, taken, count, loaded=args.init is not None)
+    except VersionTaken as exc:
+        raise CliError(str(exc)) from None
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -137,12 +157,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.starts < 1 or not 0.0 <= args.perfect_share <= 1.0:
             raise CliError("--starts must be at least 1 and --perfect-share in [0, 1]")
         args.policy = "stop"
+    if args.init is not None and not args.init.is_dir():
+        raise CliError(f"--init {args.init}: no such policy directory")
     args.policy = args.policy or "router"
     kind = "mode" if args.policy == "router" else "stop"
     board = _tensorboard(args)
     store = _open_store(args, must_exist=args.world is None)
+    from training.versions import VersionTaken
+
     try:
         return _train(args, store, kind, board)
+    except (VersionTaken, FileExistsError) as exc:  # another process saved the same version
+        raise CliError(str(exc)) from None
     finally:
         if board is not None:
             board.close()
@@ -167,7 +193,6 @@ def _train(args: argparse.Namespace, store: Any, kind: str, board: Any) -> int:
         return _train_tree(args, store, board)
     from training.trainer import GRPOTrainer, save_and_register
 
-    trainer = GRPOTrainer(_initial_policy(args), _config(args))
     if args.run:
         from training.groups import decision_groups
 
@@ -175,17 +200,11 @@ def _train(args: argparse.Namespace, store: Any, kind: str, board: Any) -> int:
         groups = decision_groups(store, runs, kind)
         if not groups:
             raise CliError(f"no {kind} decision groups of 2 or more in {', '.join(args.run)}")
+        trainer = GRPOTrainer(_reserved_policy(args, store, 1), _config(args))
         result = trainer.train(groups)
         if board is not None:
             board.scalars(0, result.metrics, "train")
         policy = result.policy
-        # Versions are unique per name in a store: a fresh policy trained here takes the next
-        # free number rather than colliding with versions an earlier loop registered.
-        from policies.weights import next_version
-
-        taken = {v.version for v in store.policy_versions(name=policy.name)}
-        while policy.version in taken:
-            policy = policy.clone(version=next_version(policy.version))
         path = args.out / f"{policy.name}-{policy.version}"
         save_and_register(policy, store, path, {**result.metrics, "penalty": args.penalty})
         metrics = ", ".join(f"{k}={v:.3g}" for k, v in sorted(result.metrics.items()))
@@ -211,6 +230,7 @@ def _train(args: argparse.Namespace, store: Any, kind: str, board: Any) -> int:
             )
         )
     explore = UniformModePolicy() if kind == "mode" else UniformStopPolicy()
+    trainer = GRPOTrainer(_reserved_policy(args, store, args.iterations), _config(args))
 
     def logged(index: int, iteration: Any) -> None:
         if board is None:
@@ -248,26 +268,13 @@ def _train(args: argparse.Namespace, store: Any, kind: str, board: Any) -> int:
 
 def _train_tree(args: argparse.Namespace, store: Any, board: Any = None) -> int:
     from agent_graph.cli import CliError, _resolve_run
-    from policies.weights import next_version
     from training.trainer import GRPOTrainer
     from training.tree import stage_config, stage_start_states, tree_iterations
 
     runs = [_resolve_run(store, ref).id for ref in args.run]
     if not stage_start_states(store, runs, args.tree_stage):
         raise CliError(f"no {args.tree_stage} start states in {', '.join(args.run)}")
-    policy = _initial_policy(args)
-    # Versions are unique per name in a store. A fresh policy takes a free number (its forks
-    # record it as their behaviour policy); a loaded one keeps its own, so the versions this
-    # run registers must be free.
-    taken = {v.version for v in store.policy_versions(name=policy.name)}
-    if args.init is None:
-        while policy.version in taken or next_version(policy.version) in taken:
-            policy = policy.clone(version=next_version(policy.version))
-    elif next_version(policy.version) in taken:
-        raise CliError(
-            f"{policy.name}@{next_version(policy.version)} is already in the store; "
-            "start from the newest version"
-        )
+    policy = _reserved_policy(args, store, args.iterations)
     trainer = GRPOTrainer(policy, stage_config(_config(args), args.tree_stage))
     freeze_startup_heap()
     policy, log = asyncio.run(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from training.groups import DecisionGroup
 from training.grpo import AdvantageScale, LossType, group_advantages, grpo_loss
 from training.rewards import composite_reward
 from training.rewards.composite import ComplexityForm, apply_complexity_penalty
+from training.versions import VersionTaken
 
 
 @dataclass
@@ -274,11 +276,28 @@ class GRPOTrainer:
 def save_and_register(
     policy: Any, store: Any, directory: str | Path, metadata: dict | None = None
 ) -> Path:
-    """Save a policy version and record it in the store's ``policy_versions``."""
+    """Save a new policy version and record it in the store's ``policy_versions``.
+
+    Never overwrites: a version already in the store, or an existing ``directory``, raises
+    before anything is written. The files are written atomically (``save_weights``), and if
+    registering fails they are removed again, so the store and the files agree.
+    """
+    if store.policy_versions(name=policy.name, version=policy.version):
+        raise VersionTaken(
+            f"{policy.name}@{policy.version} is already in the store {store.url}: "
+            "a saved policy version is never overwritten"
+        )
     path = policy.save(directory)
-    store.register_policy_version(
-        policy.name, policy.version, path=str(path), metadata=json.loads(json.dumps(metadata or {}))
-    )
+    try:
+        store.register_policy_version(
+            policy.name,
+            policy.version,
+            path=str(path),
+            metadata=json.loads(json.dumps(metadata or {})),
+        )
+    except Exception:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
     return path
 
 
