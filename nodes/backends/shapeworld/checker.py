@@ -49,7 +49,10 @@ class ShapeWorldChecker:
         except PromptParseError as error:
             raise BackendError(f"{self.model_id}: {error}") from error
         criteria = evaluate(
-            spec, detect_objects(image, self.config), self.config.position_threshold
+            spec,
+            detect_objects(image, self.config),
+            self.config.position_threshold,
+            canvas_side=min(image.size),
         )
         passed = sum(c.passed for c in criteria)
         detail = "; ".join(

@@ -50,6 +50,8 @@ class ShapeWorldConfig(BaseModel):
     """Relative frequency of leaving a whole group out (scenes of two or more groups)."""
     wrong_colour_weight: float = Field(1.0, ge=0)
     """Relative frequency of drawing a coloured group in an unrequested colour."""
+    size_weight: float = Field(1.0, ge=0)
+    """Relative frequency of drawing a big or small group at the ordinary size."""
     big_miscount_rate: float = Field(0.3, ge=0, le=1)
     """Chance a miscount of a group of 4 or more is off by two rather than one."""
 

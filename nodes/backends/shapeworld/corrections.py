@@ -10,8 +10,9 @@ wrong, most important first, each with the one edit instruction that fixes it:
 3. a group short of objects: add the difference ("Add a red circle.")
 4. a group with too many: remove the surplus ("Remove one red circle.")
 5. objects of a mentioned shape in an unwanted colour: remove them ("Remove the green circles.")
-6. a relation that does not hold: move the subject group ("Move the red circles to the left of
-   the blue squares.")
+6. a sized group with members of another size: resize the group ("Make the red circle big.")
+7. a relation that does not hold: move the subject group ("Move the red circles to the left of
+   the blue squares.", "Move the blue circle next to the red square.")
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from nodes.backends.shapeworld.instructions import (
     Move,
     Recolour,
     Remove,
+    Resize,
     Selector,
 )
+from nodes.backends.shapeworld.sizes import CANVAS, size_class
 from nodes.backends.shapeworld.spec import (
     Group,
     SceneSpec,
@@ -66,9 +69,29 @@ def _anchor_for(spec: SceneSpec, index: int, objects: Sequence[DetectedObject]) 
     return Anchor()
 
 
+def size_discrepancy(
+    group: Group, found: Sequence[DetectedObject], canvas_side: int
+) -> Discrepancy | None:
+    """A sized group some of whose members are another size: resize them all (those already
+    right stay in their band), or None when every member is right or there is none."""
+    wrong = [c for c in (size_class(o.bbox, canvas_side) for o in found) if c != group.size]
+    if not group.size or not wrong:
+        return None
+    n = len(found)
+    return Discrepancy(
+        f"The {_noun(group, n)} {_is(n)} {_size_word(wrong[0])}, not {group.size}.",
+        Resize(Selector(group.shape, group.colour, None, n > 1), group.size),
+    )
+
+
 def discrepancies(
-    spec: SceneSpec, objects: Sequence[DetectedObject], threshold: float = 0.1
+    spec: SceneSpec,
+    objects: Sequence[DetectedObject],
+    threshold: float = 0.1,
+    canvas_side: int = CANVAS,
 ) -> list[Discrepancy]:
+    """What is wrong, most important first (see above); ``canvas_side`` is the image's shorter
+    side, which size words scale with."""
     found = [members(g, objects) for g in spec.groups]
     short = [g.count - len(f) for g, f in zip(spec.groups, found, strict=True)]
     # Objects of a mentioned shape whose colour the prompt never gives that shape.
@@ -134,6 +157,10 @@ def discrepancies(
                     Remove(Selector(shape, colour, None, n > 1)),
                 )
             )
+    for i, group in enumerate(spec.groups):
+        resize = size_discrepancy(group, found[i], canvas_side)
+        if resize is not None:
+            out.append(resize)
     for rel in spec.relations:
         a, b = spec.groups[rel.subject], spec.groups[rel.object]
         boxes_a = [o.bbox for o in found[rel.subject]]
@@ -154,12 +181,31 @@ def discrepancies(
     return out
 
 
+def _size_word(size_class: str) -> str:
+    return "medium-sized" if size_class == "medium" else size_class
+
+
 def _is(count: int) -> str:
     return "is" if count == 1 else "are"
 
 
 def _noun(group: Group, count: int) -> str:
     return " ".join(w for w in (group.colour, shape_word(group.shape, count)) if w)
+
+
+def size_summary(
+    spec: SceneSpec, objects: Sequence[DetectedObject], canvas_side: int = CANVAS
+) -> list[str]:
+    """How big the sized groups actually are: 'the red circle is big' (nothing for prompts
+    without size words, so their reflections read as before)."""
+    out = []
+    for group in spec.groups:
+        found = members(group, objects)
+        if group.size and found:
+            classes = dict.fromkeys(size_class(o.bbox, canvas_side) for o in found)
+            seen = " and ".join(_size_word(c) for c in classes)
+            out.append(f"the {_noun(group, len(found))} {_is(len(found))} {seen}")
+    return out
 
 
 def relation_summary(

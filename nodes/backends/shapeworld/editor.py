@@ -2,15 +2,16 @@
 
 It detects the objects in the input image, applies one instruction (see ``instructions`` for the
 grammar) to them and repaints only what changes: removed objects are painted over with the
-background, recoloured ones repainted in place, new or moved ones drawn into free space. Untouched
-objects keep their exact pixels.
+background, recoloured ones repainted in place, resized ones redrawn around their centre (or as
+near it as there is room), new or moved ones drawn into free space. Untouched objects keep their
+exact pixels.
 
 Like a real editor it is imperfect: with probability ``edit_failure_rate`` (plus
 ``edit_failure_per_object`` for each object touched beyond the first, plus
-``recolour_failure_rate`` / ``move_failure_rate`` for those harder kinds of edit: changing what is
-there fails more often than adding into free space, plus ``edit_failure_per_scene_object`` for
-each object in the image) nothing changes, and an edit touching several
-objects sometimes touches one fewer (``edit_partial_rate``). An instruction it
+``recolour_failure_rate`` (also for a resize) / ``move_failure_rate`` for those harder kinds of
+edit: changing what is there fails more often than adding into free space, plus
+``edit_failure_per_scene_object`` for each object in the image) nothing changes, and an edit
+touching several objects sometimes touches one fewer (``edit_partial_rate``). An instruction it
 cannot read, or one naming objects that are not there, returns the image unchanged: a real
 editor would do something useless rather than fail, and the next reflection will notice.
 """
@@ -34,7 +35,7 @@ from nodes.backends.shapeworld.detect import (
     detect_with_runs,
     scaled_min_area,
 )
-from nodes.backends.shapeworld.geometry import Rect, centre_of, relation_holds
+from nodes.backends.shapeworld.geometry import Rect, boxes_overlap, centre_of, relation_holds
 from nodes.backends.shapeworld.instructions import (
     Add,
     Anchor,
@@ -43,11 +44,14 @@ from nodes.backends.shapeworld.instructions import (
     Move,
     Recolour,
     Remove,
+    Resize,
     Selector,
     parse_instruction,
 )
 from nodes.backends.shapeworld.layout import (
     Region,
+    beside_areas,
+    place_first_fitting,
     place_objects,
     region_area,
     relation_anchor,
@@ -57,8 +61,9 @@ from nodes.backends.shapeworld.layout import (
 )
 from nodes.backends.shapeworld.render import Box, PlacedObject, draw_object
 from nodes.backends.shapeworld.seeding import image_digest, rng_for
+from nodes.backends.shapeworld.sizes import drawn_size_range
 from nodes.backends.shapeworld.spec import PromptParseError
-from nodes.backends.shapeworld.vocab import BACKGROUND, COLOURS, INVERSE_RELATION, PALETTE
+from nodes.backends.shapeworld.vocab import BACKGROUND, COLOURS, INVERSE_RELATION, NEXT_TO, PALETTE
 
 _OPPOSITE_SIDE = {
     "left of": Region("left"),
@@ -144,6 +149,8 @@ class ShapeWorldEditor:
             return self._add(canvas, instruction, rng)
         if isinstance(instruction, Remove | Recolour):
             return self._remove_or_recolour(canvas, instruction, rng)
+        if isinstance(instruction, Resize):
+            return self._resize(canvas, instruction, rng)
         return self._move(canvas, instruction, rng)
 
     def _how_many(self, canvas: Canvas, wanted: int, rng: random.Random, extra: float = 0.0) -> int:
@@ -176,14 +183,47 @@ class ShapeWorldEditor:
             return canvas.image_with(())
         colour = group.colour or _usual_colour(canvas, group.shape) or rng.choice(COLOURS)
         kin = canvas.select(Selector(group.shape, colour))
-        sizes = self._sizes(canvas, kin, len(canvas.objects) + n)
+        if group.size:
+            height, width = canvas.pixels.shape[:2]
+            sizes = drawn_size_range(group.size, width, height)
+        else:
+            sizes = self._sizes(canvas, kin, len(canvas.objects) + n)
         anchor = instruction.anchor
-        targets = _targets(canvas, anchor, kin, sizes[1])
+        targets = _targets(canvas, anchor, kin, sizes[1], count=n)
         obstacles = [o.bbox for o in canvas.objects]
         reference = [canvas.objects[i].bbox for i in canvas.select(anchor.reference)]
         accept = _satisfies(anchor, reference, self.config.position_threshold)
         items = [(group.shape, colour)] * n
-        placed = _place_first_fitting(items, targets, obstacles, rng, sizes, canvas.gap, accept)
+        placed = place_first_fitting(items, targets, obstacles, rng, sizes, canvas.gap, accept)
+        return canvas.image_with(placed)
+
+    def _resize(self, canvas: Canvas, instruction: Resize, rng: random.Random) -> Image.Image:
+        """Redraw the chosen objects in the new size's band, centred where they were; one that
+        no longer fits there is nudged as little as there is room for (else put anywhere free,
+        else left as it was)."""
+        matches = canvas.select(instruction.target)
+        wanted = min(instruction.target.count or len(matches), len(matches))
+        extra = self.config.recolour_failure_rate
+        chosen = rng.sample(matches, self._how_many(canvas, wanted, rng, extra)) if matches else []
+        height, width = canvas.pixels.shape[:2]
+        sizes = drawn_size_range(instruction.size, width, height)
+        obstacles = [o.bbox for i, o in enumerate(canvas.objects) if i not in chosen]
+        placed: list[PlacedObject] = []
+        for i in chosen:
+            old = canvas.objects[i]
+            obj = _nudged(old, rng.randint(*sizes), canvas.bounds, obstacles, canvas.gap)
+            if obj is None:
+                item = [(old.shape, old.colour)]
+                anywhere = place_objects(
+                    item, canvas.bounds, obstacles, rng, sizes, canvas.gap, old.centre
+                )
+                obj = anywhere[0] if anywhere else None
+            if obj is None:
+                obstacles.append(old.bbox)  # it stays as it was: keep clear of it
+                continue
+            canvas.paint(i, BACKGROUND)
+            placed.append(obj)
+            obstacles.append(obj.box)
         return canvas.image_with(placed)
 
     def _remove_or_recolour(
@@ -214,17 +254,19 @@ class ShapeWorldEditor:
         items = [(canvas.objects[i].shape, canvas.objects[i].colour) for i in moving]
         sizes = self._sizes(canvas, moving, n)
         obstacles = [canvas.objects[i].bbox for i in staying]
-        targets = _targets(canvas, anchor, [], sizes[1], moving=moving)
+        targets = _targets(canvas, anchor, [], sizes[1], moving=moving, count=n)
         boxes = [canvas.objects[i].bbox for i in reference]
         accept = _satisfies(anchor, boxes, self.config.position_threshold)
-        placed = _place_first_fitting(
+        placed = place_first_fitting(
             items, targets, obstacles, rng, sizes, canvas.gap, accept, strict=True
         )
         if len(placed) == n:
             for i in moving:
                 canvas.paint(i, BACKGROUND)
             return canvas.image_with(placed)
-        if anchor.relation is None:
+        if anchor.relation is None or anchor.relation == NEXT_TO:
+            # No region to fall back on (none given, or "next to" with both sides of the
+            # reference taken): leave the picture as it is; the next reflection will see it.
             return canvas.image_with(())
         # No room beyond the reference objects: lay both groups out again, each in its half
         # (as a model would redraw that part of the picture).
@@ -264,17 +306,47 @@ def _usual_colour(canvas: Canvas, shape: str) -> str | None:
     return colours.most_common(1)[0][0] if colours else None
 
 
+_NUDGES = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1))
+"""Directions a resized object may be nudged in when it no longer fits around its centre."""
+
+
+def _nudged(
+    old: DetectedObject, size: int, bounds: Rect, obstacles: Sequence[Box], gap: int
+) -> PlacedObject | None:
+    """``old`` redrawn at ``size`` around its centre, or shifted the least distance (in steps of
+    ``gap``, along the axes and diagonals) that keeps it on the canvas and ``gap`` clear of the
+    ``obstacles``; None when no such shift exists."""
+    x0, y0, x1, y1 = old.bbox
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    reach = int(max(bounds.width, bounds.height))
+    for distance in range(0, reach, gap):
+        for dx, dy in _NUDGES if distance else ((0, 0),):
+            obj = PlacedObject(old.shape, old.colour, cx + dx * distance, cy + dy * distance, size)
+            if _fits(obj.box, bounds, obstacles, gap):
+                return obj
+    return None
+
+
+def _fits(box: Box, bounds: Rect, obstacles: Sequence[Box], gap: int) -> bool:
+    inside = box[0] >= bounds.x0 and box[1] >= bounds.y0
+    inside = inside and box[2] <= bounds.x1 and box[3] <= bounds.y1
+    return inside and not any(boxes_overlap(box, other, gap) for other in obstacles)
+
+
 def _targets(
     canvas: Canvas,
     anchor: Anchor,
     kin: Sequence[int],
     size: int,
     moving: Sequence[int] = (),
+    count: int = 1,
 ) -> list[tuple[Rect, tuple[float, float] | None]]:
     """Areas to try in turn, each with the point new objects should cluster around. Objects
-    being ``moving`` are not landmarks."""
+    being ``moving`` are not landmarks; ``count`` objects are to be placed."""
     bounds = canvas.bounds
     reference = [canvas.objects[i].bbox for i in canvas.select(anchor.reference) if i not in moving]
+    if anchor.relation == NEXT_TO and reference:
+        return list(beside_areas(reference, bounds, canvas.gap, size + canvas.gap, count))
     if anchor.relation is not None and reference:
         point = relation_anchor(anchor.relation, reference, size)
         return [
@@ -288,30 +360,6 @@ def _targets(
         # More of an existing group: keep them together.
         return [(bounds, centre_of([canvas.objects[i].bbox for i in kin]))]
     return [(bounds, None)]
-
-
-def _place_first_fitting(
-    items: list[tuple[str, str]],
-    targets: list[tuple[Rect, tuple[float, float] | None]],
-    obstacles: list[tuple[int, int, int, int]],
-    rng: random.Random,
-    sizes: tuple[int, int],
-    gap: int,
-    accept: Callable[[list[PlacedObject]], bool] | None = None,
-    strict: bool = False,
-) -> list[PlacedObject]:
-    """The first complete placement, over ``targets`` in turn, that ``accept`` approves; failing
-    that, the largest placement found (or nothing, when ``strict``)."""
-    best: list[PlacedObject] = []
-    for area, prefer in targets:
-        if area.width <= 0 or area.height <= 0:
-            continue
-        placed = place_objects(items, area, obstacles, rng, sizes, gap, prefer)
-        if len(placed) == len(items) and (accept is None or accept(placed)):
-            return placed
-        if not strict and len(placed) > len(best):
-            best = placed
-    return best
 
 
 def _satisfies(

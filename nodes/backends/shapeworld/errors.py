@@ -8,9 +8,10 @@ those that apply to the prompt in proportion to the configured weights:
 
 - miscount: a group gets one more or one fewer (two, sometimes, for groups of four or more)
 - binding: two coloured groups swap colours
-- position: a relation is drawn the wrong way round
+- position: a relation is drawn the wrong way round ("next to": one group above the other)
 - missing: a whole group is left out
 - wrong colour: a coloured group is drawn in an unrequested colour
+- size: a sized group is drawn at the ordinary size, its size word ignored
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from nodes.backends.shapeworld.config import ShapeWorldConfig
 from nodes.backends.shapeworld.spec import Group, Relation, SceneSpec, complexity
-from nodes.backends.shapeworld.vocab import COLOURS, INVERSE_RELATION
+from nodes.backends.shapeworld.vocab import COLOURS, INVERSE_RELATION, NEXT_TO
 
 
 @dataclass
@@ -77,6 +78,9 @@ def _make_mistake(
         options.append(("missing", config.missing_weight, present))
     if coloured:
         options.append(("wrong colour", config.wrong_colour_weight, coloured))
+    sized = [i for i in present if plan.groups[i].size is not None]
+    if sized:
+        options.append(("size", config.size_weight, sized))
     options = [o for o in options if o[1] > 0 and o[2]]
     if not options:
         return
@@ -100,12 +104,25 @@ def _make_mistake(
     elif kind == "position":
         k = rng.randrange(len(plan.relations))
         rel = plan.relations[k]
-        plan.relations[k] = replace(rel, relation=INVERSE_RELATION[rel.relation])
+        plan.relations[k] = replace(rel, relation=_misplaced(rel.relation, rng))
     elif kind == "missing":
         i = rng.choice(candidates)
         groups[i] = replace(groups[i], count=0)
+    elif kind == "size":
+        i = rng.choice(candidates)
+        groups[i] = replace(groups[i], size=None)
     else:
         i = rng.choice(candidates)
         used = {g.colour for g in groups}
         groups[i] = replace(groups[i], colour=rng.choice([c for c in COLOURS if c not in used]))
     plan.mistakes.append(kind)
+
+
+def _misplaced(relation: str, rng: random.Random) -> str:
+    """The relation actually drawn for a mistaken ``relation``: the opposite direction, or for
+    "next to" (which has no opposite) one group above the other. Stacked in the top and bottom
+    halves, the two share no row, so the mistake is never adjacent by accident (side by side in
+    the left and right halves, the inner cells can come close enough)."""
+    if relation == NEXT_TO:
+        return rng.choice(("above", "below"))
+    return INVERSE_RELATION[relation]

@@ -7,8 +7,12 @@ Criteria, in order:
 - ``colour: <shapes> are <colours>`` for every shape that has a coloured group: there is at
   least one such object and all of them have a colour the prompt gives that shape. This is the
   colour-binding check; it also catches extra objects of a mentioned shape in another colour.
+- ``size: <group> is big|small`` for every group with a size word: there is at least one member
+  and every member's size passes for that word on this canvas (``sizes.size_class``). Groups
+  without a size word get no size criterion, so such prompts are judged as they always were.
 - ``position: <group> <relation> <group>`` for every relation: GenEval's centroid rule
-  (:func:`relation_holds`) on the two groups' detected members.
+  (:func:`relation_holds`) on the two groups' detected members; for "next to", adjacency on
+  either side (:func:`geometry.adjacent`).
 
 Objects of shapes the description does not mention are ignored, as GenEval does.
 """
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 from nodes.backends.shapeworld.detect import DetectedObject
 from nodes.backends.shapeworld.geometry import observed_relation, relation_holds
+from nodes.backends.shapeworld.sizes import CANVAS, object_side, size_class
 from nodes.backends.shapeworld.spec import (
     Group,
     SceneSpec,
@@ -28,7 +33,7 @@ from nodes.backends.shapeworld.spec import (
     plural,
     reference_phrase,
 )
-from nodes.backends.shapeworld.vocab import CANONICAL_NUMBERS, RELATION_PHRASES
+from nodes.backends.shapeworld.vocab import CANONICAL_NUMBERS, NEXT_TO, RELATION_PHRASES
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,24 @@ def allowed_colours(spec: SceneSpec, shape: str) -> list[str]:
     return [g.colour for g in spec.groups if g.shape == shape and g.colour is not None]
 
 
+def size_criterion(group: Group, objects: Sequence[DetectedObject], canvas_side: int) -> Criterion:
+    """Whether every member of a sized ``group`` passes for its size word (and one exists)."""
+    found = members(group, objects)
+    passed = bool(found) and all(size_class(o.bbox, canvas_side) == group.size for o in found)
+    observed = ", ".join(f"{object_side(o.bbox)} px" for o in found) or "none"
+    verb = "is" if group.count == 1 else "are"
+    name = f"size: {reference_phrase(group.colour, group.shape, group.count)} {verb} {group.size}"
+    return Criterion(name, passed, observed)
+
+
 def evaluate(
-    spec: SceneSpec, objects: Sequence[DetectedObject], threshold: float = 0.1
+    spec: SceneSpec,
+    objects: Sequence[DetectedObject],
+    threshold: float = 0.1,
+    canvas_side: int = CANVAS,
 ) -> list[Criterion]:
+    """The criteria above; ``canvas_side`` is the image's shorter side (size words scale with
+    it)."""
     criteria = []
     for group in spec.groups:
         found = len(members(group, objects))
@@ -68,6 +88,7 @@ def evaluate(
         criteria.append(
             Criterion(f"colour: {plural(shape)} are {' or '.join(colours)}", passed, observed)
         )
+    criteria += [size_criterion(g, objects, canvas_side) for g in spec.groups if g.size]
     for rel in spec.relations:
         a, b = spec.groups[rel.subject], spec.groups[rel.object]
         boxes_a = [o.bbox for o in members(a, objects)]
@@ -77,13 +98,11 @@ def evaluate(
             f"position: {reference_phrase(a.colour, a.shape, a.count)} "
             f"{RELATION_PHRASES[rel.relation]} {reference_phrase(b.colour, b.shape, b.count)}"
         )
-        criteria.append(
-            Criterion(
-                name,
-                relation_holds(boxes_a, boxes_b, rel.relation, threshold),
-                RELATION_PHRASES[seen_rel] if seen_rel else "unclear",
-            )
-        )
+        holds = relation_holds(boxes_a, boxes_b, rel.relation, threshold)
+        observed = RELATION_PHRASES[seen_rel] if seen_rel else "unclear"
+        if rel.relation == NEXT_TO:
+            observed = "next to" if holds else f"not next to ({observed})"
+        criteria.append(Criterion(name, holds, observed))
     return criteria
 
 

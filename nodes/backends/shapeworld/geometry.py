@@ -1,4 +1,5 @@
-"""Rectangles, overlap tests, and GenEval's test of a spatial relation between two groups."""
+"""Rectangles, overlap tests, and the tests of a spatial relation between two groups: GenEval's
+for the four directions, and adjacency for "next to"."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nodes.backends.shapeworld.render import Box
+from nodes.backends.shapeworld.sizes import object_side
+from nodes.backends.shapeworld.vocab import NEXT_TO
+
+NEXT_TO_REACH = 1.0
+"""Largest horizontal gap between two adjacent groups, in mean object sides (see ``adjacent``)."""
 
 
 @dataclass(frozen=True)
@@ -55,10 +61,12 @@ def relation_holds(
     GenEval's rule, applied to groups: compare the mean centres; shrink the offset by
     ``threshold`` x the summed mean object sizes (so touching neighbours are not "left of" each
     other); the relation holds when its direction carries more than half of the remaining offset.
-    An empty group satisfies nothing.
+    An empty group satisfies nothing. "next to" is :func:`adjacent`.
     """
     if not subject or not reference:
         return False
+    if relation == NEXT_TO:
+        return adjacent(subject, reference, threshold)
     (ax, ay), (bx, by) = centre_of(subject), centre_of(reference)
     widths = [sum(b[2] - b[0] for b in g) / len(g) for g in (subject, reference)]
     heights = [sum(b[3] - b[1] for b in g) / len(g) for g in (subject, reference)]
@@ -75,6 +83,32 @@ def relation_holds(
         "above": ry < -0.5,
         "below": ry > 0.5,
     }[relation]
+
+
+def adjacent(subject: Sequence[Box], reference: Sequence[Box], threshold: float = 0.1) -> bool:
+    """Whether the two groups are next to each other, the subject on either side.
+
+    Adjacent means side by side and close, which takes three tests:
+
+    - side by side: "left of" or "right of" holds by GenEval's rule, so one shape above the other
+      is not next to it, however close;
+    - level: the groups' bounding boxes share at least one row, so a diagonal neighbour is not;
+    - close: the horizontal gap between the groups' bounding boxes is at most ``NEXT_TO_REACH``
+      mean object sides, i.e. nothing of their size would fit between them.
+    """
+    if not subject or not reference:
+        return False
+    if not (
+        relation_holds(subject, reference, "left of", threshold)
+        or relation_holds(subject, reference, "right of", threshold)
+    ):
+        return False
+    a, b = union_box(subject), union_box(reference)
+    if a[1] >= b[3] or b[1] >= a[3]:
+        return False
+    gap = max(a[0] - b[2], b[0] - a[2], 0)
+    sides = [sum(object_side(box) for box in g) / len(g) for g in (subject, reference)]
+    return gap <= NEXT_TO_REACH * sum(sides) / 2
 
 
 def observed_relation(

@@ -4,10 +4,11 @@ Grammar (``|`` alternatives, ``[]`` optional)::
 
     prompt    := [prefix] group (joiner group)*
     prefix    := "a photo of" | "an image of" | "a picture of" | "a drawing of" | ...
-    group     := count [colour] shape            count: a|an|one..twelve|digits
+    group     := count [size] [colour] shape     count: a|an|one..twelve|digits
+    size      := "big" | "large" | "small"         (also read after the colour)
     joiner    := "," | "and" | ", and" | relation
     relation  := "to the left of" | "left of" | "to the right of" | "above" | "over"
-               | "on top of" | "below" | "under" | "beneath" | ...
+               | "on top of" | "below" | "under" | "beneath" | "next to" | "beside" | ...
 
 A relation joins the groups on either side of it. Singular and plural nouns are both accepted
 whatever the count ("two circle", "a circles").
@@ -25,6 +26,8 @@ from nodes.backends.shapeworld.vocab import (
     RELATION_SYNONYMS,
     SHAPE_SYNONYMS,
     SHAPES,
+    SIZE_SYNONYMS,
+    SIZES,
 )
 
 _PREFIXES: tuple[tuple[str, ...], ...] = (
@@ -97,6 +100,23 @@ class Cursor:
             return word
         return None
 
+    def size(self) -> str | None:
+        word = self.peek()
+        word = SIZE_SYNONYMS.get(word, word) if word else None
+        if word in SIZES:
+            self.pos += 1
+            return word
+        return None
+
+    def attributes(self) -> tuple[str | None, str | None]:
+        """(size, colour), each optional; "a red big circle" is read as well as "a big red
+        circle" since people write both."""
+        size = self.size()
+        colour = self.colour()
+        if size is None and colour is not None:
+            size = self.size()
+        return size, colour
+
     def shape(self) -> str | None:
         word = self.peek()
         if word is None:
@@ -118,11 +138,11 @@ class Cursor:
         count = self.count()
         if count is None:
             raise self.error("a count ('a', 'two', '3', ...)")
-        colour = self.colour()
+        size, colour = self.attributes()
         shape = self.shape()
         if shape is None:
             raise self.error(f"a shape ({', '.join(SHAPES)})")
-        return Group(count=count, shape=shape, colour=colour)
+        return Group(count=count, shape=shape, colour=colour, size=size)
 
     def scene(self, stop: tuple[str, ...] = ()) -> SceneSpec:
         """Read groups and joiners until the end, or until a word in ``stop`` where a joiner

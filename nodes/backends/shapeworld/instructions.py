@@ -8,6 +8,7 @@ Grammar (canonical forms first; verbs and phrasing are tolerated more widely)::
     remove   := "Remove" selector                      "Remove one red circle." /
                                                         "Remove the blue squares."
     recolour := "Change" selector "to" colour          "Change two blue circles to red."
+    resize   := "Make" selector size                   "Make the red circle big."
     move     := "Move" selector anchor                 "Move the red circles above the blue
                                                         squares." / "Move the star to the left."
     selector := "the" [colour] shape                   (all of them)
@@ -17,8 +18,10 @@ Grammar (canonical forms first; verbs and phrasing are tolerated more widely)::
     region   := "on the left" | "on the right" | "at the top" | "at the bottom"
               | "at the top left" | ... ("to the ..." when moving)
 
+Groups in draw and add take a size word as prompts do ("Add a small blue square").
 Also read: add/put/place/insert, another/more ("Add one more red circle"), delete/erase,
-recolour/make/turn/paint ("Make the blue circles red"), "change the colour of X to Y".
+recolour/make/turn/paint ("Make the blue circles red"), "change the colour of X to Y",
+resize/scale and comparatives ("Make the red circle bigger", "Resize the squares to small").
 """
 
 from __future__ import annotations
@@ -96,13 +99,22 @@ class Move:
     anchor: Anchor
 
 
-Instruction = Draw | Add | Remove | Recolour | Move
+@dataclass(frozen=True)
+class Resize:
+    target: Selector
+    size: str
+    """'big' or 'small' (see ``sizes``)."""
+
+
+Instruction = Draw | Add | Remove | Recolour | Move | Resize
 
 _DRAW_VERBS = ("draw", "generate", "create", "render", "show", "depict", "make", "paint")
 _ADD_VERBS = ("add", "put", "place", "insert", "include")
 _REMOVE_VERBS = ("remove", "delete", "erase", "drop")
 _RECOLOUR_VERBS = ("change", "recolour", "recolor", "colour", "color", "make", "turn", "paint")
 _MOVE_VERBS = ("move", "shift", "relocate")
+_RESIZE_VERBS = ("make", "resize", "scale")
+_COMPARATIVES = {"bigger": "big", "larger": "big", "smaller": "small"}
 _REGION_WORDS = {
     "left": ("horizontal", "left"),
     "right": ("horizontal", "right"),
@@ -160,6 +172,8 @@ def format_instruction(instruction: Instruction) -> str:
             text = f"Change {selector_phrase(target)} to {colour}"
         case Move(target, anchor):
             text = f"Move {selector_phrase(target)} {anchor_phrase(anchor, moving=True)}"
+        case Resize(target, size):
+            text = f"Make {selector_phrase(target)} {size}"
     return text + "."
 
 
@@ -185,6 +199,8 @@ def parse_instruction(text: str) -> Instruction:
         readers.append(_remove)
     if verb in _MOVE_VERBS:
         readers.append(_move)
+    if verb in _RESIZE_VERBS:
+        readers.append(_resize)  # last: "make" is read as a recolour or a draw first
     if not readers:
         raise InstructionParseError(
             f"cannot read {text!r}: an instruction starts with draw, add, remove, change or move"
@@ -214,11 +230,11 @@ def _add(cursor: Cursor) -> Add:
     if count is None:
         raise cursor.error("a count ('a', 'two', ...)")
     cursor.take("more")
-    colour = cursor.colour()
+    size, colour = cursor.attributes()
     shape = cursor.shape()
     if shape is None:
         raise cursor.error("a shape")
-    group = validate(SceneSpec((Group(count, shape, colour),))).groups[0]
+    group = validate(SceneSpec((Group(count, shape, colour, size),))).groups[0]
     return Add(group, _anchor(cursor) if not cursor.done() else Anchor())
 
 
@@ -245,6 +261,20 @@ def _move(cursor: Cursor) -> Move:
     if cursor.done():
         raise cursor.error("where to move them")
     return Move(target, _anchor(cursor))
+
+
+def _resize(cursor: Cursor) -> Resize:
+    target = _selector(cursor)
+    cursor.take_any((("to",), ("into",), ("be",)))
+    word = cursor.peek()
+    size = _COMPARATIVES.get(word) if word else None
+    if size is not None:
+        cursor.pos += 1
+    else:
+        size = cursor.size()
+    if size is None:
+        raise cursor.error("a size (big, small)")
+    return Resize(target, size)
 
 
 def _selector(cursor: Cursor) -> Selector:

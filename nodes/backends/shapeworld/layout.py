@@ -2,13 +2,14 @@
 
 Objects are placed on a jittered grid of cells inside an area, skipping cells that come too close
 to objects already on the canvas; when the area is too small the objects shrink, and what still
-does not fit is left out (a real model would crowd or drop objects too).
+does not fit is left out (a real model would crowd or drop objects too). A group "next to"
+another is placed in a block of cells flush against it (:func:`beside_areas`).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from nodes.backends.shapeworld.geometry import (
@@ -19,7 +20,9 @@ from nodes.backends.shapeworld.geometry import (
     union_box,
 )
 from nodes.backends.shapeworld.render import Box, PlacedObject, Scene
-from nodes.backends.shapeworld.spec import SceneSpec
+from nodes.backends.shapeworld.sizes import drawn_size_range
+from nodes.backends.shapeworld.spec import Group, SceneSpec
+from nodes.backends.shapeworld.vocab import NEXT_TO
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,18 @@ def scene_size_range(
     return max(12, round(lo * scale)), max(12, round(hi * scale))
 
 
+def group_size_range(
+    group: Group, width: int, height: int, ordinary: tuple[int, int]
+) -> tuple[int, int]:
+    """The sizes to draw ``group`` at: its size word's band, else the scene's ``ordinary`` range."""
+    return drawn_size_range(group.size, width, height) if group.size else ordinary
+
+
 def group_regions(spec: SceneSpec) -> list[Region | None]:
     """A region per group that makes every relation hold: related groups are ranked along the
     relation's axis (a chain "A left of B above C" puts A left, B right and top, C right and
-    bottom); groups with no relation get the whole canvas."""
+    bottom); groups with no relation get the whole canvas. "A next to B" ranks A left of B, which
+    leaves B room on A's right, where :func:`layout_scene` puts it."""
     n = len(spec.groups)
     col, row = [0] * n, [0] * n
     chain = [0] * n
@@ -66,7 +77,7 @@ def group_regions(spec: SceneSpec) -> list[Region | None]:
             chain[i] = chain[i - 1] + 1
             continue
         chain[i] = chain[i - 1]
-        col[i] = col[i - 1] + {"left of": 1, "right of": -1}.get(relation, 0)
+        col[i] = col[i - 1] + {"left of": 1, "right of": -1, NEXT_TO: 1}.get(relation, 0)
         row[i] = row[i - 1] + {"above": 1, "below": -1}.get(relation, 0)
     regions: list[Region | None] = []
     for i in range(n):
@@ -115,6 +126,57 @@ def place_objects(
         if len(placed) > len(best):
             best = placed
     return best
+
+
+def place_first_fitting(
+    items: Sequence[tuple[str, str]],
+    targets: Sequence[tuple[Rect, tuple[float, float] | None]],
+    obstacles: Sequence[Box],
+    rng: random.Random,
+    sizes: tuple[int, int],
+    gap: int,
+    accept: Callable[[list[PlacedObject]], bool] | None = None,
+    strict: bool = False,
+) -> list[PlacedObject]:
+    """The first complete placement, over ``targets`` (area, point to cluster at) in turn, that
+    ``accept`` approves; failing that, the largest placement found (or nothing, when ``strict``)."""
+    best: list[PlacedObject] = []
+    for area, prefer in targets:
+        if area.width <= 0 or area.height <= 0:
+            continue
+        placed = place_objects(items, area, obstacles, rng, sizes, gap, prefer)
+        if len(placed) == len(items) and (accept is None or accept(placed)):
+            return placed
+        if not strict and len(placed) > len(best):
+            best = placed
+    return best
+
+
+def beside_areas(
+    reference: Sequence[Box], canvas: Rect, gap: int, pitch: int, count: int
+) -> list[tuple[Rect, tuple[float, float]]]:
+    """Where ``count`` objects go to stand next to the ``reference`` objects, best first, each
+    with the point to cluster at (the reference's edge, level with its centre).
+
+    First a block of cells flush against the reference group, level with its centre, on the
+    roomier side and then the other. The block is a whole number of cells (``pitch`` = object
+    side + gap) wide and tall, so the placement grid has no slack to drift in: the objects land
+    between ``gap`` and ``gap`` + the size jitter away, within ``geometry.adjacent``'s reach.
+    Then full-height strips on either side, for when the block is taken.
+    """
+    x0, _, x1, _ = union_box(reference)
+    _, cy = centre_of(reference)
+    rows_fit = max(1, int((canvas.height - gap) // pitch))
+    cols = -(-count // rows_fit)
+    rows = -(-count // cols)
+    # One pixel over the exact fit, so float rounding never costs the grid a column or a row.
+    width, height = cols * pitch + gap + 1, min(rows * pitch + gap + 1, canvas.height)
+    top = min(max(cy - height / 2, canvas.y0), canvas.y1 - height)
+    right = (Rect(x1, top, min(x1 + width, canvas.x1), top + height), (float(x1), cy))
+    left = (Rect(max(x0 - width, canvas.x0), top, x0, top + height), (float(x0), cy))
+    sides = [right, left] if canvas.x1 - x1 >= x0 - canvas.x0 else [left, right]
+    strips = [(Rect(area.x0, canvas.y0, area.x1, canvas.y1), point) for area, point in sides]
+    return [*sides, *strips]
 
 
 def _shrinking(lo: int, hi: int) -> list[int]:
@@ -189,21 +251,32 @@ def layout_scene(
     """Place every group of ``spec`` (all colours given) so that its relations hold.
 
     Groups with a region cluster around the region's centre, which keeps related groups clearly
-    apart along the relation's axis; the rest spread over the canvas. Layouts that still break a
-    relation (crowded canvases) are redrawn up to ``attempts`` times.
+    apart along the relation's axis; the rest spread over the canvas. A group "next to" the one
+    before it goes flush against that group instead (:func:`beside_areas`). Sized groups are
+    drawn in their size word's band, the rest at the scene's ordinary size. Layouts that still
+    break a relation (crowded canvases) are redrawn up to ``attempts`` times.
     """
     if any(g.colour is None for g in spec.groups):
         raise ValueError("layout_scene needs a colour for every group")
     regions = list(regions) if regions is not None else group_regions(spec)
-    sizes = scene_size_range(spec.total_objects, width, height, size_bounds)
+    ordinary = scene_size_range(spec.total_objects, width, height, size_bounds)
+    canvas = Rect(0, 0, width, height)
     scene = Scene(width, height)
     for _ in range(attempts):
         placed: list[list[PlacedObject]] = []
-        for group, region in zip(spec.groups, regions, strict=True):
-            area = region_area(region, width, height)
-            prefer = None if region is None else ((area.x0 + area.x1) / 2, (area.y0 + area.y1) / 2)
+        for i, (group, region) in enumerate(zip(spec.groups, regions, strict=True)):
             obstacles = [o.box for objs in placed for o in objs]
             items = [(group.shape, group.colour or "")] * group.count
+            sizes = group_size_range(group, width, height, ordinary)
+            partner = placed[i - 1] if i and spec.relation_between(i - 1, i) == NEXT_TO else []
+            if partner:
+                targets = beside_areas(
+                    [o.box for o in partner], canvas, gap, sizes[1] + gap, len(items)
+                )
+                placed.append(place_first_fitting(items, targets, obstacles, rng, sizes, gap))
+                continue
+            area = region_area(region, width, height)
+            prefer = None if region is None else ((area.x0 + area.x1) / 2, (area.y0 + area.y1) / 2)
             placed.append(place_objects(items, area, obstacles, rng, sizes, gap, prefer))
         scene = Scene(width, height, tuple(o for objs in placed for o in objs))
         if all(

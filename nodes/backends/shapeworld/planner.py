@@ -13,22 +13,40 @@ from __future__ import annotations
 from nodes.backends.base import ChatRequest, TextCompletion
 from nodes.backends.shapeworld.grammar import parse_prompt
 from nodes.backends.shapeworld.instructions import region_phrase
-from nodes.backends.shapeworld.layout import group_regions
+from nodes.backends.shapeworld.layout import Region, group_regions
 from nodes.backends.shapeworld.spec import (
+    Group,
     PromptParseError,
     SceneSpec,
     describe,
     reference_phrase,
+    shape_word,
 )
+from nodes.backends.shapeworld.vocab import NEXT_TO
 
 
 def blueprint(spec: SceneSpec) -> str:
+    regions = group_regions(spec)
     parts = [
-        f"{reference_phrase(g.colour, g.shape, g.count)} "
-        f"{region_phrase(region) if region else 'anywhere on the canvas'}"
-        for g, region in zip(spec.groups, group_regions(spec), strict=True)
+        f"{_sized_reference(g)} {_where(spec, i, r)}"
+        for i, (g, r) in enumerate(zip(spec.groups, regions, strict=True))
     ]
     return f"Blueprint: {describe(spec)}. Layout: {'; '.join(parts)}; no two shapes touch."
+
+
+def _sized_reference(group: Group) -> str:
+    """'the red circles', 'the big red circle' (the size word is part of what to draw)."""
+    words = ("the", group.size, group.colour, shape_word(group.shape, group.count))
+    return " ".join(w for w in words if w)
+
+
+def _where(spec: SceneSpec, index: int, region: Region | None) -> str:
+    # A group next to the one before it is drawn flush beside it, not in its half of the canvas
+    # (see layout_scene), so the blueprint says so.
+    if index and spec.relation_between(index - 1, index) == NEXT_TO:
+        previous = spec.groups[index - 1]
+        return f"beside {reference_phrase(previous.colour, previous.shape, previous.count)}"
+    return region_phrase(region) if region else "anywhere on the canvas"
 
 
 def prompt_of(request: ChatRequest) -> str:

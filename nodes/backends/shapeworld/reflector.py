@@ -22,7 +22,12 @@ from PIL import Image
 from nodes.backends.base import BackendError, ChatRequest, TextCompletion
 from nodes.backends.shapeworld.checker import detect_objects, read_target
 from nodes.backends.shapeworld.config import ShapeWorldConfig
-from nodes.backends.shapeworld.corrections import Discrepancy, discrepancies, relation_summary
+from nodes.backends.shapeworld.corrections import (
+    Discrepancy,
+    discrepancies,
+    relation_summary,
+    size_summary,
+)
 from nodes.backends.shapeworld.detect import DetectedObject
 from nodes.backends.shapeworld.evaluate import members, summarise
 from nodes.backends.shapeworld.instructions import (
@@ -32,6 +37,7 @@ from nodes.backends.shapeworld.instructions import (
     Move,
     Recolour,
     Remove,
+    Resize,
     format_instruction,
 )
 from nodes.backends.shapeworld.seeding import image_digest, rng_for
@@ -39,7 +45,13 @@ from nodes.backends.shapeworld.spec import PromptParseError, SceneSpec, shape_wo
 from nodes.backends.shapeworld.vocab import COLOURS, MAX_COUNT
 from nodes.formats import STOP_PHRASE, format_reflection
 
-_PERPENDICULAR = {"left of": "above", "right of": "below", "above": "right of", "below": "left of"}
+_PERPENDICULAR = {
+    "left of": "above",
+    "right of": "below",
+    "above": "right of",
+    "below": "left of",
+    "next to": "above",
+}
 
 
 def last_image(request: ChatRequest) -> Image.Image:
@@ -72,10 +84,16 @@ class ShapeWorldReflector:
             thought = f"The target description is: {described}. I cannot relate it to shapes."
             return self._emit(thought, None, rng)
         objects = self._perceive(spec, detect_objects(image, self.config), rng)
-        threshold = self.config.position_threshold
-        shows = "; ".join([summarise(objects), *relation_summary(spec, objects, threshold)])
+        threshold, side = self.config.position_threshold, min(image.size)
+        shows = "; ".join(
+            [
+                summarise(objects),
+                *size_summary(spec, objects, side),
+                *relation_summary(spec, objects, threshold),
+            ]
+        )
         thought = f"The target description is: {described}. The current image shows: {shows}."
-        issues = discrepancies(spec, objects, threshold)
+        issues = discrepancies(spec, objects, threshold, canvas_side=side)
         if issues and rng.random() < self.config.reflector_miss_rate:
             issues = []
         elif not issues and rng.random() < self.config.reflector_false_alarm_rate:
@@ -123,7 +141,8 @@ class ShapeWorldReflector:
 
 
 def _slightly_off(fix: Instruction, rng: random.Random) -> Instruction:
-    """The right kind of edit with one detail wrong (a count or a colour or a direction)."""
+    """The right kind of edit with one detail wrong (a count, a colour, a size or a
+    direction)."""
     if isinstance(fix, Add):
         group = fix.group
         if group.colour and rng.random() < 0.5:
@@ -135,6 +154,8 @@ def _slightly_off(fix: Instruction, rng: random.Random) -> Instruction:
         return replace(fix, target=replace(fix.target, count=_other_count(count, rng)))
     if isinstance(fix, Recolour):
         return replace(fix, colour=rng.choice([c for c in COLOURS if c != fix.colour]))
+    if isinstance(fix, Resize):
+        return replace(fix, size="small" if fix.size == "big" else "big")
     if isinstance(fix, Move) and fix.anchor.relation:
         anchor = Anchor(_PERPENDICULAR[fix.anchor.relation], fix.anchor.reference)
         return replace(fix, anchor=anchor)

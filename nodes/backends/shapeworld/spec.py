@@ -1,9 +1,10 @@
 """What a ShapeWorld prompt means: object groups and the spatial relations between them.
 
 A :class:`SceneSpec` is the parsed form of a prompt ("two red circles above three blue squares"):
-ordered groups (count, optional colour, shape) and relations between *adjacent* groups. Keeping
-relations adjacent makes :func:`describe` and the parser exact inverses, which is what lets the
-checker, reflector and decomposer exchange plain text.
+ordered groups (count, optional size, optional colour, shape) and relations between *adjacent*
+groups: neighbours in the list, not to be confused with the relation "next to" (shapes adjacent
+on the canvas). Keeping relations adjacent makes :func:`describe` and the parser exact inverses,
+which is what lets the checker, reflector and decomposer exchange plain text.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nodes.backends.shapeworld.vocab import (
+    ALL_RELATIONS,
     CANONICAL_NUMBERS,
     COLOURS,
     MAX_COUNT,
     RELATION_PHRASES,
-    RELATIONS,
     SHAPES,
+    SIZES,
 )
 
 MAX_GROUPS = 5
@@ -25,10 +27,12 @@ MAX_OBJECTS = 24
 """Most objects one scene may hold, over all groups."""
 
 # complexity() weights: each object beyond the first of a group adds COUNT_WEIGHT, each relation
-# RELATION_WEIGHT, each coloured group beyond the first BINDING_WEIGHT (colours to keep apart).
+# RELATION_WEIGHT, each coloured group beyond the first BINDING_WEIGHT (colours to keep apart),
+# each sized group SIZE_WEIGHT (one more attribute to bind; zero for prompts without sizes).
 COUNT_WEIGHT = 0.5
 RELATION_WEIGHT = 1.0
 BINDING_WEIGHT = 0.75
+SIZE_WEIGHT = 0.25
 
 
 class PromptParseError(ValueError):
@@ -37,11 +41,13 @@ class PromptParseError(ValueError):
 
 @dataclass(frozen=True)
 class Group:
-    """``count`` objects of one shape; ``colour`` None means any colour."""
+    """``count`` objects of one shape; ``colour`` None means any colour, ``size`` None the
+    ordinary size ('big' and 'small' are absolute, see ``sizes``)."""
 
     count: int
     shape: str
     colour: str | None = None
+    size: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,8 @@ def validate(spec: SceneSpec) -> SceneSpec:
             raise PromptParseError(f"unknown shape {g.shape!r}; shapes are {', '.join(SHAPES)}")
         if g.colour is not None and g.colour not in COLOURS:
             raise PromptParseError(f"unknown colour {g.colour!r}; colours are {', '.join(COLOURS)}")
+        if g.size is not None and g.size not in SIZES:
+            raise PromptParseError(f"unknown size {g.size!r}; sizes are {', '.join(SIZES)}")
         if not 1 <= g.count <= MAX_COUNT:
             raise PromptParseError(f"counts run from 1 to {MAX_COUNT}, not {g.count}")
     if spec.total_objects > MAX_OBJECTS:
@@ -93,7 +101,7 @@ def validate(spec: SceneSpec) -> SceneSpec:
             raise PromptParseError(f"two groups of {plural(g.shape)} that cannot be told apart")
         seen.add((g.colour, g.shape))
     for i, rel in enumerate(spec.relations):
-        if rel.relation not in RELATIONS:
+        if rel.relation not in ALL_RELATIONS:
             raise PromptParseError(f"unknown relation {rel.relation!r}")
         if rel.object != rel.subject + 1 or not 0 <= rel.subject < len(spec.groups) - 1:
             raise PromptParseError("relations must join adjacent groups, in order")
@@ -111,8 +119,9 @@ def shape_word(shape: str, count: int) -> str:
 
 
 def group_phrase(group: Group) -> str:
-    """'two red circles', 'an orange star', 'a square'."""
-    noun = " ".join(w for w in (group.colour, shape_word(group.shape, group.count)) if w)
+    """'two red circles', 'an orange star', 'a square', 'a big red circle'."""
+    words = (group.size, group.colour, shape_word(group.shape, group.count))
+    noun = " ".join(w for w in words if w)
     if group.count == 1:
         return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
     return f"{CANONICAL_NUMBERS[group.count]} {noun}"
@@ -142,4 +151,6 @@ def complexity(spec: SceneSpec) -> float:
     relations and the number of colours to bind. The generator's error rate grows with it."""
     objects = sum(1 + COUNT_WEIGHT * (g.count - 1) for g in spec.groups)
     coloured = sum(1 for g in spec.groups if g.colour is not None)
-    return objects + RELATION_WEIGHT * len(spec.relations) + BINDING_WEIGHT * max(0, coloured - 1)
+    sized = sum(1 for g in spec.groups if g.size is not None)
+    binding = BINDING_WEIGHT * max(0, coloured - 1) + SIZE_WEIGHT * sized
+    return objects + RELATION_WEIGHT * len(spec.relations) + binding

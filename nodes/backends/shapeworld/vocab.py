@@ -1,4 +1,4 @@
-"""ShapeWorld's vocabulary: shapes, palette colours, number words, relations, regions.
+"""ShapeWorld's vocabulary: shapes, palette colours, sizes, number words, relations, regions.
 
 The shapes were chosen for how reliably the pixel detector tells them apart by fill ratio and row
 widths (see ``detect``). The palette colours sit far apart in RGB (and far from greys) so a
@@ -55,18 +55,29 @@ CANONICAL_NUMBERS: dict[int, str] = {
 MAX_COUNT = 12
 """Largest count the grammar accepts in one group (prompt sampling stays within 1-8)."""
 
+SIZES: tuple[str, ...] = ("big", "small")
+"""Size words a group may carry; a group without one is drawn at the scene's ordinary size."""
+SIZE_SYNONYMS: dict[str, str] = {"large": "big"}
+
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+"""GenEval's directional relations (the ones prompt sampling draws from)."""
+NEXT_TO = "next to"
+"""Adjacency, on either side: symmetric, and not sampled by the prompt categories (see
+``geometry.adjacent`` for the rule)."""
+ALL_RELATIONS: tuple[str, ...] = (*RELATIONS, NEXT_TO)
 INVERSE_RELATION: dict[str, str] = {
     "left of": "right of",
     "right of": "left of",
     "above": "below",
     "below": "above",
+    "next to": "next to",
 }
 RELATION_PHRASES: dict[str, str] = {
     "left of": "to the left of",
     "right of": "to the right of",
     "above": "above",
     "below": "below",
+    "next to": "next to",
 }
 """Canonical surface form of each relation."""
 
@@ -86,6 +97,8 @@ RELATION_SYNONYMS: dict[tuple[str, ...], str] = {
     ("under",): "below",
     ("underneath",): "below",
     ("beneath",): "below",
+    ("next", "to"): "next to",
+    ("beside",): "next to",
 }
 """Token sequences read as a relation; longest match wins."""
 
