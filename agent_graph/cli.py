@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import sys
+import uuid
 from pathlib import Path
 
 from agent_graph.heap import freeze_startup_heap
@@ -27,6 +28,14 @@ class StoreUnavailable(Exception):
     exit code 1."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C under a command that records a run: the message names the run to resume."""
+
+    def __init__(self, run_id: str | None) -> None:
+        super().__init__(run_id)
+        self.run_id = run_id
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -38,9 +47,29 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"atelier: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(_interrupted_message(exc.run_id), file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("atelier: interrupted", file=sys.stderr)
         return 130
+
+
+def _interrupted_message(run_id: str | None) -> str:
+    if run_id is None:  # interrupted before the run was created: nothing to finish
+        return "atelier: interrupted"
+    return (
+        f"atelier: interrupted — every recorded step is kept; finish with: atelier resume {run_id}"
+    )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("atelier")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adaptive image generation by reasoning: plan, draw, reflect, refine, "
         "decompose — recorded, and retrainable from its own trajectories.",
     )
+    parser.add_argument("--version", action="version", version=f"atelier {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run one prompt and print its trajectory")
@@ -118,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="admit the G samples of a prompt together, once G slots are free",
     )
-    rollout.add_argument("--name", help="run name")
+    rollout.add_argument("--name", help="run name (must be new: `resume NAME` then finds this run)")
     _add_config(rollout)
     _add_db(rollout)
     rollout.set_defaults(handler=cmd_rollout)
@@ -138,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("show", help="show one recorded trajectory, step by step")
     show.add_argument("id", help="trajectory id, or a unique prefix or suffix (as `ls` shows)")
+    show.add_argument(
+        "--full",
+        action="store_true",
+        help="print every text whole (reflections, plans, model outputs), not one clipped line",
+    )
     _add_db(show)
     show.set_defaults(handler=cmd_show)
 
@@ -243,11 +278,75 @@ def _check_store_failure(store, exc: BaseException, run_ref: str | None) -> None
     ) from None
 
 
-def _resolve_run(store, ref: str):
+def _resolve_run(store, ref: str):  # -> RunInfo
+    """The run ``ref`` names; a note on stderr when the name is shared by several runs (the
+    newest is used), so that nobody reads the wrong run without knowing."""
     try:
-        return store.resolve_run(ref)
+        match = store.match_run(ref)
     except KeyError as exc:
         raise CliError(str(exc.args[0]) if exc.args else str(exc)) from None
+    if match.same_name > 1:
+        print(
+            f"atelier: note: {match.same_name} runs are named {ref!r}; using the newest, "
+            f"{match.run.id[:12]} (created {_when(match.run.created_at)}) — pass a run id "
+            "(`atelier runs` lists them) to pick another",
+            file=sys.stderr,
+        )
+    return match.run
+
+
+def _when(moment) -> str:  # a datetime -> its UTC time, as `atelier runs` shows it
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _check_run_name_free(store, name: str | None) -> None:
+    """Refuse a ``--name`` that an existing run already answers to (its name, or the start of
+    its id): ``resume NAME``, ``ls --run NAME`` would otherwise silently mean one of them."""
+    if name is None:
+        return
+    try:
+        match = store.match_run(name)
+    except KeyError:  # no run answers to it (or only an ambiguous id prefix, which a name beats)
+        return
+    taken = match.run
+    if match.by == "name":
+        created = _when(taken.created_at)
+        reason = f"a run named {name!r} already exists ({taken.id[:12]}, created {created})"
+    else:
+        reason = f"{name!r} is the start of run id {taken.id[:12]}, so it cannot name a run"
+    raise CliError(f"{reason}; choose another --name, e.g. {_free_name(store, name)!r}")
+
+
+def _free_name(store, name: str) -> str:
+    """``name-2``, ``name-3``, … : the first that no run answers to."""
+    for n in range(2, 1000):
+        candidate = f"{name}-{n}"
+        try:
+            store.match_run(candidate)
+        except KeyError:
+            return candidate
+    return f"{name}-{short_id(uuid.uuid4().hex)}"
+
+
+def _run_recording(store, run_id: str, work, run_ref: str | None = None):
+    """``asyncio.run(work)`` (its result) for a command that records run ``run_id``: a store
+    failure is one line naming the store and the run to resume (``run_ref``, the name the
+    user gave, else the id); Ctrl-C names the run by id, once the run exists."""
+    try:
+        return asyncio.run(work)
+    except KeyboardInterrupt:
+        raise Interrupted(run_id if _run_exists(store, run_id) else None) from None
+    except Exception as exc:
+        _check_store_failure(store, exc, run_ref or run_id)
+        raise
+
+
+def _run_exists(store, run_id: str) -> bool:
+    try:
+        store.run(run_id)
+    except Exception:  # missing, or the store itself is gone: nothing to point at
+        return False
+    return True
 
 
 def _check_output_path(path: Path, suffix: str = ".png") -> None:
@@ -293,17 +392,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         from agent_graph.rollout import rollout
 
         store = images = _open_store(args, must_exist=False)
-        _, results = asyncio.run(
-            rollout(
-                store,
-                [task],
-                mode=args.mode,
-                budget=budget,
-                name="run",
-                keep_steps=True,
-                backends_config=args.config,
-            )
+        run_id = uuid.uuid4().hex
+        work = rollout(
+            store,
+            [task],
+            mode=args.mode,
+            budget=budget,
+            name="run",
+            keep_steps=True,
+            backends_config=args.config,
+            run_id=run_id,
         )
+        _, results = _run_recording(store, run_id, work)
         result = results[0]
     print_trajectory(result)
     if not args.no_record:
@@ -381,31 +481,50 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         raise CliError(exc.errors()[0]["msg"]) from None
     _check_config(args.config)
     store = _open_store(args, must_exist=False)
+    _check_run_name_free(store, args.name)
     requests: dict[str, dict[str, int]] = {}
-    try:
-        freeze_startup_heap()
-        run_id, results = asyncio.run(
-            rollout(
-                store,
-                tasks,
-                mode=args.mode,
-                budget=budget,
-                name=args.name,
-                concurrency=args.concurrency,
-                progress=sys.stderr.isatty(),
-                backends_config=args.config,
-                request_stats=requests,
-                keep_groups_together=args.keep_groups_together,
-            )
-        )
-    except Exception as exc:
-        _check_store_failure(store, exc, args.name)
-        raise
-    ok = sum(r.status == "succeeded" for r in results)
+    run_id = uuid.uuid4().hex
+    freeze_startup_heap()
+    work = rollout(
+        store,
+        tasks,
+        mode=args.mode,
+        budget=budget,
+        name=args.name,
+        concurrency=args.concurrency,
+        progress=sys.stderr.isatty(),
+        backends_config=args.config,
+        request_stats=requests,
+        keep_groups_together=args.keep_groups_together,
+        run_id=run_id,
+    )
+    _, results = _run_recording(store, run_id, work, args.name)
     correct = sum(r.correct for r in results)
-    print(f"run {run_id}: {len(results)} trajectories, {ok} succeeded, {correct} correct")
+    print(f"run {run_id}: {len(results)} trajectories, {_outcome(results)}, {correct} correct")
     _print_requests(requests)
-    return 0
+    return _exit_status(results, run_id)
+
+
+def _outcome(results) -> str:
+    """``8 succeeded`` or ``6 succeeded, 2 failed``."""
+    failed = sum(r.status != "succeeded" for r in results)
+    ok = len(results) - failed
+    return f"{ok} succeeded" + (f", {failed} failed" if failed else "")
+
+
+def _exit_status(results, run_id: str) -> int:
+    """1 when every trajectory failed (nothing usable was recorded: a server down, a bad
+    config), with the first error; 0 otherwise, the summary line having counted failures."""
+    if not results or any(r.status == "succeeded" for r in results):
+        return 0
+    first = next((r.error for r in results if r.error), "unknown error")
+    first = " ".join(str(first).split())
+    print(
+        f"atelier: error: all {len(results)} trajectories failed; the first: "
+        f"{first[:300]} (`atelier ls --run {run_id[:12]} --status failed` lists them)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _print_requests(requests: dict[str, dict[str, int]]) -> None:
@@ -418,43 +537,106 @@ def _print_requests(requests: dict[str, dict[str, int]]) -> None:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     store = _open_store(args)
-    table = Table(title=f"runs in {store.url}")
-    for column in ("id", "name", "created", "status", "trajectories", "config"):
-        table.add_column(column)
-    for run in store.runs():
-        config = ", ".join(f"{k}={v}" for k, v in run.config.items() if k != "budget")
-        table.add_row(
-            run.id[:12],
-            run.name,
-            run.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            run.status,
-            str(run.trajectory_count),
-            config,
-        )
-    Console().print(table)
+    runs = store.runs()
+    console = Console()
+    console.print(_runs_table(runs, f"runs in {store.url}", console.width))
+    shared = _shared_names(runs)
+    if shared:
+        console.print(shared, soft_wrap=True, highlight=False, markup=False)
     return 0
+
+
+def _runs_table(runs: list, title: str, width: int):  # -> rich.table.Table
+    """One line per run, whatever its config holds (a Tree-RL run lists hundreds of parents):
+    nothing wraps, the id is never clipped, and the config summary takes only the width the
+    other columns leave."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    headers = ("id", "name", "created", "status", "trajectories")
+    rows = [
+        [run.id[:12], run.name, _when(run.created_at), run.status, str(run.trajectory_count)]
+        for run in runs
+    ]
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+    config_width = max(width - sum(widths) - 3 * (len(headers) + 1) - 1, 12)
+    table = Table(title=title)
+    table.add_column("id", no_wrap=True, min_width=12)  # users copy it
+    for header in headers[1:]:
+        table.add_column(header, no_wrap=True, overflow="ellipsis")
+    table.add_column("config", no_wrap=True, overflow="ellipsis", max_width=config_width)
+    for run, row in zip(runs, rows, strict=True):
+        table.add_row(*(escape(cell) for cell in (*row, config_summary(run.config))))
+    return table
+
+
+def _shared_names(runs: list) -> str | None:
+    """A line naming the names several runs share (``demo-auto`` after two demos), if any."""
+    from collections import Counter
+
+    shared = sorted((name, n) for name, n in Counter(run.name for run in runs).items() if n > 1)
+    if not shared:
+        return None
+    names = ", ".join(f"{name} ×{n}" for name, n in shared)
+    return f"shared names: {names}: a name means its newest run; pass an id (prefix) for another"
+
+
+_CONFIG_ALIASES = {"group_size": "G"}
+_CONFIG_VALUE_CHARS = 24
+
+
+def config_summary(config: dict, *, nested: bool = True) -> str:
+    """A run's config in a few words: scalars as ``key=value`` (clipped, paths by their file
+    name), lists and dicts as their size (``forks: 212``); one level of small dicts shown as
+    ``key(...)``. The budget is left out (every run has one)."""
+    return ", ".join(
+        _config_item(key, value, nested) for key, value in config.items() if key != "budget"
+    )
+
+
+def _config_item(key: str, value, nested: bool) -> str:
+    key = _CONFIG_ALIASES.get(key, key)
+    if isinstance(value, dict) and nested and 0 < len(value) <= 6:
+        return f"{key}({config_summary(value, nested=False)})"
+    if isinstance(value, (dict, list, tuple)):
+        return f"{key}: {len(value)}"
+    text = str(value)
+    if isinstance(value, str) and "/" in text:
+        text = Path(text).name or text  # a resolved config path: its file names it
+    if len(text) > _CONFIG_VALUE_CHARS:
+        text = text[: _CONFIG_VALUE_CHARS - 1] + "…"
+    return f"{key}={text}"
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    if args.limit < 1:
+        raise CliError("--limit must be at least 1")
     store = _open_store(args)
     run = _resolve_run(store, args.run).id if args.run else None
-    rows = store.trajectories(
-        run=run, status=args.status, mode=args.mode, min_reward=args.min_reward, limit=args.limit
-    )
-    table = Table(title=f"{len(rows)} trajectories" + (f" of run {run[:12]}" if run else ""))
-    for column in ("id", "prompt", "mode", "status", "images", "score", "correct"):
+    filters = {"run": run, "status": args.status, "mode": args.mode, "min_reward": args.min_reward}
+    rows = store.trajectories(**filters, limit=args.limit)
+    # Fewer rows than the limit are all there is; only a full page needs the count.
+    total = len(rows) if len(rows) < args.limit else store.count_trajectories(**filters)
+    title = f"{len(rows)} of {total} trajectories" if total > len(rows) else f"{total} trajectories"
+    if run:
+        title += f" of run {run[:12]}"
+    if total > len(rows):
+        title += f" (--limit {args.limit})"
+    table = Table(title=title)
+    table.add_column("id", no_wrap=True, min_width=12)  # never clipped: `show` takes it
+    for column in ("prompt", "mode", "status", "images", "score", "correct"):
         table.add_column(column)
     for t in rows:
         score = "" if t.score is None else f"{t.score:.2f}"
         table.add_row(
             short_id(t.id),
-            t.prompt[:60],
+            escape(t.prompt[:60]),
             t.mode or "",
             t.status,
             str(t.image_count),
@@ -474,7 +656,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         trajectory = store.trajectory(store.resolve_trajectory(args.id))
     except TrajectoryNotFound as exc:
         raise CliError(str(exc.args[0]) if exc.args else str(exc)) from None
-    print_stored_trajectory(trajectory)
+    print_stored_trajectory(trajectory, full=args.full)
     return 0
 
 
@@ -482,6 +664,8 @@ def cmd_view(args: argparse.Namespace) -> int:
     from storage.store import TrajectoryNotFound
     from storage.viewer import write_html
 
+    if args.limit < 1:
+        raise CliError("--limit must be at least 1")
     store = _open_store(args)
     out = args.out or Path(f"atelier-{args.ref[:16]}.html")
     _check_output_path(out, ".html")
@@ -490,7 +674,15 @@ def cmd_view(args: argparse.Namespace) -> int:
         run = None
     except TrajectoryNotFound:
         trajectory_ids, run = None, _resolve_run(store, args.ref).id
-    write_html(store, out, run=run, trajectory_ids=trajectory_ids, limit=args.limit)
+    # The trajectory asked for opens expanded (a run's page opens as a grid of cards).
+    write_html(
+        store,
+        out,
+        run=run,
+        trajectory_ids=trajectory_ids,
+        expanded=trajectory_ids or (),
+        limit=args.limit,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -515,27 +707,24 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     store = _open_store(args)
     run = _resolve_run(store, args.run)
+    if args.concurrency < 1:
+        raise CliError("--concurrency must be at least 1")
     requests: dict[str, dict[str, int]] = {}
+    freeze_startup_heap()
+    work = resume_run(
+        store,
+        run.id,
+        concurrency=args.concurrency,
+        progress=sys.stderr.isatty(),
+        request_stats=requests,
+    )
     try:
-        freeze_startup_heap()
-        results = asyncio.run(
-            resume_run(
-                store,
-                run.id,
-                concurrency=args.concurrency,
-                progress=sys.stderr.isatty(),
-                request_stats=requests,
-            )
-        )
+        results = _run_recording(store, run.id, work, args.run)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    except Exception as exc:
-        _check_store_failure(store, exc, args.run)
-        raise
-    ok = sum(r.status == "succeeded" for r in results)
-    print(f"run {run.id}: resumed {len(results)} trajectories, {ok} succeeded")
+    print(f"run {run.id}: resumed {len(results)} trajectories, {_outcome(results)}")
     _print_requests(requests)
-    return 0
+    return _exit_status(results, run.id)
 
 
 def cmd_graph(args: argparse.Namespace) -> int:

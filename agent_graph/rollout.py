@@ -72,6 +72,7 @@ async def rollout(
     settings: GraphSettings | None = None,
     request_stats: dict[str, dict[str, int]] | None = None,
     keep_groups_together: bool = False,
+    run_id: str | None = None,
 ) -> tuple[str, list[TrajectoryResult]]:
     """Run ``tasks`` (on ShapeWorld, or the backends a config file names), recording every
     step; returns (run id, results).
@@ -80,6 +81,8 @@ async def rollout(
     ``mode`` would pick; the run's config names them, and ``resume`` then refuses to guess them.
     ``request_stats``, when given, is filled with the HTTP backends' counts per server
     (attempts, retries, requests given up: :meth:`~nodes.backends.pool.ServerPool.counters`).
+    ``run_id`` fixes the new run's id (default: a fresh one), so that a caller interrupted
+    mid-run (Ctrl-C) can name the run to resume without having seen the return value.
     """
     from storage.recorder import SQLRecorder
 
@@ -93,7 +96,7 @@ async def rollout(
     if settings is not None:
         config["settings"] = {"width": settings.width, "height": settings.height}
         overrides["settings"] = settings
-    run = store.create_run(name, config)
+    run = store.create_run(name, config, run_id=run_id)
     async with SQLRecorder(store, run.id) as recorder:
         context = replace(_context(config, store, recorder, resuming=False), **overrides)
         runner = Runner(

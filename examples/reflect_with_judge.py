@@ -22,7 +22,7 @@ from agent_graph.context import ReasonerContext
 from agent_graph.graph import AtelierGraph
 from agent_graph.presets import shapeworld_context
 from agent_graph.runner import Runner
-from agent_graph.state import Budget, Mode, ReasonerState, Task
+from agent_graph.state import Budget, Mode, ReasonerState, StopReason, Task
 from nodes.draw import draw
 from nodes.refine import next_edit, refine
 from nodes.reflect import reflect
@@ -40,11 +40,15 @@ async def judge(state: JudgedState, runtime: Runtime[ReasonerContext]) -> dict:
     ctx = runtime.context
     image = ctx.images.get(state.images[-1].ref)
     verdict = await ctx.backends.judge.judge(image, state.task.prompt)
-    return {"judge_scores": [verdict.score]}
+    update: dict = {"judge_scores": [verdict.score]}
+    if verdict.score >= PASS_SCORE:
+        # Accepted without a reflection: say so, and the built-in stop node keeps the reason.
+        update["stop_reason"] = StopReason.ACCEPTED
+    return update
 
 
 def after_judge(state: JudgedState) -> str:
-    if state.judge_scores[-1] >= PASS_SCORE or not state.correction_budget_left:
+    if state.stop_reason == StopReason.ACCEPTED or not state.correction_budget_left:
         return "stop"
     return "reflect"
 

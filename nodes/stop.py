@@ -12,6 +12,10 @@ from nodes.common import TRACE_KEY, NodeTrace
 def stop_reason(state: ReasonerState) -> StopReason:
     if state.error is not None or not state.images:
         return StopReason.ERROR
+    if state.stop_reason is not None:
+        # A node before stop already decided why the trajectory ends, e.g. a custom judge
+        # node that accepted the image without a reflection (examples/reflect_with_judge.py).
+        return state.stop_reason
     if state.mode == Mode.DIRECT:
         return StopReason.DONE
     last = state.reflections[-1] if state.reflections else None

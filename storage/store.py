@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import timezone
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel
 from sqlalchemy import Connection, Row, func, insert, select, update
@@ -104,6 +104,17 @@ _IN_CHUNK = 500
 
 class TrajectoryNotFound(KeyError):
     pass
+
+
+@dataclass(frozen=True)
+class RunMatch:
+    """What :meth:`TrajectoryStore.match_run` found for a reference."""
+
+    run: RunInfo
+    by: Literal["id", "name"]
+    """``id``: the exact id or a unique id prefix; ``name``: the newest run of that name."""
+    same_name: int
+    """Runs bearing the name (1 when found by id): more than 1 means the name is shared."""
 
 
 @dataclass(frozen=True)
@@ -223,28 +234,46 @@ class TrajectoryStore(SQLImageStore):
         return len(rows)
 
     def resolve_run(self, ref: str) -> RunInfo:
-        """A run by id, unique id prefix, or name (the newest run of that name)."""
+        """A run by id, unique id prefix, or name (the newest run of that name; see
+        :meth:`match_run` to learn whether other runs share the name)."""
+        return self.match_run(ref).run
+
+    def match_run(self, ref: str) -> RunMatch:
+        """:meth:`resolve_run`, saying how the run was found: an exact id or a unique id
+        prefix wins; otherwise the newest run named ``ref``, with how many runs bear that name
+        (names are not unique: ``atelier demo`` re-creates ``demo-auto`` each time)."""
         with self.db.read() as conn:
             ids = (
                 conn.execute(select(Run.id).where(Run.id.startswith(ref, autoescape=True)).limit(2))
                 .scalars()
                 .all()
             )
-            if ref not in ids and len(ids) != 1:
-                named = (
-                    conn.execute(
-                        select(Run.id)
-                        .where(Run.name == ref)
-                        .order_by(Run.created_at.desc())
-                        .limit(1)
-                    )
-                    .scalars()
-                    .all()
-                )
-                ids = named or ids
-        if ref in ids or len(ids) == 1:
-            return self.run(ref if ref in ids else ids[0])
+            if ref in ids or len(ids) == 1:
+                return RunMatch(self.run(ref if ref in ids else ids[0]), "id", 1)
+            named = conn.execute(
+                select(Run.id, func.count().over().label("n"))
+                .where(Run.name == ref)
+                .order_by(Run.created_at.desc(), Run.id.desc())
+                .limit(1)
+            ).first()
+        if named is not None:
+            return RunMatch(self.run(named.id), "name", int(named.n))
         raise KeyError(f"{'ambiguous' if ids else 'no'} run {ref!r}")
+
+    def runs_named(self, name: str) -> list[RunInfo]:
+        """The runs called ``name``, newest first."""
+        with self.db.read() as conn:
+            ids = (
+                conn.execute(
+                    select(Run.id)
+                    .where(Run.name == name)
+                    .order_by(Run.created_at.desc(), Run.id.desc())
+                )
+                .scalars()
+                .all()
+            )
+        runs = {info.id: info for info in self.runs(ids=ids)} if ids else {}
+        return [runs[i] for i in ids]
 
     def resolve_trajectory(self, ref: str) -> str:
         """A trajectory id from an id, a unique id prefix, or a unique id suffix (time-ordered
@@ -308,20 +337,8 @@ class TrajectoryStore(SQLImageStore):
     ) -> list[TrajectorySummary]:
         """Trajectories by start time. ``min_reward`` filters on the final judge score, or on
         the trajectory-level reward named ``reward`` (its latest value) when given."""
-        if status is not None and status not in TRAJECTORY_STATUSES:
-            raise ValueError(f"status must be one of {TRAJECTORY_STATUSES}")
         query = select(*_SUMMARY).order_by(Trajectory.started_at, Trajectory.id)
-        if run is not None:
-            query = query.where(Trajectory.run_id == run)
-        if status is not None:
-            query = query.where(Trajectory.status == status)
-        if mode is not None:
-            query = query.where(Trajectory.mode == mode)
-        if group is not None:
-            query = query.where(Trajectory.group_id == group)
-        if min_reward is not None:
-            value = Trajectory.score if reward is None else Trajectory.rewards[reward].as_float()
-            query = query.where(value >= min_reward)
+        query = query.where(*_trajectory_filters(run, status, mode, min_reward, reward, group))
         if limit is not None:
             query = query.limit(limit)
         if offset:
@@ -329,6 +346,23 @@ class TrajectoryStore(SQLImageStore):
         with self.db.read() as conn:
             rows = conn.execute(query).all()
         return [_summary(row) for row in rows]
+
+    def count_trajectories(
+        self,
+        run: str | None = None,
+        status: str | None = None,
+        mode: str | None = None,
+        min_reward: float | None = None,
+        *,
+        reward: str | None = None,
+        group: str | None = None,
+    ) -> int:
+        """How many trajectories :meth:`trajectories` would return with no limit (one
+        ``COUNT``, on the same filters)."""
+        filters = _trajectory_filters(run, status, mode, min_reward, reward, group)
+        query = select(func.count()).select_from(Trajectory).where(*filters)
+        with self.db.read() as conn:
+            return int(conn.scalar(query) or 0)
 
     def groups(
         self, run: str | None = None, status: str | None = None
@@ -661,6 +695,32 @@ class TrajectoryStore(SQLImageStore):
                 )
                 for p in conn.execute(query)
             ]
+
+
+def _trajectory_filters(
+    run: str | None,
+    status: str | None,
+    mode: str | None,
+    min_reward: float | None,
+    reward: str | None,
+    group: str | None,
+) -> list[Any]:
+    """The WHERE clauses shared by :meth:`TrajectoryStore.trajectories` and its count."""
+    if status is not None and status not in TRAJECTORY_STATUSES:
+        raise ValueError(f"status must be one of {TRAJECTORY_STATUSES}")
+    filters: list[Any] = []
+    if run is not None:
+        filters.append(Trajectory.run_id == run)
+    if status is not None:
+        filters.append(Trajectory.status == status)
+    if mode is not None:
+        filters.append(Trajectory.mode == mode)
+    if group is not None:
+        filters.append(Trajectory.group_id == group)
+    if min_reward is not None:
+        value = Trajectory.score if reward is None else Trajectory.rewards[reward].as_float()
+        filters.append(value >= min_reward)
+    return filters
 
 
 def _chunks(ids: Sequence[str], size: int = _IN_CHUNK) -> Iterator[Sequence[str]]:

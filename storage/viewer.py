@@ -38,7 +38,7 @@ import math
 import re
 import secrets
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -67,13 +67,16 @@ def render_html(
     limit: int = DEFAULT_LIMIT,
     title: str | None = None,
     max_image_side: int | None = 512,
+    expanded: Collection[str] | None = None,
 ) -> str:
     """One self-contained HTML page of stored trajectories.
 
     ``trajectory_ids`` (in that order) or else the trajectories of ``run`` (all runs when
     ``None``), by start time, at most ``limit`` of them. With both, every id must belong to
     ``run``. Images with a side longer than ``max_image_side`` are embedded downscaled
-    (``None``: always the stored PNG bytes).
+    (``None``: always the stored PNG bytes). The trajectories whose ids are in ``expanded``
+    open with their step timeline shown; by default those asked for by ``trajectory_ids``
+    (one asked for by id is what the page is for), none on a run's page.
     """
     if limit < 0:
         raise ValueError("limit must be >= 0")
@@ -81,7 +84,8 @@ def render_html(
     images = _ImageTable(store, max_image_side)
     run_ids = sorted({d.run_id for d in details} | ({run} if run else set()))
     runs = {info.id: info for info in store.runs(ids=run_ids)} if run_ids else {}
-    cards = [_card(d, i, images, runs) for i, d in enumerate(details)]
+    opened = set(trajectory_ids or ()) if expanded is None else set(expanded)
+    cards = [_card(d, i, images, runs, d.id in opened) for i, d in enumerate(details)]
     nonce = secrets.token_urlsafe(18)
     heading = title or _heading(run, trajectory_ids, runs)
     notice = ""
@@ -358,7 +362,13 @@ def _pill(score: float | None) -> str:
     return f'<span class="score-pill {_score_class(score)}">V {_e(_num(score))}</span>'
 
 
-def _card(detail: TrajectoryDetail, index: int, images: _ImageTable, runs: dict[str, Any]) -> str:
+def _card(
+    detail: TrajectoryDetail,
+    index: int,
+    images: _ImageTable,
+    runs: dict[str, Any],
+    opened: bool = False,
+) -> str:
     state_images = _state_images(detail)
     final = detail.final_image or (state_images[-1]["ref"] if state_images else None)
     if final:
@@ -406,6 +416,8 @@ def _card(detail: TrajectoryDetail, index: int, images: _ImageTable, runs: dict[
         "data-index": str(index),
     }
     attr_text = " ".join(f'{k}="{_e(v)}"' for k, v in attrs.items())
+    if opened:
+        attr_text += " open"
     return f"""<details class="trajectory" {attr_text}>
 <summary><span class="card">
 <span class="thumb-wrap">{thumb}{_pill(detail.score)}</span>

@@ -102,3 +102,20 @@ def test_graph_prints_mermaid_with_every_node():
     for node in ("plan", "decompose", "draw", "reflect", "refine", "stop"):
         assert f"\t{node}({node})" in result.stdout
     assert "reflect -.-> refine;" in result.stdout and "draw -.-> stop;" in result.stdout
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    result = atelier("--version")
+    assert result.returncode == 0 and result.stdout == f"atelier {version('atelier')}\n"
+
+
+def test_texts_are_printed_as_written_never_as_console_markup():
+    # A prompt (or a model's output) with brackets used to be read as rich markup: a stray
+    # closing tag crashed the printout with a traceback, an opening one vanished.
+    prompt = "a red circle [/b] [bold]"
+    result = atelier("run", prompt, "--mode", "direct")
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode in (0, 1)  # drawn, or a recorded failure: never a crash
+    assert result.stdout.splitlines()[0] == prompt

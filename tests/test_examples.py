@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
+
+from agent_graph.state import StopReason
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -38,5 +42,49 @@ async def test_reflect_loop_with_custom_judge_node():
             assert state.rounds == state.budget.max_rounds or nodes[-2] == "reflect"
         # The judge node and the stop node's judge agree on the final image.
         assert scores[-1] == state.judgement.score
+        # The stop reason says who ended the loop: the judge's pass is an acceptance.
+        if scores[-1] >= example.PASS_SCORE:
+            assert state.stop_reason == StopReason.ACCEPTED
+            judged = [s for s in result.steps if s.node == "judge"]
+            assert judged[-1].update["stop_reason"] == StopReason.ACCEPTED  # the judge said so
+        else:
+            assert state.stop_reason in (
+                StopReason.BUDGET,
+                StopReason.ACCEPTED,  # the reflector found nothing to edit
+            )
         edited += len(state.images) > 1
     assert edited > 0  # the sample includes prompts the first draw got wrong
+
+
+def test_reflect_with_judge_prints_the_judges_scores_and_its_acceptance():
+    # As the README says to run it. "four blue squares" is drawn wrong first, then fixed.
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "reflect_with_judge.py"), "four blue squares"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=EXAMPLES.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+
+    def steps_of(node: str) -> list[int]:  # step lines: "  <seq> <node>  <ms> ms  <what>"
+        return [
+            i
+            for i, line in enumerate(lines)
+            if line.split()[1:2] == [node] and line.split()[0].isdigit()
+        ]
+
+    judged = steps_of("judge")
+    assert len(judged) == 2
+    assert lines[judged[0]].endswith("judge_scores: [0.50]")
+    assert lines[judged[1]].endswith("stop: accepted")  # the judge accepted the second image
+    assert lines[judged[1] + 1] == "      judge_scores: [1.00]"
+    assert "updated judge_scores" not in result.stdout
+    (stop,) = steps_of("stop")
+    assert lines[stop].endswith("stop: accepted")
+    assert lines[stop + 1] == "      final V=1.00 correct=True"
+    assert "stop=accepted, score V=1.00, correct=True" in lines[-1]
+    assert "budget" not in result.stdout

@@ -187,6 +187,26 @@ def test_selection_by_ids_run_and_limit(populated, tmp_path):
     assert "No trajectories." in render_html(store, run=empty.id)
 
 
+def test_the_trajectory_asked_for_opens_expanded_and_stays_escaped(populated):
+    store, runs = populated
+    xss = [t.id for t in store.trajectories() if "<script>" in t.prompt]
+    scripted = [t.id for t in store.trajectories(run=runs["scripted"])]
+    page = render_html(store, trajectory_ids=[xss[0]])  # `atelier view <trajectory id>`
+    doc = Elements(page)
+    (card,) = doc.with_class("trajectory", "details")
+    assert card["data-id"] == xss[0] and "open" in card
+    assert '<script>alert("pwned")' not in page and "&lt;script&gt;alert(" in page
+    # Its steps are in the opened element, as on a run's page.
+    assert {owner for _, owner in doc.owned("step", "li")} == {xss[0]}
+    # A run's page is a grid of closed cards, unless asked otherwise.
+    closed = Elements(render_html(store, run=runs["scripted"])).with_class("trajectory")
+    assert closed and not any("open" in c for c in closed)
+    chosen = Elements(render_html(store, run=runs["scripted"], expanded=[scripted[1]]))
+    assert [c["data-id"] for c in chosen.with_class("trajectory") if "open" in c] == [scripted[1]]
+    shut = Elements(render_html(store, trajectory_ids=[xss[0]], expanded=()))
+    assert not any("open" in c for c in shut.with_class("trajectory"))
+
+
 class BigPainter(CountingPainter):
     def _image(self) -> Image.Image:
         return super()._image().resize((1200, 900))
