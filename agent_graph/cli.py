@@ -163,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--mode", choices=("direct", "reflect", "decompose"))
     ls.add_argument("--min-reward", type=float, help="only trajectories scoring at least this")
     ls.add_argument("--limit", type=int, default=30, help="rows to show (default: 30)")
+    ls.add_argument(
+        "--ids",
+        action="store_true",
+        help="print only the full trajectory ids, one per line (for scripts)",
+    )
     _add_db(ls)
     ls.set_defaults(handler=cmd_ls)
 
@@ -621,6 +626,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     run = _resolve_run(store, args.run).id if args.run else None
     filters = {"run": run, "status": args.status, "mode": args.mode, "min_reward": args.min_reward}
     rows = store.trajectories(**filters, limit=args.limit)
+    if args.ids:
+        for t in rows:
+            print(t.id)
+        return 0
     # Fewer rows than the limit are all there is; only a full page needs the count.
     total = len(rows) if len(rows) < args.limit else store.count_trajectories(**filters)
     title = f"{len(rows)} of {total} trajectories" if total > len(rows) else f"{total} trajectories"

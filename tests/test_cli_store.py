@@ -182,6 +182,18 @@ def test_ls_says_how_many_match_when_its_limit_cuts_the_list(demo_db):
     assert bad.returncode == 2 and bad.stderr == "atelier: error: --limit must be at least 1\n"
 
 
+def test_ls_ids_prints_full_ids_that_show_takes(demo_db):
+    listed = atelier("ls", "--run", "demo-reflect", "--limit", "3", "--ids", db=demo_db)
+    ids = listed.stdout.split()
+    assert listed.returncode == 0 and len(ids) == 3 and all(len(i) == 32 for i in ids)
+    store = TrajectoryStore(f"sqlite:///{demo_db}")
+    expected = [t.id for t in store.trajectories(run=store.resolve_run("demo-reflect").id)][:3]
+    store.close()
+    assert ids == expected
+    shown = atelier("show", ids[0], db=demo_db)  # as README does: show "$(ls --limit 1 --ids)"
+    assert shown.returncode == 0 and f"trajectory {ids[0][:12]}" in shown.stdout
+
+
 def test_count_trajectories_counts_what_trajectories_lists(store):
     from agent_graph.rollout import rollout
     from agent_graph.runner import make_group_tasks
