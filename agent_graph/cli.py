@@ -230,10 +230,12 @@ def _check_config(path: Path | None) -> None:
         return
     from pydantic import ValidationError
 
-    from nodes.backends.config import load_config
+    from nodes.backends.config import ConfigError, load_config
 
     try:
         load_config(path)
+    except ConfigError as exc:  # already names the file and the bad key
+        raise CliError(str(exc)) from None
     except (OSError, ValueError, ValidationError) as exc:
         raise CliError(f"bad config {path}: {exc}") from None
 
@@ -343,7 +345,17 @@ def _run_recording(store, run_id: str, work, run_ref: str | None = None):
         raise Interrupted(run_id if _run_exists(store, run_id) else None) from None
     except Exception as exc:
         _check_store_failure(store, exc, run_ref or run_id)
+        _check_backend_build_failure(exc)
         raise
+
+
+def _check_backend_build_failure(exc: BaseException) -> None:
+    """A backend the config names could not be built (an adapter that does not load, a model
+    folder that is not a model): one line, exit 2, as for a config that does not parse."""
+    from nodes.backends.config import ConfigError
+
+    if isinstance(exc, ConfigError):
+        raise CliError(str(exc)) from None
 
 
 def _run_exists(store, run_id: str) -> bool:
@@ -387,11 +399,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent_graph.show import print_trajectory
 
     if args.no_record:
-        if args.config is not None:
-            context = config_context(args.config, args.mode)
-        else:
-            context = shapeworld_context(args.mode)
-        result = asyncio.run(Runner(context, budget=budget).run_one(task))
+        try:
+            if args.config is not None:
+                context = config_context(args.config, args.mode)
+            else:
+                context = shapeworld_context(args.mode)
+            result = asyncio.run(Runner(context, budget=budget).run_one(task))
+        except Exception as exc:
+            _check_backend_build_failure(exc)
+            raise
         images = context.images
     else:
         from agent_graph.rollout import rollout

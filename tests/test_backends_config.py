@@ -48,7 +48,7 @@ def test_every_example_config_validates_and_builds_without_connecting(monkeypatc
     names = sorted(p.name for p in CONFIGS.glob("*.toml"))
     assert {"shapeworld.toml", "tiny-models.toml"} <= set(names)
     for path in CONFIGS.glob("*.toml"):
-        parsed = load_config(path)
+        parsed = load_config(path, check_paths=False)  # model folders: tests/test_tiny_path*
         assert set(parsed.roles) >= {"planner", "reflector", "decomposer", "generator", "editor"}
         if any(spec.kind.startswith("inprocess") for spec in parsed.backends.values()):
             continue  # built from real model folders in the test below
@@ -61,14 +61,17 @@ def test_remote_configs_share_one_pool_per_backend(monkeypatch):
     monkeypatch.setenv("ATELIER_SERVER_TOKEN", "t0ken")
     backends = load_backends(CONFIGS / "qwen-vl-vllm-omni.toml")
     planner, reflector = backends["planner"], backends["reflector"]
-    assert isinstance(planner, OpenAIChatClient) and planner is reflector
+    assert planner is reflector  # alike roles share one object, as they share the servers
+    client = planner.inner  # the config's sampling fields around the HTTP client
+    assert isinstance(client, OpenAIChatClient)
+    assert planner.overrides["top_k"] == -1 and planner.overrides["repetition_penalty"] == 1.0
     assert planner.pool.urls == ["http://gpu-node-1:8000", "http://gpu-node-1:8010"]
     assert planner.pool.token == "t0ken" and planner.model == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert isinstance(backends["generator"], OmniImageClient)
     assert backends["generator"] is not backends["editor"]
     assert backends["generator"].extra_body == {"true_cfg_scale": 4.0}
     judge = backends["judge"]
-    assert isinstance(judge, VLMJudge) and judge.model is planner
+    assert isinstance(judge, VLMJudge) and judge.model is client  # scoring samples nothing
 
 
 def test_role_adapters_select_a_lora_on_the_shared_servers():
@@ -174,7 +177,7 @@ def test_file_errors_are_config_errors(tmp_path):
 
 def test_env_defaults_and_relative_paths(tmp_path, monkeypatch):
     monkeypatch.delenv("ATELIER_TINY_MODELS", raising=False)
-    parsed = load_config(CONFIGS / "tiny-models.toml")
+    parsed = load_config(CONFIGS / "tiny-models.toml", check_paths=False)
     assert parsed.backends["vlm"].model == "/tmp/atelier-tiny/vlm"
     path = tmp_path / "rel.toml"
     path.write_text(
@@ -183,7 +186,7 @@ def test_env_defaults_and_relative_paths(tmp_path, monkeypatch):
         '[roles]\nplanner = "m"\nreflector = "m"\ndecomposer = "m"\n'
         'generator = "p"\neditor = "p"\n'
     )
-    parsed = load_config(path)
+    parsed = load_config(path, check_paths=False)
     assert parsed.backends["m"].model == str(tmp_path / "models" / "vlm")
 
 
@@ -198,9 +201,10 @@ async def test_tiny_models_config_builds_in_process_backends(tiny_models, monkey
             sampling=SamplingParams(max_tokens=3, seed=0),
         )
     )
-    assert len(completion.token_ids) == len(completion.logprobs) == 3
+    # The config's sampling (max_tokens = 32) replaces what the request asked for.
+    assert len(completion.token_ids) == len(completion.logprobs) == 32
     image = await backends["generator"].generate(ImageRequest("a red circle", 32, 32, seed=1))
-    assert image.size == (32, 32)
+    assert image.size == (64, 64)  # the config's size, whatever the graph asks
     verdict = await backends["judge"].judge(image, "a red circle")
     assert 0.0 <= verdict.score <= 1.0
     planner.service.close()

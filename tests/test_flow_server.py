@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+from agent_graph.cli import CliError  # noqa: E402
 from nodes.backends.base import ImageRequest  # noqa: E402
 
 pytest_plugins = ("tests.tiny_models",)
@@ -169,9 +170,9 @@ def test_serve_image_loads_a_lora_at_start_up(tiny_sd3, loras):
     app = build_image_app(args(f"draw@7={loras['good']}"))
     with BackgroundServer(app) as server:
         assert httpx.get(server.url + "/stats", timeout=10).json()["adapters"] == ["draw@7"]
-    with pytest.raises(SystemExit, match="not a readable safetensors file"):
+    with pytest.raises(CliError, match="not a readable safetensors file"):
         build_image_app(args(f"bad={loras['corrupt']}"))
-    with pytest.raises(SystemExit, match="NAME=PATH"):
+    with pytest.raises(CliError, match="NAME=PATH"):
         build_image_app(args(str(loras["good"])))
 
 

@@ -25,6 +25,13 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 1024
+    """New tokens at most. Atelier's engines clamp it to what the model's context leaves after
+    the prompt; a config's ``sampling.max_tokens`` sets it per backend or role."""
+    top_k: int | None = None
+    """Sample among the k most likely tokens only (-1 or 0: all; None: not sent, the server's
+    default — vLLM takes it from the model's ``generation_config.json``)."""
+    repetition_penalty: float | None = None
+    """Penalise tokens already seen (> 1 discourages repeats; None: not sent, i.e. off)."""
     seed: int | None = None
     """Per-request seed; the nodes derive it from the trajectory seed so runs are reproducible."""
     logprobs: bool = True

@@ -7,20 +7,32 @@
     token_env = "ATELIER_SERVER_TOKEN"  # or token = "..." (avoid secrets in files)
     max_in_flight = 16                  # per server; more requests wait for a slot
 
+    [backends.vlm.sampling]             # optional: every chat request to this backend
+    max_tokens = 512                    # (fields left out keep what the graph asks for)
+    temperature = 1.0
+
     [backends.painter]
     kind = "omni"
     urls = ["http://10.0.0.7:8001"]
+    size = "512x512"                    # optional: draw at this size, whatever the graph asks
+    steps = 4                           # optional: when the graph sets no step count
 
     [roles]
-    planner = "vlm"
+    planner = { backend = "vlm", sampling = { max_tokens = 256 } }   # per role, over the above
     reflector = { backend = "vlm", adapter = "reflector-v3" }   # a LoRA adapter by name
     decomposer = "vlm"
     generator = "painter"
     editor = "painter"
     judge = "vlm"                       # optional; a chat backend judges by P(yes)
 
+``sampling`` (on ``openai`` / ``inprocess-lm`` backends, and on chat roles) takes
+``max_tokens``, ``temperature``, ``top_p``, ``top_k`` and ``repetition_penalty``; a role's
+fields win over its backend's, which win over the graph's ``GraphSettings.sampling``. The seed
+is never set here: each call's seed derives from the trajectory's.
+
 Strings may use ``${VAR}`` or ``${VAR:-default}``; relative model paths are resolved against the
-config file's folder. Unknown keys are errors naming the key (``extra="forbid"``).
+config file's folder, and local model folders (``inprocess-*`` backends) must exist and hold a
+model of the right kind. Unknown keys are errors naming the key (``extra="forbid"``).
 
 ``build_backends(load_config(path))`` returns ``{role: backend}`` for planner, reflector,
 decomposer, generator, editor and judge (None when absent). Building connects to nothing: HTTP
@@ -35,7 +47,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 CHAT_ROLES = ("planner", "reflector", "decomposer")
 IMAGE_ROLES = ("generator", "editor")
@@ -53,6 +72,40 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingSpec(_Strict):
+    """Sampling fields a backend or role fixes; those left out keep what the graph asks."""
+
+    max_tokens: int | None = Field(None, ge=1)
+    """New tokens at most (Atelier's engines also clamp it to the model's context)."""
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    """The k most likely tokens only; -1 (or 0): all. Set it, and ``repetition_penalty = 1``,
+    for vLLM servers: vLLM fills omitted fields from the model's ``generation_config.json``."""
+    repetition_penalty: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_seed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "seed" in data:
+            raise ValueError(
+                "seed cannot be set here: each call's seed derives from the trajectory's seed, "
+                "so runs are reproducible"
+            )
+        return data
+
+    def overrides(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+def _check_size(value: str | None) -> str | None:
+    if value is not None:
+        from nodes.backends.wire import parse_size
+
+        parse_size(value)  # a ValueError naming the value
+    return value
 
 
 class ShapeWorldBackend(_Strict):
@@ -86,11 +139,23 @@ class _Remote(_Strict):
 class OpenAIBackend(_Remote):
     kind: Literal["openai"]
     legacy_token_ids: bool = False
+    sampling: SamplingSpec | None = None
+    """Sampling fields for every chat request to this backend (roles may override)."""
 
 
 class OmniBackend(_Remote):
     kind: Literal["omni"]
     edit_size: Literal["input", "auto"] = "input"
+    size: str | None = None
+    """Draw every image at this size ("WxH"), whatever size the graph asks for."""
+    steps: int | None = Field(None, ge=1)
+    """Denoising steps to ask for when the graph sets none (None: the server's default)."""
+
+    @field_validator("size")
+    @classmethod
+    def _valid_size(cls, value: str | None) -> str | None:
+        return _check_size(value)
+
     traced: bool = False
     """Ask the server for each image's diffusion transitions (``return_transitions``), so the
     draw/refine steps record what Flow-GRPO trains on (``atelier serve image`` answers it)."""
@@ -108,6 +173,8 @@ class InProcessLMBackend(_Strict):
     torch_threads: int | None = Field(None, ge=1)
     adapters: dict[str, str] = Field(default_factory=dict)
     """LoRA adapters loaded at start: name -> directory."""
+    sampling: SamplingSpec | None = None
+    """Sampling fields for every chat request to this backend (roles may override)."""
 
 
 class InProcessImageBackend(_Strict):
@@ -126,6 +193,13 @@ class InProcessImageBackend(_Strict):
     flow-matching ``model``, e.g. SD3; edits are image-to-image on the same model)."""
     lora: str | None = None
     """A diffusion LoRA directory (``policies.diffusion_lora``) to load, with ``traced``."""
+    size: str | None = None
+    """Draw every image at this size ("WxH"), whatever size the graph asks for."""
+
+    @field_validator("size")
+    @classmethod
+    def _valid_size(cls, value: str | None) -> str | None:
+        return _check_size(value)
 
     @model_validator(mode="after")
     def _some_model(self) -> InProcessImageBackend:
@@ -150,6 +224,8 @@ class RoleSpec(_Strict):
     backend: str
     adapter: str | None = None
     """LoRA adapter name to request (chat roles on openai / inprocess-lm backends)."""
+    sampling: SamplingSpec | None = None
+    """Sampling fields for this role's requests, over its backend's ``sampling``."""
 
 
 class BackendsConfig(_Strict):
@@ -177,6 +253,11 @@ class BackendsConfig(_Strict):
                 )
             if spec.adapter and backend.kind not in ("openai", "inprocess-lm"):
                 raise ValueError(f"roles.{role}: adapters need an openai or inprocess-lm backend")
+            if spec.sampling and (role not in CHAT_ROLES or backend.kind == "shapeworld"):
+                raise ValueError(
+                    f"roles.{role}: sampling applies to chat roles ({', '.join(CHAT_ROLES)}) "
+                    "on an openai or inprocess-lm backend"
+                )
         return self
 
     def role(self, role: str) -> RoleSpec | None:
@@ -230,9 +311,26 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                     adapters[name] = str((base / path).resolve())
 
 
+def _role_errors(errors: list[Any]) -> list[Any]:
+    """A role is a backend name or a table (a union): report one line per problem, without
+    the union's branch names, and no "not a string" when the table itself has errors."""
+    tables = {e["loc"][1] for e in errors if e["loc"][:1] == ("roles",) and len(e["loc"]) > 3}
+    kept = []
+    for e in errors:
+        loc = tuple(e["loc"])
+        if loc[:1] == ("roles",) and len(loc) >= 3 and loc[2] in ("str", "RoleSpec"):
+            if len(loc) == 3 and (loc[1] in tables or loc[2] == "RoleSpec"):
+                continue  # noise beside the table's own errors, or a duplicate type error
+            if len(loc) == 3:
+                e = {**e, "msg": "should be a backend name or a table (backend = ..., ...)"}
+            e = {**e, "loc": (*loc[:2], *loc[3:])}
+        kept.append(e)
+    return kept
+
+
 def _error_lines(error: ValidationError) -> list[str]:
     lines = []
-    for e in error.errors():
+    for e in _role_errors(error.errors()):
         loc = list(e["loc"])
         if (
             len(loc) >= 3
@@ -249,22 +347,69 @@ def _error_lines(error: ValidationError) -> list[str]:
 
 
 def _format_errors(error: ValidationError, source: str) -> str:
-    return f"{source}: invalid config:\n  " + "\n  ".join(_error_lines(error))
+    """One line (the CLI's error contract): every problem, each naming its key."""
+    return f"{source}: invalid config: " + "; ".join(_error_lines(error))
+
+
+def _path_problems(name: str, spec: Any) -> list[str]:
+    """What is wrong with the local model folders an in-process backend names."""
+    from nodes.backends.model_dirs import (
+        adapter_dir_problem,
+        image_dir_problem,
+        lm_dir_problem,
+    )
+
+    checks: list[tuple[str, str | None, Any]] = []
+    if isinstance(spec, InProcessLMBackend):
+        checks.append(("model", spec.model, lm_dir_problem))
+        for adapter, path in spec.adapters.items():
+            checks.append((f"adapters.{adapter}", path, adapter_dir_problem))
+    elif isinstance(spec, InProcessImageBackend):
+        checks.append(("model", spec.model, image_dir_problem))
+        checks.append(("edit_model", spec.edit_model, image_dir_problem))
+        checks.append(("lora", spec.lora, adapter_dir_problem))
+    problems = []
+    for field, path, check in checks:
+        problem = check(path) if path is not None else None
+        if problem:
+            problems.append(f"backends.{name}.{field}: {problem}")
+    return problems
+
+
+def check_model_paths(config: BackendsConfig, source: str = "<config>") -> None:
+    """A :class:`ConfigError` naming each in-process backend field whose model folder is
+    missing or of the wrong kind (found here in one line, not as a loader's traceback later)."""
+    problems = [line for n, spec in config.backends.items() for line in _path_problems(n, spec)]
+    if not problems:
+        return
+    message = f"{source}: {problems[0]}"
+    if len(problems) > 1:  # one line: the first in full, the others by name
+        others = ", ".join(line.split(": ", 1)[0] for line in problems[1:])
+        message += f" (also wrong: {others})"
+    raise ConfigError(message)
 
 
 def parse_config(
-    data: dict[str, Any], *, base: Path | None = None, source: str = "<config>"
+    data: dict[str, Any],
+    *,
+    base: Path | None = None,
+    source: str = "<config>",
+    check_paths: bool = True,
 ) -> BackendsConfig:
-    """Validate a config already read into a dict (``base``: where relative paths start)."""
+    """Validate a config already read into a dict (``base``: where relative paths start;
+    ``check_paths``: also check that in-process backends' model folders exist)."""
     try:
         data = _expand(data, "")
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
     _resolve_paths(data, base or Path.cwd())
     try:
-        return BackendsConfig.model_validate(data)
+        config = BackendsConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_format_errors(error, source)) from None
+    if check_paths:
+        check_model_paths(config, source)
+    return config
 
 
 def _toml() -> Any:
@@ -278,7 +423,8 @@ def _toml() -> Any:
     return tomllib
 
 
-def load_config(path: str | Path) -> BackendsConfig:
+def load_config(path: str | Path, *, check_paths: bool = True) -> BackendsConfig:
+    """Read and validate a TOML or JSON config (see :func:`parse_config`)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -290,7 +436,7 @@ def load_config(path: str | Path) -> BackendsConfig:
         raise ConfigError(
             f"{path}: not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {error}"
         ) from None
-    return parse_config(data, base=path.parent, source=str(path))
+    return parse_config(data, base=path.parent, source=str(path), check_paths=check_paths)
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -364,7 +510,11 @@ def build_backend(name: str, spec: Any) -> Any:
             torch_threads=spec.torch_threads,
         )
         for adapter, path in spec.adapters.items():
-            service.engine.load_adapter(adapter, path)
+            try:
+                service.engine.load_adapter(adapter, path)
+            except ValueError as error:
+                service.close()
+                raise ConfigError(f"backends.{name}.adapters.{adapter}: {error}") from None
         return InProcessChatModel(service)
     if isinstance(spec, InProcessImageBackend) and spec.traced:
         from nodes.backends.flow.backend import FlowImageModel
@@ -397,7 +547,31 @@ def build_backend(name: str, spec: Any) -> Any:
     raise ConfigError(f"backends.{name}: unknown kind")  # pragma: no cover - validated
 
 
-def _for_role(role: str, built: Any, spec: Any, role_spec: RoleSpec) -> Any:
+def _sampling(spec: Any, role_spec: RoleSpec) -> dict[str, Any]:
+    """The role's sampling fields over its backend's (empty: the graph's, untouched)."""
+    overrides: dict[str, Any] = {}
+    for layer in (getattr(spec, "sampling", None), role_spec.sampling):
+        if layer is not None:
+            overrides.update(layer.overrides())
+    return overrides
+
+
+def _image_settings(spec: Any) -> dict[str, Any]:
+    from nodes.backends.wire import parse_size
+
+    settings: dict[str, Any] = {}
+    if getattr(spec, "size", None):
+        settings["size"] = parse_size(spec.size)
+    if isinstance(spec, OmniBackend) and spec.steps is not None:
+        settings["steps"] = spec.steps  # in-process backends take steps at load time
+    return settings
+
+
+def _for_role(role: str, built: Any, spec: Any, role_spec: RoleSpec, shared: dict[Any, Any]) -> Any:
+    """The object serving ``role``; ``shared`` keeps one wrapper per distinct setting, so
+    roles configured alike share one object as they share the backend."""
+    from nodes.backends.overrides import SampledChatModel, SizedImageModel
+
     if isinstance(spec, ShapeWorldBackend):
         return getattr(built, role)
     if role_spec.adapter:
@@ -406,6 +580,12 @@ def _for_role(role: str, built: Any, spec: Any, role_spec: RoleSpec) -> Any:
         from nodes.backends.vlm_judge import VLMJudge
 
         return VLMJudge(built)
+    if role in CHAT_ROLES and (sampling := _sampling(spec, role_spec)):
+        key = (role_spec.backend, role_spec.adapter, tuple(sorted(sampling.items())))
+        return shared.setdefault(key, SampledChatModel(built, sampling))
+    if role in IMAGE_ROLES and (settings := _image_settings(spec)):
+        key = (role_spec.backend, "image")
+        return shared.setdefault(key, SizedImageModel(built, **settings))
     return built
 
 
@@ -418,13 +598,14 @@ def build_backends(config: BackendsConfig) -> dict[str, Any]:
     used = {spec.backend for spec in map(config.role, ROLES) if spec is not None}
     built = {name: build_backend(name, config.backends[name]) for name in sorted(used)}
     result: dict[str, Any] = {}
+    shared: dict[Any, Any] = {}
     for role in ROLES:
         role_spec = config.role(role)
         if role_spec is None:
             result[role] = None
             continue
         spec = config.backends[role_spec.backend]
-        result[role] = _for_role(role, built[role_spec.backend], spec, role_spec)
+        result[role] = _for_role(role, built[role_spec.backend], spec, role_spec, shared)
     return result
 
 

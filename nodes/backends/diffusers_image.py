@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,9 @@ class DiffusersImageEngine:
         self.edit_pipe: Any = None
         self.adapters: dict[str, str] = {}
         """Diffusion LoRA adapters loaded (name -> path); the last loaded is active."""
+        self._peft_names: dict[str, str] = {}
+        """Served name -> the adapter's name inside peft (``adapter<n>``)."""
+        self._loads = 0
         self._traced: Any = None
         if model_dir is not None:
             from nodes.backends.flow.backend import absent_components  # e.g. SD3 without T5
@@ -103,29 +107,51 @@ class DiffusersImageEngine:
 
     def load_adapter(self, name: str, path: str, *, inplace: bool = False) -> None:
         """Load a diffusion LoRA (peft layout, ``policies.diffusion_lora``) and make it the one
-        active adapter (the edit pipeline shares the weights, so it applies to edits too)."""
-        from policies.diffusion_lora import AdapterError, load_lora, unload_lora
+        active adapter (the edit pipeline shares the weights, so it applies to edits too).
+
+        The new adapter loads beside the active one, which is dropped only once the new one is
+        in: a load that fails (a ``ValueError`` saying why) leaves the model exactly as it was.
+        """
+        from policies.diffusion_lora import AdapterError, load_lora
 
         model = self._policy_model()
         if name in self.adapters and not inplace:
             raise ValueError(f"the LoRA adapter {name!r} has already been loaded")
-        for loaded in list(self.adapters):  # one active diffusion LoRA at a time
-            unload_lora(model, loaded)
-            del self.adapters[loaded]
+        self._loads += 1
+        peft_name = f"adapter{self._loads}"  # peft names must be valid module keys
+        previous = dict(self._peft_names)
         try:
-            load_lora(model, path, adapter_name=name)
-        except AdapterError as error:
-            raise ValueError(str(error)) from None
-        self.adapters[name] = path
+            with warnings.catch_warnings():  # loading beside the active adapter is the point
+                warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
+                warnings.filterwarnings("ignore", "Adapter .* was active", UserWarning)
+                load_lora(model, path, adapter_name=peft_name)
+        except Exception as error:  # AdapterError rolls back itself; anything else may not
+            self._forget_peft_adapter(model, peft_name)
+            for kept in previous.values():
+                model.set_adapter(kept)
+            if isinstance(error, AdapterError):
+                raise ValueError(str(error)) from None
+            raise ValueError(
+                f"could not load LoRA adapter {name!r} from {path}: {type(error).__name__}: {error}"
+            ) from None
+        for old in previous.values():  # one active diffusion LoRA at a time
+            self._forget_peft_adapter(model, old)
+        self.adapters = {name: path}
+        self._peft_names = {name: peft_name}
         if self._traced is not None:
             self._traced.sampler.lora = name
 
-    def unload_adapter(self, name: str) -> None:
-        from policies.diffusion_lora import unload_lora
+    @staticmethod
+    def _forget_peft_adapter(model: Any, peft_name: str) -> None:
+        if peft_name in (getattr(model, "peft_config", None) or {}):
+            with warnings.catch_warnings():  # the active adapter is set explicitly after
+                warnings.filterwarnings("ignore", "Adapter .* was active", UserWarning)
+                model.delete_adapters(peft_name)
 
+    def unload_adapter(self, name: str) -> None:
         if name not in self.adapters:
             raise KeyError(f"the LoRA adapter {name!r} is not loaded")
-        unload_lora(self._policy_model(), name)
+        self._forget_peft_adapter(self._policy_model(), self._peft_names.pop(name))
         del self.adapters[name]
         if self._traced is not None:
             self._traced.sampler.lora = None

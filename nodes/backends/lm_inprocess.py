@@ -123,6 +123,8 @@ class InProcessChatModel:
                 max_tokens=sampling.max_tokens,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                repetition_penalty=sampling.repetition_penalty,
                 seed=sampling.seed,
                 adapter=self.adapter,
                 response_format=request.response_format,

@@ -4,12 +4,17 @@ Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``, `
 (batch sizes), ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter``.
 
 Chat fields honoured: ``model`` (base or LoRA adapter name), ``messages`` (text and base64
-``image_url`` data-URL parts; remote URLs are refused), ``temperature``, ``top_p``,
-``max_tokens`` / ``max_completion_tokens``, ``seed``, ``logprobs``, ``top_logprobs``,
-``prompt_logprobs``, ``return_token_ids``, ``add_generation_prompt``,
-``continue_final_message``, ``response_format``. ``response_format`` is best effort: decoding is
-not constrained; the model's text is returned as produced and ``choices[0].structured_output``
-says whether it parsed as JSON. Not supported: ``n > 1``, streaming, tools, stop strings.
+``image_url`` data-URL parts; remote URLs are refused), ``temperature``, ``top_p``, ``top_k``
+(-1 or 0: off), ``repetition_penalty``, ``max_tokens`` / ``max_completion_tokens`` (clamped to
+what the model's context leaves after the prompt; a prompt that alone fills it is a 400),
+``seed``, ``logprobs``, ``top_logprobs``, ``prompt_logprobs``, ``return_token_ids``,
+``add_generation_prompt``, ``continue_final_message``, ``response_format``.
+``response_format`` is best effort: decoding is not constrained; the model's text is returned
+as produced and ``choices[0].structured_output`` says whether it parsed as JSON. Not
+supported: ``n > 1``, streaming, tools, stop strings.
+
+A LoRA load that fails is a 400 with the reason and changes nothing (the base model and the
+other adapters answer as before); unloading an adapter that is not loaded is a 404.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class ChatBody(BaseModel):
     messages: list[dict[str, Any]] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    repetition_penalty: float | None = Field(None, gt=0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     seed: int | None = None
@@ -115,6 +122,8 @@ def create_lm_app(
             await service.load_adapter(body.lora_name, body.lora_path, inplace=body.load_inplace)
         except (InvalidRequest, ValueError) as error:
             raise HTTPError(400, str(error)) from None
+        except Exception as error:  # the engine rolled the model back; say what happened
+            raise HTTPError(500, f"{type(error).__name__}: {error}", "internal_error") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -176,6 +185,8 @@ def _lm_request(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k if body.top_k and body.top_k > 0 else None,  # vLLM: -1 / 0 = off
+        repetition_penalty=body.repetition_penalty,
         seed=body.seed,
         top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0,
         prompt_logprobs=body.prompt_logprobs,

@@ -56,6 +56,11 @@ class LMRequest:
     """New tokens to sample at most (0: score the prompt only)."""
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int | None = None
+    """Sample from the k most likely tokens only (None: all)."""
+    repetition_penalty: float | None = None
+    """vLLM's (and transformers'): logits of tokens already in the prompt or the output are
+    divided by it when positive, multiplied when negative (None or 1: off)."""
     seed: int | None = None
     top_logprobs: int = 0
     """Also return this many most likely tokens at each sampled position."""

@@ -100,6 +100,10 @@ class OpenAIChatClient:
         }
         if sampling.seed is not None:
             payload["seed"] = sampling.seed
+        for key in ("top_k", "repetition_penalty"):  # vLLM's extensions, sent when set
+            value = getattr(sampling, key)
+            if value is not None:
+                payload.setdefault(key, value)  # extra_body wins, as for the fields above
         if request.response_format is not None:
             payload["response_format"] = dict(request.response_format)
         if self.legacy_token_ids:

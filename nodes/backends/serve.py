@@ -1,22 +1,41 @@
-"""Command-line entry points of Atelier's model servers (``atelier serve lm|image``).
+"""Command-line entry points of Atelier's model servers (``atelier serve lm|image``) and of
+``atelier tiny-models DIR`` (tiny random-weight models to try them with).
 
 Only argparse is imported here; torch, transformers, diffusers, FastAPI and uvicorn load when a
 server starts, so ``--help`` is instant. Wire into a CLI with :func:`add_serve_parser` (each
 sub-command sets ``handler``), or call :func:`serve_main`, :func:`main_lm`, :func:`main_image`.
 
-    atelier serve lm --model ./tiny/vlm --port 8000 --max-batch 8
-    atelier serve image --model ./tiny/sd --edit-model ./tiny/ip2p --port 8001 --steps 4
+    atelier tiny-models /tmp/atelier-tiny
+    atelier serve lm --model /tmp/atelier-tiny/vlm --port 8000 --max-batch 8
+    atelier serve image --model /tmp/atelier-tiny/sd --edit-model /tmp/atelier-tiny/ip2p --steps 2
+
+A missing or wrong model folder, or a model that does not load, is an
+``agent_graph.cli.CliError``: one ``atelier: error:`` line and exit code 2, no traceback; so is
+a bad ``--lora``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 TOKEN_ENV = "ATELIER_SERVER_TOKEN"
+TINY_CONFIG = "examples/configs/tiny-models.toml"
+
+log = logging.getLogger(__name__)
+
+
+def _cli_error(message: str) -> Exception:
+    """``agent_graph.cli.CliError`` (printed as one line, exit code 2 by ``atelier``)."""
+    from agent_graph.cli import CliError
+
+    return CliError(message)
 
 
 def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -91,7 +110,8 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_serve_parser(commands: Any) -> argparse.ArgumentParser:
-    """Add ``serve {lm,image}`` to an argparse sub-parsers object; each sets ``handler``."""
+    """Add ``serve {lm,image}`` and ``tiny-models`` to an argparse sub-parsers object; each
+    sets ``handler``."""
     serve = commands.add_parser("serve", help="run a model server (lm or image)")
     kinds = serve.add_subparsers(dest="server", required=True, metavar="SERVER")
     lm = kinds.add_parser("lm", help="a transformers chat model behind the OpenAI/vLLM chat API")
@@ -100,7 +120,22 @@ def add_serve_parser(commands: Any) -> argparse.ArgumentParser:
     image = kinds.add_parser("image", help="a diffusers model behind the vLLM-Omni image API")
     add_image_arguments(image)
     image.set_defaults(handler=run_image)
+    add_tiny_models_parser(commands)
     return serve
+
+
+def add_tiny_models_parser(commands: Any) -> argparse.ArgumentParser:
+    tiny = commands.add_parser(
+        "tiny-models",
+        help="build tiny random-weight models to try the real-model path offline",
+        description="Build tiny random-weight models offline in a few seconds: DIR/lm (Qwen2), "
+        "DIR/vlm (LLaVA), DIR/sd (Stable Diffusion), DIR/ip2p (InstructPix2Pix). Their "
+        "outputs are noise; the plumbing is real. Needs the model extras "
+        "(pip install -e '.[models,serve]').",
+    )
+    tiny.add_argument("dir", type=Path, help="folder to build them in, e.g. /tmp/atelier-tiny")
+    tiny.set_defaults(handler=run_tiny_models)
+    return tiny
 
 
 def _limits(args: argparse.Namespace) -> Any:
@@ -116,24 +151,69 @@ def _token(args: argparse.Namespace) -> str | None:
     return args.token or os.environ.get(TOKEN_ENV) or None
 
 
+def _check_model(option: str, path: str | None, problem: Callable[[str], str | None]) -> None:
+    if path is None:
+        return
+    from nodes.backends.model_dirs import looks_like_hub_id
+
+    if looks_like_hub_id(path):
+        return  # org/name: from_pretrained finds it in the hub cache (or says why not)
+    found = problem(path)
+    if found:
+        raise _cli_error(f"{option}: {found}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _load(what: str, load: Callable[[], Any]) -> Any:
+    """``load()``, any failure a one-line :func:`_cli_error` (the traceback at debug level)."""
+    try:
+        return load()
+    except ImportError as error:
+        raise _cli_error(
+            f"cannot load {what}: {_first_line(error)} (install the model extras: "
+            "pip install -e '.[models,serve]')"
+        ) from None
+    except Exception as error:  # transformers/diffusers/torch raise many kinds
+        log.debug("loading %s failed", what, exc_info=True)
+        raise _cli_error(f"cannot load {what}: {_first_line(error)}") from None
+
+
+def _lora_spec(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise _cli_error(f"--lora expects NAME=PATH, got {spec!r}")
+    return name, path
+
+
 def build_lm_app(args: argparse.Namespace) -> Any:
+    from nodes.backends.model_dirs import lm_dir_problem
+
+    _check_model("--model", args.model, lm_dir_problem)
+    loras = [_lora_spec(spec) for spec in args.lora]
     from nodes.backends.lm_inprocess import LMService
     from nodes.backends.lm_server import create_lm_app
 
-    service = LMService.from_pretrained(
-        args.model,
-        name=args.served_model_name,
-        device=args.device,
-        dtype=args.dtype,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        torch_threads=args.torch_threads,
+    service = _load(
+        f"--model {args.model}",
+        lambda: LMService.from_pretrained(
+            args.model,
+            name=args.served_model_name,
+            device=args.device,
+            dtype=args.dtype,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            torch_threads=args.torch_threads,
+        ),
     )
-    for spec in args.lora:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--lora expects NAME=PATH, got {spec!r}")
-        service.engine.load_adapter(name, path)
+    for name, path in loras:
+        try:
+            service.engine.load_adapter(name, path)
+        except ValueError as error:  # InvalidRequest: says what is wrong with it
+            raise _cli_error(f"--lora: {error}") from None
     return create_lm_app(
         service,
         token=_token(args),
@@ -144,31 +224,40 @@ def build_lm_app(args: argparse.Namespace) -> Any:
 
 
 def build_image_app(args: argparse.Namespace) -> Any:
-    from nodes.backends.image_inprocess import ImageService
-    from nodes.backends.image_server import create_image_app
+    from nodes.backends.model_dirs import image_dir_problem
     from nodes.backends.wire import parse_size
 
-    service = ImageService.from_pretrained(
-        args.model,
-        edit_model_dir=args.edit_model,
-        name=args.served_model_name,
-        device=args.device,
-        dtype=args.dtype,
-        default_steps=args.steps,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        torch_threads=args.torch_threads,
+    _check_model("--model", args.model, image_dir_problem)
+    _check_model("--edit-model", args.edit_model, image_dir_problem)
+    try:
+        default_size = parse_size(args.size)
+    except ValueError as error:
+        raise _cli_error(f"--size: {error}") from None
+    lora = _lora_spec(args.lora) if args.lora else None
+    from nodes.backends.image_inprocess import ImageService
+    from nodes.backends.image_server import create_image_app
+
+    service = _load(
+        f"--model {args.model}",
+        lambda: ImageService.from_pretrained(
+            args.model,
+            edit_model_dir=args.edit_model,
+            name=args.served_model_name,
+            device=args.device,
+            dtype=args.dtype,
+            default_steps=args.steps,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            torch_threads=args.torch_threads,
+        ),
     )
-    if args.lora:
-        name, sep, path = args.lora.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--lora expects NAME=PATH, got {args.lora!r}")
+    if lora is not None:
         try:
-            service.engine.load_adapter(name, path)
+            service.engine.load_adapter(*lora)
         except ValueError as error:
-            raise SystemExit(f"--lora: {error}") from None
+            raise _cli_error(f"--lora: {error}") from None
     return create_image_app(
-        service, token=_token(args), limits=_limits(args), default_size=parse_size(args.size)
+        service, token=_token(args), limits=_limits(args), default_size=default_size
     )
 
 
@@ -186,6 +275,42 @@ def run_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_tiny_models(args: argparse.Namespace) -> int:
+    from nodes.backends.tiny_models import build_all, missing_packages, quiet_progress_bars
+
+    missing = missing_packages()
+    if missing:
+        raise _cli_error(
+            f"the tiny models need {', '.join(missing)}: install the model extras with "
+            "pip install -e '.[models,serve]' (or `make install-dev`)"
+        )
+    root = args.dir.expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise _cli_error(f"{args.dir} is a file, not a folder")
+    started = time.perf_counter()
+    quiet_progress_bars()
+    try:
+        models = build_all(root)
+    except OSError as error:
+        raise _cli_error(f"cannot build in {root}: {error.strerror or error}") from None
+    took = time.perf_counter() - started
+    print(f"built tiny random-weight models in {root} ({took:.1f} s):")
+    for kind in ("lm", "vlm", "sd", "ip2p"):
+        print(f"  {getattr(models, kind)}")
+    print("try them in-process:")
+    print(
+        f'  ATELIER_TINY_MODELS={root} atelier run "a red circle" --mode reflect '
+        f"--config {TINY_CONFIG} --no-record"
+    )
+    print("or behind Atelier's servers (examples/configs/tiny-servers.toml):")
+    print(f"  atelier serve lm --model {models.vlm} --port 8000 --torch-threads 1")
+    print(
+        f"  atelier serve image --model {models.sd} --edit-model {models.ip2p} --port 8001 "
+        "--steps 2 --size 64x64 --torch-threads 1"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atelier", description="Atelier's model servers")
     add_serve_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
@@ -194,8 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
     """``serve_main(["lm", "--model", DIR])`` / ``serve_main(["image", ...])``."""
+    from agent_graph.cli import CliError
+
     args = build_parser().parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except CliError as error:  # as `atelier` prints it
+        print(f"atelier: error: {error}", file=sys.stderr)
+        return 2
 
 
 def main_lm(argv: Sequence[str] | None = None) -> int:

@@ -6,12 +6,16 @@ Loads a model directory either as a vision-language model (``AutoProcessor`` +
 (``AutoTokenizer`` + ``AutoModelForCausalLM``). ``run_batch`` serves many requests in one padded
 forward pass and a batched decoding loop with a KV cache:
 
-- each row samples with its own temperature, top-p and seeded ``torch.Generator``, so a seeded
-  request gets the same tokens whatever it is batched with (up to float rounding);
+- each row samples with its own temperature, top-p, top-k, repetition penalty and seeded
+  ``torch.Generator``, so a seeded request gets the same tokens whatever it is batched with (up
+  to float rounding);
+- ``max_tokens`` beyond what the context leaves after the prompt is clamped to fit (one warning
+  line per requested value); a prompt that alone fills the context is an :class:`InvalidRequest`;
 - log-probs are the model's raw ones (``log_softmax`` of the logits, before temperature/top-p),
   as vLLM returns by default; the stop token is part of the ids and log-probs, not the text;
 - prompt log-probs come from the same forward pass (vLLM's ``prompt_logprobs``);
-- LoRA adapters (peft) are loaded by name; rows are grouped by adapter within a batch.
+- LoRA adapters (peft) are loaded by name; rows are grouped by adapter within a batch. A load
+  that fails leaves the model exactly as it was (the partly injected adapter is removed).
 
 Supported: causal LMs and LLaVA-style VLMs (image features scattered at image tokens, standard
 1-D positions). Models with multimodal rotary positions (Qwen2-VL family) need their own
@@ -24,6 +28,7 @@ import contextlib
 import inspect
 import json
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +44,7 @@ from nodes.backends.lm_types import (
     TokenLogprob,
     UnknownModel,
 )
+from nodes.backends.model_dirs import adapter_dir_problem
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,8 @@ class Encoded:
     input_ids: list[int]
     extras: dict[str, torch.Tensor]
     """Model inputs besides the ids (``pixel_values``, ...); per-token ones have shape (1, L)."""
+    max_tokens: int = 0
+    """New tokens to sample at most: the request's, clamped to what the context leaves."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -98,6 +106,12 @@ class TransformersLM:
         self.model.to(self.device)
         self.model.eval()
         self.adapters: dict[str, str] = {}
+        """LoRA adapters loaded: served name -> path."""
+        self._peft_names: dict[str, str] = {}
+        """Served name -> the adapter's name inside peft (``adapter<n>``: peft names must be
+        valid module keys, and a replacement loads beside the adapter it replaces)."""
+        self._loads = 0
+        self._clamp_warned: set[int] = set()
         self.max_model_len = max_model_len or _max_positions(config)
         self.stop_ids = self._stop_ids()
         self.pad_id = self._pad_id()
@@ -157,17 +171,42 @@ class TransformersLM:
         else:
             batch = self.tokenizer([text], return_tensors="pt", add_special_tokens=False)
         ids = batch["input_ids"][0].tolist()
-        if len(ids) + request.max_tokens > self.max_model_len:
-            raise InvalidRequest(
-                f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
-                f"model's context of {self.max_model_len} tokens"
-            )
         extras = {
             k: v
             for k, v in batch.items()
             if k not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor)
         }
-        return Encoded(ids, extras)
+        return Encoded(ids, extras, self.fit_max_tokens(len(ids), request.max_tokens))
+
+    def fit_max_tokens(self, prompt_tokens: int, max_tokens: int) -> int:
+        """``max_tokens`` clamped to the room the context leaves after the prompt (a warning
+        line the first time each requested value is clamped); an :class:`InvalidRequest` when
+        the prompt alone leaves no room."""
+        room = self.max_model_len - prompt_tokens
+        if room < 0:
+            raise InvalidRequest(
+                f"the prompt ({prompt_tokens} tokens) is longer than the model's context "
+                f"({self.max_model_len} tokens)"
+            )
+        if room == 0 and max_tokens > 0:
+            raise InvalidRequest(
+                f"the prompt ({prompt_tokens} tokens) fills the model's context "
+                f"({self.max_model_len} tokens): no room to generate"
+            )
+        if max_tokens <= room:
+            return max_tokens
+        if max_tokens not in self._clamp_warned:
+            self._clamp_warned.add(max_tokens)
+            log.warning(
+                "max_tokens %d does not fit %s's context of %d tokens after a %d-token prompt: "
+                "generating at most %d (ask for fewer to silence this)",
+                max_tokens,
+                self.name,
+                self.max_model_len,
+                prompt_tokens,
+                room,
+            )
+        return room
 
     def decode_token(self, token_id: int) -> str:
         text = self._decoded.get(token_id)
@@ -179,31 +218,65 @@ class TransformersLM:
     # --- LoRA adapters -------------------------------------------------------------------------
 
     def load_adapter(self, name: str, path: str, *, inplace: bool = False) -> None:
+        """Load the peft LoRA adapter at ``path`` as ``name`` (``inplace``: replacing the one
+        of that name). Any failure is an :class:`InvalidRequest` saying why, and leaves the
+        model exactly as it was: the base model and every loaded adapter answer as before."""
         if name == self.name:
             raise InvalidRequest(f"{name!r} is the base model's name")
-        if name in self.adapters:
-            if not inplace:
-                raise InvalidRequest(f"the LoRA adapter {name!r} has already been loaded")
-            self.unload_adapter(name)
-        if not Path(path).exists():
-            raise InvalidRequest(f"LoRA adapter path {path!r} does not exist on the server")
+        if name in self.adapters and not inplace:
+            raise InvalidRequest(f"the LoRA adapter {name!r} has already been loaded")
+        problem = adapter_dir_problem(path)
+        if problem:
+            raise InvalidRequest(problem)
+        self._loads += 1
+        peft_name = f"adapter{self._loads}"
+        try:
+            info = self._peft_load(peft_name, path)
+            _check_adapter_weights(info, peft_name)
+        except Exception as error:  # peft/transformers/safetensors raise many kinds
+            self._forget_peft_adapter(peft_name)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise InvalidRequest(
+                f"could not load LoRA adapter {name!r} from {path}: "
+                f"{reason or type(error).__name__}"
+            ) from None
+        finally:
+            self.model.eval()
+        if name in self.adapters:  # inplace: the new weights are in; drop the old ones
+            self._forget_peft_adapter(self._peft_names[name])
+        self.adapters[name] = path
+        self._peft_names[name] = peft_name
+
+    def _peft_load(self, peft_name: str, path: str) -> Any:
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its load report lists other adapters' keys
         try:
-            self.model.load_adapter(path, adapter_name=name)
-        except (ValueError, OSError) as error:
-            raise InvalidRequest(f"could not load LoRA adapter {name!r}: {error}") from None
+            with warnings.catch_warnings():  # several adapters side by side is the point
+                warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
+                # Mismatched shapes come back in the loading info (checked after), rather than
+                # as a RuntimeError pointing at a report that was just silenced.
+                return self.model.load_adapter(
+                    path, adapter_name=peft_name, ignore_mismatched_sizes=True
+                )
         finally:
             hf_logging.set_verbosity(verbosity)
-        self.model.eval()
-        self.adapters[name] = path
+
+    def _forget_peft_adapter(self, peft_name: str) -> None:
+        """Remove a (possibly half-loaded) adapter from the model, whatever state it is in."""
+        if peft_name in (getattr(self.model, "peft_config", None) or {}):
+            with warnings.catch_warnings():  # "adapterN was active ...": batches set their own
+                warnings.filterwarnings("ignore", "Adapter .* was active", UserWarning)
+                self.model.delete_adapter(peft_name)
+        if not getattr(self.model, "peft_config", None):
+            # A load that failed before peft registered anything may still have set the flag.
+            self.model._hf_peft_config_loaded = False
 
     def unload_adapter(self, name: str) -> None:
         if name not in self.adapters:
             raise UnknownModel(f"the LoRA adapter {name!r} is not loaded")
-        self.model.delete_adapter(name)
+        self._forget_peft_adapter(self._peft_names.pop(name))
         del self.adapters[name]
 
     @contextlib.contextmanager
@@ -217,7 +290,7 @@ class TransformersLM:
             self.model.disable_adapters()
         else:
             self.model.enable_adapters()
-            self.model.set_adapter(adapter)
+            self.model.set_adapter(self._peft_names[adapter])
         try:
             yield
         finally:
@@ -234,9 +307,11 @@ class TransformersLM:
             try:
                 if request.adapter is not None and request.adapter not in self.adapters:
                     raise UnknownModel(f"the model {request.adapter!r} does not exist")
-                groups.setdefault(request.adapter, []).append((index, self.encode(request)))
+                encoded = self.encode(request)
             except (InvalidRequest, UnknownModel, ValueError) as error:
                 results[index] = error
+                continue  # before any group exists for it: no group is ever empty
+            groups.setdefault(request.adapter, []).append((index, encoded))
         for adapter, items in groups.items():
             try:
                 with self.using(adapter):
@@ -288,11 +363,12 @@ class TransformersLM:
         last = out.logits[:, -1, :]
         cache = out.past_key_values
         generators = [_generator(r.seed, device) for r in requests]
-        finished = [r.max_tokens <= 0 for r in requests]
-        for row, request in enumerate(requests):
-            if request.max_tokens <= 0:
+        limits = [e.max_tokens for e in encoded]
+        finished = [limit <= 0 for limit in limits]
+        for row, limit in enumerate(limits):
+            if limit <= 0:
                 results[row].finish_reason = "length"
-        steps = max((r.max_tokens for r in requests), default=0)
+        steps = max(limits, default=0)
         for _step in range(steps):
             if all(finished):
                 break
@@ -301,7 +377,12 @@ class TransformersLM:
             for row, request in enumerate(requests):
                 if finished[row]:
                     continue
-                token = _sample(last[row], request.temperature, request.top_p, generators[row])
+                logits = _penalised(
+                    last[row], request.repetition_penalty, encoded[row].input_ids, results[row]
+                )
+                token = _sample(
+                    logits, request.temperature, request.top_p, generators[row], request.top_k
+                )
                 result = results[row]
                 result.token_ids.append(token)
                 result.logprobs.append(float(raw[row, token]))
@@ -311,7 +392,7 @@ class TransformersLM:
                 if token in self.stop_ids:
                     finished[row] = True
                     result.finish_reason = "stop"
-                elif len(result.token_ids) >= request.max_tokens:
+                elif len(result.token_ids) >= limits[row]:
                     finished[row] = True
                     result.finish_reason = "length"
             if all(finished):
@@ -404,6 +485,26 @@ class TransformersLM:
         return 0
 
 
+def _check_adapter_weights(info: Any, peft_name: str) -> None:
+    """Refuse an adapter whose file does not fill the LoRA weights peft made for it (a LoRA
+    for another architecture loads "successfully" as a silent no-op otherwise)."""
+    marker = f".{peft_name}."
+    mismatched = sorted(k for k in getattr(info, "mismatched_keys", ()) if marker in k[0])
+    if mismatched:
+        key, given, wanted = mismatched[0]
+        raise ValueError(
+            f"{len(mismatched)} LoRA weights have the wrong shape for this model, e.g. "
+            f"{key.replace(marker, '.')}: {tuple(given)} in the file, {tuple(wanted)} expected"
+        )
+    missing = sorted(k for k in getattr(info, "missing_keys", ()) if marker in k)
+    if missing:
+        raise ValueError(
+            f"its weights do not match this model: {len(missing)} LoRA weights are missing "
+            f"from the file, e.g. {missing[0].replace(marker, '.')} (an adapter for another "
+            "model?)"
+        )
+
+
 def _max_positions(config: Any) -> int:
     text = getattr(config, "text_config", None) or config
     return int(getattr(text, "max_position_embeddings", 0) or 32768)
@@ -418,10 +519,34 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+def _penalised(
+    logits: torch.Tensor, penalty: float | None, prompt_ids: Sequence[int], result: LMResult
+) -> torch.Tensor:
+    """The repetition penalty over every token seen so far (prompt and output), as vLLM and
+    transformers apply it; the log-probs returned stay the raw ones."""
+    if penalty is None or penalty == 1.0:
+        return logits
+    seen = torch.tensor(sorted({*prompt_ids, *result.token_ids}), device=logits.device)
+    logits = logits.float().clone()
+    values = logits[seen]
+    logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def _sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    gen: torch.Generator,
+    top_k: int | None = None,
+) -> int:
     if temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
