@@ -50,7 +50,7 @@ def test_tiny_models_command_then_the_in_process_config_runs(tmp_path: Path):
         timeout=300,
     )
     assert built.returncode == 0, built.stderr[-3000:]
-    for kind in ("lm", "vlm", "sd", "ip2p"):
+    for kind in ("lm", "vlm", "sd", "ip2p", "sd3"):
         assert str(tmp_path / "tiny" / kind) in built.stdout
     assert "examples/configs/tiny-models.toml" in built.stdout  # what to run next
 

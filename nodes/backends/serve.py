@@ -276,7 +276,12 @@ def run_image(args: argparse.Namespace) -> int:
 
 
 def run_tiny_models(args: argparse.Namespace) -> int:
-    from nodes.backends.tiny_models import build_all, missing_packages, quiet_progress_bars
+    from nodes.backends.tiny_models import (
+        build_all,
+        build_sd3,
+        missing_packages,
+        quiet_progress_bars,
+    )
 
     missing = missing_packages()
     if missing:
@@ -291,12 +296,14 @@ def run_tiny_models(args: argparse.Namespace) -> int:
     quiet_progress_bars()
     try:
         models = build_all(root)
+        sd3 = build_sd3(root / "sd3")  # flow matching: the README's Flow-GRPO example
     except OSError as error:
         raise _cli_error(f"cannot build in {root}: {error.strerror or error}") from None
     took = time.perf_counter() - started
     print(f"built tiny random-weight models in {root} ({took:.1f} s):")
     for kind in ("lm", "vlm", "sd", "ip2p"):
         print(f"  {getattr(models, kind)}")
+    print(f"  {sd3}")
     print("try them in-process:")
     print(
         f'  ATELIER_TINY_MODELS={root} atelier run "a red circle" --mode reflect '
