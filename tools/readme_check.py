@@ -54,7 +54,8 @@ def run_block(block: Block, env: dict[str, str], sessions: list[int], timeout_s:
     if block.language == "bash":
         command = ["bash", "-e", "-c", block.text]
     else:
-        command = [str(Path(".venv/bin/python").resolve()), "-c", block.text]
+        # absolute(), not resolve(): resolving the venv's python symlink leaves the venv
+        command = [str(Path(".venv/bin/python").absolute()), "-c", block.text]
     proc = subprocess.Popen(command, env=env, start_new_session=True)
     sessions.append(proc.pid)  # its background children (servers) share this session
     try:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per block")
     args = parser.parse_args(argv)
-    env = {**os.environ, "PATH": f"{Path('.venv/bin').resolve()}:{os.environ['PATH']}"}
+    XX
     sessions: list[int] = []
     failed = 0
     try:
