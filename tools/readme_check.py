@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per block")
     args = parser.parse_args(argv)
-    XX
+    env = {**os.environ, "PATH": f"{Path('.venv/bin').absolute()}:{os.environ['PATH']}"}
     sessions: list[int] = []
     failed = 0
     try:
