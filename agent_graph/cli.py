@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agent_graph.heap import freeze_startup_heap
 from agent_graph.ids import short_id
+from agent_graph.logs import install_cli_logging
 
 MODES = ("auto", "direct", "reflect", "decompose", "random")
 
@@ -39,6 +40,7 @@ class Interrupted(Exception):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    install_cli_logging()
     try:
         return int(args.handler(args) or 0)
     except StoreUnavailable as exc:

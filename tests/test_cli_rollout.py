@@ -154,12 +154,24 @@ def _steps_in(db: Path) -> int:
         return 0
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A test run started in the background (``cmd &`` in a script, as CI may start it) has
+    SIGINT ignored, and children inherit that; a command in a terminal, where a user types
+    Ctrl-C, has the default disposition. Give the child the terminal's."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_once_recording(args: list[str], db: Path, after_steps: int) -> tuple[int, str]:
     """Start ``atelier ARGS``, send SIGINT (Ctrl-C) once the store holds more than
     ``after_steps`` steps; returns (exit code, stderr)."""
     env = {**os.environ, "NO_COLOR": "1", "ATELIER_DB": str(db)}
     process = subprocess.Popen(
-        [*ATELIER, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [*ATELIER, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     deadline = time.monotonic() + 120
     while _steps_in(db) <= after_steps and time.monotonic() < deadline:
@@ -221,9 +233,15 @@ def test_ctrl_c_during_atelier_run_names_its_run(tmp_path, monkeypatch, capsys):
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(SQLRecorder, "record_step", record_then_interrupt)
+    # Python's own Ctrl-C handler, as in a terminal, even when this test run was started with
+    # SIGINT ignored (asyncio.run only turns SIGINT into cancellation under this handler).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     db = tmp_path / "atelier.db"
-    code = cli.main(["run", "four blue squares", "--mode", "reflect", "--db", str(db)])
-    monkeypatch.undo()
+    try:
+        code = cli.main(["run", "four blue squares", "--mode", "reflect", "--db", str(db)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        monkeypatch.undo()
     assert code == 130
     with TrajectoryStore(f"sqlite:///{db}") as store:
         (run,) = store.runs()

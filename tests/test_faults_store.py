@@ -173,15 +173,16 @@ def test_the_store_failing_mid_run_gives_a_clear_error_and_resume_finishes(
     ended_after = time.monotonic() - stopped
     rollout_error = err.strip()
 
-    # One clear line naming the database, last, and no traceback. (psycopg may log a warning
-    # of its own before it, e.g. "error ignored terminating <psycopg.Pipeline [BAD]>: ...",
-    # followed by libpq's message, which can take several lines: "server closed the
-    # connection unexpectedly / This probably means ...".)
+    # One clear line naming the database, last, and no traceback. Libraries may log what they
+    # met on the way, one line each (agent_graph/logs.py): psycopg's "error ignored
+    # terminating <psycopg.Pipeline [BAD]>: ...", SQLAlchemy's pool "Exception during reset
+    # or similar" (which it logs with a traceback: that failed this test under load).
     assert proc.returncode == 1, (out, err)
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert sum("atelier: error" in line for line in lines) == 1, err
-    assert len(lines) == 1 or lines[0].startswith("error ignored"), err
+    library = ("atelier: warning (", "atelier: library error (")
+    assert all(line.startswith(library) for line in lines[:-1]), err
     assert len(lines) <= 8, err
     line = lines[-1]
     assert line.startswith("atelier: error: the store ") and "unavailable" in line
