@@ -10,7 +10,7 @@ from typing import Any
 from agent_graph.presets import shapeworld_context
 from agent_graph.rollout import rollout
 from agent_graph.runner import Runner, TrajectoryResult, make_group_tasks
-from agent_graph.state import Budget
+from nodes.state import Budget
 
 DEMO_MODES: tuple[str, ...] = ("direct", "reflect", "decompose", "auto")
 

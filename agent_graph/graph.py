@@ -25,14 +25,14 @@ from typing import Any
 
 from langgraph.graph import END, START, StateGraph
 
-from agent_graph.context import ReasonerContext
 from agent_graph.recording import recorded
-from agent_graph.state import Mode, ReasonerState
+from nodes.context import ReasonerContext
 from nodes.decompose import decompose
 from nodes.draw import draw
 from nodes.plan import plan
 from nodes.refine import next_edit, refine
 from nodes.reflect import reflect
+from nodes.state import Mode, ReasonerState
 from nodes.stop import stop
 
 

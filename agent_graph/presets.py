@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent_graph.context import Backends, GraphSettings, ReasonerContext
+from nodes.context import Backends, GraphSettings, ReasonerContext
 from policies.base import ModePolicy, StopPolicy
 from policies.simple import (
     FixedModePolicy,

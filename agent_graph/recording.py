@@ -23,8 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic_core import to_jsonable_python
 
-from agent_graph.state import ReasonerState, StopReason
 from nodes.common import TRACE_KEY, NodeTrace
+from nodes.state import ReasonerState, StopReason
 
 
 @dataclass(slots=True)  # one per recorded step: no per-instance __dict__

@@ -12,10 +12,10 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from agent_graph.context import GraphSettings
 from agent_graph.presets import config_context, shapeworld_context
 from agent_graph.runner import Runner, TrajectoryResult
-from agent_graph.state import Budget, ReasonerState, Task
+from nodes.context import GraphSettings
+from nodes.state import Budget, ReasonerState, Task
 from policies.base import ModePolicy, StopPolicy
 
 DEFAULT_DB = "sqlite:///atelier.db"
@@ -124,7 +124,7 @@ def resume_points(store: Any, run_id: str) -> list[tuple[ReasonerState, str | No
     for summary in store.trajectories(run=run_id, status="incomplete"):
         steps = store.steps(summary.id)
         if steps:
-            points.append((store.last_state(summary.id), steps[-1].node))
+            points.append((store.last_state(summary.id, ReasonerState), steps[-1].node))
         else:
             detail = store.trajectory(summary.id)
             points.append((ReasonerState.model_validate(detail.initial_state), None))

@@ -13,12 +13,12 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from pydantic import BaseModel
 
-from agent_graph.context import ReasonerContext
 from agent_graph.graph import build_reasoner, step_limit
 from agent_graph.ids import time_ordered_id
 from agent_graph.recording import MemoryRecorder, RecordingFailed, StepRecord
-from agent_graph.state import Budget, ReasonerState, Task
 from nodes.common import derive_seed
+from nodes.context import ReasonerContext
+from nodes.state import Budget, ReasonerState, Task
 
 Status = Literal["succeeded", "failed"]
 

@@ -41,11 +41,11 @@ def free_port() -> int:
 
 
 async def run_level(url: str, concurrency: int, trajectories: int, record_dir: str | None):
-    from agent_graph.context import Backends, GraphSettings, ReasonerContext
     from agent_graph.runner import Runner, make_group_tasks
     from nodes.backends.omni_client import OmniImageClient
     from nodes.backends.openai_client import OpenAIChatClient
     from nodes.backends.pool import Timeouts
+    from nodes.context import Backends, GraphSettings, ReasonerContext
     from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
 
     chat = OpenAIChatClient(url, model="m", timeouts=Timeouts(request_s=60))

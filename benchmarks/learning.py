@@ -31,10 +31,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from agent_graph.context import GraphSettings
 from agent_graph.runner import Runner, make_group_tasks
-from agent_graph.state import Budget
 from nodes.backends.shapeworld import fixed_prompt_set
+from nodes.context import GraphSettings
+from nodes.state import Budget
 from policies.router import RouterPolicy
 from policies.simple import FixedModePolicy, RuleBasedModePolicy, UniformModePolicy
 from storage.store import TrajectoryStore

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Annotated, TypedDict
 
-from agent_graph.context import Backends, ReasonerContext
 from agent_graph.runner import Runner, make_group_tasks
 from nodes.backends.noop import NoopChat, NoopJudge, NoopPainter, NoopReflector
+from nodes.context import Backends, ReasonerContext
 from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
 
 CONCURRENCY = 64

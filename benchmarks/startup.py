@@ -16,7 +16,7 @@ import time
 
 COMMANDS = {
     "python -c pass (floor)": [sys.executable, "-c", "pass"],
-    "atelier --help": [sys.executable, "-m", "agent_graph.cli", "--help"],
+    "atelier --help": [sys.executable, "-m", "atelier.cli", "--help"],
     "import nodes.backends.shapeworld": [sys.executable, "-c", "import nodes.backends.shapeworld"],
     "import agent_graph.graph (LangGraph)": [sys.executable, "-c", "import agent_graph.graph"],
 }

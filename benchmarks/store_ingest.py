@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent_graph.recording import StepRecord  # noqa: E402
-from agent_graph.state import (  # noqa: E402
+from nodes.common import Generation, NodeTrace  # noqa: E402
+from nodes.state import (  # noqa: E402
     Decision,
     ImageRecord,
     Mode,
@@ -43,7 +44,6 @@ from agent_graph.state import (  # noqa: E402
     Reflection,
     Task,
 )
-from nodes.common import Generation, NodeTrace  # noqa: E402
 from storage.codec import pack_ids, pack_logprobs  # noqa: E402
 from storage.recorder import SQLRecorder  # noqa: E402
 from storage.schema import Trajectory  # noqa: E402

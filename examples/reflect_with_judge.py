@@ -18,14 +18,14 @@ from langgraph.graph import END, START
 from langgraph.runtime import Runtime
 from pydantic import Field
 
-from agent_graph.context import ReasonerContext
 from agent_graph.graph import AtelierGraph
 from agent_graph.presets import shapeworld_context
 from agent_graph.runner import Runner
-from agent_graph.state import Budget, Mode, ReasonerState, StopReason, Task
+from nodes.context import ReasonerContext
 from nodes.draw import draw
 from nodes.refine import next_edit, refine
 from nodes.reflect import reflect
+from nodes.state import Budget, Mode, ReasonerState, StopReason, Task
 from nodes.stop import stop
 
 PASS_SCORE = 1.0
@@ -79,7 +79,7 @@ def initial_state(task: Task, budget: Budget) -> JudgedState:
 
 async def run(prompts: list[str], seed: int = 0):
     # The judge's score drives this graph's routing, so image scoring in the nodes is redundant.
-    from agent_graph.context import GraphSettings
+    from nodes.context import GraphSettings
 
     context = shapeworld_context("reflect", settings=GraphSettings(score_images=False))
     runner = Runner(context, build_graph(), state_factory=initial_state)

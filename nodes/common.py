@@ -10,6 +10,7 @@ from typing import Any
 
 from nodes.backends.base import ChatMessage, ChatModel, ChatRequest, SamplingParams
 from nodes.backends.flow.transitions import DiffusionTransition
+from nodes.state import ImageRecord
 
 TRACE_KEY = "trace"
 """Key of a node's update under which it reports its :class:`NodeTrace`; the recording
@@ -87,8 +88,6 @@ async def save_image(
     runtime_context: Any, state: Any, image: Any, node: str, instruction: str, trace: NodeTrace
 ) -> Any:
     """Put an image in the store, optionally score it against the task prompt, and trace it."""
-    from agent_graph.state import ImageRecord  # the state model; nodes build its records
-
     ref = runtime_context.images.put(image)
     trace.images_out.append(ref)
     score = None

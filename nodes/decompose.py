@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from langgraph.runtime import Runtime
 
-from agent_graph.context import ReasonerContext
-from agent_graph.state import ReasonerState
 from nodes.common import TRACE_KEY, NodeTrace, call_chat, derive_seed
+from nodes.context import ReasonerContext
 from nodes.formats import SUBTASKS_SCHEMA, SubTask, parse_subtasks
 from nodes.prompts import decompose_messages
+from nodes.state import ReasonerState
 
 
 async def decompose(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dict:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from langgraph.runtime import Runtime
 
-from agent_graph.context import ReasonerContext
-from agent_graph.state import Mode, ReasonerState
 from nodes.backends.base import ImageRequest
 from nodes.common import TRACE_KEY, NodeTrace, derive_seed, save_image
+from nodes.context import ReasonerContext
+from nodes.state import Mode, ReasonerState
 
 
 async def draw(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dict:

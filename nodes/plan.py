@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from langgraph.runtime import Runtime
 
-from agent_graph.context import ReasonerContext
-from agent_graph.state import Decision, Mode, ReasonerState
 from nodes.common import TRACE_KEY, NodeTrace, call_chat, derive_seed, step_rng
+from nodes.context import ReasonerContext
 from nodes.prompts import plan_messages
+from nodes.state import Decision, Mode, ReasonerState
 from policies.base import ModeObservation
 
 

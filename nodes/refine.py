@@ -7,10 +7,10 @@ from typing import Literal
 
 from langgraph.runtime import Runtime
 
-from agent_graph.context import ReasonerContext
-from agent_graph.state import Mode, ReasonerState
 from nodes.backends.base import EditRequest
 from nodes.common import TRACE_KEY, NodeTrace, derive_seed, save_image
+from nodes.context import ReasonerContext
+from nodes.state import Mode, ReasonerState
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from langgraph.runtime import Runtime
 
-from agent_graph.context import ReasonerContext
-from agent_graph.state import Decision, Mode, ReasonerState, Reflection
 from nodes.common import TRACE_KEY, NodeTrace, call_chat, derive_seed, step_rng
+from nodes.context import ReasonerContext
 from nodes.formats import parse_reflection
 from nodes.prompts import reflect_messages
+from nodes.state import Decision, Mode, ReasonerState, Reflection
 from policies.base import StopObservation
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from langgraph.runtime import Runtime
 
-from agent_graph.context import ReasonerContext
-from agent_graph.state import Judgement, Mode, ReasonerState, StopReason
 from nodes.common import TRACE_KEY, NodeTrace
+from nodes.context import ReasonerContext
+from nodes.state import Judgement, Mode, ReasonerState, StopReason
 
 
 def stop_reason(state: ReasonerState) -> StopReason:

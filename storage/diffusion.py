@@ -1,6 +1,6 @@
 """Diffusion transitions in the store: rows to write, and reading them back for training.
 
-A step's :class:`~nodes.backends.flow.transitions.DiffusionTransition` objects (in its
+A step's :class:`~storage.transitions.DiffusionTransition` objects (in its
 ``NodeTrace.transitions``) become one ``diffusion_transitions`` row each, plus one ``blobs`` row
 per distinct latents blob (content-addressed by sha256: recording the same bytes twice stores
 them once). The recorder writes them in the step's own transaction (``storage.writes``).
@@ -21,6 +21,7 @@ from sqlalchemy import select, tuple_
 
 from storage.engine import Database
 from storage.schema import BlobData, DiffusionTransition
+from storage.transitions import DiffusionTransition as Transition
 
 SAFETENSORS = "application/safetensors"
 
@@ -73,7 +74,7 @@ class StoredTransition:
     step_seq: int
     position: int
     transition: Any
-    """A :class:`nodes.backends.flow.transitions.DiffusionTransition` (latents bytes loaded)."""
+    """A :class:`storage.transitions.DiffusionTransition` (latents bytes loaded)."""
 
 
 def load_transitions(
@@ -84,8 +85,6 @@ def load_transitions(
 ) -> list[StoredTransition]:
     """Transitions of the given ``(trajectory_id, step_seq)`` steps and/or whole trajectories,
     in (trajectory, step, position) order, with their latents."""
-    from nodes.backends.flow.transitions import DiffusionTransition as Transition
-
     table = DiffusionTransition
     found: list[StoredTransition] = []
     with db.read() as conn:

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import timezone
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import Connection, Row, func, insert, select, update
@@ -562,13 +562,10 @@ class TrajectoryStore(SQLImageStore):
         states = replay_states(lambda: initial, [(r[0], r[1]) for r in rows], reduced)
         return merge_update(states[-1], rows[-1][1], reduced)
 
-    def last_state(self, trajectory_id: str, state_type: type[M] | None = None) -> M:
-        """:meth:`last_state_dict` validated as ``state_type`` (default: ``ReasonerState``), e.g.
-        to resume a killed trajectory from it."""
-        if state_type is None:
-            from agent_graph.state import ReasonerState  # the graph's shared vocabulary
-
-            state_type = cast(type[M], ReasonerState)
+    def last_state(self, trajectory_id: str, state_type: type[M]) -> M:
+        """:meth:`last_state_dict` validated as ``state_type`` (e.g. ``nodes.state.
+        ReasonerState``), e.g. to resume a killed trajectory from it. The store knows no state
+        model of its own: it sits below the graph's packages."""
         return state_type.model_validate(self.last_state_dict(trajectory_id, state_type))
 
     # --- rewards and policy versions -------------------------------------------------------------

@@ -152,7 +152,7 @@ def graph_context(
     painter: object = None,
 ) -> object:
     """A ReasonerContext whose backends are scripted, storing images in ``images``."""
-    from agent_graph.context import Backends, ReasonerContext
+    from nodes.context import Backends, ReasonerContext
     from policies.simple import FixedModePolicy, FollowReflectionStopPolicy, UniformModePolicy
     from tests.scripted import CountingPainter, FixedJudge, ScriptedChat
 

@@ -452,9 +452,9 @@ def test_sizes_parse_strictly():
 
 def test_light_modules_do_not_import_heavy_libraries():
     code = (
-        "import sys, nodes.backends.base, nodes.backends.serve, nodes.backends.config, "
+        "import sys, nodes.backends.base, atelier.cli.serve, nodes.backends.config, "
         "nodes.backends.openai_client, nodes.backends.omni_client, nodes.backends.pool\n"
-        "from nodes.backends.serve import build_parser\n"
+        "from atelier.cli.serve import build_parser\n"
         "build_parser().format_help()\n"
         "heavy = [m for m in ('torch', 'transformers', 'diffusers', 'fastapi', 'uvicorn') "
         "if m in sys.modules]\n"
@@ -465,7 +465,7 @@ def test_light_modules_do_not_import_heavy_libraries():
     )
     assert json.loads(out.stdout) == []
     help_text = subprocess.run(
-        [sys.executable, "-m", "nodes.backends.serve", "lm", "--help"],
+        [sys.executable, "-m", "atelier.cli.serve", "lm", "--help"],
         capture_output=True,
         text=True,
         check=True,

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_graph.context import Backends, ReasonerContext
 from agent_graph.runner import Runner
-from agent_graph.state import Task
 from nodes.backends.base import ChatMessage, ChatRequest, ImageRequest, SamplingParams
 from nodes.backends.config import (
     ROLES,
@@ -21,6 +19,8 @@ from nodes.backends.config import (
 from nodes.backends.omni_client import OmniImageClient
 from nodes.backends.openai_client import OpenAIChatClient
 from nodes.backends.vlm_judge import VLMJudge
+from nodes.context import Backends, ReasonerContext
+from nodes.state import Task
 from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
 
 pytest_plugins = ("tests.tiny_models",)  # the session fixtures: tiny models and servers

@@ -17,14 +17,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from agent_graph.context import Backends, ReasonerContext
 from agent_graph.runner import Runner
-from agent_graph.state import Task
 from nodes.backends.base import BackendError, ChatMessage, ChatRequest, ImageRequest
 from nodes.backends.http_common import BackgroundServer
 from nodes.backends.omni_client import OmniImageClient
 from nodes.backends.openai_client import OpenAIChatClient
 from nodes.backends.pool import RetryPolicy, Timeouts
+from nodes.context import Backends, ReasonerContext
+from nodes.state import Task
 from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
 from tests.scripted import CountingPainter, ScriptedChat
 

@@ -4,13 +4,13 @@ returned, bit for bit."""
 
 from __future__ import annotations
 
-from agent_graph.context import Backends, GraphSettings, ReasonerContext
 from agent_graph.runner import Runner
-from agent_graph.state import Budget, StopReason, Task
 from nodes.backends.base import ChatRequest, SamplingParams, TextCompletion
 from nodes.backends.omni_client import OmniImageClient
 from nodes.backends.openai_client import OpenAIChatClient
 from nodes.backends.vlm_judge import VLMJudge
+from nodes.context import Backends, GraphSettings, ReasonerContext
+from nodes.state import Budget, StopReason, Task
 from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
 
 pytest_plugins = ("tests.tiny_models",)  # the session fixtures: tiny models and servers

@@ -359,7 +359,7 @@ async def test_text_only_model_in_process(tiny_models: TinyModels):
 
 
 async def test_serve_lm_command_starts_a_working_server(tiny_models: TinyModels):
-    """``python -m nodes.backends.serve lm ...`` (what ``atelier serve lm`` runs)."""
+    """``python -m atelier.cli.serve lm ...`` (what ``atelier serve lm`` runs)."""
     import subprocess
     import sys
     import time
@@ -370,7 +370,7 @@ async def test_serve_lm_command_starts_a_working_server(tiny_models: TinyModels)
     port = sock.getsockname()[1]
     sock.close()
     command = [
-        sys.executable, "-m", "nodes.backends.serve", "lm",
+        sys.executable, "-m", "atelier.cli.serve", "lm",
         "--model", str(tiny_models.vlm), "--port", str(port), "--token", "t0k",
         "--served-model-name", "cli-vlm", "--torch-threads", "1", "--log-level", "warning",
     ]  # fmt: skip

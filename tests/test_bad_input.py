@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from agent_graph.presets import shapeworld_context
 from agent_graph.runner import Runner
-from agent_graph.state import (
+from nodes.state import (
     MAX_PROMPT_CHARS,
     Budget,
     Decision,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-ATELIER = [sys.executable, "-m", "agent_graph.cli"]
+ATELIER = [sys.executable, "-m", "atelier.cli"]
 
 
 def _scratch() -> str:
@@ -29,7 +29,7 @@ def atelier(*args: str, cwd: Path | None = None, db: Path | None = None):
 def test_help_imports_nothing_heavy():
     probe = (
         "import sys, time; t = time.perf_counter();"
-        "from agent_graph.cli import build_parser; build_parser().format_help();"
+        "from atelier.cli import build_parser; build_parser().format_help();"
         "heavy = [m for m in ('torch', 'transformers', 'diffusers', 'langgraph')"
         " if m in sys.modules];"
         "print(heavy, time.perf_counter() - t)"

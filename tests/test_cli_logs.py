@@ -40,7 +40,7 @@ def test_the_cli_prints_library_records_as_one_line_without_a_traceback(tmp_path
     # last-resort handler would print.
     script = (
         "import logging, sys\n"
-        "from agent_graph import cli\n"
+        "from atelier.cli import app as cli\n"
         "def handler(args):\n"
         "    try:\n"
         "        raise ConnectionError('the connection is lost')\n"

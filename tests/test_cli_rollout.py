@@ -17,7 +17,7 @@ from pathlib import Path
 from storage.store import TrajectoryStore
 from tests.faults_common import write_backends_config
 
-ATELIER = [sys.executable, "-m", "agent_graph.cli"]
+ATELIER = [sys.executable, "-m", "atelier.cli"]
 RUN_ID = r"[0-9a-f]{32}"
 
 
@@ -220,7 +220,7 @@ def test_ctrl_c_during_atelier_run_names_its_run(tmp_path, monkeypatch, capsys):
     # One ShapeWorld trajectory takes milliseconds, too short to hit from outside: the process
     # sends itself the SIGINT once the first step is recorded (asyncio.run turns it into the
     # main task's cancellation, as it does for a Ctrl-C typed in the terminal).
-    from agent_graph import cli
+    from atelier.cli import app as cli
     from storage.recorder import SQLRecorder
 
     record_step = SQLRecorder.record_step

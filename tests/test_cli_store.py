@@ -17,7 +17,7 @@ import pytest
 from agent_graph.ids import short_id
 from storage.store import TrajectoryStore
 
-ATELIER = [sys.executable, "-m", "agent_graph.cli"]
+ATELIER = [sys.executable, "-m", "atelier.cli"]
 
 
 def atelier(
@@ -240,7 +240,7 @@ def test_match_run_says_when_a_name_is_shared(store):
 def _tree_rl_config(forks: int) -> dict:
     """A Tree-RL run's config as training/tree.py records it: hundreds of fork points."""
     from agent_graph.rollout import run_config
-    from agent_graph.state import Budget
+    from nodes.state import Budget
 
     config = run_config("auto", Budget())
     config["stopper"] = "stop@3"

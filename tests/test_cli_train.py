@@ -10,7 +10,7 @@ import pytest
 
 from storage.store import TrajectoryStore
 
-ATELIER = [sys.executable, "-m", "agent_graph.cli"]
+ATELIER = [sys.executable, "-m", "atelier.cli"]
 
 
 def atelier(*args: str, db, cwd) -> subprocess.CompletedProcess:

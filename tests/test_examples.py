@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent_graph.state import StopReason
+from nodes.state import StopReason
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

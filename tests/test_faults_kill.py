@@ -20,8 +20,8 @@ pytest.importorskip("starlette")
 
 from agent_graph.rollout import rollout
 from agent_graph.runner import make_group_tasks
-from agent_graph.state import Budget
 from nodes.backends.http_common import BackgroundServer
+from nodes.state import Budget
 from storage.store import TrajectoryStore
 from tests.fake_servers import FakeModelServer
 from tests.fault_proxy import FAULTS, FaultProxy
@@ -35,7 +35,7 @@ MAX_ROUNDS = 3
 
 
 def atelier(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent_graph.cli", *args]
+    return [sys.executable, "-m", "atelier.cli", *args]
 
 
 def env() -> dict[str, str]:

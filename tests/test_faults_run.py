@@ -16,10 +16,10 @@ pytest.importorskip("starlette")
 
 from agent_graph.rollout import rollout
 from agent_graph.runner import make_group_tasks
-from agent_graph.state import Budget
 from nodes.backends.base import BackendUnavailable
 from nodes.backends.http_common import BackgroundServer
 from nodes.backends.pool import RetryPolicy, ServerPool, Timeouts
+from nodes.state import Budget
 from storage.store import TrajectoryStore
 from tests.fake_servers import FakeModelServer
 from tests.fault_proxy import FAULTS, RETRIED, FaultProxy

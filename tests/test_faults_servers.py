@@ -13,10 +13,10 @@ pytest.importorskip("starlette")
 
 from agent_graph.rollout import rollout
 from agent_graph.runner import make_group_tasks
-from agent_graph.state import Budget
 from nodes.backends.config import build_backends, load_config
 from nodes.backends.http_common import BackgroundServer
 from nodes.backends.pool import ServerPool
+from nodes.state import Budget
 from storage.store import TrajectoryStore
 from tests.fake_servers import FakeModelServer
 from tests.faults_common import check_recorded_run, write_backends_config

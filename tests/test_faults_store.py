@@ -22,8 +22,8 @@ pytest.importorskip("starlette")
 
 from agent_graph.rollout import rollout
 from agent_graph.runner import make_group_tasks
-from agent_graph.state import Budget
 from nodes.backends.http_common import BackgroundServer
+from nodes.state import Budget
 from storage.store import TrajectoryStore
 from tests.fake_servers import FakeModelServer
 from tests.faults_common import check_recorded_run, write_backends_config
@@ -82,7 +82,7 @@ def postgres():
 
 def atelier(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "agent_graph.cli", *args],
+        [sys.executable, "-m", "atelier.cli", *args],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

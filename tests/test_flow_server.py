@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from agent_graph.cli import CliError  # noqa: E402
+from atelier.cli import CliError  # noqa: E402
 from nodes.backends.base import ImageRequest  # noqa: E402
 
 pytest_plugins = ("tests.tiny_models",)
@@ -148,8 +148,8 @@ def test_bad_adapters_are_refused_clearly_and_change_nothing(sd3_server, loras, 
 
 
 def test_serve_image_loads_a_lora_at_start_up(tiny_sd3, loras):
+    from atelier.cli.serve import build_image_app, build_parser
     from nodes.backends.http_common import BackgroundServer
-    from nodes.backends.serve import build_image_app, build_parser
 
     def args(lora: str):
         return build_parser().parse_args(

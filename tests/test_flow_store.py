@@ -134,9 +134,9 @@ def test_traced_edits_record_transitions_of_the_part_of_the_schedule_they_run(pi
 def test_refine_records_edit_transitions_and_groups_take_the_step_reward(pipe, tmp_path):
     """Reflect mode: the refine node records its edit's transitions (stage reflect_refine), and
     ``flow_groups(node="refine")`` pairs them with the refine step's own reward (R3's C_j)."""
-    from agent_graph.context import Backends, GraphSettings, ReasonerContext
     from agent_graph.runner import Runner, make_group_tasks
-    from agent_graph.state import Budget
+    from nodes.context import Backends, GraphSettings, ReasonerContext
+    from nodes.state import Budget
     from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
     from storage.diffusion import load_transitions
     from storage.recorder import SQLRecorder

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from agent_graph.context import Backends, ReasonerContext
 from agent_graph.runner import Runner, make_group_tasks
-from agent_graph.state import Budget, Mode, ReasonerState, StopReason, Task
 from nodes.backends.base import BackendError
+from nodes.context import Backends, ReasonerContext
 from nodes.formats import SubTask, format_subtasks
+from nodes.state import Budget, Mode, ReasonerState, StopReason, Task
 from policies.simple import FixedModePolicy, FollowReflectionStopPolicy, UniformModePolicy
 from tests.scripted import CountingPainter, FixedJudge, ScriptedChat
 

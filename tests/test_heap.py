@@ -8,8 +8,8 @@ import weakref
 
 import pytest
 
-from agent_graph.cli import main
 from agent_graph.heap import freeze_startup_heap
+from atelier.cli import main
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ def test_short_ids_are_the_random_tail_of_uuid7_and_the_head_of_others():
 
 
 def test_the_store_resolves_a_unique_prefix_or_suffix(store):
-    from agent_graph.state import ReasonerState, Task
+    from nodes.state import ReasonerState, Task
     from storage.recorder import SQLRecorder
     from storage.store import TrajectoryNotFound
 

@@ -14,8 +14,8 @@ from agent_graph.graph import AtelierGraph
 from agent_graph.presets import shapeworld_context
 from agent_graph.recording import RecordingFailed
 from agent_graph.runner import Runner, make_group_tasks
-from agent_graph.state import ReasonerState
 from nodes.backends.shapeworld import fixed_prompt_set
+from nodes.state import ReasonerState
 
 
 class Watcher:
@@ -137,7 +137,7 @@ def test_cli_rollout_keeps_groups_together(tmp_path):
     db = tmp_path / "atelier.db"
     args = ["rollout", "--per-category", "1", "-G", "3", "--mode", "reflect"]
     result = subprocess.run(
-        [sys.executable, "-m", "agent_graph.cli", *args, "--keep-groups-together"],
+        [sys.executable, "-m", "atelier.cli", *args, "--keep-groups-together"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -12,8 +12,8 @@ import pytest
 from agent_graph.presets import shapeworld_context
 from agent_graph.recording import replayable
 from agent_graph.runner import Runner, make_group_tasks
-from agent_graph.state import ReasonerState
 from nodes.backends.shapeworld import fixed_prompt_set
+from nodes.state import ReasonerState
 from storage.recorder import SQLRecorder
 from storage.store import TrajectoryStore
 
@@ -53,7 +53,9 @@ async def test_delta_steps_read_back_as_the_full_snapshots(db_url, tmp_path, mod
         assert [s.state_before for s in got] == [s.state_before for s in expected]
         assert [s.stage for s in got] == [s.stage for s in expected]
         assert store.last_state_dict(summary.id) == reference.last_state_dict(summary.id)
-        assert store.last_state(summary.id) == reference.last_state(summary.id)
+        assert store.last_state(summary.id, ReasonerState) == reference.last_state(
+            summary.id, ReasonerState
+        )
         deltas += sum(1 for s in got if s.seq % 3)
     assert deltas > 50
     # The deltas really are stored as JSON null (not as the full state).

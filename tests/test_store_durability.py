@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent_graph.state import ReasonerState
+from nodes.state import ReasonerState
 from storage.store import TrajectoryStore
 from tests.pg import EDIT
 
@@ -54,7 +54,7 @@ async def child(
     busy_timeout_s: float,
 ) -> None:
     from agent_graph.runner import Runner, make_group_tasks
-    from agent_graph.state import Budget
+    from nodes.state import Budget
     from storage.recorder import SQLRecorder
     from tests.pg import graph_context
     from tests.scripted import CountingPainter
@@ -158,7 +158,7 @@ def test_a_run_killed_mid_flight_loses_no_durable_step_and_can_be_resumed(db_url
         for s in steps:  # images of durable steps are durable too
             for image in (*s.images_in, *s.images_out):
                 assert image.load().size == (image.width, image.height)
-        state = store.last_state(summary.id)
+        state = store.last_state(summary.id, ReasonerState)
         assert isinstance(state, ReasonerState) and state.trajectory_id == summary.id
         assert state.step_count == len(steps)
         assert store.trajectory(summary.id).status == "incomplete"

@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 from agent_graph.graph import build_reasoner, step_limit
 from agent_graph.recording import Recorder, StepRecord
 from agent_graph.runner import Runner, make_group_tasks
-from agent_graph.state import ReasonerState, Task
 from nodes.common import NodeTrace
+from nodes.state import ReasonerState, Task
 from storage.images import ImageNotFound, MemoryImageStore
 from storage.recorder import RecorderBroken, RecorderClosed, SQLRecorder
 from storage.schema import Generation, Step, StepImage, Trajectory
@@ -172,13 +172,15 @@ async def test_an_incomplete_trajectory_can_be_resumed_but_a_finished_one_not_re
         await recorder.start_trajectory(state("t"))
         await recorder.record_step(step("t", 0))
     assert store.trajectory("t").status == "incomplete"
-    resumed = store.last_state("t")
+    resumed = store.last_state("t", ReasonerState)
     assert resumed.step_count == 1
     async with SQLRecorder(store, "second") as recorder:
         await recorder.start_trajectory(resumed)
         assert store.trajectory("t").status == "running"
         await recorder.record_step(step("t", 1))
-        await recorder.finish_trajectory("t", "succeeded", store.last_state("t"), None)
+        await recorder.finish_trajectory(
+            "t", "succeeded", store.last_state("t", ReasonerState), None
+        )
         with pytest.raises(TrajectoryExists):
             await recorder.start_trajectory(state("t"))
     assert db_steps(store, "t") == [(0, "draw"), (1, "draw")]

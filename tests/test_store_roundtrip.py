@@ -13,7 +13,8 @@ from sqlalchemy import func, select
 
 from agent_graph.recording import StepRecord
 from agent_graph.runner import Runner, make_group_tasks
-from agent_graph.state import (
+from nodes.common import Generation, NodeTrace
+from nodes.state import (
     Budget,
     Decision,
     ImageRecord,
@@ -22,7 +23,6 @@ from agent_graph.state import (
     ReasonerState,
     Task,
 )
-from nodes.common import Generation, NodeTrace
 from storage.codec import pack_ids, pack_logprobs, unpack_ids, unpack_logprobs
 from storage.images import ImageNotFound, InvalidImageRef, encode_png
 from storage.recorder import SQLRecorder
@@ -294,7 +294,7 @@ def test_unknown_images_and_trajectories_raise(store):
     with pytest.raises(TrajectoryNotFound):
         store.trajectory("nope")
     with pytest.raises(TrajectoryNotFound):
-        store.last_state("nope")
+        store.last_state("nope", ReasonerState)
     with pytest.raises(ValueError):
         store.put_bytes(b"not an image")
 
@@ -384,7 +384,7 @@ async def test_last_state_replays_every_step_into_the_next(store):
         for step, following in itertools.pairwise(steps):
             merged = ReasonerState.model_validate(merge_update(step.state_before, step.update))
             assert merged == ReasonerState.model_validate(following.state_before)
-        assert store.last_state(result.trajectory_id) == result.state
+        assert store.last_state(result.trajectory_id, ReasonerState) == result.state
         assert store.last_state_dict(
             result.trajectory_id, ReasonerState
         ) == result.state.model_dump(mode="json")

@@ -11,13 +11,13 @@ from contextlib import contextmanager
 from PIL import Image
 from sqlalchemy import event, func, select
 
-from agent_graph.context import GraphSettings
 from agent_graph.presets import shapeworld_context
 from agent_graph.recording import StepRecord
 from agent_graph.runner import Runner, make_group_tasks
-from agent_graph.state import Budget, ReasonerState, Task
 from nodes.backends.shapeworld import fixed_prompt_set
 from nodes.common import Generation, NodeTrace
+from nodes.context import GraphSettings
+from nodes.state import Budget, ReasonerState, Task
 from policies.simple import UniformStopPolicy
 from storage.recorder import SQLRecorder
 from storage.records import StepInfo

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_graph.cli import main
+from atelier.cli import main
 
 pytest_plugins = ("tests.tiny_models",)  # the session fixtures: tiny models
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from agent_graph.cli import main
+from atelier.cli import main
 
 pytest_plugins = ("tests.tiny_models",)  # the session fixtures: tiny models and servers
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from agent_graph.cli import main
+from atelier.cli import main
 from policies.router import RouterPolicy
 from policies.weights import CONFIG_FILE, WEIGHTS_FILE, load_policy
 from storage.store import TrajectoryStore

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from agent_graph.runner import make_group_tasks
-from agent_graph.state import Budget
+from nodes.state import Budget
 from policies.base import ModeObservation, StopObservation
 from policies.simple import UniformModePolicy, UniformStopPolicy
 from storage.store import TrajectoryStore

@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import asyncio
 
-from agent_graph.context import GraphSettings
 from agent_graph.runner import make_group_tasks
-from agent_graph.state import Budget
 from nodes.backends.shapeworld.prompts import fixed_prompt_set
+from nodes.context import GraphSettings
+from nodes.state import Budget
 from policies.router import RouterPolicy
 from policies.simple import UniformModePolicy
 from storage.store import TrajectoryStore

@@ -171,7 +171,7 @@ def test_reward_records_are_stored(tmp_path):
     import asyncio
 
     from agent_graph.rollout import rollout
-    from agent_graph.state import Task
+    from nodes.state import Task
     from storage.store import TrajectoryStore
 
     store = TrajectoryStore(f"sqlite:///{tmp_path / 'r.db'}")

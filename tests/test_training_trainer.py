@@ -141,7 +141,7 @@ def test_one_stop_policy_iteration_from_recorded_rollouts(tmp_path):
     import asyncio
 
     from agent_graph.runner import make_group_tasks
-    from agent_graph.state import Budget
+    from nodes.state import Budget
     from storage.store import TrajectoryStore
     from training.loop import grpo_iterations
 

@@ -9,10 +9,10 @@ from collections import Counter
 
 import pytest
 
-from agent_graph.context import GraphSettings
 from agent_graph.runner import make_group_tasks
-from agent_graph.state import Budget
 from nodes.backends.shapeworld import fixed_prompt_set
+from nodes.context import GraphSettings
+from nodes.state import Budget
 from policies.base import StopObservation
 from policies.simple import UniformStopPolicy
 from policies.stop import LearnedStopPolicy

@@ -11,11 +11,11 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from agent_graph.context import GraphSettings
 from agent_graph.presets import shapeworld_context
 from agent_graph.rollout import rollout
 from agent_graph.runner import TrajectoryResult
-from agent_graph.state import Budget, Task
+from nodes.context import GraphSettings
+from nodes.state import Budget, Task
 from policies.base import ModePolicy, StopPolicy
 
 

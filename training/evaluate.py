@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent_graph.context import GraphSettings
 from agent_graph.runner import Runner, TrajectoryResult, make_group_tasks
-from agent_graph.state import Budget
+from nodes.context import GraphSettings
+from nodes.state import Budget
 from policies.base import MODES, ModeObservation, ModePolicy
 from training.collect import shapeworld_policy_context
 from training.rewards import complexity_penalty

@@ -137,8 +137,8 @@ async def collect_draws(
     """Run the graph in direct mode (plan → draw → stop) for ``group_size`` samples of every
     prompt with ``painter`` (a traced generator, e.g. ``FlowImageModel``), recorded in
     ``store``. Returns the run id."""
-    from agent_graph.context import Backends, GraphSettings, ReasonerContext
     from agent_graph.runner import Runner, make_group_tasks
+    from nodes.context import Backends, GraphSettings, ReasonerContext
     from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
     from storage.recorder import SQLRecorder
 

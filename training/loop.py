@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent_graph.context import GraphSettings
-from agent_graph.state import Budget, Task
+from nodes.context import GraphSettings
+from nodes.state import Budget, Task
 from training.collect import collect
 from training.groups import DecisionKind, decision_groups
 from training.trainer import GRPOTrainer, save_and_register

@@ -87,9 +87,9 @@ async def collect(
     one-step trajectory in ``store``. Returns the run id."""
     from agent_graph.ids import time_ordered_id
     from agent_graph.recording import StepRecord
-    from agent_graph.state import ReasonerState, Task
     from nodes.backends.base import SamplingParams
     from nodes.common import NodeTrace, call_chat, derive_seed
+    from nodes.state import ReasonerState, Task
     from storage.recorder import SQLRecorder
 
     config = {"kind": "lora-sampling", "system": system, "max_tokens": max_tokens, "seed": seed}

@@ -40,12 +40,12 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from agent_graph.context import GraphSettings
 from agent_graph.ids import time_ordered_id
 from agent_graph.rollout import run_config
-from agent_graph.state import Budget, ReasonerState
 from nodes.common import derive_seed
+from nodes.context import GraphSettings
 from nodes.reflect import reflection_target
+from nodes.state import Budget, ReasonerState
 from training.groups import (
     DecisionGroup,
     batches,

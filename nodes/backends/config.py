@@ -593,7 +593,7 @@ def build_backends(config: BackendsConfig) -> dict[str, Any]:
     """``{role: backend}`` for every role (``judge`` is None when the config names none).
 
     Backends used by several roles are built once and shared (one connection pool, one model
-    in memory). The dict's keys match :class:`agent_graph.context.Backends`' fields.
+    in memory). The dict's keys match :class:`nodes.context.Backends`' fields.
     """
     used = {spec.backend for spec in map(config.role, ROLES) if spec is not None}
     built = {name: build_backend(name, config.backends[name]) for name in sorted(used)}

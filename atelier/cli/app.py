@@ -1,4 +1,4 @@
-"""The ``atelier`` command line.
+"""The ``atelier`` command line: the parser, ``main`` and the run/store subcommands.
 
 Only argparse is imported at start-up: each command imports what it needs when it runs, so
 ``atelier --help`` answers without loading LangGraph, torch or a model.
@@ -16,25 +16,12 @@ from pathlib import Path
 from agent_graph.heap import freeze_startup_heap
 from agent_graph.ids import short_id
 from agent_graph.logs import install_cli_logging
+from atelier.cli.common import add_db, open_store, resolve_run, when
+from atelier.cli.errors import CliError, Interrupted, StoreUnavailable
+from atelier.cli.serve import add_serve_parser  # argparse only: models load when serving
+from atelier.cli.train import add_train_parser  # argparse only: torch loads when training
 
 MODES = ("auto", "direct", "reflect", "decompose", "random")
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit code 2."""
-
-
-class StoreUnavailable(Exception):
-    """The store failed under a running command (a database server went away): one line,
-    exit code 1."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C under a command that records a run: the message names the run to resume."""
-
-    def __init__(self, run_id: str | None) -> None:
-        super().__init__(run_id)
-        self.run_id = run_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="most reflect→refine correction rounds (default: 4)",
     )
     _add_config(run)
-    _add_db(run)
+    add_db(run)
     run.add_argument("--no-record", action="store_true", help="do not write to the store")
     run.set_defaults(handler=cmd_run)
 
@@ -118,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, default=64, help="trajectories in flight (default: 64)"
     )
     demo.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
-    _add_db(demo)
+    add_db(demo)
     demo.add_argument("--no-record", action="store_true", help="do not write to the store")
     demo.set_defaults(handler=cmd_demo)
 
@@ -152,11 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rollout.add_argument("--name", help="run name (must be new: `resume NAME` then finds this run)")
     _add_config(rollout)
-    _add_db(rollout)
+    add_db(rollout)
     rollout.set_defaults(handler=cmd_rollout)
 
     runs = commands.add_parser("runs", help="list recorded runs")
-    _add_db(runs)
+    add_db(runs)
     runs.set_defaults(handler=cmd_runs)
 
     ls = commands.add_parser("ls", help="list recorded trajectories")
@@ -170,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print only the full trajectory ids, one per line (for scripts)",
     )
-    _add_db(ls)
+    add_db(ls)
     ls.set_defaults(handler=cmd_ls)
 
     show = commands.add_parser("show", help="show one recorded trajectory, step by step")
@@ -180,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print every text whole (reflections, plans, model outputs), not one clipped line",
     )
-    _add_db(show)
+    add_db(show)
     show.set_defaults(handler=cmd_show)
 
     view = commands.add_parser(
@@ -189,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("ref", help="run id/prefix/name, or trajectory id/prefix/suffix")
     view.add_argument("--out", type=Path, help="HTML file (default: atelier-<ref>.html)")
     view.add_argument("--limit", type=int, default=500, help="most trajectories on the page")
-    _add_db(view)
+    add_db(view)
     view.set_defaults(handler=cmd_view)
 
     export = commands.add_parser("export", help="export trajectories to JSONL or Parquet")
@@ -197,22 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
     export.add_argument("--images", choices=("files", "base64", "none"), default="files")
     export.add_argument("--out", type=Path, required=True, help="output file")
-    _add_db(export)
+    add_db(export)
     export.set_defaults(handler=cmd_export)
 
     resume = commands.add_parser("resume", help="finish a killed run's unfinished trajectories")
     resume.add_argument("run", help="run id, id prefix or name")
     resume.add_argument("--concurrency", type=int, default=64)
-    _add_db(resume)
+    add_db(resume)
     resume.set_defaults(handler=cmd_resume)
-
-    from nodes.backends.serve import add_serve_parser  # argparse only; models load on use
 
     add_serve_parser(commands)
 
-    from training.cli import add_train_parser  # argparse only; torch loads on use
-
-    add_train_parser(commands, _add_db)
+    add_train_parser(commands, add_db)
 
     graph = commands.add_parser("graph", help="print the reasoner graph as Mermaid")
     graph.set_defaults(handler=cmd_graph)
@@ -242,30 +225,6 @@ def _check_config(path: Path | None) -> None:
         raise CliError(f"bad config {path}: {exc}") from None
 
 
-def _add_db(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--db",
-        default=os.environ.get("ATELIER_DB"),
-        help="SQLAlchemy URL or SQLite path (default: $ATELIER_DB or sqlite:///atelier.db)",
-    )
-
-
-def _open_store(args: argparse.Namespace, *, must_exist: bool = True):  # -> TrajectoryStore
-    from agent_graph.rollout import database_url
-
-    url = database_url(args.db)
-    if must_exist and url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        if not path.exists():
-            raise CliError(f"no store at {path} (run `atelier demo` or pass --db)")
-    from storage.store import TrajectoryStore
-
-    try:
-        return TrajectoryStore(url)
-    except Exception as exc:  # a bad URL, a server that is down, a file that is not a store
-        raise CliError(f"cannot open the store {url}: {type(exc).__name__}: {exc}") from None
-
-
 def _check_store_failure(store, exc: BaseException, run_ref: str | None) -> None:
     """Raise :class:`StoreUnavailable` naming the store if ``exc`` is the store failing."""
     from sqlalchemy.exc import DBAPIError
@@ -287,27 +246,6 @@ def _check_store_failure(store, exc: BaseException, run_ref: str | None) -> None
     ) from None
 
 
-def _resolve_run(store, ref: str):  # -> RunInfo
-    """The run ``ref`` names; a note on stderr when the name is shared by several runs (the
-    newest is used), so that nobody reads the wrong run without knowing."""
-    try:
-        match = store.match_run(ref)
-    except KeyError as exc:
-        raise CliError(str(exc.args[0]) if exc.args else str(exc)) from None
-    if match.same_name > 1:
-        print(
-            f"atelier: note: {match.same_name} runs are named {ref!r}; using the newest, "
-            f"{match.run.id[:12]} (created {_when(match.run.created_at)}) — pass a run id "
-            "(`atelier runs` lists them) to pick another",
-            file=sys.stderr,
-        )
-    return match.run
-
-
-def _when(moment) -> str:  # a datetime -> its UTC time, as `atelier runs` shows it
-    return moment.strftime("%Y-%m-%d %H:%M:%S")
-
-
 def _check_run_name_free(store, name: str | None) -> None:
     """Refuse a ``--name`` that an existing run already answers to (its name, or the start of
     its id): ``resume NAME``, ``ls --run NAME`` would otherwise silently mean one of them."""
@@ -319,7 +257,7 @@ def _check_run_name_free(store, name: str | None) -> None:
         return
     taken = match.run
     if match.by == "name":
-        created = _when(taken.created_at)
+        created = when(taken.created_at)
         reason = f"a run named {name!r} already exists ({taken.id[:12]}, created {created})"
     else:
         reason = f"{name!r} is the start of run id {taken.id[:12]}, so it cannot name a run"
@@ -391,7 +329,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from agent_graph.presets import config_context, shapeworld_context
     from agent_graph.runner import Runner
-    from agent_graph.state import Budget, Task
+    from nodes.state import Budget, Task
 
     try:
         task = Task(prompt=args.prompt, seed=args.seed)
@@ -414,7 +352,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         from agent_graph.rollout import rollout
 
-        store = images = _open_store(args, must_exist=False)
+        store = images = open_store(args, must_exist=False)
         run_id = uuid.uuid4().hex
         work = rollout(
             store,
@@ -449,7 +387,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from agent_graph.demo import render_report, report_markdown, run_demo
 
     console = Console()
-    store = None if args.no_record else _open_store(args, must_exist=False)
+    store = None if args.no_record else open_store(args, must_exist=False)
     freeze_startup_heap()
     report = asyncio.run(
         run_demo(
@@ -482,7 +420,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
     from agent_graph.rollout import rollout
     from agent_graph.runner import make_group_tasks
-    from agent_graph.state import Budget
+    from nodes.state import Budget
 
     if args.prompts is not None:
         try:
@@ -503,7 +441,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise CliError(exc.errors()[0]["msg"]) from None
     _check_config(args.config)
-    store = _open_store(args, must_exist=False)
+    store = open_store(args, must_exist=False)
     _check_run_name_free(store, args.name)
     requests: dict[str, dict[str, int]] = {}
     run_id = uuid.uuid4().hex
@@ -561,7 +499,7 @@ def _print_requests(requests: dict[str, dict[str, int]]) -> None:
 def cmd_runs(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    store = _open_store(args)
+    store = open_store(args)
     runs = store.runs()
     console = Console()
     console.print(_runs_table(runs, f"runs in {store.url}", console.width))
@@ -580,7 +518,7 @@ def _runs_table(runs: list, title: str, width: int):  # -> rich.table.Table
 
     headers = ("id", "name", "created", "status", "trajectories")
     rows = [
-        [run.id[:12], run.name, _when(run.created_at), run.status, str(run.trajectory_count)]
+        [run.id[:12], run.name, when(run.created_at), run.status, str(run.trajectory_count)]
         for run in runs
     ]
     widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
@@ -640,8 +578,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
     if args.limit < 1:
         raise CliError("--limit must be at least 1")
-    store = _open_store(args)
-    run = _resolve_run(store, args.run).id if args.run else None
+    store = open_store(args)
+    run = resolve_run(store, args.run).id if args.run else None
     filters = {"run": run, "status": args.status, "mode": args.mode, "min_reward": args.min_reward}
     rows = store.trajectories(**filters, limit=args.limit)
     if args.ids:
@@ -678,7 +616,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from agent_graph.show import print_stored_trajectory
     from storage.store import TrajectoryNotFound
 
-    store = _open_store(args)
+    store = open_store(args)
     try:
         trajectory = store.trajectory(store.resolve_trajectory(args.id))
     except TrajectoryNotFound as exc:
@@ -693,14 +631,14 @@ def cmd_view(args: argparse.Namespace) -> int:
 
     if args.limit < 1:
         raise CliError("--limit must be at least 1")
-    store = _open_store(args)
+    store = open_store(args)
     out = args.out or Path(f"atelier-{args.ref[:16]}.html")
     _check_output_path(out, ".html")
     try:
         trajectory_ids = [store.resolve_trajectory(args.ref)]
         run = None
     except TrajectoryNotFound:
-        trajectory_ids, run = None, _resolve_run(store, args.ref).id
+        trajectory_ids, run = None, resolve_run(store, args.ref).id
     # The trajectory asked for opens expanded (a run's page opens as a grid of cards).
     write_html(
         store,
@@ -717,8 +655,8 @@ def cmd_view(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from storage import export
 
-    store = _open_store(args)
-    run = _resolve_run(store, args.run).id if args.run else None
+    store = open_store(args)
+    run = resolve_run(store, args.run).id if args.run else None
     _check_output_path(args.out, f".{args.format}")
     write = export.export_jsonl if args.format == "jsonl" else export.export_parquet
     try:
@@ -732,8 +670,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from agent_graph.rollout import resume_run
 
-    store = _open_store(args)
-    run = _resolve_run(store, args.run)
+    store = open_store(args)
+    run = resolve_run(store, args.run)
     if args.concurrency < 1:
         raise CliError("--concurrency must be at least 1")
     requests: dict[str, dict[str, int]] = {}
@@ -759,11 +697,3 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
     print(build_reasoner().get_graph().draw_mermaid())
     return 0
-
-
-if __name__ == "__main__":
-    # Run the imported module, not this __main__ copy: commands in other modules (training/cli.py)
-    # raise agent_graph.cli.CliError, which only that module's main() catches.
-    from agent_graph.cli import main as _main
-
-    raise SystemExit(_main())

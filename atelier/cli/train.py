@@ -81,7 +81,7 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
 
 
 def _initial_policy(args: argparse.Namespace) -> Any:
-    from agent_graph.cli import CliError
+    from atelier.cli.errors import CliError
     from policies.weights import load_policy
 
     if args.init is not None:
@@ -103,7 +103,7 @@ def _initial_policy(args: argparse.Namespace) -> Any:
 def _reserved_policy(args: argparse.Namespace, store: Any, count: int) -> Any:
     """The initial policy, numbered so that the ``count`` versions this command saves are free
     in the store and under ``--out`` (checked before any rollout: nothing is overwritten)."""
-    from agent_graph.cli import CliError
+    from atelier.cli.errors import CliError
     from training.versions import VersionTaken, reserve_versions, taken_versions
 
     policy = _initial_policy(args)
@@ -142,7 +142,8 @@ def _mode_shares(store: Any, run_id: str) -> dict[str, float]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from agent_graph.cli import CliError, _open_store
+    from atelier.cli.common import open_store
+    from atelier.cli.errors import CliError
 
     for name in ("iterations", "per_category", "group_size"):
         if getattr(args, name) < 1:
@@ -162,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     args.policy = args.policy or "router"
     kind = "mode" if args.policy == "router" else "stop"
     board = _tensorboard(args)
-    store = _open_store(args, must_exist=args.world is None)
+    store = open_store(args, must_exist=args.world is None)
     from training.versions import VersionTaken
 
     try:
@@ -177,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _tensorboard(args: argparse.Namespace) -> Any:
     if args.tensorboard is None:
         return None
-    from agent_graph.cli import CliError
+    from atelier.cli.errors import CliError
     from training.tensorboard import TensorBoardLog, TensorBoardUnavailable
 
     try:
@@ -187,7 +188,8 @@ def _tensorboard(args: argparse.Namespace) -> Any:
 
 
 def _train(args: argparse.Namespace, store: Any, kind: str, board: Any) -> int:
-    from agent_graph.cli import CliError, _resolve_run
+    from atelier.cli.common import resolve_run
+    from atelier.cli.errors import CliError
 
     if args.tree_stage is not None:
         return _train_tree(args, store, board)
@@ -196,7 +198,7 @@ def _train(args: argparse.Namespace, store: Any, kind: str, board: Any) -> int:
     if args.run:
         from training.groups import decision_groups
 
-        runs = [_resolve_run(store, ref).id for ref in args.run]
+        runs = [resolve_run(store, ref).id for ref in args.run]
         groups = decision_groups(store, runs, kind)
         if not groups:
             raise CliError(f"no {kind} decision groups of 2 or more in {', '.join(args.run)}")
@@ -213,8 +215,8 @@ def _train(args: argparse.Namespace, store: Any, kind: str, board: Any) -> int:
         return 0
 
     from agent_graph.runner import make_group_tasks
-    from agent_graph.state import Budget
     from nodes.backends.shapeworld import fixed_prompt_set
+    from nodes.state import Budget
     from policies.simple import UniformModePolicy, UniformStopPolicy
     from training.loop import grpo_iterations
 
@@ -267,11 +269,12 @@ def _train(args: argparse.Namespace, store: Any, kind: str, board: Any) -> int:
 
 
 def _train_tree(args: argparse.Namespace, store: Any, board: Any = None) -> int:
-    from agent_graph.cli import CliError, _resolve_run
+    from atelier.cli.common import resolve_run
+    from atelier.cli.errors import CliError
     from training.trainer import GRPOTrainer
     from training.tree import stage_config, stage_start_states, tree_iterations
 
-    runs = [_resolve_run(store, ref).id for ref in args.run]
+    runs = [resolve_run(store, ref).id for ref in args.run]
     if not stage_start_states(store, runs, args.tree_stage):
         raise CliError(f"no {args.tree_stage} start states in {', '.join(args.run)}")
     policy = _reserved_policy(args, store, args.iterations)

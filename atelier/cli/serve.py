@@ -10,7 +10,7 @@ sub-command sets ``handler``), or call :func:`serve_main`, :func:`main_lm`, :fun
     atelier serve image --model /tmp/atelier-tiny/sd --edit-model /tmp/atelier-tiny/ip2p --steps 2
 
 A missing or wrong model folder, or a model that does not load, is an
-``agent_graph.cli.CliError``: one ``atelier: error:`` line and exit code 2, no traceback; so is
+``atelier.cli.errors.CliError``: one ``atelier: error:`` line and exit code 2, no traceback; so is
 a bad ``--lora``.
 """
 
@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from atelier.cli.errors import CliError
+
 TOKEN_ENV = "ATELIER_SERVER_TOKEN"
 TINY_CONFIG = "examples/configs/tiny-models.toml"
 
@@ -32,9 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def _cli_error(message: str) -> Exception:
-    """``agent_graph.cli.CliError`` (printed as one line, exit code 2 by ``atelier``)."""
-    from agent_graph.cli import CliError
-
+    """``atelier.cli.errors.CliError`` (printed as one line, exit code 2 by ``atelier``)."""
     return CliError(message)
 
 
@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
     """``serve_main(["lm", "--model", DIR])`` / ``serve_main(["image", ...])``."""
-    from agent_graph.cli import CliError
+    from atelier.cli import CliError
 
     args = build_parser().parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     try:
@@ -344,5 +344,5 @@ def main_image(argv: Sequence[str] | None = None) -> int:
     return serve_main(["image", *(sys.argv[1:] if argv is None else argv)])
 
 
-if __name__ == "__main__":  # python -m nodes.backends.serve lm --model DIR
+if __name__ == "__main__":  # python -m atelier.cli.serve lm --model DIR
     raise SystemExit(serve_main())

@@ -1,0 +1,127 @@
+"""Atelier: adaptive image generation by reasoning — one import for users.
+
+    import atelier
+
+    store = atelier.TrajectoryStore("sqlite:///atelier.db")
+    graph = atelier.AtelierGraph(atelier.ReasonerState, context_schema=atelier.ReasonerContext)
+
+A thin facade over the five packages (``storage`` ← ``policies`` ← ``nodes`` ← ``agent_graph``
+← ``training``), which never import it. Names load on first use (PEP 562), so ``import
+atelier`` and the ``atelier`` command stay light: torch, LangGraph and SQLAlchemy load only
+when a name that needs them is touched.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    # build a graph: the state, its context, the nodes
+    "AtelierGraph": "agent_graph.graph",
+    "build_reasoner": "agent_graph.graph",
+    "ReasonerState": "nodes.state",
+    "Task": "nodes.state",
+    "Budget": "nodes.state",
+    "Mode": "nodes.state",
+    "StopReason": "nodes.state",
+    "ReasonerContext": "nodes.context",
+    "GraphSettings": "nodes.context",
+    "Backends": "nodes.context",
+    "plan": "nodes.plan",
+    "draw": "nodes.draw",
+    "reflect": "nodes.reflect",
+    "refine": "nodes.refine",
+    "decompose": "nodes.decompose",
+    "stop": "nodes.stop",
+    # run, record, resume
+    "Runner": "agent_graph.runner",
+    "make_group_tasks": "agent_graph.runner",
+    "rollout": "agent_graph.rollout",
+    "resume_run": "agent_graph.rollout",
+    "shapeworld_context": "agent_graph.presets",
+    "config_context": "agent_graph.presets",
+    "freeze_startup_heap": "agent_graph.heap",
+    # read the store
+    "TrajectoryStore": "storage.store",
+    "SQLRecorder": "storage.recorder",
+    # train node policies
+    "GRPOConfig": "training.trainer",
+    "GRPOTrainer": "training.trainer",
+    "save_and_register": "training.trainer",
+    "decision_groups": "training.groups",
+    "RouterPolicy": "policies.router",
+    "LearnedStopPolicy": "policies.stop",
+    "load_policy": "policies.weights",
+}
+
+__all__ = [
+    "AtelierGraph",
+    "Backends",
+    "Budget",
+    "GRPOConfig",
+    "GRPOTrainer",
+    "GraphSettings",
+    "LearnedStopPolicy",
+    "Mode",
+    "ReasonerContext",
+    "ReasonerState",
+    "RouterPolicy",
+    "Runner",
+    "SQLRecorder",
+    "StopReason",
+    "Task",
+    "TrajectoryStore",
+    "build_reasoner",
+    "config_context",
+    "decision_groups",
+    "decompose",
+    "draw",
+    "freeze_startup_heap",
+    "load_policy",
+    "make_group_tasks",
+    "plan",
+    "refine",
+    "reflect",
+    "resume_run",
+    "rollout",
+    "save_and_register",
+    "shapeworld_context",
+    "stop",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'atelier' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # type checkers and IDEs see the real names
+    from agent_graph.graph import AtelierGraph, build_reasoner
+    from agent_graph.heap import freeze_startup_heap
+    from agent_graph.presets import config_context, shapeworld_context
+    from agent_graph.rollout import resume_run, rollout
+    from agent_graph.runner import Runner, make_group_tasks
+    from nodes.context import Backends, GraphSettings, ReasonerContext
+    from nodes.decompose import decompose
+    from nodes.draw import draw
+    from nodes.plan import plan
+    from nodes.refine import refine
+    from nodes.reflect import reflect
+    from nodes.state import Budget, Mode, ReasonerState, StopReason, Task
+    from nodes.stop import stop
+    from policies.router import RouterPolicy
+    from policies.stop import LearnedStopPolicy
+    from policies.weights import load_policy
+    from storage.recorder import SQLRecorder
+    from storage.store import TrajectoryStore
+    from training.groups import decision_groups
+    from training.trainer import GRPOConfig, GRPOTrainer, save_and_register
