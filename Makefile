@@ -16,7 +16,7 @@ PIP_TOOLS := pip-tools==7.6.2
 COMPILE := $(VENV)-lock/bin/pip-compile --quiet --strip-extras --no-emit-index-url \
 	--no-emit-trusted-host --no-emit-find-links --unsafe-package atelier
 
-.PHONY: install install-dev demo test lint lock clean
+.PHONY: install install-dev demo test test-fast lint lock clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ demo: install
 
 test: install-dev
 	$(PY) -m pytest
+
+# The developer's loop (a couple of minutes on 2 cores): no slow, PostgreSQL or model tests.
+test-fast: install-dev
+	$(PY) -m pytest -m "not slow and not postgres and not models"
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

@@ -72,6 +72,7 @@ async def test_garbage_chat_bodies_give_a_clear_backend_error(body, media):
     assert server.url in str(info.value)
 
 
+@pytest.mark.slow
 async def test_a_slow_server_times_out_with_the_url_named():
     with BackgroundServer(app(b"{}", delay_s=5.0)) as server:
         client = OpenAIChatClient(

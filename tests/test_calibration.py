@@ -12,6 +12,8 @@ import pytest
 
 from agent_graph.demo import run_demo
 
+pytestmark = pytest.mark.slow  # see pyproject's markers: make test-fast skips it
+
 SIMPLE = ("single_object", "colors")
 MIDDLE = ("two_objects", "counting", "color_count", "attribute_binding", "position")
 COMPLEX = ("position_count", "multi_count")

@@ -5,25 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
-ATELIER = [sys.executable, "-m", "atelier.cli"]
-
-
-def _scratch() -> str:
-    return tempfile.mkdtemp(prefix="atelier-cli-")
+from tests.cli_helpers import run_atelier
 
 
 def atelier(*args: str, cwd: Path | None = None, db: Path | None = None):
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    # Never the developer's own atelier.db: each call gets a throwaway store unless told.
-    env["ATELIER_DB"] = str(db) if db else f"sqlite:///{_scratch()}/atelier.db"
-    return subprocess.run(
-        [*ATELIER, *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=env
-    )
+    return run_atelier(*args, cwd=cwd, db=db, timeout=120)
 
 
 def test_help_imports_nothing_heavy():

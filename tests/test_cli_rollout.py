@@ -10,22 +10,19 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from storage.store import TrajectoryStore
+from tests.cli_helpers import ATELIER, run_atelier
 from tests.faults_common import write_backends_config
 
-ATELIER = [sys.executable, "-m", "atelier.cli"]
 RUN_ID = r"[0-9a-f]{32}"
 
 
-def atelier(*args: str, db: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "ATELIER_DB": str(db)}
-    return subprocess.run(
-        [*ATELIER, *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+atelier = run_atelier
 
 
 def one_error_line(result: subprocess.CompletedProcess, prefix: str = "atelier: error: ") -> str:
@@ -92,6 +89,7 @@ def _run_count(db: Path) -> tuple[int, int]:
     return runs, trajectories
 
 
+@pytest.mark.slow
 def test_rollout_refuses_a_name_a_run_already_has_before_any_work(tmp_path):
     db = tmp_path / "atelier.db"
     small = ("--per-category", "1", "-G", "1")
@@ -119,6 +117,7 @@ def test_rollout_refuses_a_name_a_run_already_has_before_any_work(tmp_path):
         assert [r.name for r in store.runs()] == ["explore", "explore-2"]
 
 
+@pytest.mark.slow
 def test_a_name_shared_by_several_runs_resolves_to_the_newest_with_a_note(tmp_path):
     db = tmp_path / "atelier.db"
     # `atelier run` names every run it records "run": the name is shared by design.
@@ -182,6 +181,7 @@ def _interrupt_once_recording(args: list[str], db: Path, after_steps: int) -> tu
     return process.returncode, stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_names_the_run_to_resume_and_resume_finishes_it(tmp_path):
     db = tmp_path / "atelier.db"
     args = ["rollout", "--per-category", "10", "-G", "4", "--name", "big"]  # 360 trajectories

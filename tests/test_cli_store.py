@@ -8,7 +8,6 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,17 +15,11 @@ import pytest
 
 from agent_graph.ids import short_id
 from storage.store import TrajectoryStore
+from tests.cli_helpers import ATELIER, run_atelier
 
-ATELIER = [sys.executable, "-m", "atelier.cli"]
+pytestmark = pytest.mark.slow  # see pyproject's markers: make test-fast skips it
 
-
-def atelier(
-    *args: str, db: Path, timeout: int = 300, **env_vars: str
-) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "ATELIER_DB": str(db), **env_vars}
-    return subprocess.run(
-        [*ATELIER, *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+atelier = run_atelier
 
 
 @pytest.fixture(scope="module")

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 
 from storage.store import TrajectoryStore
+from tests.cli_helpers import run_atelier
 
-ATELIER = [sys.executable, "-m", "atelier.cli"]
+pytestmark = pytest.mark.slow  # see pyproject's markers: make test-fast skips it
 
 
 def atelier(*args: str, db, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ATELIER_DB": str(db), "COLUMNS": "200"}
-    return subprocess.run(
-        [*ATELIER, *args], capture_output=True, text=True, timeout=600, env=env, cwd=cwd
-    )
+    return run_atelier(*args, db=db, cwd=cwd, timeout=600)
 
 
 def test_train_loop_then_train_from_a_stored_run(tmp_path):

@@ -10,7 +10,6 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,9 +22,12 @@ from agent_graph.runner import make_group_tasks
 from nodes.backends.http_common import BackgroundServer
 from nodes.state import Budget
 from storage.store import TrajectoryStore
+from tests.cli_helpers import ATELIER
 from tests.fake_servers import FakeModelServer
 from tests.fault_proxy import FAULTS, FaultProxy
 from tests.faults_common import check_recorded_run, write_backends_config
+
+pytestmark = pytest.mark.slow  # see pyproject's markers: make test-fast skips it
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [f"{i % 4 + 1} blue squares above a red circle, take {i}" for i in range(40)]
@@ -35,7 +37,7 @@ MAX_ROUNDS = 3
 
 
 def atelier(*args: str) -> list[str]:
-    return [sys.executable, "-m", "atelier.cli", *args]
+    return [*ATELIER, *args]
 
 
 def env() -> dict[str, str]:

@@ -74,6 +74,7 @@ async def test_each_fault_reaches_the_client_as_intended(fake_server, fault):
     assert elapsed < 5  # an injected timeout costs the 1 s read timeout, not a hang
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("retries", [4, 1])
 async def test_a_run_at_20_percent_faults_finishes_and_loses_nothing(
     fake_server, tmp_path, retries

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from agent_graph.runner import make_group_tasks
 from nodes.backends.http_common import BackgroundServer
 from nodes.state import Budget
 from storage.store import TrajectoryStore
+from tests.cli_helpers import ATELIER
 from tests.fake_servers import FakeModelServer
 from tests.faults_common import check_recorded_run, write_backends_config
 from tests.pg import PG_BIN, PostgresServer, missing_reason
@@ -82,7 +82,7 @@ def postgres():
 
 def atelier(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "atelier.cli", *args],
+        [*ATELIER, *args],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from nodes.state import ReasonerState
 from storage.store import TrajectoryStore
 from tests.pg import EDIT
@@ -165,6 +167,7 @@ def test_a_run_killed_mid_flight_loses_no_durable_step_and_can_be_resumed(db_url
     store.close()
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_sqlite_file_lose_nothing(tmp_path):
     url = f"sqlite:///{tmp_path / 'shared.db'}"  # created by whichever process opens it first
     logs = [tmp_path / "a.log", tmp_path / "b.log"]

@@ -8,6 +8,7 @@ import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 from PIL import Image
 from sqlalchemy import event, func, select
 
@@ -202,6 +203,7 @@ async def _record_cheap(store, count: int) -> list[str]:
     return ids
 
 
+@pytest.mark.slow
 async def test_steps_many_chunks_more_than_500_ids(store):
     ids = await _record_cheap(store, 1100)
     asked = [*ids, *UNKNOWN]

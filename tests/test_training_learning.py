@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from agent_graph.runner import make_group_tasks
 from nodes.backends.shapeworld.prompts import fixed_prompt_set
 from nodes.context import GraphSettings
@@ -66,6 +68,7 @@ def _mean(values):
     return sum(values) / len(values)
 
 
+@pytest.mark.slow
 def test_grpo_router_beats_uniform_and_learns_a_mode_mix(tmp_path):
     store = TrajectoryStore(f"sqlite:///{tmp_path / 'learn.db'}")
     batches = [_tasks(10, seed=1)] + [_tasks(5, seed=2 + k) for k in range(4)]
