@@ -80,7 +80,8 @@ async def rollout(
     ``router`` / ``stopper`` (e.g. a learned policy version being trained) replace the policies
     ``mode`` would pick; the run's config names them, and ``resume`` then refuses to guess them.
     ``request_stats``, when given, is filled with the HTTP backends' counts per server
-    (attempts, retries, requests given up: :meth:`~nodes.backends.pool.ServerPool.counters`).
+    (attempts, retries, requests given up:
+    :meth:`~nodes.backends.clients.pool.ServerPool.counters`).
     ``run_id`` fixes the new run's id (default: a fresh one), so that a caller interrupted
     mid-run (Ctrl-C) can name the run to resume without having seen the return value.
     """
@@ -160,7 +161,7 @@ async def resume_run(
 def _report_requests(context: Any, into: dict[str, dict[str, int]] | None) -> None:
     if into is None:
         return
-    from nodes.backends.pool import pools_of, request_counters
+    from nodes.backends.clients.pool import pools_of, request_counters
 
     backends = [getattr(context.backends, f.name) for f in fields(context.backends)]
     into.update(request_counters(pools_of(backends)))

@@ -42,9 +42,9 @@ def free_port() -> int:
 
 async def run_level(url: str, concurrency: int, trajectories: int, record_dir: str | None):
     from agent_graph.runner import Runner, make_group_tasks
-    from nodes.backends.omni_client import OmniImageClient
-    from nodes.backends.openai_client import OpenAIChatClient
-    from nodes.backends.pool import Timeouts
+    from nodes.backends.clients.omni_client import OmniImageClient
+    from nodes.backends.clients.openai_client import OpenAIChatClient
+    from nodes.backends.clients.pool import Timeouts
     from nodes.context import Backends, GraphSettings, ReasonerContext
     from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
 

@@ -87,7 +87,7 @@ def peak_rss_mb() -> float:
 def tiny_setup(
     size: int, batch: int, rank: int, family: str = "sd3"
 ) -> tuple[FlowGRPOTrainer, list[Any]]:
-    from nodes.backends.flow.backend import load_pipeline
+    from nodes.backends.engines.flow_image import load_pipeline
     from nodes.backends.flow.sampler import FlowSampler, SDEConfig
     from tests.tiny_models import build_flux, build_sd3
 

@@ -82,7 +82,7 @@ def serve(app: Any) -> Any:
     ``atelier serve`` (``uvicorn.run(host, port)``) is not affected, and this measures that."""
     import socket
 
-    from nodes.backends.http_common import BackgroundServer
+    from nodes.backends.servers.http_common import BackgroundServer
 
     server = BackgroundServer(app)
     server.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -90,16 +90,16 @@ def serve(app: Any) -> Any:
 
 
 def start_lm(model: Path, threads: int, batching: dict[str, Any]) -> Any:
-    from nodes.backends.lm_inprocess import LMService
-    from nodes.backends.lm_server import create_lm_app
+    from nodes.backends.engines.lm_inprocess import LMService
+    from nodes.backends.servers.lm_server import create_lm_app
 
     service = LMService.from_pretrained(model, name="tiny-lm", torch_threads=threads, **batching)
     return serve(create_lm_app(service))
 
 
 def start_image(model: Path, threads: int, batching: dict[str, Any]) -> Any:
-    from nodes.backends.image_inprocess import ImageService
-    from nodes.backends.image_server import create_image_app
+    from nodes.backends.engines.image_inprocess import ImageService
+    from nodes.backends.servers.image_server import create_image_app
 
     service = ImageService.from_pretrained(
         model, name="tiny-sd", default_steps=IMAGE_STEPS, torch_threads=threads, **batching
@@ -204,7 +204,7 @@ def fixed_app() -> Any:
 async def client_overhead(url: str, calls: int, repeats: int) -> tuple[float, float]:
     """Median µs per call: (``OpenAIChatClient.chat``, raw ``httpx.AsyncClient.post``)."""
     from nodes.backends.base import ChatMessage, ChatRequest
-    from nodes.backends.openai_client import OpenAIChatClient
+    from nodes.backends.clients.openai_client import OpenAIChatClient
     from nodes.backends.wire import messages_payload
 
     request = ChatRequest((ChatMessage("user", "draw two red circles"),))

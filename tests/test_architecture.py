@@ -5,7 +5,15 @@ the ones inside functions included):
 
 A package may import itself and the packages to its left, never one to its right: the store
 knows no graph, nodes know no runner, nothing below the facade imports ``atelier`` (the
-user-facing names and the command line)."""
+user-facing names and the command line).
+
+Inside ``nodes.backends`` the parts are layered the same way:
+
+    protocols (base, *_types, wire, noop, model_dirs, overrides, vlm_judge)
+      <-  flow, shapeworld  <-  clients, engines  <-  servers  <-  config
+
+so a reader knows where retries (clients), torch code (engines, flow) and HTTP servers live,
+and clients and engines never import each other."""
 
 from __future__ import annotations
 
@@ -44,6 +52,54 @@ def upward_imports() -> list[str]:
 
 def test_no_package_imports_one_above_it():
     assert upward_imports() == []
+
+
+BACKEND_PARTS = {"protocols": 0, "flow": 1, "shapeworld": 1, "clients": 2, "engines": 2}
+BACKEND_PARTS |= {"servers": 3, "config": 4}
+
+
+def backend_part(module: str) -> str:
+    """The part of ``nodes.backends`` a dotted module name belongs to."""
+    parts = module.split(".")[2:]
+    if not parts:
+        return "protocols"
+    if parts[0] in BACKEND_PARTS and parts[0] != "protocols":
+        return parts[0]
+    return "protocols"  # a top-level module: base, lm_types, wire, ...
+
+
+def backend_layer_violations() -> list[str]:
+    problems = []
+    root = ROOT / "nodes" / "backends"
+    for path in sorted(root.rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        own = backend_part(module)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [node.module]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                if not target.startswith("nodes.backends"):
+                    continue
+                other = backend_part(target)
+                if other != own and BACKEND_PARTS[other] >= BACKEND_PARTS[own]:
+                    where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                    problems.append(f"{where}: {own} imports {target} ({other})")
+    return problems
+
+
+def test_backend_parts_import_only_lower_parts():
+    assert backend_layer_violations() == []
+
+
+def test_backend_part_names():
+    assert backend_part("nodes.backends.base") == "protocols"
+    assert backend_part("nodes.backends.config") == "config"
+    assert backend_part("nodes.backends.engines.flow_image") == "engines"
+    assert backend_part("nodes.backends.shapeworld.render") == "shapeworld"
 
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):

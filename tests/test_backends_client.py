@@ -38,10 +38,10 @@ from nodes.backends.base import (
     SamplingParams,
     ScoringChatModel,
 )
-from nodes.backends.http_common import BackgroundServer, free_socket
-from nodes.backends.omni_client import OmniImageClient
-from nodes.backends.openai_client import OpenAIChatClient
-from nodes.backends.pool import RetryPolicy, ServerPool
+from nodes.backends.clients.omni_client import OmniImageClient
+from nodes.backends.clients.openai_client import OpenAIChatClient
+from nodes.backends.clients.pool import RetryPolicy, ServerPool
+from nodes.backends.servers.http_common import BackgroundServer, free_socket
 from nodes.backends.wire import (
     ImageDecodeError,
     WireFormatError,
@@ -453,7 +453,8 @@ def test_sizes_parse_strictly():
 def test_light_modules_do_not_import_heavy_libraries():
     code = (
         "import sys, nodes.backends.base, atelier.cli.serve, nodes.backends.config, "
-        "nodes.backends.openai_client, nodes.backends.omni_client, nodes.backends.pool\n"
+        "nodes.backends.clients.openai_client, nodes.backends.clients.omni_client, "
+        "nodes.backends.clients.pool\n"
         "from atelier.cli.serve import build_parser\n"
         "build_parser().format_help()\n"
         "heavy = [m for m in ('torch', 'transformers', 'diffusers', 'fastapi', 'uvicorn') "

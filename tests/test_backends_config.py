@@ -8,6 +8,8 @@ import pytest
 
 from agent_graph.runner import Runner
 from nodes.backends.base import ChatMessage, ChatRequest, ImageRequest, SamplingParams
+from nodes.backends.clients.omni_client import OmniImageClient
+from nodes.backends.clients.openai_client import OpenAIChatClient
 from nodes.backends.config import (
     ROLES,
     ConfigError,
@@ -16,8 +18,6 @@ from nodes.backends.config import (
     load_config,
     parse_config,
 )
-from nodes.backends.omni_client import OmniImageClient
-from nodes.backends.openai_client import OpenAIChatClient
 from nodes.backends.vlm_judge import VLMJudge
 from nodes.context import Backends, ReasonerContext
 from nodes.state import Task
@@ -212,7 +212,7 @@ async def test_tiny_models_config_builds_in_process_backends(tiny_models, monkey
 
 
 async def test_traced_image_backends_from_config(tiny_sd3):
-    from nodes.backends.flow.backend import FlowImageModel
+    from nodes.backends.engines.flow_image import FlowImageModel
 
     parsed = parse_config(
         config(

@@ -19,10 +19,10 @@ from starlette.routing import Route
 
 from agent_graph.runner import Runner
 from nodes.backends.base import BackendError, ChatMessage, ChatRequest, ImageRequest
-from nodes.backends.http_common import BackgroundServer
-from nodes.backends.omni_client import OmniImageClient
-from nodes.backends.openai_client import OpenAIChatClient
-from nodes.backends.pool import RetryPolicy, Timeouts
+from nodes.backends.clients.omni_client import OmniImageClient
+from nodes.backends.clients.openai_client import OpenAIChatClient
+from nodes.backends.clients.pool import RetryPolicy, Timeouts
+from nodes.backends.servers.http_common import BackgroundServer
 from nodes.context import Backends, ReasonerContext
 from nodes.state import Task
 from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
@@ -124,7 +124,7 @@ def test_loopback_servers_listen_as_tcp_so_responses_are_not_delayed():
     # proto 0 made asyncio skip TCP_NODELAY on accepted connections: +40 ms per response.
     import socket
 
-    from nodes.backends.http_common import free_socket
+    from nodes.backends.servers.http_common import free_socket
 
     sock = free_socket()
     try:

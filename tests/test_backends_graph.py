@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from agent_graph.runner import Runner
 from nodes.backends.base import ChatRequest, SamplingParams, TextCompletion
-from nodes.backends.omni_client import OmniImageClient
-from nodes.backends.openai_client import OpenAIChatClient
+from nodes.backends.clients.omni_client import OmniImageClient
+from nodes.backends.clients.openai_client import OpenAIChatClient
 from nodes.backends.vlm_judge import VLMJudge
 from nodes.context import Backends, GraphSettings, ReasonerContext
 from nodes.state import Budget, StopReason, Task

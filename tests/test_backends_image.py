@@ -18,7 +18,7 @@ from nodes.backends.base import (
     ImageGenerator,
     ImageRequest,
 )
-from nodes.backends.omni_client import OmniImageClient
+from nodes.backends.clients.omni_client import OmniImageClient
 from nodes.backends.wire import image_to_png
 
 pytest_plugins = ("tests.tiny_models",)  # the session fixtures: tiny models and servers
@@ -88,8 +88,8 @@ async def test_concurrent_image_requests_are_batched(image_server):
 
 
 async def test_image_server_guards(image_server, image_service):
-    from nodes.backends.http_common import BackgroundServer
-    from nodes.backends.image_server import create_image_app
+    from nodes.backends.servers.http_common import BackgroundServer
+    from nodes.backends.servers.image_server import create_image_app
 
     url = image_server.url
     async with httpx.AsyncClient(timeout=60) as http:
@@ -135,7 +135,7 @@ async def test_image_server_guards(image_server, image_service):
 
 
 async def test_in_process_image_model(image_service):
-    from nodes.backends.image_inprocess import InProcessImageModel
+    from nodes.backends.engines.image_inprocess import InProcessImageModel
 
     model = InProcessImageModel(image_service)
     assert isinstance(model, ImageGenerator) and isinstance(model, ImageEditor)
@@ -147,7 +147,7 @@ async def test_in_process_image_model(image_service):
 
 
 async def test_text_to_image_model_edits_through_img2img(tiny_models):
-    from nodes.backends.image_inprocess import InProcessImageModel
+    from nodes.backends.engines.image_inprocess import InProcessImageModel
 
     model = InProcessImageModel.from_pretrained(tiny_models.sd, default_steps=2, torch_threads=1)
     assert type(model.service.engine.edit_pipe).__name__ == "StableDiffusionImg2ImgPipeline"

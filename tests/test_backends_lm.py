@@ -18,7 +18,7 @@ from nodes.backends.base import (
     SamplingParams,
     ScoringChatModel,
 )
-from nodes.backends.openai_client import OpenAIChatClient
+from nodes.backends.clients.openai_client import OpenAIChatClient
 from nodes.backends.wire import image_to_b64, image_to_data_url, image_to_png
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ async def test_concurrent_requests_are_batched(lm_server):
 async def test_score_text_over_http_equals_in_process_and_excludes_image_tokens(
     lm_server, vlm_service, tiny_models: TinyModels
 ):
-    from nodes.backends.lm_inprocess import InProcessChatModel
+    from nodes.backends.engines.lm_inprocess import InProcessChatModel
 
     image = picture()
     http_scored = await OpenAIChatClient(lm_server.url).score_text(messages(), TEXT, image=image)
@@ -174,7 +174,7 @@ async def test_score_text_over_http_equals_in_process_and_excludes_image_tokens(
 
 
 async def test_in_process_chat_batches_concurrent_calls(vlm_service):
-    from nodes.backends.lm_inprocess import InProcessChatModel
+    from nodes.backends.engines.lm_inprocess import InProcessChatModel
 
     model = InProcessChatModel(vlm_service)
     before = len(vlm_service.batcher.batch_sizes)
@@ -247,8 +247,8 @@ async def test_lora_adapter_changes_logprobs_and_unloading_restores_them(lm_serv
 
 
 async def test_bearer_token_is_enforced(vlm_service):
-    from nodes.backends.http_common import BackgroundServer
-    from nodes.backends.lm_server import create_lm_app
+    from nodes.backends.servers.http_common import BackgroundServer
+    from nodes.backends.servers.lm_server import create_lm_app
 
     with BackgroundServer(create_lm_app(vlm_service, token="s3cret")) as server:
         async with httpx.AsyncClient(timeout=60) as http:
@@ -340,7 +340,7 @@ async def test_bad_requests_get_clear_400s(lm_server):
 
 
 async def test_text_only_model_in_process(tiny_models: TinyModels):
-    from nodes.backends.lm_inprocess import InProcessChatModel
+    from nodes.backends.engines.lm_inprocess import InProcessChatModel
     from nodes.backends.lm_types import InvalidRequest
 
     model = InProcessChatModel.from_pretrained(tiny_models.lm, name="tiny-lm", torch_threads=1)
@@ -364,7 +364,7 @@ async def test_serve_lm_command_starts_a_working_server(tiny_models: TinyModels)
     import sys
     import time
 
-    from nodes.backends.http_common import free_socket
+    from nodes.backends.servers.http_common import free_socket
 
     sock = free_socket()
     port = sock.getsockname()[1]

@@ -19,7 +19,7 @@ pytest.importorskip("starlette")
 
 from agent_graph.rollout import rollout
 from agent_graph.runner import make_group_tasks
-from nodes.backends.http_common import BackgroundServer
+from nodes.backends.servers.http_common import BackgroundServer
 from nodes.state import Budget
 from storage.store import TrajectoryStore
 from tests.cli_helpers import ATELIER

@@ -17,8 +17,8 @@ pytest.importorskip("starlette")
 from agent_graph.rollout import rollout
 from agent_graph.runner import make_group_tasks
 from nodes.backends.base import BackendUnavailable
-from nodes.backends.http_common import BackgroundServer
-from nodes.backends.pool import RetryPolicy, ServerPool, Timeouts
+from nodes.backends.clients.pool import RetryPolicy, ServerPool, Timeouts
+from nodes.backends.servers.http_common import BackgroundServer
 from nodes.state import Budget
 from storage.store import TrajectoryStore
 from tests.fake_servers import FakeModelServer

@@ -13,9 +13,9 @@ pytest.importorskip("starlette")
 
 from agent_graph.rollout import rollout
 from agent_graph.runner import make_group_tasks
+from nodes.backends.clients.pool import ServerPool
 from nodes.backends.config import build_backends, load_config
-from nodes.backends.http_common import BackgroundServer
-from nodes.backends.pool import ServerPool
+from nodes.backends.servers.http_common import BackgroundServer
 from nodes.state import Budget
 from storage.store import TrajectoryStore
 from tests.fake_servers import FakeModelServer

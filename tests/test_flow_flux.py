@@ -24,7 +24,7 @@ SIZE, STEPS = 32, 4
 
 @pytest.fixture(scope="module")
 def flux_pipe(tiny_flux):
-    from nodes.backends.flow.backend import load_pipeline
+    from nodes.backends.engines.flow_image import load_pipeline
 
     torch.set_num_threads(1)
     return load_pipeline(tiny_flux)
@@ -132,7 +132,7 @@ def test_recorded_logprob_is_the_density_of_the_packed_transition(flux_pipe):
 def test_stored_transitions_recompute_to_ratio_one_in_the_trainer(tiny_flux):
     """Through ``FlowGRPOTrainer`` (a fresh LoRA, B = 0): a batch mixing guidance scales and
     noise levels recomputes to ratio 1, and one optimizer step then moves the log-probs."""
-    from nodes.backends.flow.backend import load_pipeline
+    from nodes.backends.engines.flow_image import load_pipeline
     from training.flow_trainer import FlowGroup, FlowGRPOConfig, FlowGRPOTrainer, FlowSample
 
     pipe = load_pipeline(tiny_flux)
@@ -161,7 +161,7 @@ def test_a_diffusion_lora_saves_loads_and_changes_flux_images(flux_pipe, tiny_fl
     """A peft LoRA on the Flux transformer round-trips through ``policies.diffusion_lora``;
     ``FlowImageModel.from_pretrained`` picks the Flux adapter, loads the LoRA and records its
     label; generations and edits come back with transitions."""
-    from nodes.backends.flow.backend import FlowImageModel, load_pipeline
+    from nodes.backends.engines.flow_image import FlowImageModel, load_pipeline
     from nodes.backends.flow.flux import FluxFlow
     from policies.diffusion_lora import attach_lora, load_lora, lora_config, save_lora
 
@@ -210,7 +210,7 @@ def test_a_diffusion_lora_saves_loads_and_changes_flux_images(flux_pipe, tiny_fl
 def test_only_plain_flux_pipelines_are_traced(flux_pipe):
     """Flux variants that feed extra latents to the transformer (Fill, Kontext, Control) are
     refused with a message, not sampled wrongly."""
-    from nodes.backends.flow.backend import flow_model
+    from nodes.backends.engines.flow_image import flow_model
 
     fill = type("FluxFillPipeline", (), {})()
     with pytest.raises(ValueError, match="FluxFillPipeline"):
@@ -224,10 +224,10 @@ def test_image_server_returns_flux_transitions_that_recompute_to_ratio_one(flux_
     sampler (here: another pipeline instance)."""
     import httpx
 
+    from nodes.backends.engines.image_inprocess import ImageService
     from nodes.backends.flow.transitions import transition_from_json
-    from nodes.backends.http_common import BackgroundServer
-    from nodes.backends.image_inprocess import ImageService
-    from nodes.backends.image_server import create_image_app
+    from nodes.backends.servers.http_common import BackgroundServer
+    from nodes.backends.servers.image_server import create_image_app
 
     service = ImageService.from_pretrained(
         tiny_flux, name="tiny-flux", default_steps=STEPS, torch_threads=1

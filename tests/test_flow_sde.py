@@ -82,7 +82,7 @@ def test_zero_noise_is_diffusers_euler_step():
 
 @pytest.fixture(scope="module")
 def sd3_pipe(tiny_sd3):
-    from nodes.backends.flow.backend import load_pipeline
+    from nodes.backends.engines.flow_image import load_pipeline
 
     torch.set_num_threads(1)
     return load_pipeline(tiny_sd3)

@@ -24,9 +24,9 @@ BODY = {"prompt": "a red circle", "size": "32x32", "n": 2, "seed": 5, "guidance_
 
 @pytest.fixture(scope="module")
 def sd3_server(tiny_sd3):
-    from nodes.backends.http_common import BackgroundServer
-    from nodes.backends.image_inprocess import ImageService
-    from nodes.backends.image_server import create_image_app
+    from nodes.backends.engines.image_inprocess import ImageService
+    from nodes.backends.servers.http_common import BackgroundServer
+    from nodes.backends.servers.image_server import create_image_app
 
     service = ImageService.from_pretrained(
         tiny_sd3, name="tiny-sd3", default_steps=4, torch_threads=1
@@ -42,7 +42,7 @@ def loras(tiny_sd3, tmp_path_factory):
     """A LoRA with non-zero weights, a corrupt copy, a wrong-shape copy, a wrong-target copy."""
     from safetensors.torch import load_file, save_file
 
-    from nodes.backends.flow.backend import load_pipeline
+    from nodes.backends.engines.flow_image import load_pipeline
     from policies.diffusion_lora import attach_lora, lora_config, save_lora
 
     root = tmp_path_factory.mktemp("loras")
@@ -82,10 +82,10 @@ def images(body: dict) -> list[str]:
 
 
 def test_transitions_over_http_recompute_to_ratio_one(sd3_server, tiny_sd3):
-    from nodes.backends.flow.backend import load_pipeline
+    from nodes.backends.clients.omni_client import OmniImageClient
+    from nodes.backends.engines.flow_image import load_pipeline
     from nodes.backends.flow.sampler import FlowSampler, SD3Flow
     from nodes.backends.flow.transitions import transition_from_json
-    from nodes.backends.omni_client import OmniImageClient
 
     plain = generate(sd3_server)
     assert all("transitions" not in item for item in plain["data"])  # opt-in only
@@ -149,7 +149,7 @@ def test_bad_adapters_are_refused_clearly_and_change_nothing(sd3_server, loras, 
 
 def test_serve_image_loads_a_lora_at_start_up(tiny_sd3, loras):
     from atelier.cli.serve import build_image_app, build_parser
-    from nodes.backends.http_common import BackgroundServer
+    from nodes.backends.servers.http_common import BackgroundServer
 
     def args(lora: str):
         return build_parser().parse_args(
@@ -182,8 +182,8 @@ def test_trainer_continues_from_a_saved_version(tiny_sd3, loras, tmp_path):
     from safetensors.torch import load_file
 
     from nodes.backends.base import TracedImageModel
-    from nodes.backends.flow.backend import FlowImageEngine, FlowImageModel, load_pipeline
-    from nodes.backends.omni_client import OmniImageClient
+    from nodes.backends.clients.omni_client import OmniImageClient
+    from nodes.backends.engines.flow_image import FlowImageEngine, FlowImageModel, load_pipeline
     from policies.diffusion_lora import read_lora
     from policies.weights import next_version
     from training.flow_trainer import FlowGRPOTrainer

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from nodes.backends.base import EditRequest  # noqa: E402
-from nodes.backends.flow.backend import FlowImageEngine, FlowImageModel, load_pipeline  # noqa: E402
+from nodes.backends.engines.flow_image import FlowImageEngine, FlowImageModel, load_pipeline  # noqa: E402
 from nodes.backends.flow.sampler import unpack_latents  # noqa: E402
 
 pytest_plugins = ("tests.tiny_models",)

@@ -38,11 +38,11 @@ def mean_redness(sampler, seeds) -> float:
 def test_flow_grpo_raises_redness_and_the_lora_serves(tiny_sd3, tmp_path):
     import httpx
 
-    from nodes.backends.flow.backend import FlowImageEngine, FlowImageModel, load_pipeline
+    from nodes.backends.engines.flow_image import FlowImageEngine, FlowImageModel, load_pipeline
+    from nodes.backends.engines.image_inprocess import ImageService
     from nodes.backends.flow.sampler import SDEConfig
-    from nodes.backends.http_common import BackgroundServer
-    from nodes.backends.image_inprocess import ImageService
-    from nodes.backends.image_server import create_image_app
+    from nodes.backends.servers.http_common import BackgroundServer
+    from nodes.backends.servers.image_server import create_image_app
     from nodes.backends.wire import decode_b64_image
     from storage.store import TrajectoryStore
     from training.flow_trainer import (

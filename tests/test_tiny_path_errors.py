@@ -71,7 +71,7 @@ def test_tiny_models_into_a_file_is_one_line(tmp_path, capsys):
 
 
 def test_tiny_models_without_the_model_extras_says_what_to_install(tmp_path, capsys, monkeypatch):
-    import nodes.backends.tiny_models as tiny
+    import nodes.backends.engines.tiny_models as tiny
 
     monkeypatch.setattr(tiny, "missing_packages", lambda: ["transformers", "diffusers"])
     assert main(["tiny-models", str(tmp_path / "tiny")]) == 2

@@ -87,9 +87,9 @@ def lm_loras(tiny_models, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def lora_lm_server(tiny_models, lm_loras):
     """A server of its own (these tests load and unload adapters), with ``good`` loaded."""
-    from nodes.backends.http_common import BackgroundServer
-    from nodes.backends.lm_inprocess import LMService
-    from nodes.backends.lm_server import create_lm_app
+    from nodes.backends.engines.lm_inprocess import LMService
+    from nodes.backends.servers.http_common import BackgroundServer
+    from nodes.backends.servers.lm_server import create_lm_app
 
     service = LMService.from_pretrained(tiny_models.vlm, name="tiny-vlm", torch_threads=1)
     server = BackgroundServer(create_lm_app(service)).start()
@@ -199,7 +199,7 @@ IMAGE = {"prompt": "a red circle", "size": "32x32", "seed": 5, "guidance_scale":
 
 @pytest.fixture(scope="module")
 def image_loras(tiny_sd3, tmp_path_factory) -> dict[str, Path]:
-    from nodes.backends.flow.backend import load_pipeline
+    from nodes.backends.engines.flow_image import load_pipeline
     from policies.diffusion_lora import attach_lora, lora_config, save_lora
 
     root = tmp_path_factory.mktemp("image-loras")
@@ -219,9 +219,9 @@ def image_loras(tiny_sd3, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def lora_image_server(tiny_sd3):
-    from nodes.backends.http_common import BackgroundServer
-    from nodes.backends.image_inprocess import ImageService
-    from nodes.backends.image_server import create_image_app
+    from nodes.backends.engines.image_inprocess import ImageService
+    from nodes.backends.servers.http_common import BackgroundServer
+    from nodes.backends.servers.image_server import create_image_app
 
     service = ImageService.from_pretrained(tiny_sd3, name="tiny-sd3", default_steps=3)
     server = BackgroundServer(create_image_app(service)).start()

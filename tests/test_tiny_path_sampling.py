@@ -33,7 +33,7 @@ def long_text(tokens_at_least: int) -> str:
 
 def test_max_tokens_beyond_the_context_is_clamped_with_one_warning(vlm_service, caplog):
     engine = vlm_service.engine
-    caplog.set_level(logging.WARNING, logger="nodes.backends.transformers_lm")
+    caplog.set_level(logging.WARNING, logger="nodes.backends.engines.transformers_lm")
     asked = 5003  # a value no other test asks for: the engine warns once per value
     first, second = engine.run_batch([lm_request(max_tokens=asked), lm_request(max_tokens=asked)])
     assert not isinstance(first, BaseException), first
@@ -130,7 +130,7 @@ async def test_top_k_and_repetition_penalty_from_a_config_change_the_sampling(lm
 
 
 async def test_in_process_backends_take_sampling_too(vlm_service):
-    from nodes.backends.lm_inprocess import InProcessChatModel
+    from nodes.backends.engines.lm_inprocess import InProcessChatModel
     from nodes.backends.overrides import SampledChatModel
 
     model = SampledChatModel(InProcessChatModel(vlm_service), {"max_tokens": 2, "top_k": 1})

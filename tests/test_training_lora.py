@@ -34,9 +34,9 @@ TOKENS = 12
 @pytest.fixture(scope="module")
 def text_lm_server(tiny_models: TinyModels) -> Any:
     """``atelier serve lm`` for the tiny text LM (Qwen2, ChatML) on a free loopback port."""
-    from nodes.backends.http_common import BackgroundServer
-    from nodes.backends.lm_inprocess import LMService
-    from nodes.backends.lm_server import create_lm_app
+    from nodes.backends.engines.lm_inprocess import LMService
+    from nodes.backends.servers.http_common import BackgroundServer
+    from nodes.backends.servers.lm_server import create_lm_app
     from tests.tiny_models import TORCH_THREADS
 
     service = LMService.from_pretrained(
@@ -74,7 +74,7 @@ async def test_grpo_lora_raises_the_logprob_of_high_reward_completions(
 ):
     import torch
 
-    from nodes.backends.openai_client import OpenAIChatClient
+    from nodes.backends.clients.openai_client import OpenAIChatClient
     from storage.store import TrajectoryStore
 
     client = OpenAIChatClient(text_lm_server.url, model="tiny-lm")

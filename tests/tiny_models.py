@@ -1,4 +1,4 @@
-"""Session fixtures over the tiny random-weight models of :mod:`nodes.backends.tiny_models`.
+"""Session fixtures over the tiny random-weight models of :mod:`nodes.backends.engines.tiny_models`.
 
 The builders live in the installed package (``atelier tiny-models DIR`` builds a folder for
 ``examples/configs/tiny-models.toml``); they are re-exported here so ``from tests.tiny_models
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from nodes.backends.tiny_models import (  # noqa: F401 - re-exported for tests and benchmarks
+from nodes.backends.engines.tiny_models import (  # noqa: F401 - re-exported for tests and benchmarks
     CHAT_TEMPLATE,
     COLOURS,
     IMAGE_SIZE,
@@ -57,7 +57,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
 @pytest.fixture(scope="session")
 def vlm_service(tiny_models: TinyModels) -> Any:
     """The tiny VLM, loaded once, served in batches of up to 8 (collected for 20 ms)."""
-    from nodes.backends.lm_inprocess import LMService
+    from nodes.backends.engines.lm_inprocess import LMService
 
     return _once(
         "vlm_service",
@@ -69,7 +69,7 @@ def vlm_service(tiny_models: TinyModels) -> Any:
 
 @pytest.fixture(scope="session")
 def image_service(tiny_models: TinyModels) -> Any:
-    from nodes.backends.image_inprocess import ImageService
+    from nodes.backends.engines.image_inprocess import ImageService
 
     return _once(
         "image_service",
@@ -90,8 +90,8 @@ SERVER_LIMITS = {"max_body_bytes": 1024 * 1024, "max_image_pixels": 256 * 256}
 @pytest.fixture(scope="session")
 def lm_server(vlm_service: Any) -> Any:
     """``atelier serve lm`` for the tiny VLM on a free loopback port (no token)."""
-    from nodes.backends.http_common import BackgroundServer, ServerLimits
-    from nodes.backends.lm_server import create_lm_app
+    from nodes.backends.servers.http_common import BackgroundServer, ServerLimits
+    from nodes.backends.servers.lm_server import create_lm_app
 
     def start() -> Any:
         app = create_lm_app(vlm_service, limits=ServerLimits(**SERVER_LIMITS))
@@ -103,8 +103,8 @@ def lm_server(vlm_service: Any) -> Any:
 @pytest.fixture(scope="session")
 def image_server(image_service: Any) -> Any:
     """``atelier serve image`` for tiny SD + InstructPix2Pix on a free loopback port."""
-    from nodes.backends.http_common import BackgroundServer, ServerLimits
-    from nodes.backends.image_server import create_image_app
+    from nodes.backends.servers.http_common import BackgroundServer, ServerLimits
+    from nodes.backends.servers.image_server import create_image_app
 
     def start() -> Any:
         app = create_image_app(image_service, limits=ServerLimits(**SERVER_LIMITS))

@@ -245,7 +245,7 @@ class FlowGRPOTrainer:
         name: str = "flow-model",
         init_lora: str | Path | None = None,
     ) -> None:
-        from nodes.backends.flow.backend import flow_model
+        from nodes.backends.engines.flow_image import flow_model
         from nodes.backends.flow.sampler import FlowSampler
         from policies.diffusion_lora import attach_lora, load_lora, lora_config
 

@@ -280,7 +280,7 @@ class LoRATrainer:
     ) -> None:
         from peft import LoraConfig, get_peft_model
 
-        from nodes.backends.transformers_lm import TransformersLM
+        from nodes.backends.engines.transformers_lm import TransformersLM
 
         self.config = cfg = config or LoRAConfig()
         # The server's engine class: the same chat template and tokenisation of prompts.

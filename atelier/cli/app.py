@@ -491,7 +491,7 @@ def _exit_status(results, run_id: str) -> int:
 def _print_requests(requests: dict[str, dict[str, int]]) -> None:
     """The HTTP backends' summary line (nothing for ShapeWorld or in-process backends)."""
     if requests:
-        from nodes.backends.pool import describe_counters
+        from nodes.backends.clients.pool import describe_counters
 
         print(f"backends: {describe_counters(requests)}")
 

@@ -139,7 +139,7 @@ def add_tiny_models_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def _limits(args: argparse.Namespace) -> Any:
-    from nodes.backends.http_common import ServerLimits
+    from nodes.backends.servers.http_common import ServerLimits
 
     return ServerLimits(
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
@@ -194,8 +194,8 @@ def build_lm_app(args: argparse.Namespace) -> Any:
 
     _check_model("--model", args.model, lm_dir_problem)
     loras = [_lora_spec(spec) for spec in args.lora]
-    from nodes.backends.lm_inprocess import LMService
-    from nodes.backends.lm_server import create_lm_app
+    from nodes.backends.engines.lm_inprocess import LMService
+    from nodes.backends.servers.lm_server import create_lm_app
 
     service = _load(
         f"--model {args.model}",
@@ -234,8 +234,8 @@ def build_image_app(args: argparse.Namespace) -> Any:
     except ValueError as error:
         raise _cli_error(f"--size: {error}") from None
     lora = _lora_spec(args.lora) if args.lora else None
-    from nodes.backends.image_inprocess import ImageService
-    from nodes.backends.image_server import create_image_app
+    from nodes.backends.engines.image_inprocess import ImageService
+    from nodes.backends.servers.image_server import create_image_app
 
     service = _load(
         f"--model {args.model}",
@@ -262,21 +262,21 @@ def build_image_app(args: argparse.Namespace) -> Any:
 
 
 def run_lm(args: argparse.Namespace) -> int:
-    from nodes.backends.http_common import serve_forever
+    from nodes.backends.servers.http_common import serve_forever
 
     serve_forever(build_lm_app(args), args.host, args.port, args.log_level)
     return 0
 
 
 def run_image(args: argparse.Namespace) -> int:
-    from nodes.backends.http_common import serve_forever
+    from nodes.backends.servers.http_common import serve_forever
 
     serve_forever(build_image_app(args), args.host, args.port, args.log_level)
     return 0
 
 
 def run_tiny_models(args: argparse.Namespace) -> int:
-    from nodes.backends.tiny_models import (
+    from nodes.backends.engines.tiny_models import (
         build_all,
         build_sd3,
         missing_packages,

@@ -451,7 +451,7 @@ def _token(spec: _Remote) -> str | None:
 
 
 def _pool(spec: _Remote) -> Any:
-    from nodes.backends.pool import RetryPolicy, ServerPool, Timeouts
+    from nodes.backends.clients.pool import RetryPolicy, ServerPool, Timeouts
 
     return ServerPool(
         spec.urls,
@@ -479,7 +479,7 @@ def build_backend(name: str, spec: Any) -> Any:
             ) from None
         return make_shapeworld(world_config)
     if isinstance(spec, OpenAIBackend):
-        from nodes.backends.openai_client import OpenAIChatClient
+        from nodes.backends.clients.openai_client import OpenAIChatClient
 
         return OpenAIChatClient(
             model=spec.model,
@@ -488,7 +488,7 @@ def build_backend(name: str, spec: Any) -> Any:
             pool=_pool(spec),
         )
     if isinstance(spec, OmniBackend):
-        from nodes.backends.omni_client import OmniImageClient
+        from nodes.backends.clients.omni_client import OmniImageClient
 
         return OmniImageClient(
             model=spec.model,
@@ -498,7 +498,7 @@ def build_backend(name: str, spec: Any) -> Any:
             traced=spec.traced,
         )
     if isinstance(spec, InProcessLMBackend):
-        from nodes.backends.lm_inprocess import InProcessChatModel, LMService
+        from nodes.backends.engines.lm_inprocess import InProcessChatModel, LMService
 
         service = LMService.from_pretrained(
             spec.model,
@@ -517,7 +517,7 @@ def build_backend(name: str, spec: Any) -> Any:
                 raise ConfigError(f"backends.{name}.adapters.{adapter}: {error}") from None
         return InProcessChatModel(service)
     if isinstance(spec, InProcessImageBackend) and spec.traced:
-        from nodes.backends.flow.backend import FlowImageModel
+        from nodes.backends.engines.flow_image import FlowImageModel
 
         return FlowImageModel.from_pretrained(
             spec.model,
@@ -531,7 +531,7 @@ def build_backend(name: str, spec: Any) -> Any:
             **({"default_steps": spec.steps} if spec.steps else {}),
         )
     if isinstance(spec, InProcessImageBackend):
-        from nodes.backends.image_inprocess import InProcessImageModel
+        from nodes.backends.engines.image_inprocess import InProcessImageModel
 
         return InProcessImageModel.from_pretrained(
             spec.model,

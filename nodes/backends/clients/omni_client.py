@@ -13,7 +13,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from nodes.backends.base import EditRequest, ImageRequest
-from nodes.backends.pool import RetryPolicy, ServerPool, Strategy, Timeouts
+from nodes.backends.clients.pool import RetryPolicy, ServerPool, Strategy, Timeouts
 from nodes.backends.wire import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,

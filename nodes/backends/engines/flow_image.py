@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from nodes.backends.base import EditRequest, ImageRequest
-from nodes.backends.batching import DynamicBatcher, model_batcher
+from nodes.backends.engines.batching import DynamicBatcher, model_batcher
 from nodes.backends.flow.transitions import TracedImage
 
 
@@ -46,7 +46,7 @@ def load_pipeline(model_dir: str | Path, *, device: str = "cpu", dtype: str = "a
     without T5) passed as None — ``from_pretrained`` refuses them otherwise."""
     from diffusers import DiffusionPipeline
 
-    from nodes.backends.transformers_lm import resolve_device, resolve_dtype
+    from nodes.backends.engines.transformers_lm import resolve_device, resolve_dtype
 
     kwargs: dict[str, Any] = absent_components(model_dir)
     torch_dtype = resolve_dtype(dtype)

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from nodes.backends.engines.transformers_lm import resolve_device, resolve_dtype
 from nodes.backends.image_types import ImageJob, ImageUnsupported
-from nodes.backends.transformers_lm import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class DiffusersImageEngine:
         self._loads = 0
         self._traced: Any = None
         if model_dir is not None:
-            from nodes.backends.flow.backend import absent_components  # e.g. SD3 without T5
+            from nodes.backends.engines.flow_image import absent_components  # e.g. SD3 without T5
 
             pipe = DiffusionPipeline.from_pretrained(
                 str(model_dir), **kwargs, **absent_components(model_dir)
@@ -158,7 +158,7 @@ class DiffusersImageEngine:
 
     def run_traced(self, job: ImageJob, noise_level: float | None = None) -> Any:
         """One image with its Flow-GRPO transitions (``nodes.backends.flow``; SD3 pipelines)."""
-        from nodes.backends.flow.backend import FlowImageEngine, FlowJob, run_traced
+        from nodes.backends.engines.flow_image import FlowImageEngine, FlowJob, run_traced
         from nodes.backends.flow.sampler import SDEConfig
 
         pipe = self.generator_pipe if job.kind == "generate" else self.edit_pipe

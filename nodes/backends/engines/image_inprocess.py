@@ -11,7 +11,7 @@ from typing import Any
 from PIL import Image
 
 from nodes.backends.base import EditRequest, ImageRequest
-from nodes.backends.batching import DynamicBatcher, model_batcher
+from nodes.backends.engines.batching import DynamicBatcher, model_batcher
 from nodes.backends.image_types import ImageJob
 
 
@@ -49,7 +49,7 @@ class ImageService:
         max_wait_ms: float = 10.0,
         torch_threads: int | None = None,
     ) -> ImageService:
-        from nodes.backends.diffusers_image import DiffusersImageEngine
+        from nodes.backends.engines.diffusers_image import DiffusersImageEngine
 
         engine = DiffusersImageEngine(
             model_dir,

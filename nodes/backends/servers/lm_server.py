@@ -27,14 +27,7 @@ from fastapi import Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nodes.backends.http_common import (
-    HTTPError,
-    ServerLimits,
-    base_app,
-    guard,
-    read_json,
-)
-from nodes.backends.lm_inprocess import LMService
+from nodes.backends.engines.lm_inprocess import LMService
 from nodes.backends.lm_types import (
     InvalidRequest,
     LMRequest,
@@ -42,6 +35,13 @@ from nodes.backends.lm_types import (
     PromptMessage,
     TokenLogprob,
     UnknownModel,
+)
+from nodes.backends.servers.http_common import (
+    HTTPError,
+    ServerLimits,
+    base_app,
+    guard,
+    read_json,
 )
 from nodes.backends.wire import ImageDecodeError, decode_b64_image
 
@@ -274,7 +274,7 @@ def _chat_response(body: ChatBody, request: LMRequest, result: LMResult, engine:
         "json_schema",
         "json_object",
     ):
-        from nodes.backends.transformers_lm import json_validity
+        from nodes.backends.engines.transformers_lm import json_validity
 
         choice["structured_output"] = {
             "type": request.response_format["type"],

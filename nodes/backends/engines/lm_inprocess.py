@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 
 from nodes.backends.base import ChatMessage, ChatRequest, ScoredText, TextCompletion
-from nodes.backends.batching import DynamicBatcher, model_batcher
+from nodes.backends.engines.batching import DynamicBatcher, model_batcher
 from nodes.backends.lm_types import LMRequest, LMResult, PromptMessage
 from nodes.backends.wire import scoring_messages, text_span
 
@@ -52,7 +52,7 @@ class LMService:
         max_wait_ms: float = 5.0,
         torch_threads: int | None = None,
     ) -> LMService:
-        from nodes.backends.transformers_lm import TransformersLM
+        from nodes.backends.engines.transformers_lm import TransformersLM
 
         engine = TransformersLM(model_dir, name=name, device=device, dtype=dtype)
         return cls(

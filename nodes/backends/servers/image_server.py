@@ -29,15 +29,15 @@ from fastapi import Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nodes.backends.http_common import (
+from nodes.backends.engines.image_inprocess import ImageService
+from nodes.backends.image_types import ImageJob, ImageUnsupported
+from nodes.backends.servers.http_common import (
     HTTPError,
     ServerLimits,
     base_app,
     guard,
     read_json,
 )
-from nodes.backends.image_inprocess import ImageService
-from nodes.backends.image_types import ImageJob, ImageUnsupported
 from nodes.backends.wire import (
     ImageDecodeError,
     decode_b64_image,

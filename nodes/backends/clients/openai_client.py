@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from nodes.backends.base import ChatMessage, ChatRequest, ScoredText, TextCompletion
-from nodes.backends.pool import RetryPolicy, ServerPool, Strategy, Timeouts
+from nodes.backends.clients.pool import RetryPolicy, ServerPool, Strategy, Timeouts
 from nodes.backends.wire import (
     WireFormatError,
     messages_payload,
