@@ -14,8 +14,6 @@ from policies.simple import (
 )
 from storage.images import ImageStore, MemoryImageStore
 
-MODE_CHOICES = ("auto", "direct", "reflect", "decompose", "random")
-
 
 def mode_policy(mode: str) -> ModePolicy:
     """``auto`` = the rule-based router, ``random`` = uniform, else that fixed mode."""

@@ -109,11 +109,3 @@ def load_transitions(
         transition = Transition(latents=bytes(row["data"]), **{n: row[n] for n in _COLUMNS})
         found.append(StoredTransition(key[0], key[1], key[2], transition))
     return found
-
-
-def load_blob(db: Database, ref: str) -> bytes:
-    with db.read() as conn:
-        data = conn.scalar(select(BlobData.data).where(BlobData.sha256 == ref))
-    if data is None:
-        raise KeyError(f"no blob {ref!r} in the store")
-    return bytes(data)

@@ -50,7 +50,6 @@ HEAD_REVISION = "0003_drop_step_images_ref_index"
 """The Alembic revision this code's schema corresponds to (a test checks it is the head)."""
 
 TRAJECTORY_STATUSES = ("running", "succeeded", "failed", "incomplete")
-RUN_STATUSES = ("running", "finished", "incomplete")
 
 # JSON documents: JSONB on PostgreSQL (queryable, indexable), JSON text elsewhere.
 # ``none_as_null``: Python None is SQL NULL (not the JSON text 'null'), so IS NULL works.

@@ -230,11 +230,3 @@ def member(
         rewards=rewards,
         decisions=tuple(decisions),
     )
-
-
-def split_by_category(groups: Sequence[DecisionGroup]) -> dict[str | None, list[DecisionGroup]]:
-    """Groups by prompt category (for per-category reporting)."""
-    out: dict[str | None, list[DecisionGroup]] = {}
-    for group in groups:
-        out.setdefault(group.category, []).append(group)
-    return out
