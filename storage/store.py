@@ -260,21 +260,6 @@ class TrajectoryStore(SQLImageStore):
             return RunMatch(self.run(named.id), "name", int(named.n))
         raise KeyError(f"{'ambiguous' if ids else 'no'} run {ref!r}")
 
-    def runs_named(self, name: str) -> list[RunInfo]:
-        """The runs called ``name``, newest first."""
-        with self.db.read() as conn:
-            ids = (
-                conn.execute(
-                    select(Run.id)
-                    .where(Run.name == name)
-                    .order_by(Run.created_at.desc(), Run.id.desc())
-                )
-                .scalars()
-                .all()
-            )
-        runs = {info.id: info for info in self.runs(ids=ids)} if ids else {}
-        return [runs[i] for i in ids]
-
     def resolve_trajectory(self, ref: str) -> str:
         """A trajectory id from an id, a unique id prefix, or a unique id suffix (time-ordered
         ids share their leading timestamp digits: the CLI shows their random tail)."""

@@ -178,3 +178,23 @@ def test_image_sizes_from_a_config_are_checked():
     }
     with pytest.raises(ConfigError, match=r"backends\.p\.size: invalid size '64by64'"):
         parse_config(config)
+
+
+def test_repetition_penalty_equals_transformers_logits_processor():
+    # Checked against an independent implementation: transformers' own processor, which
+    # penalises every token in input_ids (prompt and output so far).
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from nodes.backends.engines.transformers_lm import _penalised
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=generator, dtype=torch.float64) * 3
+    seen = [3, 7, 7, 11, 42, 0]
+    for penalty in (1.3, 0.7, 1.0):
+        expected = RepetitionPenaltyLogitsProcessor(penalty)(
+            torch.tensor([seen]), logits.clone().unsqueeze(0)
+        )[0]
+        got = _penalised(logits.clone(), penalty, set(seen)).double()
+        assert torch.allclose(got, expected, atol=1e-6), penalty
+    assert _penalised(logits, None, set(seen)) is logits  # no penalty: untouched

@@ -84,9 +84,7 @@ def _initial_policy(args: argparse.Namespace) -> Any:
     from atelier.cli.errors import CliError
     from policies.weights import load_policy
 
-    if args.init is not None:
-        if not args.init.is_dir():
-            raise CliError(f"--init {args.init}: no such policy directory")
+    if args.init is not None:  # cmd_train has checked that the directory exists
         try:
             return load_policy(args.init)
         except (OSError, ValueError, KeyError) as exc:  # missing/corrupt config or weights

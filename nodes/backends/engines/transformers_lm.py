@@ -364,6 +364,12 @@ class TransformersLM:
         cache = out.past_key_values
         generators = [_generator(r.seed, device) for r in requests]
         limits = [e.max_tokens for e in encoded]
+        # Tokens seen so far per row, for the repetition penalty: the prompt's once, then each
+        # sampled token as it comes (not rebuilt from the prompt at every step).
+        seen = [
+            set(e.input_ids) if _penalises(r.repetition_penalty) else set()
+            for e, r in zip(encoded, requests, strict=True)
+        ]
         finished = [limit <= 0 for limit in limits]
         for row, limit in enumerate(limits):
             if limit <= 0:
@@ -377,14 +383,14 @@ class TransformersLM:
             for row, request in enumerate(requests):
                 if finished[row]:
                     continue
-                logits = _penalised(
-                    last[row], request.repetition_penalty, encoded[row].input_ids, results[row]
-                )
+                logits = _penalised(last[row], request.repetition_penalty, seen[row])
                 token = _sample(
                     logits, request.temperature, request.top_p, generators[row], request.top_k
                 )
                 result = results[row]
                 result.token_ids.append(token)
+                if _penalises(request.repetition_penalty):
+                    seen[row].add(token)
                 result.logprobs.append(float(raw[row, token]))
                 if request.top_logprobs:
                     result.top_logprobs.append(self._top(raw[row], request.top_logprobs))
@@ -519,14 +525,16 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
-def _penalised(
-    logits: torch.Tensor, penalty: float | None, prompt_ids: Sequence[int], result: LMResult
-) -> torch.Tensor:
+def _penalises(penalty: float | None) -> bool:
+    return penalty is not None and penalty != 1.0
+
+
+def _penalised(logits: torch.Tensor, penalty: float | None, seen_ids: set[int]) -> torch.Tensor:
     """The repetition penalty over every token seen so far (prompt and output), as vLLM and
     transformers apply it; the log-probs returned stay the raw ones."""
-    if penalty is None or penalty == 1.0:
+    if not _penalises(penalty):
         return logits
-    seen = torch.tensor(sorted({*prompt_ids, *result.token_ids}), device=logits.device)
+    seen = torch.tensor(sorted(seen_ids), device=logits.device)
     logits = logits.float().clone()
     values = logits[seen]
     logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
