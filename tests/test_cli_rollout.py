@@ -89,6 +89,17 @@ def _run_count(db: Path) -> tuple[int, int]:
     return runs, trajectories
 
 
+@pytest.mark.parametrize("name", ["", "   "])
+def test_rollout_refuses_an_empty_name_before_any_work(tmp_path, name):
+    db = tmp_path / "atelier.db"
+    refused = atelier("rollout", "--per-category", "1", "-G", "1", "--name", name, db=db)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert one_error_line(refused) == (
+        "atelier: error: --name is empty: give the run a name, or leave --name out"
+    )
+    assert _run_count(db) == (0, 0)  # refused before any run or trajectory was created
+
+
 @pytest.mark.slow
 def test_rollout_refuses_a_name_a_run_already_has_before_any_work(tmp_path):
     db = tmp_path / "atelier.db"

@@ -251,6 +251,8 @@ def _check_run_name_free(store, name: str | None) -> None:
     its id): ``resume NAME``, ``ls --run NAME`` would otherwise silently mean one of them."""
     if name is None:
         return
+    if not name.strip():
+        raise CliError("--name is empty: give the run a name, or leave --name out")
     try:
         match = store.match_run(name)
     except KeyError:  # no run answers to it (or only an ambiguous id prefix, which a name beats)
