@@ -173,15 +173,30 @@ def test_the_store_failing_mid_run_gives_a_clear_error_and_resume_finishes(
     ended_after = time.monotonic() - stopped
     rollout_error = err.strip()
 
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    library = ("atelier: warning (", "atelier: library error (")
+    if outage == "connections_killed" and proc.returncode == 0:
+        # The kills can land between writes, or on a batch that the recorder then writes again
+        # record by record on a fresh connection (pool_pre_ping): the run recovers by itself.
+        # That is right too, provided nothing was lost or recorded twice.
+        assert all(line.startswith(library) for line in lines), err
+        store = TrajectoryStore(url)
+        run = store.resolve_run("pgdown")
+        statuses = check_recorded_run(store, run.id, len(PROMPTS) * GROUP)
+        assert statuses == {"succeeded": len(PROMPTS) * GROUP}
+        assert store.run(run.id).status == "finished"
+        assert paths(store, run.id) == expected
+        store.close()
+        print(f"\n{outage}: the run recovered by itself: {rollout_error}")
+        return
+
     # One clear line naming the database, last, and no traceback. Libraries may log what they
     # met on the way, one line each (agent_graph/logs.py): psycopg's "error ignored
     # terminating <psycopg.Pipeline [BAD]>: ...", SQLAlchemy's pool "Exception during reset
     # or similar" (which it logs with a traceback: that failed this test under load).
     assert proc.returncode == 1, (out, err)
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
     assert sum("atelier: error" in line for line in lines) == 1, err
-    library = ("atelier: warning (", "atelier: library error (")
     assert all(line.startswith(library) for line in lines[:-1]), err
     assert len(lines) <= 8, err
     line = lines[-1]
