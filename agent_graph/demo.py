@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent_graph.presets import shapeworld_context
+from agent_graph.presets import shapeworld_context, shapeworld_tasks
 from agent_graph.rollout import rollout
-from agent_graph.runner import Runner, TrajectoryResult, make_group_tasks
+from agent_graph.runner import Runner, TrajectoryResult
 from nodes.state import Budget
 
 DEMO_MODES: tuple[str, ...] = ("direct", "reflect", "decompose", "auto")
@@ -66,11 +66,8 @@ async def run_demo(
 ) -> DemoReport:
     """Run the fixed prompt set in each mode; with a ``store``, each mode is a recorded run
     named ``demo-<mode>``."""
-    from nodes.backends.shapeworld import fixed_prompt_set
-
-    items = fixed_prompt_set(per_category, seed=seed)
-    categories = sorted({item.category for item in items}, key=[i.category for i in items].index)
-    tasks = make_group_tasks([i.text for i in items], 1, seed, [i.category for i in items])
+    tasks = shapeworld_tasks(per_category, 1, seed)
+    categories = list(dict.fromkeys(task.category or "?" for task in tasks))
     cells: dict[tuple[str, str], Cell] = {}
     mode_mix: dict[str, dict[str, int]] = {}
     for mode in modes:
@@ -80,15 +77,17 @@ async def run_demo(
             )
             results = await runner.run(tasks, progress=progress, description=f"demo · {mode}")
         else:
-            _, results = await rollout(
-                store,
-                tasks,
-                mode=mode,
-                budget=budget,
-                name=f"demo-{mode}",
-                concurrency=concurrency,
-                progress=progress,
-            )
+            results = (
+                await rollout(
+                    store,
+                    tasks,
+                    mode=mode,
+                    budget=budget,
+                    name=f"demo-{mode}",
+                    concurrency=concurrency,
+                    progress=progress,
+                )
+            ).results
         by_category: dict[str, list[TrajectoryResult]] = defaultdict(list)
         for result in results:
             by_category[result.task.category or "?"].append(result)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent_graph.runner import make_group_tasks
 from nodes.context import Backends, GraphSettings, ReasonerContext
+from nodes.state import Task
 from policies.base import ModePolicy, StopPolicy
 from policies.simple import (
     FixedModePolicy,
@@ -73,4 +75,18 @@ def config_context(
         images=images if images is not None else MemoryImageStore(),
         settings=settings or GraphSettings(),
         recorder=recorder,
+    )
+
+
+def shapeworld_tasks(
+    per_category: int, group_size: int = 1, seed: int = 0, *, prompt_seed: int | None = None
+) -> list[Task]:
+    """G tasks for each of ShapeWorld's fixed prompts (``per_category`` of every category),
+    with their categories: ``make_group_tasks`` over ``fixed_prompt_set``. ``prompt_seed``
+    (default ``seed``) picks the prompts, ``seed`` the groups' and samples' seeds."""
+    from nodes.backends.shapeworld import fixed_prompt_set
+
+    items = fixed_prompt_set(per_category, seed=seed if prompt_seed is None else prompt_seed)
+    return make_group_tasks(
+        [item.text for item in items], group_size, seed, [item.category for item in items]
     )

@@ -7,16 +7,18 @@ make the continuation identical to what the uninterrupted run would have done.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import fields, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_graph.presets import config_context, shapeworld_context
 from agent_graph.runner import Runner, TrajectoryResult
-from nodes.context import GraphSettings
+from nodes.context import ReasonerContext
 from nodes.state import Budget, ReasonerState, Task
-from policies.base import ModePolicy, StopPolicy
+
+if TYPE_CHECKING:
+    from storage.store import TrajectoryStore
 
 DEFAULT_DB = "sqlite:///atelier.db"
 
@@ -39,13 +41,8 @@ def run_config(mode: str, budget: Budget, backends_config: Path | None = None) -
     return config
 
 
-def _context(config: dict[str, Any], store: Any, recorder: Any, resuming: bool = True) -> Any:
-    if resuming and ("router" in config or "stopper" in config or "settings" in config):
-        named = ", ".join(f"{k}={config[k]}" for k in ("router", "stopper") if k in config)
-        raise ValueError(
-            f"this run used policies or settings given in code ({named or 'settings'}); "
-            "resume it in code: Runner(context with them).resume(resume_points(store, run))"
-        )
+def _context(config: dict[str, Any], store: Any, recorder: Any) -> ReasonerContext:
+    """The context a run's config names (ShapeWorld, or a backends file) with a built-in router."""
     world = config.get("world")
     if world == "shapeworld":
         return shapeworld_context(config["mode"], images=store, recorder=recorder)
@@ -56,55 +53,105 @@ def _context(config: dict[str, Any], store: Any, recorder: Any, resuming: bool =
     raise ValueError(f"this run used world {world!r}, which this version cannot rebuild")
 
 
+@dataclass
+class RolloutResult:
+    """What :func:`rollout` and :func:`resume_run` return."""
+
+    run_id: str
+    results: list[TrajectoryResult]
+    """One per trajectory run (for ``resume_run``: per trajectory continued)."""
+    requests: dict[str, dict[str, int]] = field(default_factory=dict)
+    """The HTTP backends' counts per server (attempts, retries, requests given up:
+    :meth:`~nodes.backends.clients.pool.ServerPool.counters`); empty for ShapeWorld and
+    in-process backends."""
+
+
+def _qualified(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _state_type(graph: Any) -> type[ReasonerState]:
+    """The state a compiled graph runs on (``StateGraph(state_schema)``)."""
+    builder = getattr(graph, "builder", None)
+    schema = getattr(builder, "state_schema", None)
+    if not (isinstance(schema, type) and issubclass(schema, ReasonerState)):
+        raise TypeError(
+            "graph must be a compiled AtelierGraph (or StateGraph) over ReasonerState or a "
+            f"subclass of it, not {type(graph).__name__}"
+        )
+    return schema
+
+
+def _describe(graph: Any, context: ReasonerContext | None) -> dict[str, Any]:
+    """The parts of a run given in code, named in its config (resume then needs them again)."""
+    named: dict[str, Any] = {}
+    if graph is not None:
+        named["graph"] = getattr(graph, "name", None) or "graph"
+        named["state"] = _qualified(_state_type(graph))
+    if context is not None:
+        named["world"] = "context"
+        for key, policy in (("router", context.router), ("stopper", context.stopper)):
+            name, version = getattr(policy, "name", None), getattr(policy, "version", None)
+            named[key] = f"{name}@{version}" if name and version else _qualified(type(policy))
+    return named
+
+
 async def rollout(
-    store: Any,
+    store: TrajectoryStore,
     tasks: Sequence[Task],
     *,
+    graph: Any = None,
+    state_factory: Callable[[Task, Budget], ReasonerState] | None = None,
+    context: ReasonerContext | None = None,
     mode: str = "auto",
+    backends_config: Path | None = None,
     budget: Budget | None = None,
     name: str | None = None,
+    run_id: str | None = None,
     concurrency: int = 64,
     progress: bool = False,
     keep_steps: bool = False,
-    backends_config: Path | None = None,
-    router: ModePolicy | None = None,
-    stopper: StopPolicy | None = None,
-    settings: GraphSettings | None = None,
-    request_stats: dict[str, dict[str, int]] | None = None,
     keep_groups_together: bool = False,
-    run_id: str | None = None,
-) -> tuple[str, list[TrajectoryResult]]:
-    """Run ``tasks`` (on ShapeWorld, or the backends a config file names), recording every
-    step; returns (run id, results).
+) -> RolloutResult:
+    """Run ``tasks`` through a graph, recording every step of every trajectory in ``store``.
 
-    ``router`` / ``stopper`` (e.g. a learned policy version being trained) replace the policies
-    ``mode`` would pick; the run's config names them, and ``resume`` then refuses to guess them.
-    ``request_stats``, when given, is filled with the HTTP backends' counts per server
-    (attempts, retries, requests given up:
-    :meth:`~nodes.backends.clients.pool.ServerPool.counters`).
+    What runs: ``graph`` (a compiled :class:`~agent_graph.graph.AtelierGraph`; default the
+    adaptive reasoner) with the initial states ``state_factory(task, budget)`` makes (default a
+    plain :class:`ReasonerState`), on ``context`` — or, without one, on ShapeWorld or the
+    backends the ``backends_config`` file names, with the built-in router ``mode`` picks.
+    ``store`` becomes the context's image store and its recorder, whatever ``context`` had.
+
+    A run built from a config is resumed by ``resume_run(store, run)`` alone (the run's config
+    names world, mode and budget). Parts given in code (``graph``, ``context``, e.g. with a
+    learned policy version) are named in the run's config, and ``resume_run`` asks for them
+    again rather than guess.
+
     ``run_id`` fixes the new run's id (default: a fresh one), so that a caller interrupted
     mid-run (Ctrl-C) can name the run to resume without having seen the return value.
+    ``keep_steps`` keeps the step records in the results too (they are in the store anyway);
+    ``keep_groups_together`` admits a group's samples together (see :class:`Runner`).
     """
     from storage.recorder import SQLRecorder
 
     budget = budget or Budget()
     config = run_config(mode, budget, backends_config)
-    overrides: dict[str, Any] = {}
-    for key, policy in (("router", router), ("stopper", stopper)):
-        if policy is not None:
-            config[key] = f"{policy.name}@{policy.version}"
-            overrides[key] = policy
-    if settings is not None:
-        config["settings"] = {"width": settings.width, "height": settings.height}
-        overrides["settings"] = settings
+    if context is not None:  # its router and backends are named below instead
+        config.pop("backends_config", None)
+        config.pop("mode")
+    config.update(_describe(graph, context))
     run = store.create_run(name, config, run_id=run_id)
     async with SQLRecorder(store, run.id) as recorder:
-        context = replace(_context(config, store, recorder, resuming=False), **overrides)
+        if context is None:
+            context = _context(config, store, recorder)
+        else:
+            context = replace(context, images=store, recorder=recorder)
         runner = Runner(
             context,
+            graph,
             concurrency=concurrency,
             budget=budget,
             keep_steps=keep_steps,
+            state_factory=state_factory,
             keep_groups_together=keep_groups_together,
         )
         # Every trajectory is in the store before any starts: a run killed early resumes all.
@@ -114,54 +161,92 @@ async def rollout(
         try:
             results = await runner.resume(starts, progress=progress, description=name or "rollout")
         finally:
-            _report_requests(context, request_stats)
-    return run.id, results
+            requests = _request_counts(context)
+    return RolloutResult(run.id, results, requests)
 
 
-def resume_points(store: Any, run_id: str) -> list[tuple[ReasonerState, str | None]]:
-    """(state after the last recorded step, that step's node) for each unfinished trajectory."""
+def resume_points(
+    store: TrajectoryStore, run_id: str, state_type: type[ReasonerState] = ReasonerState
+) -> list[tuple[ReasonerState, str | None]]:
+    """(state after the last recorded step, that step's node) for each unfinished trajectory,
+    as ``state_type`` (the state class of the graph that made the run)."""
     store.mark_incomplete(run_id)
     points: list[tuple[ReasonerState, str | None]] = []
     for summary in store.trajectories(run=run_id, status="incomplete"):
         steps = store.steps(summary.id)
         if steps:
-            points.append((store.last_state(summary.id, ReasonerState), steps[-1].node))
+            points.append((store.last_state(summary.id, state_type), steps[-1].node))
         else:
             detail = store.trajectory(summary.id)
-            points.append((ReasonerState.model_validate(detail.initial_state), None))
+            points.append((state_type.model_validate(detail.initial_state), None))
     return points
 
 
+def _check_resumable(config: dict[str, Any], graph: Any, context: Any) -> None:
+    """Refuse to resume a run without the parts it was given in code, or with another state."""
+    wanted = []
+    if "graph" in config and graph is None:
+        wanted.append(f"graph= (the run used graph {config['graph']!r} on {config['state']})")
+    in_code = config.get("world") == "context" or any(
+        key in config
+        for key in ("router", "stopper", "settings")  # runs of older versions
+    )
+    if in_code and context is None:
+        named = ", ".join(f"{k} {config[k]}" for k in ("router", "stopper") if k in config)
+        wanted.append(f"context= (the run used a context given in code: {named})")
+    if wanted:
+        raise ValueError(
+            "this run was started in code; resume it in code with resume_run(store, run, "
+            + " and ".join(wanted)
+            + ")"
+        )
+    if graph is not None:
+        recorded = config.get("state", _qualified(ReasonerState))
+        if _qualified(_state_type(graph)) != recorded:
+            raise ValueError(
+                f"this run's states are {recorded}, but the graph given runs on "
+                f"{_qualified(_state_type(graph))}"
+            )
+
+
 async def resume_run(
-    store: Any,
+    store: TrajectoryStore,
     run_id: str,
     *,
+    graph: Any = None,
+    context: ReasonerContext | None = None,
     concurrency: int = 64,
     progress: bool = False,
-    request_stats: dict[str, dict[str, int]] | None = None,
-) -> list[TrajectoryResult]:
-    """Finish every incomplete trajectory of a run from where its recording stopped
-    (``request_stats``: as for :func:`rollout`)."""
+) -> RolloutResult:
+    """Finish every incomplete trajectory of a run from where its recording stopped.
+
+    A run started with ``graph=`` or ``context=`` needs them again (the same graph; a context
+    with the same backends and policies), since code cannot be stored; anything else is
+    rebuilt from the run's config. ``store`` becomes the context's images and recorder."""
     from storage.recorder import SQLRecorder
 
     run = store.run(run_id)
-    points = resume_points(store, run.id)
+    _check_resumable(run.config, graph, context)
+    state_type = _state_type(graph) if graph is not None else ReasonerState
+    points = resume_points(store, run.id, state_type)
     if not points:
-        return []
+        return RolloutResult(run.id, [])
     budget = Budget.model_validate(run.config.get("budget", {}))
     async with SQLRecorder(store, run.id) as recorder:
-        context = _context(run.config, store, recorder)
-        runner = Runner(context, concurrency=concurrency, budget=budget, keep_steps=False)
+        if context is None:
+            context = _context(run.config, store, recorder)
+        else:
+            context = replace(context, images=store, recorder=recorder)
+        runner = Runner(context, graph, concurrency=concurrency, budget=budget, keep_steps=False)
         try:
-            return await runner.resume(points, progress=progress)
+            results = await runner.resume(points, progress=progress)
         finally:
-            _report_requests(context, request_stats)
+            requests = _request_counts(context)
+    return RolloutResult(run.id, results, requests)
 
 
-def _report_requests(context: Any, into: dict[str, dict[str, int]] | None) -> None:
-    if into is None:
-        return
+def _request_counts(context: ReasonerContext) -> dict[str, dict[str, int]]:
     from nodes.backends.clients.pool import pools_of, request_counters
 
     backends = [getattr(context.backends, f.name) for f in fields(context.backends)]
-    into.update(request_counters(pools_of(backends)))
+    return request_counters(pools_of(backends))

@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     # build a graph: the state, its context, the nodes
     "AtelierGraph": "agent_graph.graph",
     "build_reasoner": "agent_graph.graph",
+    "reasoner_graph": "agent_graph.graph",
     "ReasonerState": "nodes.state",
     "Task": "nodes.state",
     "Budget": "nodes.state",
@@ -32,11 +33,15 @@ _EXPORTS: dict[str, str] = {
     "draw": "nodes.draw",
     "reflect": "nodes.reflect",
     "refine": "nodes.refine",
+    "next_edit": "nodes.refine",
     "decompose": "nodes.decompose",
     "stop": "nodes.stop",
     # run, record, resume
     "Runner": "agent_graph.runner",
     "make_group_tasks": "agent_graph.runner",
+    "TrajectoryResult": "agent_graph.runner",
+    "RolloutResult": "agent_graph.rollout",
+    "print_trajectory": "agent_graph.show",
     "rollout": "agent_graph.rollout",
     "resume_run": "agent_graph.rollout",
     "shapeworld_context": "agent_graph.presets",
@@ -66,11 +71,13 @@ __all__ = [
     "Mode",
     "ReasonerContext",
     "ReasonerState",
+    "RolloutResult",
     "RouterPolicy",
     "Runner",
     "SQLRecorder",
     "StopReason",
     "Task",
+    "TrajectoryResult",
     "TrajectoryStore",
     "build_reasoner",
     "config_context",
@@ -80,7 +87,10 @@ __all__ = [
     "freeze_startup_heap",
     "load_policy",
     "make_group_tasks",
+    "next_edit",
     "plan",
+    "print_trajectory",
+    "reasoner_graph",
     "refine",
     "reflect",
     "resume_run",
@@ -105,16 +115,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # type checkers and IDEs see the real names
-    from agent_graph.graph import AtelierGraph, build_reasoner
+    from agent_graph.graph import AtelierGraph, build_reasoner, reasoner_graph
     from agent_graph.heap import freeze_startup_heap
     from agent_graph.presets import config_context, shapeworld_context
-    from agent_graph.rollout import resume_run, rollout
-    from agent_graph.runner import Runner, make_group_tasks
+    from agent_graph.rollout import RolloutResult, resume_run, rollout
+    from agent_graph.runner import Runner, TrajectoryResult, make_group_tasks
+    from agent_graph.show import print_trajectory
     from nodes.context import Backends, GraphSettings, ReasonerContext
     from nodes.decompose import decompose
     from nodes.draw import draw
     from nodes.plan import plan
-    from nodes.refine import refine
+    from nodes.refine import next_edit, refine
     from nodes.reflect import reflect
     from nodes.state import Budget, Mode, ReasonerState, StopReason, Task
     from nodes.stop import stop

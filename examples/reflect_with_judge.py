@@ -3,30 +3,27 @@
 No planner and no router: draw the prompt, let a judge score the image, and only when the judge
 is unhappy ask the reflector for an edit. The judge node is an ordinary function; ``AtelierGraph``
 records it like every built-in node. The state is extended by subclassing ``ReasonerState``.
+Everything comes from ``import atelier`` (and LangGraph's own ``START``/``END``/``Runtime``).
 
-Run:  python examples/reflect_with_judge.py "three red circles above two blue squares"
+Run:     python examples/reflect_with_judge.py "three red circles above two blue squares"
+Record:  python examples/reflect_with_judge.py --db judge.db "four blue squares" ...
+Resume:  python examples/reflect_with_judge.py --db judge.db --resume RUN   (after a Ctrl-C)
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import operator
-import sys
+import uuid
 from typing import Annotated
 
 from langgraph.graph import END, START
 from langgraph.runtime import Runtime
 from pydantic import Field
 
-from agent_graph.graph import AtelierGraph
-from agent_graph.presets import shapeworld_context
-from agent_graph.runner import Runner
-from nodes.context import ReasonerContext
-from nodes.draw import draw
-from nodes.refine import next_edit, refine
-from nodes.reflect import reflect
-from nodes.state import Budget, Mode, ReasonerState, StopReason, Task
-from nodes.stop import stop
+import atelier
+from atelier import ReasonerContext, ReasonerState, StopReason
 
 PASS_SCORE = 1.0
 
@@ -54,12 +51,12 @@ def after_judge(state: JudgedState) -> str:
 
 
 def after_reflect(state: JudgedState) -> str:
-    return "refine" if next_edit(state) is not None else "stop"
+    return "refine" if atelier.next_edit(state) is not None else "stop"
 
 
 def build_graph():
-    graph = AtelierGraph(JudgedState, context_schema=ReasonerContext)
-    for node in (draw, judge, reflect, refine, stop):
+    graph = atelier.AtelierGraph(JudgedState, context_schema=ReasonerContext)
+    for node in (atelier.draw, judge, atelier.reflect, atelier.refine, atelier.stop):
         graph.add_node(node)
     graph.add_edge(START, "draw")
     graph.add_edge("draw", "judge")
@@ -70,25 +67,67 @@ def build_graph():
     return graph.compile()
 
 
-def initial_state(task: Task, budget: Budget) -> JudgedState:
-    import uuid
-
+def initial_state(task: atelier.Task, budget: atelier.Budget) -> JudgedState:
     # No plan node: the mode is fixed up front, and draw uses the prompt itself.
-    return JudgedState(trajectory_id=uuid.uuid4().hex, task=task, budget=budget, mode=Mode.REFLECT)
+    return JudgedState(
+        trajectory_id=uuid.uuid4().hex, task=task, budget=budget, mode=atelier.Mode.REFLECT
+    )
 
 
-async def run(prompts: list[str], seed: int = 0):
+def make_context() -> ReasonerContext:
     # The judge's score drives this graph's routing, so image scoring in the nodes is redundant.
-    from nodes.context import GraphSettings
+    settings = atelier.GraphSettings(score_images=False)
+    return atelier.shapeworld_context("reflect", settings=settings)
 
-    context = shapeworld_context("reflect", settings=GraphSettings(score_images=False))
-    runner = Runner(context, build_graph(), state_factory=initial_state)
-    tasks = [Task(prompt=p, seed=seed + i) for i, p in enumerate(prompts)]
-    return await runner.run(tasks)
+
+def make_tasks(prompts: list[str], seed: int = 0) -> list[atelier.Task]:
+    return [atelier.Task(prompt=p, seed=seed + i) for i, p in enumerate(prompts)]
+
+
+async def run(prompts: list[str], seed: int = 0) -> list[atelier.TrajectoryResult]:
+    """Run without recording (the results keep their steps)."""
+    runner = atelier.Runner(make_context(), build_graph(), state_factory=initial_state)
+    return await runner.run(make_tasks(prompts, seed))
+
+
+async def record(store: atelier.TrajectoryStore, prompts: list[str], seed: int = 0):
+    """Run and record every step in ``store``; returns an :class:`atelier.RolloutResult`."""
+    return await atelier.rollout(
+        store,
+        make_tasks(prompts, seed),
+        graph=build_graph(),
+        state_factory=initial_state,
+        context=make_context(),
+        name="reflect-with-judge",
+        keep_steps=True,
+    )
+
+
+async def resume(store: atelier.TrajectoryStore, run: str):
+    """Finish a recorded run that was interrupted: the same graph and context, given again."""
+    return await atelier.resume_run(store, run, graph=build_graph(), context=make_context())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("prompts", nargs="*", default=["four blue squares"])
+    parser.add_argument("--db", help="record into this SQLite file (or SQLAlchemy URL)")
+    parser.add_argument("--resume", metavar="RUN", help="finish this recorded run (with --db)")
+    args = parser.parse_args()
+    if args.resume and not args.db:
+        parser.error("--resume needs --db")
+    if args.db is None:
+        results = asyncio.run(run(args.prompts))
+    else:
+        url = args.db if "://" in args.db else f"sqlite:///{args.db}"
+        store = atelier.TrajectoryStore(url)
+        work = resume(store, args.resume) if args.resume else record(store, args.prompts)
+        outcome = asyncio.run(work)
+        results = outcome.results
+        print(f"run {outcome.run_id}: {len(results)} trajectories recorded in {store.url}")
+    for result in results:
+        atelier.print_trajectory(result)
 
 
 if __name__ == "__main__":
-    from agent_graph.show import print_trajectory
-
-    for result in asyncio.run(run(sys.argv[1:] or ["four blue squares"])):
-        print_trajectory(result)
+    main()

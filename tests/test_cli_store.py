@@ -193,8 +193,8 @@ def test_count_trajectories_counts_what_trajectories_lists(store):
 
     prompts = ["three red circles", "a photograph of a cat", "four blue squares", "a red star"]
     tasks = make_group_tasks(prompts, 3, seed=5)
-    run, _ = asyncio.run(rollout(store, tasks, mode="random", name="mixed"))
-    other, _ = asyncio.run(rollout(store, tasks[:2], mode="direct", name="other"))
+    run = asyncio.run(rollout(store, tasks, mode="random", name="mixed")).run_id
+    other = asyncio.run(rollout(store, tasks[:2], mode="direct", name="other")).run_id
     store.add_reward(store.trajectories(run=run)[0].id, "C", 0.75)
     filters = [
         {},

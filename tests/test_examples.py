@@ -88,3 +88,72 @@ def test_reflect_with_judge_prints_the_judges_scores_and_its_acceptance():
     assert lines[stop + 1] == "      final V=1.00 correct=True"
     assert "stop=accepted, score V=1.00, correct=True" in lines[-1]
     assert "budget" not in result.stdout
+
+
+def _paths(store, run_id: str) -> dict[str, list[tuple[str, str]]]:
+    """prompt -> the trajectory's recorded steps as (node, text)."""
+    return {
+        t.prompt: [(s.node, s.text or "") for s in store.steps(t.id)]
+        for t in store.trajectories(run=run_id, limit=None)
+    }
+
+
+async def test_a_users_graph_is_recorded_and_an_interrupted_run_resumes_where_it_stopped(
+    tmp_path,
+):
+    """``rollout(graph=..., state_factory=..., context=...)`` records a custom graph and state;
+    cancelled mid-run, ``resume_run`` with the same graph and context finishes every trajectory
+    exactly as the uninterrupted run did (same nodes, same texts), and refuses without them."""
+    import asyncio
+
+    import pytest
+
+    from nodes.backends.shapeworld import fixed_prompt_set
+    from storage.store import TrajectoryStore
+
+    example = load("reflect_with_judge")
+    prompts = [item.text for item in fixed_prompt_set(6, seed=5)]
+    reference = TrajectoryStore(f"sqlite:///{tmp_path / 'reference.db'}")
+    whole = await example.record(reference, prompts)
+    assert {r.status for r in whole.results} == {"succeeded"}
+    expected = _paths(reference, whole.run_id)
+    run = reference.run(whole.run_id)
+    assert run.config["state"] == "reflect_with_judge.JudgedState" and "mode" not in run.config
+    assert all(nodes[0][0] == "draw" and "judge" in dict(nodes) for nodes in expected.values())
+
+    store = TrajectoryStore(f"sqlite:///{tmp_path / 'cut.db'}")
+    total = sum(len(nodes) for nodes in expected.values())
+    work = asyncio.ensure_future(example.record(store, prompts))
+    for _ in range(2000):  # cut it off after some, not all, steps were recorded
+        await asyncio.sleep(0.002)
+        if not store.runs():
+            continue
+        (cut,) = store.runs()
+        recorded = sum(len(store.steps(t.id)) for t in store.trajectories(run=cut.id, limit=None))
+        if recorded >= total // 3:
+            break
+    work.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await work
+    (cut,) = store.runs()
+    unfinished = [
+        t.id for t in store.trajectories(run=cut.id, limit=None) if t.status != "succeeded"
+    ]
+    assert unfinished, "the run finished before it was cut off"
+
+    with pytest.raises(ValueError, match="graph="):
+        await atelier_resume(store, cut.id)
+    resumed = await example.resume(store, cut.id)
+    assert sorted(r.trajectory_id for r in resumed.results) == sorted(unfinished)
+    assert {r.status for r in resumed.results} == {"succeeded"}
+    assert all(isinstance(r.state, example.JudgedState) for r in resumed.results)
+    assert _paths(store, cut.id) == expected
+    assert store.run(cut.id).status == "finished"
+    store.close()
+    reference.close()
+
+
+async def atelier_resume(store, run_id: str):
+    import atelier
+
+    return await atelier.resume_run(store, run_id)

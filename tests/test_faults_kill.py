@@ -70,7 +70,7 @@ def test_a_killed_faulty_rollout_resumes_and_completes_every_trajectory_once(tmp
         reference = TrajectoryStore(f"sqlite:///{tmp_path / 'reference.db'}")
         direct = write_backends_config(tmp_path / "direct.toml", server.url)
         tasks = make_group_tasks(PROMPTS, GROUP, SEED)
-        ref_run, ref_results = asyncio.run(
+        reference_run = asyncio.run(
             rollout(
                 reference,
                 tasks,
@@ -79,6 +79,7 @@ def test_a_killed_faulty_rollout_resumes_and_completes_every_trajectory_once(tmp
                 backends_config=direct,
             )
         )
+        ref_run, ref_results = reference_run.run_id, reference_run.results
         assert {r.status for r in ref_results} == {"succeeded"}
         expected = paths(reference, ref_run)
         reference.close()

@@ -90,9 +90,8 @@ async def test_a_run_at_20_percent_faults_finishes_and_loses_nothing(
         store = TrajectoryStore(f"sqlite:///{tmp_path / 'faults.db'}")
         prompts = [f"{i % 5 + 1} red circles left of a blue square" for i in range(50)]
         tasks = make_group_tasks(prompts, group_size=2, seed=3)  # 100 trajectories
-        requests: dict[str, dict[str, int]] = {}
         started = time.perf_counter()
-        run_id, results = await asyncio.wait_for(
+        outcome = await asyncio.wait_for(
             rollout(
                 store,
                 tasks,
@@ -101,10 +100,10 @@ async def test_a_run_at_20_percent_faults_finishes_and_loses_nothing(
                 name="faults",
                 concurrency=32,
                 backends_config=config,
-                request_stats=requests,
             ),
             timeout=120,
         )
+        run_id, results, requests = outcome.run_id, outcome.results, outcome.requests
         elapsed = time.perf_counter() - started
     # Finished, in bounded time, with every trajectory accounted for.
     assert len(results) == 100 and elapsed < 60

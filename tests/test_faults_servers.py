@@ -94,8 +94,7 @@ async def test_max_in_flight_from_the_backends_config_holds_during_a_run(tmp_pat
         assert built["planner"].pool.max_in_flight == built["generator"].pool.max_in_flight == 2
         store = TrajectoryStore(f"sqlite:///{tmp_path / 'capped.db'}")
         tasks = make_group_tasks([f"prompt {i}" for i in range(12)], 2, seed=1)
-        requests: dict[str, dict[str, int]] = {}
-        run_id, results = await asyncio.wait_for(
+        outcome = await asyncio.wait_for(
             rollout(
                 store,
                 tasks,
@@ -103,10 +102,10 @@ async def test_max_in_flight_from_the_backends_config_holds_during_a_run(tmp_pat
                 budget=Budget(max_rounds=2),
                 concurrency=24,
                 backends_config=config,
-                request_stats=requests,
             ),
             timeout=60,
         )
+        run_id, results, requests = outcome.run_id, outcome.results, outcome.requests
     assert {r.status for r in results} == {"succeeded"}
     # Two pools (chat, images), each at most 2 in flight, on one server: at most 4 there.
     assert fake.peak_in_flight <= 4
@@ -128,7 +127,6 @@ async def test_a_model_server_restarted_mid_run_costs_retries_not_trajectories(t
     )
     store = TrajectoryStore(f"sqlite:///{tmp_path / 'restart.db'}")
     tasks = make_group_tasks([f"{i % 3 + 2} green stars" for i in range(30)], 2, seed=4)
-    requests: dict[str, dict[str, int]] = {}
     replacement: dict[str, object] = {}
 
     async def restart() -> None:
@@ -146,7 +144,7 @@ async def test_a_model_server_restarted_mid_run_costs_retries_not_trajectories(t
 
     restarter = asyncio.create_task(restart())
     try:
-        run_id, results = await asyncio.wait_for(
+        outcome = await asyncio.wait_for(
             rollout(
                 store,
                 tasks,
@@ -154,10 +152,10 @@ async def test_a_model_server_restarted_mid_run_costs_retries_not_trajectories(t
                 budget=Budget(max_rounds=3),
                 concurrency=16,
                 backends_config=config,
-                request_stats=requests,
             ),
             timeout=90,
         )
+        run_id, results, requests = outcome.run_id, outcome.results, outcome.requests
         await restarter
     finally:
         restarter.cancel()

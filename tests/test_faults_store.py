@@ -106,7 +106,7 @@ def model_server(tmp_path_factory):
     with BackgroundServer(fake.app) as server:
         config = write_backends_config(tmp / "b.toml", server.url)
         reference = TrajectoryStore(f"sqlite:///{tmp / 'reference.db'}")
-        ref_run, _ = asyncio.run(
+        ref_run = asyncio.run(
             rollout(
                 reference,
                 make_group_tasks(PROMPTS, GROUP, SEED),
@@ -114,7 +114,7 @@ def model_server(tmp_path_factory):
                 budget=Budget(max_rounds=MAX_ROUNDS),
                 backends_config=config,
             )
-        )
+        ).run_id
         expected = paths(reference, ref_run)
         reference.close()
         assert len(expected) == len(PROMPTS) * GROUP

@@ -176,7 +176,8 @@ def test_reward_records_are_stored(tmp_path):
 
     store = TrajectoryStore(f"sqlite:///{tmp_path / 'r.db'}")
     task = Task(prompt="three red circles", group_id="g", seed=3)
-    run_id, (result,) = asyncio.run(rollout(store, [task], mode="reflect"))
+    outcome = asyncio.run(rollout(store, [task], mode="reflect"))
+    run_id, (result,) = outcome.run_id, outcome.results
     tid = result.trajectory_id
     row = Reward("gvu", 0.25, "tiny-vlm").store(store, tid)
     assert (row.name, row.value, row.source) == ("gvu", 0.25, "tiny-vlm")

@@ -366,8 +366,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             backends_config=args.config,
             run_id=run_id,
         )
-        _, results = _run_recording(store, run_id, work)
-        result = results[0]
+        result = _run_recording(store, run_id, work).results[0]
     print_trajectory(result)
     if not args.no_record:
         print(f"recorded as {result.trajectory_id} in {store.url}")
@@ -445,7 +444,6 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     _check_config(args.config)
     store = open_store(args, must_exist=False)
     _check_run_name_free(store, args.name)
-    requests: dict[str, dict[str, int]] = {}
     run_id = uuid.uuid4().hex
     freeze_startup_heap()
     work = rollout(
@@ -457,14 +455,14 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         progress=sys.stderr.isatty(),
         backends_config=args.config,
-        request_stats=requests,
         keep_groups_together=args.keep_groups_together,
         run_id=run_id,
     )
-    _, results = _run_recording(store, run_id, work, args.name)
+    outcome = _run_recording(store, run_id, work, args.name)
+    results = outcome.results
     correct = sum(r.correct for r in results)
     print(f"run {run_id}: {len(results)} trajectories, {_outcome(results)}, {correct} correct")
-    _print_requests(requests)
+    _print_requests(outcome.requests)
     return _exit_status(results, run_id)
 
 
@@ -676,21 +674,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run = resolve_run(store, args.run)
     if args.concurrency < 1:
         raise CliError("--concurrency must be at least 1")
-    requests: dict[str, dict[str, int]] = {}
     freeze_startup_heap()
-    work = resume_run(
-        store,
-        run.id,
-        concurrency=args.concurrency,
-        progress=sys.stderr.isatty(),
-        request_stats=requests,
-    )
+    work = resume_run(store, run.id, concurrency=args.concurrency, progress=sys.stderr.isatty())
     try:
-        results = _run_recording(store, run.id, work, args.run)
+        outcome = _run_recording(store, run.id, work, args.run)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    results = outcome.results
     print(f"run {run.id}: resumed {len(results)} trajectories, {_outcome(results)}")
-    _print_requests(requests)
+    _print_requests(outcome.requests)
     return _exit_status(results, run.id)
 
 
