@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/servers.py [--requests 48] [--repeats 3] [--threads 1]
 
-Builds the tiny random-weight models of ``tests/tiny_models.py`` (Qwen2 LM, Stable Diffusion)
+Builds the tiny random-weight models (``atelier tiny-models``: Qwen2 LM, Stable Diffusion)
 once into a temporary directory, then prints Markdown tables, in one run:
 
 (a) ``lm`` server: requests/s and generated tokens/s at client concurrency 1, 8, 32, with
@@ -70,7 +70,7 @@ FIXED_COMPLETION = {
 
 
 def build_models(root: Path) -> dict[str, Path]:
-    from tests.tiny_models import build_lm, build_sd
+    from nodes.backends.engines.tiny_models import build_lm, build_sd
 
     return {"lm": build_lm(root / "lm"), "sd": build_sd(root / "sd")}
 
