@@ -9,9 +9,10 @@
                                        │           └─ stop
                                        └─ refine (decompose, no correction budget left)
 
-The three modes (seed 002) are paths through this one graph; which one a trajectory takes is
-the router policy's decision in ``plan``, and when a loop ends is the stop policy's decision in
-``reflect`` (bounded by the budget). Routers are small named functions of the state.
+The three modes of the Self-Adaptive Interleaved Reasoner are paths through this one graph;
+which one a trajectory takes is the router policy's decision in ``plan``, and when a loop ends
+is the stop policy's decision in ``reflect`` (bounded by the budget). Edge routers are small
+named functions of the state.
 
 :class:`AtelierGraph` is a LangGraph ``StateGraph`` that records every node it is given; users
 compose their own graphs with it from the same nodes (see ``examples/``).

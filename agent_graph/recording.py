@@ -7,24 +7,23 @@ given (the built-in ones and users' own), so nothing can be forgotten. The wrapp
 - turns an exception into a recorded failure (``error`` + ``stop_reason=error`` in the state),
   so one bad model answer never loses the trajectory,
 - takes the node's :class:`~nodes.common.NodeTrace` out of its update,
-- awaits ``recorder.record_step`` before the trajectory moves on (a step is durable first).
+- hands the recorder the state the node saw and its update, and awaits ``recorder.record_step``
+  before the trajectory moves on (a step is durable first). How the state is kept (a full
+  snapshot or a delta) is the recorder's decision alone.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-import operator
 import time
-import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic_core import to_jsonable_python
 
 from nodes.common import TRACE_KEY, NodeTrace
-from nodes.state import ReasonerState, StopReason
+from nodes.state import StopReason
 
 
 @dataclass(slots=True)  # one per recorded step: no per-instance __dict__
@@ -35,17 +34,15 @@ class StepRecord:
     started_at: float
     """Unix time the step began."""
     latency_s: float
-    state_before: dict[str, Any] | None
-    """The full state the node saw (JSON-able): enough to replay or fork from this step. None
-    when the recorder keeps snapshots only every few steps (``state_snapshot_every``) and this
-    step is not one: the state is then the previous one merged with the previous update."""
+    state_before: Any
+    """The state the node saw: the state object itself (what the recording wrapper hands
+    over), its JSON form, or None when the caller has none. Enough to replay or fork from this
+    step; the recorder decides how to keep it (a full snapshot, or only the update: e.g.
+    ``SQLRecorder.state_snapshot_every``). A recorder reads it but never mutates it."""
     update: dict[str, Any]
     """The node's update (JSON-able), as merged into the state."""
     trace: NodeTrace = field(default_factory=NodeTrace)
     error: str | None = None
-    state: Any = field(default=None, repr=False)
-    """The state object itself, only with ``state_before`` None: a recorder may read a few
-    fields of it (e.g. the mode, for the step's training stage) but never mutate it."""
 
 
 class RecordingFailed(RuntimeError):
@@ -64,7 +61,9 @@ class Recorder(Protocol):
 
 
 class MemoryRecorder:
-    """Keeps steps in memory, per trajectory. Forwards to ``inner`` when given."""
+    """Keeps steps in memory, per trajectory, each with its full state as JSON (what a
+    runner's results hand back). Forwards the records, as given, to ``inner`` when given: how
+    ``inner`` keeps the state is its own decision."""
 
     def __init__(self, inner: Recorder | None = None) -> None:
         self.inner = inner
@@ -78,6 +77,8 @@ class MemoryRecorder:
     async def record_step(self, record: StepRecord) -> None:
         if self.inner is not None:
             await self.inner.record_step(record)
+        if hasattr(record.state_before, "model_dump"):  # the state object: keep a snapshot
+            record = replace(record, state_before=record.state_before.model_dump(mode="json"))
         self.steps.setdefault(record.trajectory_id, []).append(record)
 
     async def finish_trajectory(
@@ -88,47 +89,6 @@ class MemoryRecorder:
 
 
 NodeFn = Callable[..., Any]
-
-
-def _snapshot_due(recorder: Any, state: Any) -> bool:
-    """Whether this step carries the full state, or only its update (a delta).
-
-    Dumping the whole state at every step was the largest part of the recording's per-step
-    cost (and of the bytes stored). A recorder that replays deltas sets
-    ``state_snapshot_every`` = K: steps whose number is a multiple of K carry the state, the
-    others only their update. Only for states whose reducers the store replays exactly (the
-    reasoner's list-append ones); any other state type is always snapshot."""
-    every = getattr(recorder, "state_snapshot_every", 1)
-    if every <= 1 or state.step_count % every == 0:
-        return True
-    return not replayable(type(state))
-
-
-@functools.cache
-def replayable(state_type: type) -> bool:
-    """True when merging a step's JSON update into the JSON state (list fields with a reducer
-    appended, the rest replaced: ``storage.rows.merge_update``) gives the next state: the
-    state's reducers are exactly ``ReasonerState``'s list appends."""
-    reduced = {
-        name: (_reducers(info), typing.get_origin(info.annotation))
-        for name, info in state_type.model_fields.items()
-        if _reducers(info)
-    }
-    return set(reduced) == _append_fields(ReasonerState) and all(
-        reducers == [operator.add] and origin is list for reducers, origin in reduced.values()
-    )
-
-
-def _reducers(info: Any) -> list[Any]:
-    return [meta for meta in info.metadata if callable(meta)]
-
-
-def _append_fields(state_type: type) -> frozenset[str]:
-    return frozenset(
-        name
-        for name, info in state_type.model_fields.items()
-        if _reducers(info) and typing.get_origin(info.annotation) is list
-    )
 
 
 def recorded(name: str, node: NodeFn) -> NodeFn:
@@ -153,18 +113,16 @@ def recorded(name: str, node: NodeFn) -> NodeFn:
         update["step_count"] = state.step_count + 1
         recorder = getattr(runtime.context, "recorder", None) if runtime is not None else None
         if recorder is not None:
-            snapshot = _snapshot_due(recorder, state)
             record = StepRecord(
                 trajectory_id=state.trajectory_id,
                 seq=state.step_count,
                 node=name,
                 started_at=started_at,
                 latency_s=time.perf_counter() - started,
-                state_before=state.model_dump(mode="json") if snapshot else None,
+                state_before=state,
                 update=to_jsonable_python(update),
                 trace=trace,
                 error=error,
-                state=None if snapshot else state,
             )
             try:
                 await recorder.record_step(record)

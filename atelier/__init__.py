@@ -45,16 +45,18 @@ _EXPORTS: dict[str, str] = {
     "rollout": "agent_graph.rollout",
     "resume_run": "agent_graph.rollout",
     "shapeworld_context": "agent_graph.presets",
+    "shapeworld_tasks": "agent_graph.presets",
     "config_context": "agent_graph.presets",
     "freeze_startup_heap": "agent_graph.heap",
     # read the store
     "TrajectoryStore": "storage.store",
     "SQLRecorder": "storage.recorder",
     # train node policies
-    "GRPOConfig": "training.trainer",
-    "GRPOTrainer": "training.trainer",
-    "save_and_register": "training.trainer",
-    "decision_groups": "training.groups",
+    "GRPOConfig": "training.decisions.trainer",
+    "GRPOTrainer": "training.decisions.trainer",
+    "read_decision_groups": "training.decisions.groups:read_groups",
+    "TrainResult": "training.result",
+    "save_version": "training.versions",
     "RouterPolicy": "policies.router",
     "LearnedStopPolicy": "policies.stop",
     "load_policy": "policies.weights",
@@ -77,11 +79,11 @@ __all__ = [
     "SQLRecorder",
     "StopReason",
     "Task",
+    "TrainResult",
     "TrajectoryResult",
     "TrajectoryStore",
     "build_reasoner",
     "config_context",
-    "decision_groups",
     "decompose",
     "draw",
     "freeze_startup_heap",
@@ -90,22 +92,25 @@ __all__ = [
     "next_edit",
     "plan",
     "print_trajectory",
+    "read_decision_groups",
     "reasoner_graph",
     "refine",
     "reflect",
     "resume_run",
     "rollout",
-    "save_and_register",
+    "save_version",
     "shapeworld_context",
+    "shapeworld_tasks",
     "stop",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    where = _EXPORTS.get(name)
+    if where is None:
         raise AttributeError(f"module 'atelier' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
+    module, _, attribute = where.partition(":")  # "module:attr" when the names differ
+    value = getattr(import_module(module), attribute or name)
     globals()[name] = value  # later lookups skip this function
     return value
 
@@ -117,7 +122,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # type checkers and IDEs see the real names
     from agent_graph.graph import AtelierGraph, build_reasoner, reasoner_graph
     from agent_graph.heap import freeze_startup_heap
-    from agent_graph.presets import config_context, shapeworld_context
+    from agent_graph.presets import config_context, shapeworld_context, shapeworld_tasks
     from agent_graph.rollout import RolloutResult, resume_run, rollout
     from agent_graph.runner import Runner, TrajectoryResult, make_group_tasks
     from agent_graph.show import print_trajectory
@@ -134,5 +139,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the real names
     from policies.weights import load_policy
     from storage.recorder import SQLRecorder
     from storage.store import TrajectoryStore
-    from training.groups import decision_groups
-    from training.trainer import GRPOConfig, GRPOTrainer, save_and_register
+    from training.decisions.groups import read_groups as read_decision_groups
+    from training.decisions.trainer import GRPOConfig, GRPOTrainer
+    from training.result import TrainResult
+    from training.versions import save_version

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from nodes.backends.flow.sampler import Conditioning, SampleJob
-from training.flow_trainer import FlowGroup, FlowGRPOConfig, FlowGRPOTrainer, FlowSample
+from training.images.groups import ImageGroup, ImageMember
+from training.images.trainer import FlowGRPOConfig, FlowGRPOTrainer
 
 SD3_MEDIUM = {
     "sample_size": 128,
@@ -88,14 +89,14 @@ def tiny_setup(
     size: int, batch: int, rank: int, family: str = "sd3"
 ) -> tuple[FlowGRPOTrainer, list[Any]]:
     from nodes.backends.engines.flow_image import load_pipeline
+    from nodes.backends.engines.tiny_models import build_flux, build_sd3
     from nodes.backends.flow.sampler import FlowSampler, SDEConfig
-    from tests.tiny_models import build_flux, build_sd3
 
     build = build_flux if family == "flux" else build_sd3
     directory = Path(tempfile.mkdtemp(prefix="flow-bench-")) / family
     pipe = load_pipeline(build(directory))
     config = FlowGRPOConfig(r=rank, alpha=2 * rank)
-    trainer = FlowGRPOTrainer(pipe, config, name=f"tiny-{family}")
+    trainer = FlowGRPOTrainer(pipe, config, model=f"tiny-{family}")
     sampler = FlowSampler(trainer.sampler.model, SDEConfig(window=(0, 3), count=1))
     traced = sampler.sample(
         [SampleJob(f"prompt {i % 4}", i) for i in range(batch)],
@@ -118,7 +119,7 @@ def synthetic_setup(
     config = dict(SD3_MEDIUM, num_layers=layers or SD3_MEDIUM["num_layers"])
     transformer = SD3Transformer2DModel(**config).to(device, dtype)
     pipe = StableDiffusion3Synthetic(transformer, device)
-    trainer = FlowGRPOTrainer(pipe, FlowGRPOConfig(r=rank, alpha=2 * rank), name="sd3-medium")
+    trainer = FlowGRPOTrainer(pipe, FlowGRPOConfig(r=rank, alpha=2 * rank), model="sd3-medium")
     model = trainer.sampler.model
     model.encode = lambda prompt, negative: Conditioning(*_split(pipe.encode_prompt(prompt)))
     shape = model.latent_shape(size, size)
@@ -145,9 +146,11 @@ def _split(out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 def measure(trainer: FlowGRPOTrainer, transitions: list[Any], repeats: int) -> list[float]:
     """Seconds of each of ``repeats`` optimizer steps on one minibatch of ``transitions``."""
-    samples = [FlowSample(f"t{i}", 1, (t,), reward=float(i % 2)) for i, t in enumerate(transitions)]
-    group = FlowGroup("bench", "prompt", tuple(samples))
-    trainer.config.minibatch = len(transitions)
+    members = [
+        ImageMember(f"t{i}", 1, (t,), reward=float(i % 2)) for i, t in enumerate(transitions)
+    ]
+    group = ImageGroup("bench", "prompt", tuple(members))
+    trainer.config.minibatch_size = len(transitions)
     times = []
     for _ in range(repeats + 1):  # the first step warms up (allocations, kernels)
         started = time.perf_counter()

@@ -5,12 +5,13 @@
                                                [--oracle-samples 8]
 
 Trains four routers from the uniform router's rollouts with the same seeds — without a
-complexity penalty, with seed 002's penalty as stated ("scale"), with its order-preserving
-variant ("margin") and with a plain price per image for every member ("linear", λ = 0.1; see
-``training.rewards.composite``) — then evaluates every policy on a held-out
-prompt set (different seed): the three fixed modes, the uniform and rule-based routers, and the
-GRPO routers (sampling, as deployed). Reward = checker score V; budget 2 correction rounds (R3
-trains with short reflect-refine chains); 128 px images (scores and image counts match 256 px).
+complexity penalty, with the Self-Adaptive Interleaved Reasoner's (SAIR) penalty as stated
+("scale"), with its order-preserving variant ("margin") and with a plain price per image for
+every member ("linear", λ = 0.1; see ``training.rewards.composite``) — then evaluates every
+policy on a held-out prompt set (different seed): the three fixed modes, the uniform and
+rule-based routers, and the GRPO routers (sampling, as deployed). Reward = checker score V;
+budget 2 correction rounds (R3 trains with short reflect-refine chains); 128 px images (scores
+and image counts match 256 px).
 
 Targets (issue 5): the penalised router's accuracy within 0.02 of the best fixed mode with
 ≤ 70% of that mode's images; the penalty lowers mean images versus the unpenalised router.
@@ -31,32 +32,25 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from agent_graph.runner import Runner, make_group_tasks
-from nodes.backends.shapeworld import fixed_prompt_set
+from agent_graph.presets import shapeworld_tasks
+from agent_graph.runner import Runner
 from nodes.context import GraphSettings
 from nodes.state import Budget
 from policies.router import RouterPolicy
 from policies.simple import FixedModePolicy, RuleBasedModePolicy, UniformModePolicy
 from storage.store import TrajectoryStore
-from training.collect import shapeworld_policy_context
+from training.decisions.loop import grpo_iterations
+from training.decisions.sampling import shapeworld_policy_context
+from training.decisions.trainer import GRPOConfig, GRPOTrainer
 from training.evaluate import oracle_accuracy
-from training.loop import grpo_iterations
-from training.trainer import GRPOConfig, GRPOTrainer
 
 SETTINGS = GraphSettings(width=128, height=128)
 BUDGET = Budget(max_rounds=2)
 
 
-def tasks_for(per_category: int, group_size: int, seed: int):
-    items = fixed_prompt_set(per_category, seed=seed)
-    return make_group_tasks(
-        [i.text for i in items], group_size, seed=seed, categories=[i.category for i in items]
-    )
-
-
 ROUTERS = {
     "GRPO router, no penalty": None,
-    "GRPO router, seed 002 penalty": "scale",
+    "GRPO router, SAIR penalty": "scale",
     "GRPO router, order-preserving penalty": "margin",
     "GRPO router, image price λ = 0.1": "linear",
 }
@@ -67,7 +61,8 @@ MODE_NAMES = {"direct": "direct only", "reflect": "reflect always", "decompose":
 async def train(form: str | None, args: argparse.Namespace, workdir: Path):
     store = TrajectoryStore(f"sqlite:///{workdir / f'train-{form}.db'}")
     batches = [
-        tasks_for(args.per_category, args.group_size, seed=1 + k) for k in range(args.iterations)
+        shapeworld_tasks(args.per_category, args.group_size, seed=1 + k)
+        for k in range(args.iterations)
     ]
     config = GRPOConfig(
         seed=0,
@@ -88,7 +83,7 @@ async def train(form: str | None, args: argparse.Namespace, workdir: Path):
 
 
 async def run(router: Any, per_category: int, samples: int) -> list[Any]:
-    tasks = tasks_for(per_category, samples, seed=999)
+    tasks = shapeworld_tasks(per_category, samples, seed=999)
     context = shapeworld_policy_context(router, settings=SETTINGS)
     return await Runner(context, budget=BUDGET, keep_steps=False).run(tasks)
 

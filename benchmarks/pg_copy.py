@@ -30,10 +30,10 @@ from sqlalchemy import JSON, Connection, Engine, insert
 from sqlalchemy.engine import Dialect
 
 from storage.pg_copy import copy_insert
-from storage.schema import Run, Step, Trajectory
+from storage.schema import RunRow, StepRow, TrajectoryRow
 from storage.store import TrajectoryStore
 
-STEPS = Step.__table__
+STEPS = StepRow.__table__
 COLUMNS = tuple(c.name for c in STEPS.columns)
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 STATE = {
@@ -107,7 +107,7 @@ def new_trajectory(engine: Engine) -> str:
         "started_at": T0,
     }
     with engine.begin() as conn:
-        conn.execute(insert(Trajectory.__table__), [row])
+        conn.execute(insert(TrajectoryRow.__table__), [row])
     return tid
 
 
@@ -137,7 +137,7 @@ def run(url: str, n: int, batch: int, repeats: int, methods: Sequence[tuple[str,
     engine = store.db.writer
     with engine.begin() as conn:
         run_row = {"id": "bench", "name": "bench", "created_at": T0, "config": {}}
-        conn.execute(insert(Run.__table__), [{**run_row, "status": "running"}])
+        conn.execute(insert(RunRow.__table__), [{**run_row, "status": "running"}])
     for _, method in methods:  # warm up: connections, caches, the type look-up
         measure(engine, method, batch, batch)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in methods}

@@ -46,7 +46,7 @@ from nodes.state import (  # noqa: E402
 )
 from storage.codec import pack_ids, pack_logprobs  # noqa: E402
 from storage.recorder import SQLRecorder  # noqa: E402
-from storage.schema import Trajectory  # noqa: E402
+from storage.schema import TrajectoryRow  # noqa: E402
 from storage.store import TrajectoryStore  # noqa: E402
 
 TOKENS = 128
@@ -280,14 +280,14 @@ def bulk_trajectories(store: TrajectoryStore, total: int, group_size: int) -> st
     ]
     for start in range(0, total, 10_000):
         chunk = rows[start : start + 10_000]
-        store.db.write(lambda conn, c=chunk: conn.execute(Trajectory.__table__.insert(), c))
+        store.db.write(lambda conn, c=chunk: conn.execute(TrajectoryRow.__table__.insert(), c))
     # Another run of the same size, so that filtering by run has something to skip.
     other = store.create_run("other")
     for row in rows:
         row.update(id=uuid.uuid4().hex, run_id=other.id)
     for start in range(0, total, 10_000):
         chunk = rows[start : start + 10_000]
-        store.db.write(lambda conn, c=chunk: conn.execute(Trajectory.__table__.insert(), c))
+        store.db.write(lambda conn, c=chunk: conn.execute(TrajectoryRow.__table__.insert(), c))
     return run.id
 
 

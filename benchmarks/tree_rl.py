@@ -21,13 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent_graph.presets import shapeworld_tasks
 from agent_graph.runner import Runner
-from benchmarks.learning import BUDGET, SETTINGS, tasks_for
+from benchmarks.learning import BUDGET, SETTINGS
 from policies.simple import FixedModePolicy, FollowReflectionStopPolicy, UniformStopPolicy
 from policies.stop import LearnedStopPolicy
 from storage.store import TrajectoryStore
-from training.collect import collect, shapeworld_policy_context
-from training.trainer import GRPOConfig, GRPOTrainer
+from training.decisions.sampling import collect, shapeworld_policy_context
+from training.decisions.trainer import GRPOConfig, GRPOTrainer
 from training.tree import stage_config, stage_start_states, tree_iterations
 
 
@@ -35,7 +36,9 @@ async def evaluate(stopper: Any) -> tuple[float, float, float]:
     context = shapeworld_policy_context(
         FixedModePolicy("reflect"), stopper=stopper, settings=SETTINGS
     )
-    results = await Runner(context, budget=BUDGET, keep_steps=False).run(tasks_for(12, 2, seed=999))
+    results = await Runner(context, budget=BUDGET, keep_steps=False).run(
+        shapeworld_tasks(12, 2, seed=999)
+    )
     n = len(results)
     return (
         sum(r.correct for r in results) / n,
@@ -49,7 +52,7 @@ async def main(args: argparse.Namespace) -> None:
     store = TrajectoryStore(f"sqlite:///{Path(tempfile.mkdtemp()) / 'tree.db'}")
     parent, _ = await collect(
         store,
-        tasks_for(10, 2, seed=1),
+        shapeworld_tasks(10, 2, seed=1),
         mode="reflect",
         stopper=UniformStopPolicy(0.5),
         budget=BUDGET,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from langgraph.runtime import Runtime
 
-from nodes.backends.base import ImageRequest
+from nodes.backends.base import ImageRequest, TracedImageModel
 from nodes.common import TRACE_KEY, NodeTrace, derive_seed, save_image
 from nodes.context import ReasonerContext
 from nodes.state import Mode, ReasonerState
@@ -29,7 +29,7 @@ async def draw(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dict:
     )
     generator = ctx.backends.generator
     trace.models.append(generator.model_id)
-    if getattr(generator, "traced", False):  # records its Flow-GRPO transitions (opt-in)
+    if isinstance(generator, TracedImageModel):  # records its Flow-GRPO transitions
         traced = await generator.generate_traced(request)
         image = traced.image
         trace.transitions.extend(traced.transitions)

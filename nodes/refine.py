@@ -7,7 +7,7 @@ from typing import Literal
 
 from langgraph.runtime import Runtime
 
-from nodes.backends.base import EditRequest
+from nodes.backends.base import EditRequest, TracedImageModel
 from nodes.common import TRACE_KEY, NodeTrace, derive_seed, save_image
 from nodes.context import ReasonerContext
 from nodes.state import Mode, ReasonerState
@@ -48,7 +48,7 @@ async def refine(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dic
     )
     editor = ctx.backends.editor
     trace.models.append(editor.model_id)
-    if getattr(editor, "traced", False):  # records its Flow-GRPO transitions (opt-in)
+    if isinstance(editor, TracedImageModel):  # records its Flow-GRPO transitions
         traced = await editor.edit_traced(request)
         image = traced.image
         trace.transitions.extend(traced.transitions)

@@ -124,7 +124,10 @@ class Decision(BaseModel):
     """The state's step counter when the decision was taken."""
 
 
-class Judgement(BaseModel):
+class FinalJudgement(BaseModel):
+    """The judge's verdict on the trajectory's final image (the stop node asks for it), kept in
+    the state; a backend's verdict on any image is ``nodes.backends.base.Judgement``."""
+
     model_config = ConfigDict(frozen=True)
 
     score: float
@@ -155,7 +158,7 @@ class ReasonerState(BaseModel):
     stop_reason: StopReason | None = None
     error: str | None = None
     final_image: str | None = None
-    judgement: Judgement | None = None
+    judgement: FinalJudgement | None = None
 
     @property
     def current_image(self) -> ImageRecord | None:

@@ -6,7 +6,7 @@ from langgraph.runtime import Runtime
 
 from nodes.common import TRACE_KEY, NodeTrace
 from nodes.context import ReasonerContext
-from nodes.state import Judgement, Mode, ReasonerState, StopReason
+from nodes.state import FinalJudgement, Mode, ReasonerState, StopReason
 
 
 def stop_reason(state: ReasonerState) -> StopReason:
@@ -39,7 +39,7 @@ async def stop(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dict:
         trace.images_in.append(final.ref)
         trace.models.append(judge.model_id)
         verdict = await judge.judge(ctx.images.get(final.ref), state.task.prompt)
-        update["judgement"] = Judgement(
+        update["judgement"] = FinalJudgement(
             score=float(verdict.score),
             correct=bool(verdict.correct),
             criteria=dict(verdict.criteria),

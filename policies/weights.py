@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +32,40 @@ def save_weights(directory: str | Path, tensors: dict[str, torch.Tensor], config
     """Write the tensors (safetensors) and the config (JSON) into a new ``directory``; returns it.
 
     A saved policy version is never overwritten: an existing ``directory`` raises
-    ``FileExistsError``. The files are written into a temporary sibling directory that is
-    renamed into place, so a crash leaves either the whole version or none of it.
+    ``FileExistsError``; the files appear all at once (:func:`write_new_directory`).
     """
     from safetensors.torch import save_file
 
+    def write(staging: Path) -> None:
+        flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(flat, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
+        payload = {"format": FORMAT, **config}
+        (staging / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+    return write_new_directory(directory, write)
+
+
+def write_new_directory(directory: str | Path, write: Callable[[Path], object]) -> Path:
+    """Create ``directory`` with the files ``write(staging)`` puts into an empty staging
+    directory, atomically: the staging directory (a hidden sibling) is renamed into place, so
+    a crash leaves either the whole version or none of it. An existing ``directory`` raises
+    ``FileExistsError`` (before ``write`` runs, and again if another process made it since)."""
     path = Path(directory)
     if path.exists():
         raise FileExistsError(f"{path} already exists: a saved policy version is never overwritten")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(flat, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
-        payload = {"format": FORMAT, **config}
-        (staging / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        _fsync_tree(staging)
+        write(staging)
+        for file in staging.rglob("*"):
+            if file.is_file():  # the contents on disk before the rename makes them visible
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
-        # rename(2) of a directory onto an existing non-empty one fails, so a version written
-        # by another process between the check above and here is not replaced either.
+        # rename(2) of a directory onto an existing non-empty one fails: nothing is replaced.
         os.rename(staging, path)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
@@ -62,13 +75,6 @@ def save_weights(directory: str | Path, tensors: dict[str, torch.Tensor], config
             ) from None
         raise
     return path
-
-
-def _fsync_tree(directory: Path) -> None:
-    """Flush the files' contents to disk before the rename makes them visible."""
-    for file in directory.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
 
 
 def load_weights(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

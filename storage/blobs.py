@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, cast
 
-from PIL import Image as PILImage
+from PIL import Image
 from sqlalchemy import select
 
 from storage.engine import Database
@@ -35,7 +35,7 @@ from storage.images import (
 )
 from storage.records import StoredImage
 from storage.rows import image_row
-from storage.schema import Image
+from storage.schema import ImageRow
 from storage.writes import insert_images
 
 _KNOWN_REFS_CAP = 200_000
@@ -62,7 +62,7 @@ class SQLImageStore:
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._recent_bytes = 0
 
-    def put(self, image: PILImage.Image) -> str:
+    def put(self, image: Image.Image) -> str:
         data = encode_png(image)
         ref = self._put(data, image.size)
         self.recent.remember(ref, image)
@@ -90,7 +90,7 @@ class SQLImageStore:
         self._remember([ref])
         return ref
 
-    def get(self, ref: str) -> PILImage.Image:
+    def get(self, ref: str) -> Image.Image:
         return self.recent.recall(check_ref(ref)) or decode_png(self.get_bytes(ref))
 
     def get_bytes(self, ref: str) -> bytes:
@@ -106,7 +106,7 @@ class SQLImageStore:
                 return cast(bytes, pending["data"])
             return self._file_bytes(ref)
         with self.db.read() as conn:
-            row = conn.execute(select(Image.data).where(Image.sha256 == ref)).first()
+            row = conn.execute(select(ImageRow.data).where(ImageRow.sha256 == ref)).first()
         if row is None:
             raise ImageNotFound(ref)
         data = bytes(row[0]) if row[0] is not None else self._file_bytes(ref)
@@ -142,7 +142,7 @@ class SQLImageStore:
             if ref in self._pending or ref in self._known:
                 return True
         with self.db.read() as conn:
-            return conn.scalar(select(Image.sha256).where(Image.sha256 == ref)) is not None
+            return conn.scalar(select(ImageRow.sha256).where(ImageRow.sha256 == ref)) is not None
 
     def image_info(self, ref: str) -> StoredImage:
         check_ref(ref)
@@ -152,7 +152,7 @@ class SQLImageStore:
             return StoredImage(ref, pending["width"], pending["height"], pending["size"], self.get)
         with self.db.read() as conn:
             row = conn.execute(
-                select(Image.width, Image.height, Image.size).where(Image.sha256 == ref)
+                select(ImageRow.width, ImageRow.height, ImageRow.size).where(ImageRow.sha256 == ref)
             ).first()
         if row is None:
             raise ImageNotFound(ref)

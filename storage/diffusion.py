@@ -20,8 +20,8 @@ from typing import Any
 from sqlalchemy import select, tuple_
 
 from storage.engine import Database
-from storage.schema import BlobData, DiffusionTransition
-from storage.transitions import DiffusionTransition as Transition
+from storage.schema import BlobRow, DiffusionTransitionRow
+from storage.transitions import DiffusionTransition
 
 SAFETENSORS = "application/safetensors"
 
@@ -85,7 +85,7 @@ def load_transitions(
 ) -> list[StoredTransition]:
     """Transitions of the given ``(trajectory_id, step_seq)`` steps and/or whole trajectories,
     in (trajectory, step, position) order, with their latents."""
-    table = DiffusionTransition
+    table = DiffusionTransitionRow
     found: list[StoredTransition] = []
     with db.read() as conn:
         queries = []
@@ -99,13 +99,15 @@ def load_transitions(
         rows: dict[tuple[str, int, int], Any] = {}
         for where in queries:
             for row in conn.execute(
-                select(table.__table__, BlobData.data)
-                .join(BlobData, BlobData.sha256 == table.latents)
+                select(table.__table__, BlobRow.data)
+                .join(BlobRow, BlobRow.sha256 == table.latents)
                 .where(where)
             ).mappings():
                 rows[(row["trajectory_id"], row["step_seq"], row["position"])] = row
     for key in sorted(rows):
         row = rows[key]
-        transition = Transition(latents=bytes(row["data"]), **{n: row[n] for n in _COLUMNS})
+        transition = DiffusionTransition(
+            latents=bytes(row["data"]), **{n: row[n] for n in _COLUMNS}
+        )
         found.append(StoredTransition(key[0], key[1], key[2], transition))
     return found

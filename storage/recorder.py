@@ -33,7 +33,16 @@ from typing import Any
 
 from storage.engine import DatabaseLocked
 from storage.images import ImageNotFound, ImageStore, check_ref
-from storage.rows import finish_values, image_row, now, state_json, step_rows, trajectory_row, utc
+from storage.rows import (
+    finish_values,
+    image_row,
+    now,
+    replayable,
+    state_json,
+    step_rows,
+    trajectory_row,
+    utc,
+)
 from storage.schema import TRAJECTORY_STATUSES
 from storage.store import TrajectoryStore
 from storage.writes import BatchRows, existing_images, write_batch
@@ -70,6 +79,8 @@ class _Item:
     future: asyncio.Future[None]
     trajectory_id: str = ""
     rows: Any = None
+    state: dict[str, Any] | None = None
+    """A step's state as stored: in full (a snapshot), or None (a delta)."""
 
 
 @dataclass
@@ -101,7 +112,8 @@ class SQLRecorder:
         self.state_snapshot_every = state_snapshot_every
         """Steps whose number is a multiple of this carry the full state; the others only their
         update, which the store replays (1: every step a snapshot). Deltas halve the bytes and
-        most of the per-step recording cost; ``initial_state`` is always stored."""
+        most of the per-step recording cost; ``initial_state`` is always stored. The recorder
+        alone decides (see :meth:`stored_state`)."""
         self.store = store
         self.run_id = run_id
         self.images = images
@@ -136,7 +148,27 @@ class SQLRecorder:
         _trajectory_id(record.trajectory_id)
         for ref in (*record.trace.images_in, *record.trace.images_out):
             check_ref(ref)
-        await self._submit(_Item("step", record, self._future(), record.trajectory_id))
+        item = _Item("step", record, self._future(), record.trajectory_id)
+        item.state = self.stored_state(record)
+        await self._submit(item)
+
+    def stored_state(self, record: Any) -> dict[str, Any] | None:
+        """The state a step is stored with: the full state the node saw (a snapshot), or None
+        (a delta: the store rebuilds it from the last snapshot, or the trajectory's
+        ``initial_state``, and the updates after it).
+
+        The one place that decides: a step whose number is a multiple of
+        :attr:`state_snapshot_every` is a snapshot, and so is every step of a state type the
+        store cannot replay exactly (:func:`~storage.rows.replayable`) or given only as JSON
+        (its type unknown); a step that comes with no state is a delta. Dumping the whole state
+        at every step was the largest part of the recording's per-step cost (and bytes)."""
+        state = record.state_before
+        if state is None or isinstance(state, dict):
+            return state
+        every = self.state_snapshot_every
+        if every > 1 and record.seq % every != 0 and replayable(type(state)):
+            return None
+        return state_json(state)
 
     async def finish_trajectory(
         self, trajectory_id: str, status: str, state: Any, error: str | None
@@ -340,7 +372,7 @@ class SQLRecorder:
         elif item.kind == "step":
             record = item.payload
             if item.rows is None:
-                item.rows = step_rows(record)
+                item.rows = step_rows(record, item.state)
             if not is_open:
                 # Never started through this recorder: create it from the state it had.
                 if record.state_before is None:
@@ -348,7 +380,7 @@ class SQLRecorder:
                         f"step {record.seq} of trajectory {tid} carries no state and the "
                         "trajectory was never started: call start_trajectory first"
                     )
-                state = dict(record.state_before)
+                state = dict(item.state or state_json(record.state_before))
                 state.setdefault("trajectory_id", tid)
                 batch.implicit.append(trajectory_row(state, self.run_id, utc(record.started_at)))
                 staged.opened[tid] = time.perf_counter()

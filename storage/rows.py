@@ -6,9 +6,12 @@ transaction (so the write lock is held only for the inserts), and the store read
 
 from __future__ import annotations
 
+import functools
 import io
+import operator
 import struct
-from collections.abc import Callable, Iterable, Sequence
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -147,9 +150,10 @@ class StepRows:
         return {row["ref"] for row in self.images}
 
 
-def step_rows(record: Any) -> StepRows:
+def step_rows(record: Any, state_before: dict[str, Any] | None) -> StepRows:
     """Rows for one :class:`agent_graph.recording.StepRecord` (duck-typed: storage does not
-    import the graph). Runs once per recorded step on the writer thread: kept lean."""
+    import the graph), its state kept as the recorder decided: ``state_before`` in full (a
+    snapshot) or None (a delta). Runs once per recorded step on the writer thread: kept lean."""
     trace = record.trace
     update = record.update
     tid, seq = record.trajectory_id, record.seq
@@ -160,9 +164,9 @@ def step_rows(record: Any) -> StepRows:
         "trajectory_id": tid,
         "seq": seq,
         "node": record.node,
-        "stage": derive_stage(record.node, _stage_facts(record), update),
+        "stage": derive_stage(record.node, _stage_facts(record.state_before), update),
         # A delta step stores JSON null (the column stays NOT NULL: no table rebuild needed).
-        "state_before": JSON.NULL if record.state_before is None else record.state_before,
+        "state_before": JSON.NULL if state_before is None else state_before,
         "state_update": update,
         "text": "\n\n".join([g.text for g in generations]) if generations else None,
         "latency_s": float(record.latency_s),
@@ -225,14 +229,34 @@ def reduced_fields(state_type: Any = None) -> frozenset[str]:
     )
 
 
-def _stage_facts(record: Any) -> dict[str, Any]:
-    """What :func:`derive_stage` reads of the state before a step: the stored state, or for a
-    delta step the same fields read off the live state object."""
-    if record.state_before is not None:
-        return record.state_before
-    state = getattr(record, "state", None)
+def _stage_facts(state: Any) -> Mapping[str, Any]:
+    """What :func:`derive_stage` reads of the state before a step: its JSON form as is, or the
+    same fields read off the state object (no dump of the whole state for a delta step)."""
+    if state is None or isinstance(state, Mapping):
+        return state or {}
     mode = getattr(state, "mode", None)
     return {"mode": getattr(mode, "value", mode), "subtasks": getattr(state, "subtasks", None)}
+
+
+@functools.cache
+def replayable(state_type: type) -> bool:
+    """True when the store rebuilds a state of this type exactly from a snapshot and the
+    updates after it (:func:`replay_states`): its reduced fields are exactly
+    :data:`DEFAULT_REDUCED_FIELDS` (``ReasonerState``'s), each a list appended to
+    (``operator.add``), and every other field is replaced by an update. States of any other
+    type (a user's extra reducers, or not a pydantic model) are never kept as deltas."""
+    fields = getattr(state_type, "model_fields", None)
+    if not isinstance(fields, dict):
+        return False
+    reduced = {name: _reducers(info) for name, info in fields.items() if _reducers(info)}
+    return set(reduced) == DEFAULT_REDUCED_FIELDS and all(
+        reducers == [operator.add] and typing.get_origin(fields[name].annotation) is list
+        for name, reducers in reduced.items()
+    )
+
+
+def _reducers(info: Any) -> list[Any]:
+    return [meta for meta in info.metadata if callable(meta)]
 
 
 def replay_states(

@@ -4,6 +4,10 @@ The Alembic migrations in ``storage/migrations`` must produce exactly this schem
 compares them); change a table here, then add a revision (``alembic -c
 storage/migrations/alembic.ini revision --autogenerate -m "..."``) and bump ``SCHEMA_VERSION``.
 
+Each ORM class is named ``<What>Row`` (one row of its table), so it never shares a name with a
+record the store hands out (``storage.records``, ``storage.transitions``), the graph's
+``nodes.common.Generation`` or PIL's ``Image``.
+
 Keys are natural where the data has them: a step is ``(trajectory_id, seq)`` and its
 generations and images hang off that pair, so the recorder can insert a whole batch with
 ``executemany`` and never needs generated ids back.
@@ -72,7 +76,7 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-class Run(Base):
+class RunRow(Base):
     __tablename__ = "runs"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -82,7 +86,7 @@ class Run(Base):
     status: Mapped[str] = mapped_column(String(16))
 
 
-class Trajectory(Base):
+class TrajectoryRow(Base):
     __tablename__ = "trajectories"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -118,7 +122,7 @@ class Trajectory(Base):
     )
 
 
-class Step(Base):
+class StepRow(Base):
     __tablename__ = "steps"
 
     trajectory_id: Mapped[str] = mapped_column(
@@ -148,7 +152,7 @@ class Step(Base):
     )
 
 
-class Generation(Base):
+class GenerationRow(Base):
     __tablename__ = "generations"
 
     trajectory_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -174,7 +178,7 @@ class Generation(Base):
     )
 
 
-class Image(Base):
+class ImageRow(Base):
     __tablename__ = "images"
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -186,7 +190,7 @@ class Image(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp)
 
 
-class StepImage(Base):
+class StepImageRow(Base):
     __tablename__ = "step_images"
 
     trajectory_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -208,7 +212,7 @@ class StepImage(Base):
     )
 
 
-class Reward(Base):
+class RewardRow(Base):
     __tablename__ = "rewards"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -235,7 +239,7 @@ class Reward(Base):
     )
 
 
-class PolicyVersion(Base):
+class PolicyVersionRow(Base):
     __tablename__ = "policy_versions"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -248,7 +252,7 @@ class PolicyVersion(Base):
     __table_args__ = (UniqueConstraint("name", "version", name="uq_policy_versions_name_version"),)
 
 
-class BlobData(Base):
+class BlobRow(Base):
     """Content-addressed binary data that is not an image (e.g. safetensors latents)."""
 
     __tablename__ = "blobs"
@@ -261,7 +265,7 @@ class BlobData(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp)
 
 
-class DiffusionTransition(Base):
+class DiffusionTransitionRow(Base):
     """One stochastic denoising step an image step took (Flow-GRPO trains on these)."""
 
     __tablename__ = "diffusion_transitions"
@@ -303,7 +307,7 @@ class DiffusionTransition(Base):
     )
 
 
-class SchemaVersion(Base):
+class SchemaVersionRow(Base):
     __tablename__ = "schema_version"
 
     version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
@@ -322,6 +326,4 @@ def derive_stage(node: str, state_before: dict[str, Any], update: dict[str, Any]
         return "decompose" if "subtasks_done" in update else "reflect_refine"
     if node == "reflect":
         return "reflect_refine"
-    if node in ("decompose", "stop"):
-        return node
-    return node
+    return node  # decompose, stop, and users' own nodes: the node's name

@@ -61,38 +61,38 @@ from storage.rows import (
 )
 from storage.schema import (
     TRAJECTORY_STATUSES,
-    Generation,
-    Image,
-    PolicyVersion,
-    Reward,
-    Run,
-    Step,
-    StepImage,
-    Trajectory,
+    GenerationRow,
+    ImageRow,
+    PolicyVersionRow,
+    RewardRow,
+    RunRow,
+    StepImageRow,
+    StepRow,
+    TrajectoryRow,
 )
 from storage.writes import insert_ignore
 
 M = TypeVar("M", bound=BaseModel)
 
 _SUMMARY = (
-    Trajectory.id,
-    Trajectory.run_id,
-    Trajectory.prompt,
-    Trajectory.category,
-    Trajectory.group_id,
-    Trajectory.sample_index,
-    Trajectory.seed,
-    Trajectory.mode,
-    Trajectory.status,
-    Trajectory.final_image,
-    Trajectory.image_count,
-    Trajectory.score,
-    Trajectory.correct,
-    Trajectory.rewards,
-    Trajectory.started_at,
-    Trajectory.finished_at,
-    Trajectory.duration_s,
-    Trajectory.error,
+    TrajectoryRow.id,
+    TrajectoryRow.run_id,
+    TrajectoryRow.prompt,
+    TrajectoryRow.category,
+    TrajectoryRow.group_id,
+    TrajectoryRow.sample_index,
+    TrajectoryRow.seed,
+    TrajectoryRow.mode,
+    TrajectoryRow.status,
+    TrajectoryRow.final_image,
+    TrajectoryRow.image_count,
+    TrajectoryRow.score,
+    TrajectoryRow.correct,
+    TrajectoryRow.rewards,
+    TrajectoryRow.started_at,
+    TrajectoryRow.finished_at,
+    TrajectoryRow.duration_s,
+    TrajectoryRow.error,
 )
 
 _UTC = timezone.utc
@@ -203,17 +203,17 @@ class TrajectoryStore(SQLImageStore):
 
     def runs(self, *, ids: Sequence[str] | None = None) -> list[RunInfo]:
         counts = (
-            select(Trajectory.run_id, func.count().label("n"))
-            .group_by(Trajectory.run_id)
+            select(TrajectoryRow.run_id, func.count().label("n"))
+            .group_by(TrajectoryRow.run_id)
             .subquery()
         )
         query = (
-            select(Run.__table__, counts.c.n)
-            .outerjoin(counts, counts.c.run_id == Run.id)
-            .order_by(Run.created_at, Run.id)
+            select(RunRow.__table__, counts.c.n)
+            .outerjoin(counts, counts.c.run_id == RunRow.id)
+            .order_by(RunRow.created_at, RunRow.id)
         )
         if ids is not None:
-            query = query.where(Run.id.in_(list(ids)))
+            query = query.where(RunRow.id.in_(list(ids)))
         with self.db.read() as conn:
             rows = conn.execute(query).all()
         return [
@@ -230,7 +230,7 @@ class TrajectoryStore(SQLImageStore):
             for state in states
         ]
         if rows:
-            self.db.write(lambda conn: conn.execute(insert(Trajectory.__table__), rows))
+            self.db.write(lambda conn: conn.execute(insert(TrajectoryRow.__table__), rows))
         return len(rows)
 
     def resolve_run(self, ref: str) -> RunInfo:
@@ -244,16 +244,18 @@ class TrajectoryStore(SQLImageStore):
         (names are not unique: ``atelier demo`` re-creates ``demo-auto`` each time)."""
         with self.db.read() as conn:
             ids = (
-                conn.execute(select(Run.id).where(Run.id.startswith(ref, autoescape=True)).limit(2))
+                conn.execute(
+                    select(RunRow.id).where(RunRow.id.startswith(ref, autoescape=True)).limit(2)
+                )
                 .scalars()
                 .all()
             )
             if ref in ids or len(ids) == 1:
                 return RunMatch(self.run(ref if ref in ids else ids[0]), "id", 1)
             named = conn.execute(
-                select(Run.id, func.count().over().label("n"))
-                .where(Run.name == ref)
-                .order_by(Run.created_at.desc(), Run.id.desc())
+                select(RunRow.id, func.count().over().label("n"))
+                .where(RunRow.name == ref)
+                .order_by(RunRow.created_at.desc(), RunRow.id.desc())
                 .limit(1)
             ).first()
         if named is not None:
@@ -267,9 +269,11 @@ class TrajectoryStore(SQLImageStore):
             raise TrajectoryNotFound("no trajectory ''")
         ids: list[str] = []
         with self.db.read() as conn:
-            for match in (Trajectory.id.startswith, Trajectory.id.endswith):
+            for match in (TrajectoryRow.id.startswith, TrajectoryRow.id.endswith):
                 ids = list(
-                    conn.execute(select(Trajectory.id).where(match(ref, autoescape=True)).limit(2))
+                    conn.execute(
+                        select(TrajectoryRow.id).where(match(ref, autoescape=True)).limit(2)
+                    )
                     .scalars()
                     .all()
                 )
@@ -281,7 +285,9 @@ class TrajectoryStore(SQLImageStore):
 
     def finish_run(self, run_id: str, status: str = "finished") -> None:
         self.db.write(
-            lambda conn: conn.execute(update(Run).where(Run.id == run_id).values(status=status))
+            lambda conn: conn.execute(
+                update(RunRow).where(RunRow.id == run_id).values(status=status)
+            )
         )
 
     def mark_incomplete(self, run: str) -> int:
@@ -293,13 +299,13 @@ class TrajectoryStore(SQLImageStore):
 
         def work(conn: Connection) -> int:
             result = conn.execute(
-                update(Trajectory)
-                .where(Trajectory.run_id == run, Trajectory.status == "running")
+                update(TrajectoryRow)
+                .where(TrajectoryRow.run_id == run, TrajectoryRow.status == "running")
                 .values(status="incomplete")
             )
             conn.execute(
-                update(Run)
-                .where(Run.id == run, Run.status == "running")
+                update(RunRow)
+                .where(RunRow.id == run, RunRow.status == "running")
                 .values(status="incomplete")
             )
             return int(result.rowcount)
@@ -322,7 +328,7 @@ class TrajectoryStore(SQLImageStore):
     ) -> list[TrajectorySummary]:
         """Trajectories by start time. ``min_reward`` filters on the final judge score, or on
         the trajectory-level reward named ``reward`` (its latest value) when given."""
-        query = select(*_SUMMARY).order_by(Trajectory.started_at, Trajectory.id)
+        query = select(*_SUMMARY).order_by(TrajectoryRow.started_at, TrajectoryRow.id)
         query = query.where(*_trajectory_filters(run, status, mode, min_reward, reward, group))
         if limit is not None:
             query = query.limit(limit)
@@ -345,7 +351,7 @@ class TrajectoryStore(SQLImageStore):
         """How many trajectories :meth:`trajectories` would return with no limit (one
         ``COUNT``, on the same filters)."""
         filters = _trajectory_filters(run, status, mode, min_reward, reward, group)
-        query = select(func.count()).select_from(Trajectory).where(*filters)
+        query = select(func.count()).select_from(TrajectoryRow).where(*filters)
         with self.db.read() as conn:
             return int(conn.scalar(query) or 0)
 
@@ -355,13 +361,13 @@ class TrajectoryStore(SQLImageStore):
         """GRPO groups: group id -> its trajectories by sample index (ungrouped ones left out)."""
         query = (
             select(*_SUMMARY)
-            .where(Trajectory.group_id != "")
-            .order_by(Trajectory.group_id, Trajectory.sample_index, Trajectory.id)
+            .where(TrajectoryRow.group_id != "")
+            .order_by(TrajectoryRow.group_id, TrajectoryRow.sample_index, TrajectoryRow.id)
         )
         if run is not None:
-            query = query.where(Trajectory.run_id == run)
+            query = query.where(TrajectoryRow.run_id == run)
         if status is not None:
-            query = query.where(Trajectory.status == status)
+            query = query.where(TrajectoryRow.status == status)
         with self.db.read() as conn:
             rows = conn.execute(query).all()
         groups: dict[str, list[TrajectorySummary]] = {}
@@ -383,8 +389,8 @@ class TrajectoryStore(SQLImageStore):
                 row.id: row
                 for chunk in _chunks(ids)
                 for row in conn.execute(
-                    select(*_SUMMARY, Trajectory.initial_state, Trajectory.final_state).where(
-                        _among(Trajectory.id, chunk)
+                    select(*_SUMMARY, TrajectoryRow.initial_state, TrajectoryRow.final_state).where(
+                        _among(TrajectoryRow.id, chunk)
                     )
                 )
             }
@@ -437,9 +443,11 @@ class TrajectoryStore(SQLImageStore):
         steps: dict[str, list[Row[Any]]] = {tid: [] for tid in ids}
         for chunk in _chunks(ids):
             query = (
-                select(Generation.__table__)
-                .where(_among(Generation.trajectory_id, chunk))
-                .order_by(Generation.trajectory_id, Generation.step_seq, Generation.position)
+                select(GenerationRow.__table__)
+                .where(_among(GenerationRow.trajectory_id, chunk))
+                .order_by(
+                    GenerationRow.trajectory_id, GenerationRow.step_seq, GenerationRow.position
+                )
             )
             for g in conn.execute(query):
                 generations.setdefault((g.trajectory_id, g.step_seq), []).append(
@@ -455,21 +463,21 @@ class TrajectoryStore(SQLImageStore):
                 )
             query = (
                 select(
-                    StepImage.trajectory_id,
-                    StepImage.step_seq,
-                    StepImage.direction,
-                    Image.sha256,
-                    Image.width,
-                    Image.height,
-                    Image.size,
+                    StepImageRow.trajectory_id,
+                    StepImageRow.step_seq,
+                    StepImageRow.direction,
+                    ImageRow.sha256,
+                    ImageRow.width,
+                    ImageRow.height,
+                    ImageRow.size,
                 )
-                .join(Image, Image.sha256 == StepImage.ref)
-                .where(_among(StepImage.trajectory_id, chunk))
+                .join(ImageRow, ImageRow.sha256 == StepImageRow.ref)
+                .where(_among(StepImageRow.trajectory_id, chunk))
                 .order_by(
-                    StepImage.trajectory_id,
-                    StepImage.step_seq,
-                    StepImage.direction,
-                    StepImage.position,
+                    StepImageRow.trajectory_id,
+                    StepImageRow.step_seq,
+                    StepImageRow.direction,
+                    StepImageRow.position,
                 )
             )
             for r in conn.execute(query):
@@ -477,9 +485,9 @@ class TrajectoryStore(SQLImageStore):
                     StoredImage(r.sha256, r.width, r.height, r.size, self.get)
                 )
             query = (
-                select(Step.__table__)
-                .where(_among(Step.trajectory_id, chunk))
-                .order_by(Step.trajectory_id, Step.seq)
+                select(StepRow.__table__)
+                .where(_among(StepRow.trajectory_id, chunk))
+                .order_by(StepRow.trajectory_id, StepRow.seq)
             )
             for s in conn.execute(query):
                 steps[s.trajectory_id].append(s)
@@ -490,8 +498,8 @@ class TrajectoryStore(SQLImageStore):
             initial = initial_states(wanted)
         elif wanted:
             for chunk in _chunks(wanted):
-                query = select(Trajectory.id, Trajectory.initial_state).where(
-                    _among(Trajectory.id, chunk)
+                query = select(TrajectoryRow.id, TrajectoryRow.initial_state).where(
+                    _among(TrajectoryRow.id, chunk)
                 )
                 initial.update((row.id, row.initial_state) for row in conn.execute(query))
         result: dict[str, list[StepInfo]] = {}
@@ -533,12 +541,12 @@ class TrajectoryStore(SQLImageStore):
         reduced = reduced_fields(state_type)
         with self.db.read() as conn:
             initial = conn.scalar(
-                select(Trajectory.initial_state).where(Trajectory.id == trajectory_id)
+                select(TrajectoryRow.initial_state).where(TrajectoryRow.id == trajectory_id)
             )
             rows = conn.execute(
-                select(Step.state_before, Step.state_update)
-                .where(Step.trajectory_id == trajectory_id)
-                .order_by(Step.seq)
+                select(StepRow.state_before, StepRow.state_update)
+                .where(StepRow.trajectory_id == trajectory_id)
+                .order_by(StepRow.seq)
             ).all()
         if not rows:
             if initial is None:
@@ -568,7 +576,7 @@ class TrajectoryStore(SQLImageStore):
         """Record a reward of a trajectory (``step=None``) or of one of its steps."""
         ids = self.add_rewards([RewardInput(trajectory_id, name, value, step, source, details)])
         with self.db.read() as conn:
-            row = conn.execute(select(Reward.__table__).where(Reward.id == ids[0])).one()
+            row = conn.execute(select(RewardRow.__table__).where(RewardRow.id == ids[0])).one()
             return _reward(row)
 
     def add_rewards(self, rewards: Iterable[RewardInput]) -> list[int]:
@@ -581,8 +589,8 @@ class TrajectoryStore(SQLImageStore):
             for item in items:
                 if item.trajectory_id not in summaries:
                     current = conn.execute(
-                        select(Trajectory.rewards)
-                        .where(Trajectory.id == item.trajectory_id)
+                        select(TrajectoryRow.rewards)
+                        .where(TrajectoryRow.id == item.trajectory_id)
                         .with_for_update()
                     ).first()
                     if current is None:
@@ -590,7 +598,7 @@ class TrajectoryStore(SQLImageStore):
                     summaries[item.trajectory_id] = dict(current[0] or {})
                 ids.append(
                     conn.execute(
-                        Reward.__table__.insert().returning(Reward.id),
+                        RewardRow.__table__.insert().returning(RewardRow.id),
                         {
                             "trajectory_id": item.trajectory_id,
                             "step_seq": item.step,
@@ -606,7 +614,9 @@ class TrajectoryStore(SQLImageStore):
                     summaries[item.trajectory_id][item.name] = float(item.value)
             for trajectory_id, summary in summaries.items():
                 conn.execute(
-                    update(Trajectory).where(Trajectory.id == trajectory_id).values(rewards=summary)
+                    update(TrajectoryRow)
+                    .where(TrajectoryRow.id == trajectory_id)
+                    .values(rewards=summary)
                 )
             return ids
 
@@ -622,15 +632,15 @@ class TrajectoryStore(SQLImageStore):
         self, conn: Connection, trajectory_ids: Sequence[str] | None, name: str | None
     ) -> list[RewardInfo]:
         """Rewards by id; of these trajectories only (chunked ``IN`` queries) when given."""
-        query = select(Reward.__table__).order_by(Reward.id)
+        query = select(RewardRow.__table__).order_by(RewardRow.id)
         if name is not None:
-            query = query.where(Reward.name == name)
+            query = query.where(RewardRow.name == name)
         if trajectory_ids is None:
             return [_reward(r) for r in conn.execute(query)]
         rewards = [
             _reward(r)
             for chunk in _chunks(trajectory_ids)
-            for r in conn.execute(query.where(_among(Reward.trajectory_id, chunk)))
+            for r in conn.execute(query.where(_among(RewardRow.trajectory_id, chunk)))
         ]
         rewards.sort(key=lambda r: r.id)
         return rewards
@@ -653,7 +663,7 @@ class TrajectoryStore(SQLImageStore):
             "meta": dict(metadata or {}),
         }
         with contextlib.suppress(IntegrityError):  # already registered: compared below
-            self.db.write(lambda conn: conn.execute(PolicyVersion.__table__.insert(), row))
+            self.db.write(lambda conn: conn.execute(PolicyVersionRow.__table__.insert(), row))
         info = self.policy_versions(name=name, version=version)[0]
         if info.path != path or info.metadata != row["meta"]:
             raise ValueError(
@@ -665,11 +675,11 @@ class TrajectoryStore(SQLImageStore):
     def policy_versions(
         self, name: str | None = None, version: str | None = None
     ) -> list[PolicyVersionInfo]:
-        query = select(PolicyVersion.__table__).order_by(PolicyVersion.id)
+        query = select(PolicyVersionRow.__table__).order_by(PolicyVersionRow.id)
         if name is not None:
-            query = query.where(PolicyVersion.name == name)
+            query = query.where(PolicyVersionRow.name == name)
         if version is not None:
-            query = query.where(PolicyVersion.version == version)
+            query = query.where(PolicyVersionRow.version == version)
         with self.db.read() as conn:
             return [
                 PolicyVersionInfo(
@@ -692,15 +702,15 @@ def _trajectory_filters(
         raise ValueError(f"status must be one of {TRAJECTORY_STATUSES}")
     filters: list[Any] = []
     if run is not None:
-        filters.append(Trajectory.run_id == run)
+        filters.append(TrajectoryRow.run_id == run)
     if status is not None:
-        filters.append(Trajectory.status == status)
+        filters.append(TrajectoryRow.status == status)
     if mode is not None:
-        filters.append(Trajectory.mode == mode)
+        filters.append(TrajectoryRow.mode == mode)
     if group is not None:
-        filters.append(Trajectory.group_id == group)
+        filters.append(TrajectoryRow.group_id == group)
     if min_reward is not None:
-        value = Trajectory.score if reward is None else Trajectory.rewards[reward].as_float()
+        value = TrajectoryRow.score if reward is None else TrajectoryRow.rewards[reward].as_float()
         filters.append(value >= min_reward)
     return filters
 
@@ -717,7 +727,7 @@ def _among(column: Any, ids: Sequence[str]) -> Any:
 
 
 def _insert_run(conn: Connection, row: dict[str, Any]) -> None:
-    insert_ignore(conn, Run.__table__, [row], ["id"])
+    insert_ignore(conn, RunRow.__table__, [row], ["id"])
 
 
 def _summary(row: Row[Any] | tuple[Any, ...]) -> TrajectorySummary:

@@ -19,14 +19,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from storage.bulk import bulk_insert, bulk_update, select_text_column
 from storage.rows import StepRows, as_utc
 from storage.schema import (
-    BlobData,
-    DiffusionTransition,
-    Generation,
-    Image,
-    Run,
-    Step,
-    StepImage,
-    Trajectory,
+    BlobRow,
+    DiffusionTransitionRow,
+    GenerationRow,
+    ImageRow,
+    RunRow,
+    StepImageRow,
+    StepRow,
+    TrajectoryRow,
 )
 
 RESUMABLE = ("incomplete",)
@@ -60,7 +60,7 @@ def insert_ignore(
 def insert_images(conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
     # Sorted by key: concurrent writers then lock rows in one order (no deadlocks on PostgreSQL).
     rows = sorted(rows, key=lambda r: r["sha256"])
-    bulk_insert(conn, Image.__table__, rows, ignore_conflicts_on=["sha256"])
+    bulk_insert(conn, ImageRow.__table__, rows, ignore_conflicts_on=["sha256"])
 
 
 def existing_images(conn: Connection, refs: Iterable[str]) -> set[str]:
@@ -68,7 +68,7 @@ def existing_images(conn: Connection, refs: Iterable[str]) -> set[str]:
     found: set[str] = set()
     for start in range(0, len(wanted), 500):
         chunk = wanted[start : start + 500]
-        found.update(conn.scalars(select(Image.sha256).where(Image.sha256.in_(chunk))))
+        found.update(conn.scalars(select(ImageRow.sha256).where(ImageRow.sha256.in_(chunk))))
     return found
 
 
@@ -86,23 +86,23 @@ class BatchRows:
 
 
 def write_batch(conn: Connection, rows: BatchRows) -> None:
-    trajectories = Trajectory.__table__
+    trajectories = TrajectoryRow.__table__
     if rows.run is not None:
-        insert_ignore(conn, Run.__table__, [rows.run], ["id"])
-        conn.execute(update(Run).where(Run.id == rows.run["id"]).values(status="running"))
+        insert_ignore(conn, RunRow.__table__, [rows.run], ["id"])
+        conn.execute(update(RunRow).where(RunRow.id == rows.run["id"]).values(status="running"))
     insert_images(conn, rows.images)
     if rows.starts:
         _start(conn, rows.starts)
     bulk_insert(conn, trajectories, rows.implicit, ignore_conflicts_on=["id"])
     if rows.steps:
-        bulk_insert(conn, Step.__table__, [s.step for s in rows.steps])
-        bulk_insert(conn, Generation.__table__, [g for s in rows.steps for g in s.generations])
-        bulk_insert(conn, StepImage.__table__, [i for s in rows.steps for i in s.images])
+        bulk_insert(conn, StepRow.__table__, [s.step for s in rows.steps])
+        bulk_insert(conn, GenerationRow.__table__, [g for s in rows.steps for g in s.generations])
+        bulk_insert(conn, StepImageRow.__table__, [i for s in rows.steps for i in s.images])
         blobs = sorted((b for s in rows.steps for b in s.blobs), key=lambda b: b["sha256"])
         if blobs:  # diffusion transitions (Flow-GRPO) and their latents blobs
-            insert_ignore(conn, BlobData.__table__, blobs, ["sha256"])
+            insert_ignore(conn, BlobRow.__table__, blobs, ["sha256"])
             transitions = [t for s in rows.steps for t in s.transitions]
-            conn.execute(insert(DiffusionTransition.__table__), transitions)
+            conn.execute(insert(DiffusionTransitionRow.__table__), transitions)
         modes = [{"tid": s.trajectory_id, "new_mode": s.mode} for s in rows.steps if s.mode]
         if modes:
             conn.execute(
@@ -117,22 +117,22 @@ def write_batch(conn: Connection, rows: BatchRows) -> None:
         run_id, unfinished = rows.close
         for start in range(0, len(unfinished), 500):
             conn.execute(
-                update(Trajectory)
+                update(TrajectoryRow)
                 .where(
-                    Trajectory.id.in_(unfinished[start : start + 500]),
-                    Trajectory.status == "running",
+                    TrajectoryRow.id.in_(unfinished[start : start + 500]),
+                    TrajectoryRow.status == "running",
                 )
                 .values(status="incomplete")
             )
         conn.execute(
-            update(Run)
-            .where(Run.id == run_id)
+            update(RunRow)
+            .where(RunRow.id == run_id)
             .values(status="incomplete" if unfinished else "finished")
         )
 
 
 def _start(conn: Connection, starts: list[dict[str, Any]]) -> None:
-    table = Trajectory.__table__
+    table = TrajectoryRow.__table__
     existing = select_text_column(conn, table, "id", "status", [row["id"] for row in starts])
     fresh = [row for row in starts if row["id"] not in existing]
     for row in starts:
@@ -145,8 +145,8 @@ def _start(conn: Connection, starts: list[dict[str, Any]]) -> None:
                 f"{', '.join(RESUMABLE)} trajectories can be started again (resumed)"
             )
         conn.execute(
-            update(Trajectory)
-            .where(Trajectory.id == row["id"])
+            update(TrajectoryRow)
+            .where(TrajectoryRow.id == row["id"])
             .values(status="running", finished_at=None, error=None, run_id=row["run_id"])
         )
     bulk_insert(conn, table, fresh)
@@ -161,16 +161,16 @@ def _finish(conn: Connection, finishes: list[tuple[str, dict[str, Any]]]) -> Non
         ids = [row["id"] for row in unknown]
         started = dict(
             conn.execute(
-                select(Trajectory.id, Trajectory.started_at).where(Trajectory.id.in_(ids))
+                select(TrajectoryRow.id, TrajectoryRow.started_at).where(TrajectoryRow.id.in_(ids))
             ).all()
         )
         _refuse_unstarted(ids, started)
         for row in unknown:
             row["duration_s"] = (row["finished_at"] - as_utc(started[row["id"]])).total_seconds()
-    if bulk_update(conn, Trajectory.__table__, "id", rows) < len(rows):
+    if bulk_update(conn, TrajectoryRow.__table__, "id", rows) < len(rows):
         ids = [row["id"] for row in rows]
         _refuse_unstarted(
-            ids, set(conn.scalars(select(Trajectory.id).where(Trajectory.id.in_(ids))))
+            ids, set(conn.scalars(select(TrajectoryRow.id).where(TrajectoryRow.id.in_(ids))))
         )
 
 

@@ -345,9 +345,9 @@ async def test_load_balancing_spreads_requests_over_two_servers(strategy):
         for _ in range(6):
             await pool.post_json("probe", "/x", {})
         await asyncio.gather(*(pool.post_json("probe", "/x", {}) for _ in range(6)))
-        stats = pool.stats()
+        counters = pool.counters()
     assert hits.count("a") == hits.count("b") == 6
-    assert stats[a.url]["requests"] == stats[b.url]["requests"] == 6
+    assert counters[a.url]["requests"] == counters[b.url]["requests"] == 6
 
 
 async def test_health_checks_mark_servers_up_and_down():
@@ -367,9 +367,12 @@ async def test_periodic_health_checks_keep_requests_off_a_dead_server():
         down = dead_url()
         pool = ServerPool([down, a.url], retry=FAST_RETRY, health_interval_s=60)
         await asyncio.gather(*(pool.post_json("probe", "/x", {}) for _ in range(4)))
-        stats = pool.stats()
+        counters = pool.counters()
+        in_flight = {server.url: server.in_flight for server in pool.servers}
     assert hits == ["a"] * 4
-    assert stats[down] == {"requests": 0, "failures": 0, "in_flight": 0}
+    assert in_flight == {down: 0, a.url: 0}
+    assert counters[down] == dict.fromkeys(counters[down], 0)  # never sent, never in flight
+    assert set(counters[down]) >= {"requests", "failures", "peak_in_flight"}
 
 
 # --- the image client -------------------------------------------------------------------------

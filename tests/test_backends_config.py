@@ -87,6 +87,29 @@ def test_role_adapters_select_a_lora_on_the_shared_servers():
     assert backends["judge"] is None
 
 
+def test_only_traced_image_backends_are_traced_models_sized_or_not():
+    """A backend is a ``TracedImageModel`` exactly when it records transitions: the traced
+    Omni client, and the size wrapper around it (which applies its size to traced draws too);
+    never a plain client, wrapped or not."""
+    from nodes.backends.base import TracedImageModel
+    from nodes.backends.overrides import SizedTracedImageModel
+
+    sized = {**OMNI, "size": "48x32", "steps": 3}
+    parsed = parse_config(
+        config(
+            {"a": OPENAI, "b": sized, "c": {**sized, "traced": True}},
+            {**ROLE_TABLE, "editor": "c"},
+        )
+    )
+    backends = build_backends(parsed)
+    generator, editor = backends["generator"], backends["editor"]
+    assert isinstance(generator.inner, OmniImageClient)
+    assert not isinstance(generator, TracedImageModel)
+    assert not isinstance(generator.inner, TracedImageModel)
+    assert isinstance(editor, SizedTracedImageModel) and isinstance(editor, TracedImageModel)
+    assert isinstance(editor.inner, TracedImageModel) and editor.size == (48, 32)
+
+
 async def test_shapeworld_config_runs_the_graph():
     backends = load_backends(CONFIGS / "shapeworld.toml")
     context = ReasonerContext(
@@ -212,6 +235,8 @@ async def test_tiny_models_config_builds_in_process_backends(tiny_models, monkey
 
 
 async def test_traced_image_backends_from_config(tiny_sd3):
+    from nodes.backends.base import TracedImageModel
+    from nodes.backends.clients.omni_client import TracedOmniImageClient
     from nodes.backends.engines.flow_image import FlowImageModel
 
     parsed = parse_config(
@@ -233,7 +258,8 @@ async def test_traced_image_backends_from_config(tiny_sd3):
     )
     backends = build_backends(parsed)
     generator, editor = backends["generator"], backends["editor"]
-    assert isinstance(generator, FlowImageModel) and editor.traced
+    assert isinstance(generator, FlowImageModel) and isinstance(editor, TracedOmniImageClient)
+    assert isinstance(generator, TracedImageModel) and isinstance(editor, TracedImageModel)
     traced = await generator.generate_traced(ImageRequest("a red circle", 32, 32, seed=3))
     assert traced.image.size == (32, 32) and len(traced.transitions) >= 1
-    generator.batcher.close()
+    generator.close()

@@ -22,7 +22,7 @@ from nodes.backends.clients.openai_client import OpenAIChatClient
 from nodes.backends.wire import image_to_b64, image_to_data_url, image_to_png
 
 if TYPE_CHECKING:
-    from tests.tiny_models import TinyModels
+    from nodes.backends.engines.tiny_models import TinyModels
 
 pytest_plugins = ("tests.tiny_models",)  # the session fixtures: tiny models and servers
 

@@ -133,10 +133,11 @@ def test_stored_transitions_recompute_to_ratio_one_in_the_trainer(tiny_flux):
     """Through ``FlowGRPOTrainer`` (a fresh LoRA, B = 0): a batch mixing guidance scales and
     noise levels recomputes to ratio 1, and one optimizer step then moves the log-probs."""
     from nodes.backends.engines.flow_image import load_pipeline
-    from training.flow_trainer import FlowGroup, FlowGRPOConfig, FlowGRPOTrainer, FlowSample
+    from training.images.groups import ImageGroup, ImageMember
+    from training.images.trainer import FlowGRPOConfig, FlowGRPOTrainer
 
     pipe = load_pipeline(tiny_flux)
-    trainer = FlowGRPOTrainer(pipe, FlowGRPOConfig(r=4, alpha=8, lr=1e-2), name="tiny-flux")
+    trainer = FlowGRPOTrainer(pipe, FlowGRPOConfig(r=4, alpha=8, lr=1e-2), model="tiny-flux")
     transitions = []
     for guidance, level in ((2.0, 0.5), (5.0, 1.0)):
         sampler = FlowSampler(trainer.sampler.model, SDEConfig(noise_level=level))
@@ -149,9 +150,9 @@ def test_stored_transitions_recompute_to_ratio_one_in_the_trainer(tiny_flux):
         ratio = torch.exp(trainer.sampler.recompute(transitions).logprob - old)
     assert torch.allclose(ratio, torch.ones(4), atol=1e-5), ratio
 
-    samples = [FlowSample(f"t{i}", 1, (t,), float(i % 2)) for i, t in enumerate(transitions)]
-    stats = trainer.train([FlowGroup("g", "a red circle", tuple(samples))])
-    assert stats.steps == 1 and stats.first_max_abs_log_ratio < 1e-5
+    members = [ImageMember(f"t{i}", 1, (t,), float(i % 2)) for i, t in enumerate(transitions)]
+    result = trainer.train([ImageGroup("g", "a red circle", tuple(members))])
+    assert result.metrics["steps"] == 1 and result.metrics["first_max_abs_log_ratio"] < 1e-5
     with torch.no_grad():
         moved = trainer.sampler.recompute(transitions).logprob
     assert (moved - old).abs().max() > 1e-6  # the gradient reached the Flux transformer's LoRA

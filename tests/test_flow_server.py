@@ -82,8 +82,8 @@ def images(body: dict) -> list[str]:
 
 
 def test_transitions_over_http_recompute_to_ratio_one(sd3_server, tiny_sd3):
-    from nodes.backends.clients.omni_client import OmniImageClient
-    from nodes.backends.engines.flow_image import load_pipeline
+    from nodes.backends.clients.omni_client import TracedOmniImageClient
+    from nodes.backends.engines.flow_image import TRACED_GUIDANCE, load_pipeline
     from nodes.backends.flow.sampler import FlowSampler, SD3Flow
     from nodes.backends.flow.transitions import transition_from_json
 
@@ -100,10 +100,22 @@ def test_transitions_over_http_recompute_to_ratio_one(sd3_server, tiny_sd3):
     old = torch.tensor([t.logprob for t in transitions])
     assert torch.allclose(torch.exp(again - old), torch.ones(2), atol=1e-5)
 
-    client = OmniImageClient(sd3_server.url, traced=True, extra_body={"guidance_scale": 3.0})
+    client = TracedOmniImageClient(sd3_server.url, extra_body={"guidance_scale": 3.0})
     result = asyncio.run(client.generate_traced(ImageRequest("a red circle", 32, 32, seed=5)))
     assert result.image.size == (32, 32) and len(result.transitions) == 1
     assert result.transitions[0].seed == 5 and result.transitions[0].noise_level == 0.7
+
+    # What a request leaves open takes the one set of traced defaults (the service's steps).
+    unguided = {k: v for k, v in BODY.items() if k != "guidance_scale"}
+    reply = httpx.post(
+        sd3_server.url + "/v1/images/generations",
+        json={**unguided, "n": 1, "return_transitions": True},
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    (item,) = reply.json()["data"][0]["transitions"]
+    default = transition_from_json(item)
+    assert (default.guidance_scale, default.num_steps) == (TRACED_GUIDANCE, 4)
 
 
 def test_lora_loads_at_run_time_changes_images_and_unloads(sd3_server, loras):
@@ -182,18 +194,23 @@ def test_trainer_continues_from_a_saved_version(tiny_sd3, loras, tmp_path):
     from safetensors.torch import load_file
 
     from nodes.backends.base import TracedImageModel
-    from nodes.backends.clients.omni_client import OmniImageClient
+    from nodes.backends.clients.omni_client import OmniImageClient, TracedOmniImageClient
     from nodes.backends.engines.flow_image import FlowImageEngine, FlowImageModel, load_pipeline
     from policies.diffusion_lora import read_lora
     from policies.weights import next_version
-    from training.flow_trainer import FlowGRPOTrainer
+    from training.images.groups import ImageGroup, ImageMember
+    from training.images.trainer import FlowGRPOTrainer
 
     pipe = load_pipeline(tiny_sd3)
-    trainer = FlowGRPOTrainer(pipe, init_lora=loras["good"], name="tiny-sd3")
+    trainer = FlowGRPOTrainer(pipe, init_lora=loras["good"], model="tiny-sd3")
     assert trainer.parameters and all(p.requires_grad for p in trainer.parameters)
     _, _, parent = read_lora(loras["good"])
-    version = next_version(parent.version)
-    info = trainer.save(tmp_path / "v8", name="draw", version=version, meta={"parent": "7"})
+    assert (trainer.name, trainer.version) == (parent.name, parent.version) == ("draw", "7")
+    # A round without signal (equal rewards) changes no weight and makes the next version.
+    flat = (ImageMember("a", 1, (), 0.5), ImageMember("b", 1, (), 0.5))
+    result = trainer.train([ImageGroup("g", "a red circle", flat)])
+    assert result.version == next_version(parent.version) and result.metrics["steps"] == 0
+    _, _, info = read_lora(trainer.save(tmp_path / "v8"))
     assert (info.label, info.meta["parent"]) == ("draw@8", "7")
     saved = load_file(str(info.path / "adapter_model.safetensors"))
     original = load_file(str(loras["good"] / "adapter_model.safetensors"))
@@ -201,6 +218,7 @@ def test_trainer_continues_from_a_saved_version(tiny_sd3, loras, tmp_path):
     assert all(torch.equal(saved[k], original[k]) for k in saved)
 
     painter = FlowImageModel(FlowImageEngine(pipe, name="tiny-sd3"))
-    assert isinstance(painter, TracedImageModel) and painter.traced
-    assert isinstance(OmniImageClient("http://127.0.0.1:1", traced=True), TracedImageModel)
+    assert isinstance(painter, TracedImageModel)
+    assert isinstance(TracedOmniImageClient("http://127.0.0.1:1"), TracedImageModel)
+    assert not isinstance(OmniImageClient("http://127.0.0.1:1"), TracedImageModel)
     painter.close()

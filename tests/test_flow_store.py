@@ -25,9 +25,7 @@ def pipe(tiny_sd3):
 
 
 class Tap:
-    """Passes traced draws through, keeping what the sampler returned."""
-
-    traced = True
+    """Passes traced draws through, keeping what the sampler returned (a traced model itself)."""
 
     def __init__(self, inner: FlowImageModel) -> None:
         self.inner = inner
@@ -39,10 +37,13 @@ class Tap:
         self.outputs.append(traced)
         return traced
 
+    async def edit_traced(self, request):
+        return await self.inner.edit_traced(request)
+
     async def generate(self, request):
         return await self.inner.generate(request)
 
-    edit = edit_traced = None
+    edit = None
 
 
 def painter_for(pipe) -> FlowImageModel:
@@ -54,15 +55,17 @@ def test_draw_records_transitions_and_recomputed_ratio_is_one(pipe, tmp_path):
     from sqlalchemy import func, select
 
     from storage.diffusion import load_transitions
-    from storage.schema import BlobData
+    from storage.schema import BlobRow
     from storage.store import TrajectoryStore
-    from training.flow_trainer import FlowGRPOConfig, FlowGRPOTrainer, collect_draws, flow_groups
+    from training.images.groups import read_groups
+    from training.images.sampling import collect
+    from training.images.trainer import FlowGRPOConfig, FlowGRPOTrainer
 
     store = TrajectoryStore(f"sqlite:///{tmp_path}/flow.db")
     painter = painter_for(pipe)
     tap = Tap(painter)
     run_id = asyncio.run(
-        collect_draws(tap, store, ["a red circle", "a blue star"], group_size=3, steps=4)
+        collect(tap, store, ["a red circle", "a blue star"], group_size=3, steps=4)
     )
     trajectories = store.trajectories(run=run_id)
     assert len(trajectories) == 6 and all(t.status == "succeeded" for t in trajectories)
@@ -77,7 +80,7 @@ def test_draw_records_transitions_and_recomputed_ratio_is_one(pipe, tmp_path):
         x, x_next = unpack_latents(t.latents)
         assert x.shape == x_next.shape == (4, 16, 16)
     with store.db.read() as conn:  # latents are blobs (safetensors), not JSON
-        kinds = conn.execute(select(BlobData.media_type, func.count()).group_by("media_type"))
+        kinds = conn.execute(select(BlobRow.media_type, func.count()).group_by("media_type"))
         assert dict(kinds.all()) == {"application/safetensors": 6}
 
     # Bit for bit what the sampler handed the draw node (latents bytes and float log-prob).
@@ -91,8 +94,8 @@ def test_draw_records_transitions_and_recomputed_ratio_is_one(pipe, tmp_path):
     assert store.get(final).tobytes() in images
 
     # Ratio 1 under the unchanged policy: a fresh LoRA (B = 0) is the sampling policy.
-    assert flow_groups(store, run_id, reward="redness") == []  # no reward stored yet
-    trainer = FlowGRPOTrainer(pipe, FlowGRPOConfig(r=4, alpha=8), name="tiny-sd3")
+    assert read_groups(store, run_id, reward="redness") == []  # no reward stored yet
+    trainer = FlowGRPOTrainer(pipe, FlowGRPOConfig(r=4, alpha=8), model="tiny-sd3")
     try:
         transitions = [s.transition for s in stored]
         with torch.no_grad():
@@ -133,7 +136,7 @@ def test_traced_edits_record_transitions_of_the_part_of_the_schedule_they_run(pi
 
 def test_refine_records_edit_transitions_and_groups_take_the_step_reward(pipe, tmp_path):
     """Reflect mode: the refine node records its edit's transitions (stage reflect_refine), and
-    ``flow_groups(node="refine")`` pairs them with the refine step's own reward (R3's C_j)."""
+    ``read_groups(node="refine")`` pairs them with the refine step's own reward (R3's C_j)."""
     from agent_graph.runner import Runner, make_group_tasks
     from nodes.context import Backends, GraphSettings, ReasonerContext
     from nodes.state import Budget
@@ -142,7 +145,7 @@ def test_refine_records_edit_transitions_and_groups_take_the_step_reward(pipe, t
     from storage.recorder import SQLRecorder
     from storage.store import RewardInput, TrajectoryStore
     from tests.scripted import ScriptedChat
-    from training.flow_trainer import flow_groups
+    from training.images.groups import read_groups
 
     edit = "<think>It lacks red.</think>Make it red."
     store = TrajectoryStore(f"sqlite:///{tmp_path}/refine.db")
@@ -185,9 +188,9 @@ def test_refine_records_edit_transitions_and_groups_take_the_step_reward(pipe, t
             [RewardInput(tid, "C", 0.1 * (i + 1), step=seq) for i, (tid, seq) in enumerate(refines)]
             + [RewardInput(tid, "C", 9.0) for tid, _ in refines]
         )
-        (group,) = flow_groups(store, run.id, reward="C", node="refine")
-        assert sorted(s.reward for s in group.samples) == pytest.approx([0.1, 0.2])
-        assert all(s.transitions[0].kind == "edit" for s in group.samples)
+        (group,) = read_groups(store, run.id, reward="C", node="refine")
+        assert sorted(m.reward for m in group.members) == pytest.approx([0.1, 0.2])
+        assert all(m.transitions[0].kind == "edit" for m in group.members)
     finally:
         painter.close()
         store.close()

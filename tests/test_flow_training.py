@@ -11,6 +11,8 @@ import statistics
 import numpy as np
 import pytest
 
+from tests.sql_spy import selects
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
@@ -44,19 +46,18 @@ def test_flow_grpo_raises_redness_and_the_lora_serves(tiny_sd3, tmp_path):
     from nodes.backends.servers.http_common import BackgroundServer
     from nodes.backends.servers.image_server import create_image_app
     from nodes.backends.wire import decode_b64_image
+    from policies.diffusion_lora import read_lora
     from storage.store import TrajectoryStore
-    from training.flow_trainer import (
-        FlowGRPOConfig,
-        FlowGRPOTrainer,
-        collect_draws,
-        flow_groups,
-        score_images,
-    )
+    from training.images.groups import read_groups
+    from training.images.rewards import score_run
+    from training.images.sampling import collect
+    from training.images.trainer import FlowGRPOConfig, FlowGRPOTrainer
+    from training.versions import save_version
 
     torch.set_num_threads(1)
     pipe = load_pipeline(tiny_sd3)
-    config = FlowGRPOConfig(r=8, alpha=16, lr=2e-2, clip_range=1e-2, beta=0.004, minibatch=16)
-    trainer = FlowGRPOTrainer(pipe, config, name="tiny-sd3")
+    config = FlowGRPOConfig(r=8, alpha=16, lr=2e-2, clip_range=1e-2, beta=0.004, minibatch_size=16)
+    trainer = FlowGRPOTrainer(pipe, config, model="tiny-sd3")
     sde = SDEConfig(noise_level=0.7, window=(0, 3), count=2)
     engine = FlowImageEngine(pipe, name="tiny-sd3", sde_config=sde, lora="draw@0")
     painter = FlowImageModel(engine, default_steps=STEPS, guidance_scale=GUIDANCE, max_batch=32)
@@ -72,19 +73,25 @@ def test_flow_grpo_raises_redness_and_the_lora_serves(tiny_sd3, tmp_path):
 
     for iteration in range(3):
         run_id = asyncio.run(
-            collect_draws(
+            collect(
                 painter, store, PROMPTS, group_size=16, width=SIZE, height=SIZE, steps=STEPS,
                 seed=iteration, name=f"flow-{iteration}",
             )
         )  # fmt: skip
-        score_images(store, run_id, redness, "redness")
-        groups = flow_groups(store, run_id, reward="redness", node="draw")
-        assert len(groups) == 2 and all(len(g.samples) == 16 for g in groups)
-        stats = trainer.train(groups)
-        assert stats.transitions == 64 and stats.steps == 4
+        assert len(score_run(store, run_id, redness, "redness")) == 32
+        with selects(store) as statements:
+            groups = read_groups(store, run_id, reward="redness", node="draw")
+        # In bulk: a few queries for the run's trajectories, steps and rewards, and one per group
+        # for its transitions; not a query per trajectory (32 here).
+        assert len(statements) <= 10, statements
+        assert len(groups) == 2 and all(len(g.members) == 16 for g in groups)
+        result = trainer.train(groups)
+        assert result.metrics["transitions"] == 64 and result.metrics["steps"] == 4
+        assert result.version == trainer.version == str(iteration + 1)
         # On-policy: the first minibatch's recomputed log-probs equal the sampler's.
-        assert stats.first_max_abs_log_ratio < 1e-5
-        assert all(np.isfinite(stats.losses)) and 0 <= max(stats.kl) < 1.0
+        assert result.metrics["first_max_abs_log_ratio"] < 1e-5
+        losses, kls = [h["loss"] for h in result.history], [h["kl"] for h in result.history]
+        assert len(losses) == 4 and all(np.isfinite(losses)) and 0 <= max(kls) < 1.0
     painter.close()
 
     after = mean_redness(engine.sampler, held_out)
@@ -92,10 +99,12 @@ def test_flow_grpo_raises_redness_and_the_lora_serves(tiny_sd3, tmp_path):
     print(f"redness {before:.4f} -> {after:.4f} (gain {gain:.4f}; seed-set noise {noise:.4f})")
     assert gain > 5 * noise and gain > 0.005
 
-    info = trainer.save(tmp_path / "draw-1", name="draw", version="1", store=store)
-    assert info.label == "draw@1"
+    path = save_version(trainer, store, tmp_path / "draw-3", result.metrics)
+    _, _, info = read_lora(path)
+    assert info.label == "draw@3" and info.meta["optimizer_steps"] == 12
     (registered,) = store.policy_versions(name="draw")
-    assert registered.version == "1" and registered.metadata["optimizer_steps"] == 12
+    assert registered.version == "3" and registered.metadata["optimizer_steps"] == 12
+    assert registered.metadata["base_model"] == "tiny-sd3" and registered.path == str(path)
     store.close()
 
     # The trained LoRA in `atelier serve image` (plain ODE sampling there): redder images.
@@ -115,14 +124,14 @@ def test_flow_grpo_raises_redness_and_the_lora_serves(tiny_sd3, tmp_path):
             return values
 
         base = served()
-        load = {"lora_name": "draw@1", "lora_path": str(info.path)}
+        load = {"lora_name": "draw@3", "lora_path": str(path)}
         reply = httpx.post(server.url + "/v1/load_lora_adapter", json=load, timeout=60)
         assert reply.status_code == 200, reply.text
         tuned = served()
         print(f"served redness {statistics.fmean(base):.4f} -> {statistics.fmean(tuned):.4f}")
         assert statistics.fmean(tuned) - statistics.fmean(base) > 5 * noise
         reply = httpx.post(
-            server.url + "/v1/unload_lora_adapter", json={"lora_name": "draw@1"}, timeout=60
+            server.url + "/v1/unload_lora_adapter", json={"lora_name": "draw@3"}, timeout=60
         )
         assert reply.status_code == 200 and served() == base
     finally:

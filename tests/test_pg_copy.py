@@ -13,7 +13,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from storage.codec import pack_ids, pack_logprobs
 from storage.pg_copy import copy_insert
-from storage.schema import Generation, Image, Run, Step, StepImage, Trajectory
+from storage.schema import GenerationRow, ImageRow, RunRow, StepImageRow, StepRow, TrajectoryRow
 from storage.store import TrajectoryStore
 from tests.pg import PostgresServer
 
@@ -54,10 +54,10 @@ def pg_store(pg_server: PostgresServer) -> Iterator[TrajectoryStore]:
     store = TrajectoryStore(pg_server.create_database())
     with store.db.writer.begin() as conn:
         conn.execute(
-            insert(Run.__table__),
+            insert(RunRow.__table__),
             [{"id": "run", "name": "run", "created_at": T0, "config": {}, "status": "running"}],
         )
-        conn.execute(insert(Image.__table__), [image_row(i) for i in range(3)])
+        conn.execute(insert(ImageRow.__table__), [image_row(i) for i in range(3)])
     yield store
     store.close()
 
@@ -146,9 +146,9 @@ def step_image_row(tid: str, seq: int, position: int) -> dict[str, Any]:
 def rows_for(tid: str) -> dict[Table, list[dict[str, Any]]]:
     seqs = range(len(JSON_VALUES) + len(TEXTS))
     return {
-        Step.__table__: [step_row(tid, seq) for seq in seqs],
-        Generation.__table__: [generation_row(tid, seq, p) for seq in seqs for p in range(2)],
-        StepImage.__table__: [step_image_row(tid, seq, p) for seq in seqs for p in range(3)],
+        StepRow.__table__: [step_row(tid, seq) for seq in seqs],
+        GenerationRow.__table__: [generation_row(tid, seq, p) for seq in seqs for p in range(2)],
+        StepImageRow.__table__: [step_image_row(tid, seq, p) for seq in seqs for p in range(3)],
     }
 
 
@@ -194,8 +194,8 @@ def column_names(table: Table, key: Column[Any]) -> list[str]:
 def test_copy_stores_what_core_insert_stores(pg_store: TrajectoryStore) -> None:
     engine = pg_store.db.writer
     with engine.begin() as conn:
-        conn.execute(insert(Trajectory.__table__), [trajectory_row("core", 0)])
-        copy_rows(conn, Trajectory.__table__, [trajectory_row("copy", 0)])
+        conn.execute(insert(TrajectoryRow.__table__), [trajectory_row("core", 0)])
+        copy_rows(conn, TrajectoryRow.__table__, [trajectory_row("copy", 0)])
     with engine.begin() as conn:
         for table, rows in rows_for("core").items():
             conn.execute(insert(table), rows)
@@ -204,19 +204,19 @@ def test_copy_stores_what_core_insert_stores(pg_store: TrajectoryStore) -> None:
             copy_rows(conn, table, rows)
     with pg_store.db.read() as conn:
         for table, key in (
-            (Step.__table__, Step.__table__.c.trajectory_id),
-            (Generation.__table__, Generation.__table__.c.trajectory_id),
-            (StepImage.__table__, StepImage.__table__.c.trajectory_id),
+            (StepRow.__table__, StepRow.__table__.c.trajectory_id),
+            (GenerationRow.__table__, GenerationRow.__table__.c.trajectory_id),
+            (StepImageRow.__table__, StepImageRow.__table__.c.trajectory_id),
         ):
             core = read_back(conn, table, key, "core")
             copied = read_back(conn, table, key, "copy")
             assert_same(core, copied, column_names(table, key))
-        step = conn.execute(select(Step.state_before, Step.state_update).limit(1)).one()
+        step = conn.execute(select(StepRow.state_before, StepRow.state_update).limit(1)).one()
         assert step.state_before["strings"] == TEXTS
     # The edge cases really are there (not both sides read back as the same wrong thing).
     with pg_store.db.read() as conn:
-        rows = read_back(conn, Step.__table__, Step.__table__.c.trajectory_id, "copy")
-        names = column_names(Step.__table__, Step.__table__.c.trajectory_id)
+        rows = read_back(conn, StepRow.__table__, StepRow.__table__.c.trajectory_id, "copy")
+        names = column_names(StepRow.__table__, StepRow.__table__.c.trajectory_id)
         by_seq = {row[0]: dict(zip(names, row, strict=True)) for row in rows}
         assert by_seq[1]["state_before_text"] == "null"  # JSON.NULL -> JSON null
         assert by_seq[1]["latency_s"] == 0.0 and math.copysign(1, by_seq[1]["latency_s"]) < 0
@@ -224,13 +224,15 @@ def test_copy_stores_what_core_insert_stores(pg_store: TrajectoryStore) -> None:
         assert by_seq[9]["state_before"]["when"] == "2024-01-02T03:04:05+00:00"
         assert by_seq[9]["state_before"]["nan"] is None
         assert by_seq[2]["state_before"] == JSON_VALUES[2]
-        gens = read_back(conn, Generation.__table__, Generation.__table__.c.trajectory_id, "copy")
+        gens = read_back(
+            conn, GenerationRow.__table__, GenerationRow.__table__.c.trajectory_id, "copy"
+        )
         assert gens[0][-2] == b"" and gens[1][-1].endswith(b"\x00")
 
 
 def test_trajectories_nulls_booleans_bigints(pg_store: TrajectoryStore) -> None:
     n = 2 * len(JSON_VALUES)
-    table = Trajectory.__table__
+    table = TrajectoryRow.__table__
     with pg_store.db.writer.begin() as conn:
         conn.execute(insert(table), [trajectory_row(f"core-{i:03}", i) for i in range(n)])
         copy_rows(conn, table, [trajectory_row(f"copy-{i:03}", i) for i in range(n)])
@@ -247,7 +249,7 @@ def test_trajectories_nulls_booleans_bigints(pg_store: TrajectoryStore) -> None:
 def test_foreign_key_violation_is_dbapi_error_and_store_stays_usable(
     pg_store: TrajectoryStore,
 ) -> None:
-    table = Step.__table__
+    table = StepRow.__table__
     columns = tuple(step_row("x", 0))
     orphan = [tuple(step_row("no-such-trajectory", 0).values())]
     with pytest.raises(IntegrityError) as raised:
@@ -259,30 +261,30 @@ def test_foreign_key_violation_is_dbapi_error_and_store_stays_usable(
     good = [tuple(step_row("t", seq).values()) for seq in range(3)]
 
     def write(conn: Any) -> None:
-        conn.execute(insert(Trajectory.__table__), [trajectory_row("t")])
+        conn.execute(insert(TrajectoryRow.__table__), [trajectory_row("t")])
         copy_insert(conn, table, columns, good)
 
     pg_store.db.write(write)
     with pg_store.db.read() as conn:
-        assert conn.execute(select(Step.seq).order_by(Step.seq)).scalars().all() == [0, 1, 2]
+        assert conn.execute(select(StepRow.seq).order_by(StepRow.seq)).scalars().all() == [0, 1, 2]
 
 
 def test_not_null_violation_rolls_back_the_transaction(pg_store: TrajectoryStore) -> None:
-    table = Step.__table__
+    table = StepRow.__table__
     columns = tuple(step_row("x", 0))
     with pg_store.db.writer.connect() as conn:
         transaction = conn.begin()
-        conn.execute(insert(Trajectory.__table__), [trajectory_row("t")])
+        conn.execute(insert(TrajectoryRow.__table__), [trajectory_row("t")])
         bad = step_row("t", 0) | {"state_before": None}  # none_as_null: SQL NULL
         with pytest.raises(IntegrityError) as raised:
             copy_insert(conn, table, columns, [tuple(bad.values())])
         assert raised.value.orig.sqlstate == "23502"
         transaction.rollback()
         with conn.begin():
-            conn.execute(insert(Trajectory.__table__), [trajectory_row("t")])
+            conn.execute(insert(TrajectoryRow.__table__), [trajectory_row("t")])
             copy_insert(conn, table, columns, [tuple(step_row("t", 0).values())])
     with pg_store.db.read() as conn:
-        assert conn.execute(select(Step.trajectory_id, Step.seq)).all() == [("t", 0)]
+        assert conn.execute(select(StepRow.trajectory_id, StepRow.seq)).all() == [("t", 0)]
 
 
 @pytest.mark.parametrize(
@@ -292,7 +294,7 @@ def test_integers_out_of_range_fail_as_with_core(
     pg_store: TrajectoryStore, column: str, value: int
 ) -> None:
     """Binary COPY would wrap an int4 around (2**31 -> -2**31): refused, as Core's INSERT is."""
-    table = Trajectory.__table__
+    table = TrajectoryRow.__table__
     row = trajectory_row("t") | {column: value}
     for insert_rows in (
         lambda conn: conn.execute(insert(table), [row]),
@@ -304,41 +306,41 @@ def test_integers_out_of_range_fail_as_with_core(
     edge = trajectory_row("edge") | {"sample_index": 2**31 - 1, "seed": 2**63 - 1}
     pg_store.db.write(lambda conn: copy_insert(conn, table, tuple(edge), [tuple(edge.values())]))
     with pg_store.db.read() as conn:
-        assert conn.execute(select(Trajectory.sample_index, Trajectory.seed)).all() == [
+        assert conn.execute(select(TrajectoryRow.sample_index, TrajectoryRow.seed)).all() == [
             (2**31 - 1, 2**63 - 1)
         ]
 
 
 def test_error_in_python_aborts_the_copy(pg_store: TrajectoryStore) -> None:
     """A value psycopg cannot encode (a naive datetime) fails before anything is stored."""
-    table = Step.__table__
+    table = StepRow.__table__
     columns = tuple(step_row("x", 0))
     naive = step_row("t", 1) | {"started_at": datetime(2024, 1, 1)}
     rows = [tuple(step_row("t", 0).values()), tuple(naive.values())]
 
     def write(conn: Any) -> None:
-        conn.execute(insert(Trajectory.__table__), [trajectory_row("t")])
+        conn.execute(insert(TrajectoryRow.__table__), [trajectory_row("t")])
         copy_insert(conn, table, columns, rows)
 
     with pytest.raises(TypeError):
         pg_store.db.write(write)
     pg_store.db.write(
-        lambda conn: conn.execute(insert(Trajectory.__table__), [trajectory_row("t")])
+        lambda conn: conn.execute(insert(TrajectoryRow.__table__), [trajectory_row("t")])
     )
     with pg_store.db.read() as conn:
-        assert conn.execute(select(Step.seq)).all() == []
-        assert conn.execute(select(Trajectory.id)).scalars().all() == ["t"]
+        assert conn.execute(select(StepRow.seq)).all() == []
+        assert conn.execute(select(TrajectoryRow.id)).scalars().all() == ["t"]
 
 
 def test_empty_rows_do_nothing(pg_store: TrajectoryStore) -> None:
     with pg_store.db.writer.begin() as conn:
-        copy_insert(conn, Step.__table__, ("no_such_column",), [])
+        copy_insert(conn, StepRow.__table__, ("no_such_column",), [])
 
 
 def test_other_dialects_are_refused(tmp_path: Any) -> None:
     engine = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
     with engine.begin() as conn, pytest.raises(NotImplementedError):
-        copy_insert(conn, Step.__table__, ("seq",), [(1,)])
+        copy_insert(conn, StepRow.__table__, ("seq",), [(1,)])
     engine.dispose()
 
 

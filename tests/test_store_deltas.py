@@ -9,12 +9,11 @@ from typing import Annotated
 
 import pytest
 
-from agent_graph.presets import shapeworld_context
-from agent_graph.recording import replayable
-from agent_graph.runner import Runner, make_group_tasks
-from nodes.backends.shapeworld import fixed_prompt_set
+from agent_graph.presets import shapeworld_context, shapeworld_tasks
+from agent_graph.runner import Runner
 from nodes.state import ReasonerState
 from storage.recorder import SQLRecorder
+from storage.rows import replayable
 from storage.store import TrajectoryStore
 
 
@@ -36,14 +35,9 @@ async def _record(url: str, mode: str, every: int, tasks, state_factory) -> Traj
     return store
 
 
-def _tasks(per_category: int = 2, group_size: int = 2):
-    cases = fixed_prompt_set(per_category=per_category, seed=11)
-    return make_group_tasks([c.text for c in cases], group_size, seed=4)
-
-
 @pytest.mark.parametrize("mode", ["reflect", "decompose", "auto"])
 async def test_delta_steps_read_back_as_the_full_snapshots(db_url, tmp_path, mode):
-    tasks = _tasks()
+    tasks = shapeworld_tasks(2, 2, 4, prompt_seed=11)
     reference = await _record(f"sqlite:///{tmp_path}/full.db", mode, 1, tasks, _ids(f"{mode}-"))
     store = await _record(db_url, mode, 3, tasks, _ids(f"{mode}-"))
     deltas = 0
@@ -62,9 +56,9 @@ async def test_delta_steps_read_back_as_the_full_snapshots(db_url, tmp_path, mod
     with store.db.read() as conn:
         from sqlalchemy import select
 
-        from storage.schema import Step
+        from storage.schema import StepRow
 
-        stored = conn.execute(select(Step.seq, Step.state_before)).all()
+        stored = conn.execute(select(StepRow.seq, StepRow.state_before)).all()
     assert {seq % 3 == 0 for seq, state in stored if state is not None} == {True}
     assert sum(state is None for _, state in stored) == deltas
     reference.close()
@@ -72,7 +66,7 @@ async def test_delta_steps_read_back_as_the_full_snapshots(db_url, tmp_path, mod
 
 
 async def test_a_trajectory_forked_mid_way_replays_from_its_initial_state(tmp_path):
-    tasks = _tasks(per_category=1, group_size=1)[:6]
+    tasks = shapeworld_tasks(1, 1, 4, prompt_seed=11)[:6]
     store = await _record(f"sqlite:///{tmp_path}/src.db", "reflect", 1, tasks, _ids("s"))
     sources = store.trajectories(limit=None)
 
@@ -109,10 +103,10 @@ async def test_a_trajectory_forked_mid_way_replays_from_its_initial_state(tmp_pa
     with store.db.read() as conn:
         from sqlalchemy import select
 
-        from storage.schema import Step
+        from storage.schema import StepRow
 
         first = conn.execute(
-            select(Step.state_before).where(Step.trajectory_id == "delta00", Step.seq == 2)
+            select(StepRow.state_before).where(StepRow.trajectory_id == "delta00", StepRow.seq == 2)
         ).scalar_one()
     assert first is None  # really a delta, rebuilt from the trajectory's initial state
     store.close()
@@ -136,7 +130,7 @@ def test_only_states_the_store_can_replay_are_recorded_as_deltas():
 
 
 async def test_a_state_with_its_own_reducers_is_always_snapshot(tmp_path):
-    tasks = _tasks(per_category=1, group_size=1)[:4]
+    tasks = shapeworld_tasks(1, 1, 4, prompt_seed=11)[:4]
 
     def noted(task, budget):
         return NotedState(trajectory_id=f"n{task.seed % 10**6}", task=task, budget=budget)
@@ -155,7 +149,35 @@ async def test_a_state_with_its_own_reducers_is_always_snapshot(tmp_path):
     with store.db.read() as conn:
         from sqlalchemy import select
 
-        from storage.schema import Step
+        from storage.schema import StepRow
 
-        states = conn.execute(select(Step.state_before)).scalars().all()
+        states = conn.execute(select(StepRow.state_before)).scalars().all()
     assert states and all(state is not None for state in states)
+
+
+def test_the_recorder_alone_decides_snapshot_or_delta(tmp_path):
+    """The recording wrapper hands over the state object; ``SQLRecorder.stored_state`` keeps
+    every K-th step in full, the others as deltas, and keeps in full what it cannot replay:
+    a state type with its own reducers, or a state given only as JSON."""
+    from agent_graph.recording import StepRecord
+    from nodes.state import Task
+
+    store = TrajectoryStore(f"sqlite:///{tmp_path}/decide.db")
+    recorder = SQLRecorder(store, "decide", state_snapshot_every=4)
+    task = Task(prompt="two red circles")
+
+    def stored(seq: int, state):
+        return recorder.stored_state(StepRecord("t", seq, "draw", 0.0, 0.0, state, {}))
+
+    state = ReasonerState(trajectory_id="t", task=task, step_count=5)
+    assert stored(4, state) == stored(8, state) == state.model_dump(mode="json")
+    assert stored(5, state) is None and stored(7, state) is None
+    noted = NotedState(trajectory_id="t", task=task)
+    assert stored(5, noted) == noted.model_dump(mode="json")
+    as_json = state.model_dump(mode="json")
+    assert stored(5, as_json) is as_json
+    assert stored(4, None) is None  # no state given: only the update can be kept
+    every_step = SQLRecorder(store, "every", state_snapshot_every=1)
+    record = StepRecord("t", 5, "draw", 0.0, 0.0, state, {})
+    assert every_step.stored_state(record) == state.model_dump(mode="json")
+    store.close()

@@ -16,7 +16,7 @@ from nodes.common import NodeTrace
 from nodes.state import ReasonerState, Task
 from storage.images import ImageNotFound, MemoryImageStore
 from storage.recorder import RecorderBroken, RecorderClosed, SQLRecorder
-from storage.schema import Generation, Step, StepImage, Trajectory
+from storage.schema import GenerationRow, StepImageRow, StepRow, TrajectoryRow
 from storage.store import TrajectoryNotFound
 from storage.writes import TrajectoryExists
 from tests.pg import STOP, graph_context
@@ -62,9 +62,9 @@ async def test_200_concurrent_trajectories_are_recorded_exactly_once_with_group_
 
     total = sum(len(r.steps) for r in results)
     with store.db.read() as conn:
-        assert conn.scalar(select(func.count()).select_from(Step)) == total
-        generations = conn.scalar(select(func.count()).select_from(Generation))
-        step_images = conn.scalar(select(func.count()).select_from(StepImage))
+        assert conn.scalar(select(func.count()).select_from(StepRow)) == total
+        generations = conn.scalar(select(func.count()).select_from(GenerationRow))
+        step_images = conn.scalar(select(func.count()).select_from(StepImageRow))
     assert generations == sum(len(s.trace.generations) for r in results for s in r.steps)
     assert step_images == sum(
         len(s.trace.images_in) + len(s.trace.images_out) for r in results for s in r.steps
@@ -159,7 +159,9 @@ async def test_closing_marks_unfinished_trajectories_incomplete(store):
     with store.db.read() as conn:  # no final state: SQL NULL, not the JSON text 'null'
         assert (
             conn.scalar(
-                select(func.count()).select_from(Trajectory).where(Trajectory.final_state.is_(None))
+                select(func.count())
+                .select_from(TrajectoryRow)
+                .where(TrajectoryRow.final_state.is_(None))
             )
             == 1
         )

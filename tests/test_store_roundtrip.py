@@ -17,8 +17,8 @@ from nodes.common import Generation, NodeTrace
 from nodes.state import (
     Budget,
     Decision,
+    FinalJudgement,
     ImageRecord,
-    Judgement,
     Mode,
     ReasonerState,
     Task,
@@ -27,8 +27,7 @@ from storage.codec import pack_ids, pack_logprobs, unpack_ids, unpack_logprobs
 from storage.images import ImageNotFound, InvalidImageRef, encode_png
 from storage.recorder import SQLRecorder
 from storage.rows import merge_update
-from storage.schema import Image as ImageRow
-from storage.schema import StepImage
+from storage.schema import ImageRow, StepImageRow
 from storage.store import TrajectoryNotFound, TrajectoryStore
 from tests.pg import graph_context
 
@@ -131,7 +130,7 @@ async def test_every_field_of_a_trajectory_and_its_steps_round_trips(store):
             "step_count": 1,
             "final_image": ref_b,
             "images": [ImageRecord(ref=ref_b, node="draw", instruction="x", score=0.5)],
-            "judgement": Judgement(score=0.625, correct=True, criteria={"count": True}),
+            "judgement": FinalJudgement(score=0.625, correct=True, criteria={"count": True}),
         }
     )
     async with SQLRecorder(store, run.id) as recorder:
@@ -223,7 +222,7 @@ async def test_the_same_image_from_two_steps_is_stored_once(store):
             )
     with store.db.read() as conn:
         assert conn.scalar(select(func.count()).select_from(ImageRow)) == 1
-        assert conn.scalar(select(func.count()).select_from(StepImage)) == 2
+        assert conn.scalar(select(func.count()).select_from(StepImageRow)) == 2
     assert store.image_bytes(ref) == encode_png(same)
     assert store.image(ref).tobytes() == same.tobytes() and ref in store
 

@@ -16,7 +16,7 @@ from sqlalchemy import insert, select, text
 
 from storage.engine import DatabaseLocked, normalise_url
 from storage.migrate import MIGRATIONS_DIR, SchemaError
-from storage.schema import HEAD_REVISION, SCHEMA_VERSION, Base, SchemaVersion
+from storage.schema import HEAD_REVISION, SCHEMA_VERSION, Base, SchemaVersionRow
 from storage.store import TrajectoryStore
 
 
@@ -28,7 +28,7 @@ def test_upgrading_an_empty_database_yields_exactly_the_orm_schema(store):
     assert diff == []
     with store.db.read() as conn:
         assert conn.scalar(text("SELECT version_num FROM alembic_version")) == HEAD_REVISION
-        assert conn.execute(select(SchemaVersion.version, SchemaVersion.revision)).all() == [
+        assert conn.execute(select(SchemaVersionRow.version, SchemaVersionRow.revision)).all() == [
             (SCHEMA_VERSION, HEAD_REVISION)
         ]
 
@@ -145,7 +145,7 @@ def _has_ref_index(db) -> bool:
 
 def test_a_version_2_database_with_data_upgrades_in_place_and_downgrades(db_url):
     from storage.engine import Database
-    from storage.schema import Image, Run, Step, StepImage, Trajectory
+    from storage.schema import ImageRow, RunRow, StepImageRow, StepRow, TrajectoryRow
 
     ref = "ab" * 32
     db = Database(db_url)
@@ -155,29 +155,29 @@ def test_a_version_2_database_with_data_upgrades_in_place_and_downgrades(db_url)
 
     def old_rows(conn) -> None:
         conn.execute(
-            insert(Run),
+            insert(RunRow),
             [{"id": "r", "name": "r", "created_at": now, "status": "finished", "config": {}}],
         )
         conn.execute(
-            insert(Trajectory),
+            insert(TrajectoryRow),
             [{"id": "t", "run_id": "r", "prompt": "p", "group_id": "g", "sample_index": 0,
               "seed": 1, "status": "succeeded", "image_count": 1, "rewards": {},
               "started_at": now, "initial_state": {"trajectory_id": "t"}}],
         )  # fmt: skip
         conn.execute(
-            insert(Image),
+            insert(ImageRow),
             [{"sha256": ref, "data": b"png", "width": 2, "height": 3, "size": 3,
               "created_at": now}],
         )  # fmt: skip
         conn.execute(
-            insert(Step),
+            insert(StepRow),
             [{"trajectory_id": "t", "seq": 0, "node": "draw", "stage": "reason",
               "state_before": {"trajectory_id": "t", "step_count": 0},
               "state_update": {"step_count": 1}, "latency_s": 0.5, "started_at": now,
               "models": []}],
         )  # fmt: skip
         conn.execute(
-            insert(StepImage),
+            insert(StepImageRow),
             [{"trajectory_id": "t", "step_seq": 0, "direction": "out", "position": 0,
               "ref": ref}],
         )  # fmt: skip
@@ -194,9 +194,9 @@ def test_a_version_2_database_with_data_upgrades_in_place_and_downgrades(db_url)
         )
         assert not _has_ref_index(store.db)
         with store.db.read() as conn:
-            assert conn.execute(select(SchemaVersion.version)).scalar() == SCHEMA_VERSION == 3
+            assert conn.execute(select(SchemaVersionRow.version)).scalar() == SCHEMA_VERSION == 3
         _migrate(store.db, "0002_diffusion_transitions", downgrade=True)
         assert _has_ref_index(store.db)
         with store.db.read() as conn:
-            assert conn.execute(select(SchemaVersion.version)).scalar() == 2
+            assert conn.execute(select(SchemaVersionRow.version)).scalar() == 2
         assert [i.ref for i in store.steps("t")[0].images_out] == [ref]

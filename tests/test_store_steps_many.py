@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from PIL import Image
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
-from agent_graph.presets import shapeworld_context
+from agent_graph.presets import shapeworld_context, shapeworld_tasks
 from agent_graph.recording import StepRecord
 from agent_graph.runner import Runner, make_group_tasks
 from nodes.backends.shapeworld import fixed_prompt_set
@@ -22,10 +20,11 @@ from nodes.state import Budget, ReasonerState, Task
 from policies.simple import UniformStopPolicy
 from storage.recorder import SQLRecorder
 from storage.records import StepInfo
-from storage.schema import Step
-from training.collect import collect
-from training.groups import decision_groups
-from training.tree import _stable_key, _start_states, stage_groups, stage_start_states
+from storage.schema import StepRow
+from tests.sql_spy import selects
+from training.decisions.groups import read_groups
+from training.decisions.sampling import collect
+from training.tree import _stable_key, _start_states, read_stage_groups, stage_start_states
 
 SETTINGS = GraphSettings(width=128, height=128)
 UNKNOWN = ["no-such-trajectory", "another-unknown-one"]
@@ -38,17 +37,12 @@ def _ids(prefix: str):
     )
 
 
-def _tasks(per_category: int = 1, group_size: int = 2):
-    cases = fixed_prompt_set(per_category=per_category, seed=11)
-    return make_group_tasks([c.text for c in cases], group_size, seed=4)
-
-
 async def _record(store, mode: str, every: int, prefix: str) -> str:
     run = store.create_run(f"{mode}-{every}")
     async with SQLRecorder(store, run.id, state_snapshot_every=every) as recorder:
         context = dataclasses.replace(shapeworld_context(mode, images=store), recorder=recorder)
         runner = Runner(context, concurrency=16, keep_steps=False, state_factory=_ids(prefix))
-        results = await runner.run(_tasks())
+        results = await runner.run(shapeworld_tasks(1, 2, 4, prompt_seed=11))
     assert all(r.status == "succeeded" for r in results)
     return run.id
 
@@ -82,33 +76,18 @@ def _assert_same_steps(got: dict[str, list[StepInfo]], ids: list[str], store) ->
     assert got == {tid: store.steps(tid) for tid in ids}
 
 
-@contextmanager
-def _selects(store) -> Iterator[list[str]]:
-    """The SELECT statements the store's reader engine runs inside the block."""
-    statements: list[str] = []
-
-    def count(conn, cursor, statement, parameters, context, executemany):
-        if statement.lstrip().upper().startswith("SELECT"):
-            statements.append(statement)
-
-    event.listen(store.db.reader, "before_cursor_execute", count)
-    try:
-        yield statements
-    finally:
-        event.remove(store.db.reader, "before_cursor_execute", count)
-
-
 def _delta_first_steps(store) -> set[str]:
     """Trajectories whose first stored step is a delta (JSON null state)."""
     with store.db.read() as conn:
         first = (
-            select(Step.trajectory_id, func.min(Step.seq).label("seq"))
-            .group_by(Step.trajectory_id)
+            select(StepRow.trajectory_id, func.min(StepRow.seq).label("seq"))
+            .group_by(StepRow.trajectory_id)
             .subquery()
         )
         rows = conn.execute(
-            select(Step.trajectory_id, Step.state_before).join(
-                first, (first.c.trajectory_id == Step.trajectory_id) & (first.c.seq == Step.seq)
+            select(StepRow.trajectory_id, StepRow.state_before).join(
+                first,
+                (first.c.trajectory_id == StepRow.trajectory_id) & (first.c.seq == StepRow.seq),
             )
         ).all()
     return {tid for tid, state in rows if state is None}
@@ -127,7 +106,7 @@ async def test_steps_many_reads_recorded_runs_exactly_as_steps(store):
     forks = {tid for tid in ids if tid.startswith("fork")}
     assert len(forks) == 4 and forks <= _delta_first_steps(store)
     with store.db.read() as conn:
-        states = conn.execute(select(Step.state_before)).scalars().all()
+        states = conn.execute(select(StepRow.state_before)).scalars().all()
     assert sum(state is None for state in states) > 20  # JSON null: delta steps
 
     # Unknown ids and duplicates in the mix, ids in no particular order.
@@ -194,10 +173,9 @@ async def _record_cheap(store, count: int) -> list[str]:
                     images_in=[red] if seq else [],
                     images_out=[blue, red] if seq == 1 else [blue],
                 )
+                # stored None: no state given, so the recorder keeps the step as a delta.
                 await recorder.record_step(
-                    StepRecord(
-                        tid, seq, "draw", 1.0 + seq, 0.01, stored, update, trace, None, state
-                    )
+                    StepRecord(tid, seq, "draw", 1.0 + seq, 0.01, stored, update, trace, None)
                 )
             await recorder.finish_trajectory(tid, "succeeded", state, None)
     return ids
@@ -210,7 +188,7 @@ async def test_steps_many_chunks_more_than_500_ids(store):
     delta_first = _delta_first_steps(store)
     assert len(delta_first) == sum(1 for n in range(1100) if n % 3 == 0 and n % 5 != 4)
 
-    with _selects(store) as statements:
+    with selects(store) as statements:
         got = store.steps_many(asked)
     # Three chunks of at most 500 ids, three queries each, plus the initial states of the
     # trajectories whose first step is a delta (fewer than 500: one chunk).
@@ -255,7 +233,7 @@ async def test_training_readers_issue_a_constant_number_of_queries(store):
 
     counts = {}
     for run_id in (small, large):
-        with _selects(store) as statements:
+        with selects(store) as statements:
             starts = stage_start_states(store, run_id)
         counts[run_id] = len(statements)
         # The same start states as read trajectory by trajectory.
@@ -269,8 +247,8 @@ async def test_training_readers_issue_a_constant_number_of_queries(store):
 
     counts = {}
     for run_id in (small, large):
-        with _selects(store) as statements:
-            groups = decision_groups(store, run_id, "stop")
+        with selects(store) as statements:
+            groups = read_groups(store, run_id, "stop")
         counts[run_id] = len(statements)
         assert groups
     assert counts[small] == counts[large] <= 8, counts
@@ -284,7 +262,7 @@ async def test_stage_groups_of_forked_runs_read_in_bulk(store):
     forked = await fork(
         store, starts, stopper=UniformStopPolicy(0.5), group_size=3, settings=SETTINGS
     )
-    with _selects(store) as statements:
-        groups = stage_groups(store, forked)
+    with selects(store) as statements:
+        groups = read_stage_groups(store, forked)
     assert groups and len(statements) <= 8
     assert all(len(g.members) == 3 for g in groups)

@@ -14,8 +14,8 @@ from atelier.cli import main
 from policies.router import RouterPolicy
 from policies.weights import CONFIG_FILE, WEIGHTS_FILE, load_policy
 from storage.store import TrajectoryStore
-from training.trainer import save_and_register
-from training.versions import VersionTaken, reserve_versions, taken_versions
+from training.decisions.trainer import GRPOTrainer
+from training.versions import VersionTaken, reserve_versions, save_version, taken_versions
 
 TRAIN = ["train", "--world", "shapeworld", "--iterations", "1", "--per-category", "1", "-G", "2"]
 
@@ -96,12 +96,70 @@ def test_save_refuses_an_existing_directory_and_leaves_it_as_it_was(tmp_path):
 def test_a_failed_registration_removes_the_files_it_wrote(tmp_path):
     store = TrajectoryStore(f"sqlite:///{tmp_path / 'a.db'}")
     policy = RouterPolicy(seed=0)
-    save_and_register(policy, store, tmp_path / "v" / "router-0")
+    trainer = GRPOTrainer(policy)
+    save_version(trainer, store, tmp_path / "v" / "router-0")
     with pytest.raises(VersionTaken):  # same version again: refused before writing
-        save_and_register(policy, store, tmp_path / "w" / "router-0")
+        save_version(trainer, store, tmp_path / "w" / "router-0")
     assert not (tmp_path / "w" / "router-0").exists()
     loaded = load_policy(tmp_path / "v" / "router-0")
     assert loaded.version == policy.version
+
+    # Registering itself fails after the files are written: they are removed again.
+    def refuse(*args, **kwargs):
+        raise RuntimeError("the store went away")
+
+    store.register_policy_version = refuse  # type: ignore[method-assign]
+    trainer.policy.version = "1"
+    with pytest.raises(RuntimeError, match="went away"):
+        save_version(trainer, store, tmp_path / "x" / "router-1")
+    assert not (tmp_path / "x" / "router-1").exists()
+    assert not list((tmp_path / "x").iterdir())  # no staging directory left behind either
+
+
+@pytest.mark.parametrize("kind", ["decisions", "lora"])
+def test_save_version_refuses_an_existing_directory_before_writing(tmp_path, kind):
+    store = TrajectoryStore(f"sqlite:///{tmp_path / 'a.db'}")
+    target = tmp_path / "out" / "v1"
+    target.mkdir(parents=True)
+    (target / "keep.txt").write_text("mine")
+    trainer = GRPOTrainer(RouterPolicy(seed=0)) if kind == "decisions" else _FakeLoRA()
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        save_version(trainer, store, target)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert store.policy_versions() == []
+
+
+class _FakeLoRA:
+    """A trainer that writes its files with ``write_new_directory``, as the LoRA kinds do."""
+
+    name, version = "planner", "1"
+
+    def save(self, directory):
+        from policies.weights import write_new_directory
+
+        return write_new_directory(directory, lambda path: (path / "w.bin").write_bytes(b"w"))
+
+    def describe(self):
+        return {"kind": "fake"}
+
+
+def test_write_new_directory_is_atomic_and_never_overwrites(tmp_path):
+    from policies.weights import write_new_directory
+
+    def fail(path: Path) -> None:
+        (path / "half.bin").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_new_directory(tmp_path / "v1", fail)
+    assert list(tmp_path.iterdir()) == []  # neither the version nor its staging directory
+    store = TrajectoryStore(f"sqlite:///{tmp_path / 'a.db'}")
+    path = save_version(_FakeLoRA(), store, tmp_path / "v1", {"loss": float("nan")})
+    assert (path / "w.bin").read_bytes() == b"w"
+    (info,) = store.policy_versions(name="planner")
+    assert info.metadata == {"kind": "fake", "loss": None}  # JSON has no nan
+    with pytest.raises(FileExistsError):
+        write_new_directory(path, lambda p: None)
 
 
 def test_reserve_versions_relabels_fresh_policies_past_store_and_disk(tmp_path):

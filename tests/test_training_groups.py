@@ -14,8 +14,8 @@ from nodes.state import Budget
 from policies.base import ModeObservation, StopObservation
 from policies.simple import UniformModePolicy, UniformStopPolicy
 from storage.store import TrajectoryStore
-from training.collect import collect
-from training.groups import decision_groups
+from training.decisions.groups import read_groups
+from training.decisions.sampling import collect
 
 PROMPTS = ["a red circle", "four blue squares", "two red circles above three green triangles"]
 
@@ -50,7 +50,7 @@ def recorded(tmp_path_factory):
 
 def test_mode_groups_carry_the_stored_decisions_and_rewards(recorded):
     store, run_id, results, router, _ = recorded
-    groups = decision_groups(store, run_id, "mode")
+    groups = read_groups(store, run_id, "mode")
     assert len(groups) == 3 and all(len(g.members) == 6 for g in groups)
     by_id = {r.trajectory_id: r for r in results}
     for group in groups:
@@ -70,7 +70,7 @@ def test_mode_groups_carry_the_stored_decisions_and_rewards(recorded):
 
 def test_stop_observations_are_rebuilt_exactly_as_the_policy_saw_them(recorded):
     store, run_id, _, _, stopper = recorded
-    groups = decision_groups(store, run_id, "stop")
+    groups = read_groups(store, run_id, "stop")
     rebuilt = [d.observation for g in groups for m in g.members for d in m.decisions]
     assert len(rebuilt) == len(stopper.seen) > 0
     assert Counter(rebuilt) == Counter(stopper.seen)
@@ -86,9 +86,9 @@ def test_stop_observations_are_rebuilt_exactly_as_the_policy_saw_them(recorded):
 
 def test_filters_by_policy_version_status_and_size(recorded):
     store, run_id, _, _, _ = recorded
-    assert decision_groups(store, run_id, "mode", policy="router") == []
-    assert decision_groups(store, run_id, "mode", policy="uniform-mode", version="2") == []
-    assert len(decision_groups(store, run_id, "mode", policy="uniform-mode", version="1")) == 3
-    assert decision_groups(store, run_id, "mode", status="failed") == []
-    assert decision_groups(store, run_id, "mode", min_size=7) == []
-    assert len(decision_groups(store, [run_id, run_id], "mode")) == 6
+    assert read_groups(store, run_id, "mode", policy="router") == []
+    assert read_groups(store, run_id, "mode", policy="uniform-mode", version="2") == []
+    assert len(read_groups(store, run_id, "mode", policy="uniform-mode", version="1")) == 3
+    assert read_groups(store, run_id, "mode", status="failed") == []
+    assert read_groups(store, run_id, "mode", min_size=7) == []
+    assert len(read_groups(store, [run_id, run_id], "mode")) == 6

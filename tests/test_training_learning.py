@@ -2,9 +2,10 @@
 
 Iteration 0 records 90 prompts × G=8 with the uniform router; four more iterations record 45
 new prompts × 8 each with the version being trained (on-policy). Reward: the checker score with
-seed 002's complexity penalty. Budget: 2 correction rounds (R3 trains with short reflect-refine
-chains; with 4, reflect's extra fixes make it a close rival of decompose on multi_count and the
-learned mix varies more between seeds). Evaluation: 90 held-out prompts (other seeds), 4 samples.
+the Self-Adaptive Interleaved Reasoner's (SAIR) complexity penalty. Budget: 2 correction rounds
+(R3 trains with short reflect-refine chains; with 4, reflect's extra fixes make it a close rival
+of decompose on multi_count and the learned mix varies more between seeds). Evaluation: 90
+held-out prompts (other seeds), 4 samples.
 
 How the reward is compared: the penalty is relative to a group, so the trained router and the
 uniform one run the same tasks (same seeds) and the penalty is applied over the pooled group of
@@ -36,16 +37,16 @@ import asyncio
 
 import pytest
 
-from agent_graph.runner import make_group_tasks
+from agent_graph.presets import shapeworld_tasks
 from nodes.backends.shapeworld.prompts import fixed_prompt_set
 from nodes.context import GraphSettings
 from nodes.state import Budget
 from policies.router import RouterPolicy
 from policies.simple import UniformModePolicy
 from storage.store import TrajectoryStore
+from training.decisions.loop import grpo_iterations
+from training.decisions.trainer import GRPOConfig, GRPOTrainer
 from training.evaluate import compare_routers, mode_probabilities
-from training.loop import grpo_iterations
-from training.trainer import GRPOConfig, GRPOTrainer
 
 # 128 px halves rendering and detection time; measured checker scores and image counts per
 # mode match 256 px within noise.
@@ -56,13 +57,6 @@ SIMPLE = ("single_object", "colors", "two_objects", "attribute_binding")
 COMPLEX = ("position_count", "multi_count")
 
 
-def _tasks(per_category: int, seed: int):
-    items = fixed_prompt_set(per_category, seed=seed)
-    return make_group_tasks(
-        [i.text for i in items], G, seed=seed, categories=[i.category for i in items]
-    )
-
-
 def _mean(values):
     values = list(values)
     return sum(values) / len(values)
@@ -71,7 +65,9 @@ def _mean(values):
 @pytest.mark.slow
 def test_grpo_router_beats_uniform_and_learns_a_mode_mix(tmp_path):
     store = TrajectoryStore(f"sqlite:///{tmp_path / 'learn.db'}")
-    batches = [_tasks(10, seed=1)] + [_tasks(5, seed=2 + k) for k in range(4)]
+    batches = [shapeworld_tasks(10, G, seed=1)] + [
+        shapeworld_tasks(5, G, seed=2 + k) for k in range(4)
+    ]
     trainer = GRPOTrainer(RouterPolicy(seed=0), GRPOConfig(seed=0))
     policy, log = asyncio.run(
         grpo_iterations(

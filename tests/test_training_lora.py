@@ -1,7 +1,7 @@
 """LoRA text policies end to end on the tiny random-weight LM: completions sampled from the
 ``lm`` server over HTTP and recorded in the store → GRPO on a LoRA adapter from the stored
 token ids and log-probs → the adapter saved (peft, safetensors) and loaded by the server at run
-time → the high-reward completions became more likely."""
+time → the high-reward completions became more likely; each version registered in the store."""
 
 from __future__ import annotations
 
@@ -10,19 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from training.lora import (
-    LoRAConfig,
-    LoRATrainer,
-    best_completions,
-    collect,
-    grpo_round,
-    load_groups,
-    score_run,
-    target_fraction,
-)
+from training.text.groups import best_members, read_groups
+from training.text.loop import grpo_round
+from training.text.rewards import score_run, target_fraction
+from training.text.sampling import collect
+from training.text.trainer import LoRAConfig, LoRATrainer
+from training.versions import save_version
 
 if TYPE_CHECKING:
-    from tests.tiny_models import TinyModels
+    from nodes.backends.engines.tiny_models import TinyModels
 
 pytest_plugins = ("tests.tiny_models",)  # the session fixtures: tiny models
 
@@ -35,9 +31,9 @@ TOKENS = 12
 def text_lm_server(tiny_models: TinyModels) -> Any:
     """``atelier serve lm`` for the tiny text LM (Qwen2, ChatML) on a free loopback port."""
     from nodes.backends.engines.lm_inprocess import LMService
+    from nodes.backends.engines.tiny_models import TORCH_THREADS
     from nodes.backends.servers.http_common import BackgroundServer
     from nodes.backends.servers.lm_server import create_lm_app
-    from tests.tiny_models import TORCH_THREADS
 
     service = LMService.from_pretrained(
         tiny_models.lm, name="tiny-lm", max_wait_ms=20, torch_threads=TORCH_THREADS
@@ -61,8 +57,8 @@ def word_tokens(tokenizer: Any) -> set[int]:
 async def mean_logprob(client: Any, pairs: list) -> float:
     """Mean over completions of their mean per-token log-prob, scored by the server."""
     values = []
-    for group, completion in pairs:
-        scored = await client.score_text(list(group.messages), completion.text)
+    for group, member in pairs:
+        scored = await client.score_text(list(group.messages), member.text)
         values.append(scored.mean_logprob)
     return sum(values) / len(values)
 
@@ -90,34 +86,38 @@ async def test_grpo_lora_raises_the_logprob_of_high_reward_completions(
         # 1-2. Sample G completions per prompt over HTTP (temperature 1, top-p 1), record them
         # with the SQLRecorder, reward them in the store.
         run_id = await collect(client, store, PROMPTS, group_size=GROUP_SIZE, max_tokens=TOKENS)
-        assert score_run(store, run_id, reward) == len(PROMPTS) * GROUP_SIZE
+        assert len(score_run(store, run_id, reward)) == len(PROMPTS) * GROUP_SIZE
         # 3. Groups from the stored ids and log-probs (bit-exact, never re-tokenised).
-        groups = load_groups(store, run_id)
+        groups = read_groups(store, run_id)
         assert len(groups) == len(PROMPTS)
-        assert all(len(g.completions) == GROUP_SIZE for g in groups)
+        assert all(len(g.members) == GROUP_SIZE for g in groups)
         for group in groups:
-            for c in group.completions:
-                assert 0 < len(c.token_ids) == len(c.logprobs) <= TOKENS
-                assert c.reward == reward(c.text, c.token_ids)
+            for m in group.members:
+                assert 0 < len(m.token_ids) == len(m.logprobs) <= TOKENS
+                assert m.reward == reward(m.text, m.token_ids)
         # 4-5. GRPO on the LoRA parameters.
-        stats = trainer.train(groups)
+        result = trainer.train(groups)
+        metrics = result.metrics
         # Before the first update, the recomputed log-probs are the server's sampling log-probs.
-        assert stats.first_max_abs_log_ratio < 1e-5
-        assert stats.first_ratio_mean == pytest.approx(1.0, abs=1e-5)
-        assert stats.groups_used >= 3 and stats.steps == 8 * 2
-        assert stats.history[-1]["ratio_mean"] != pytest.approx(1.0, abs=1e-3)  # it moved
-        # 6. Save in peft's layout; the server loads it at run time.
-        adapter = trainer.save(tmp_path / "adapter-0")
+        assert metrics["first_max_abs_log_ratio"] < 1e-5
+        assert metrics["first_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+        assert metrics["groups_used"] >= 3 and metrics["steps"] == len(result.history) == 8 * 2
+        assert result.history[-1]["ratio_mean"] != pytest.approx(1.0, abs=1e-3)  # it moved
+        # 6. Save in peft's layout, registered as the next version; the server loads it.
+        adapter = save_version(trainer, store, tmp_path / "adapter-1", metrics)
         assert (adapter / "adapter_model.safetensors").exists()
         assert (adapter / "adapter_config.json").exists()
+        (registered,) = store.policy_versions(name="planner")
+        assert (registered.version, registered.path) == ("1", str(adapter))
+        assert registered.metadata["optimizer_steps"] == 16
         await client.load_adapter("policy", str(adapter))
         policy = client.with_adapter("policy")
         assert await client.models() == ["tiny-lm", "policy"]
 
         # The highest- and lowest-reward completions of each group, scored by the server
         # (score_text over HTTP) without and with the adapter.
-        best = best_completions(groups)
-        worst = [(g, min(g.completions, key=lambda c: c.reward)) for g in groups]
+        best = best_members(groups)
+        worst = [(g, min(g.members, key=lambda m: m.reward)) for g in groups]
         assert min(c.reward for _, c in best) > max(c.reward for _, c in worst)
         base_best = await mean_logprob(client, best)
         base_worst = await mean_logprob(client, worst)
@@ -131,12 +131,13 @@ async def test_grpo_lora_raises_the_logprob_of_high_reward_completions(
 
         # One more round, on-policy: sampled from the served adapter, whose log-probs are the
         # trainer's own (ratio 1 before the update again), then replaced in place.
-        result = await grpo_round(
-            policy, store, trainer, PROMPTS, reward, tmp_path / "adapter-1",
+        round_ = await grpo_round(
+            policy, store, trainer, PROMPTS, reward, tmp_path / "adapter-2",
             group_size=GROUP_SIZE, max_tokens=TOKENS, seed=1,
         )  # fmt: skip
-        assert result.stats.first_max_abs_log_ratio < 1e-5
-        await client.load_adapter("policy", str(result.adapter_dir), inplace=True)
+        assert round_.result.metrics["first_max_abs_log_ratio"] < 1e-5
+        assert [v.version for v in store.policy_versions(name="planner")] == ["1", "2"]
+        await client.load_adapter("policy", str(round_.path), inplace=True)
     finally:
         torch.set_num_threads(threads)
 

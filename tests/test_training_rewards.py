@@ -206,13 +206,14 @@ def test_margin_penalty_scales_the_margin_over_the_best_of_the_rest():
     assert margin_complexity_penalty([1.0, 1.0, 0.67], [2, 1, 1], eps=0.05) == pytest.approx(
         [0.835, 1.0, 0.67], abs=1e-15
     )
-    # The first seed-002 case: near-best {0, 1, 4}, N* = 1, b = 0.75:
+    # The first case of the Self-Adaptive Interleaved Reasoner (SAIR): near-best {0, 1, 4},
+    # N* = 1, b = 0.75:
     # 0.75 + 0.25 · (1, 1/3, 1/4) = 1.0, 0.8333…, 0.8125; the others unchanged.
     rewards, counts = [1.0, 1.0, 0.75, 0.5, 1.0], [1, 3, 1, 2, 4]
     assert margin_complexity_penalty(rewards, counts, eps=0.1) == pytest.approx(
         [1.0, 0.75 + 0.25 / 3, 0.75, 0.5, 0.8125], abs=1e-15
     )
-    # Every member near-best: b = 0, i.e. exactly seed 002's form.
+    # Every member near-best: b = 0, i.e. exactly SAIR's form.
     for group in (([0.9, 1.0, 0.95], [2, 4, 3], 0.5), ([1.0, 1.0], [0, 2], 0.0)):
         assert margin_complexity_penalty(*group) == complexity_penalty(*group)
     assert margin_complexity_penalty([], [], eps=0.1) == []
@@ -222,7 +223,7 @@ def test_margin_penalty_scales_the_margin_over_the_best_of_the_rest():
 
 def test_margin_penalty_keeps_the_order_of_better_and_worse_answers():
     # Property, over many random groups: a member outside the near-best set never ends at or
-    # above a near-best one (seed 002's form breaks this in a sizeable share of the groups),
+    # above a near-best one (SAIR's form breaks this in a sizeable share of the groups),
     # the near-best keep their order among equal image counts, and nothing is raised.
     import random
 

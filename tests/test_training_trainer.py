@@ -1,5 +1,5 @@
 """GRPOTrainer on synthetic decision groups: direction of learning, zero-variance groups,
-reward shaping, checkpoint/resume, registration."""
+reward shaping, checkpoint/resume, saving a registered version."""
 
 from __future__ import annotations
 
@@ -11,18 +11,19 @@ import torch
 from policies.base import ModeObservation, StopObservation
 from policies.router import RouterPolicy
 from policies.stop import LearnedStopPolicy
-from training.groups import DecisionGroup, DecisionRecord, Member
-from training.trainer import GRPOConfig, GRPOTrainer, save_and_register, shaped_rewards
+from training.decisions.groups import DecisionGroup, DecisionMember, DecisionRecord
+from training.decisions.trainer import GRPOConfig, GRPOTrainer, shaped_rewards
+from training.versions import save_version
 
 UNIFORM = math.log(1 / 3)
 BEST = {"a red circle": "direct", "two red circles, three green triangles and a star": "decompose"}
 
 
-def _member(i: int, prompt: str, action: str, reward: float, images: int = 1) -> Member:
+def _member(i: int, prompt: str, action: str, reward: float, images: int = 1) -> DecisionMember:
     decision = DecisionRecord(
         "mode", action, UNIFORM, "uniform-mode", "1", 0, 0, ModeObservation(prompt)
     )
-    return Member(f"t{i}", i, "succeeded", action, images, {"checker": reward}, (decision,))
+    return DecisionMember(f"t{i}", i, "succeeded", action, images, {"checker": reward}, (decision,))
 
 
 def _group(prompt: str, gid: str) -> DecisionGroup:
@@ -48,9 +49,13 @@ def test_training_raises_the_probability_of_positive_advantage_actions():
     groups = [_group(p, f"g{i}") for i, p in enumerate(BEST)] + [_flat_group("flat")]
     trainer = GRPOTrainer(router, _config())
     result = trainer.train(groups)
-    assert result.policy.version == "1" and router.version == "0"
+    assert result.policy.version == result.version == trainer.version == "1"
+    assert router.version == "0"
     assert result.metrics["groups_zero_variance"] == 1 and result.metrics["groups_used"] == 2
     assert result.metrics["decisions"] == 12
+    assert result.metrics["steps"] == len(result.history) == 4  # 12 members, 1 batch, 4 epochs
+    # The stored log-probs are the uniform router's, which the fresh router is: ratio 1 first.
+    assert result.metrics["first_max_abs_log_ratio"] < 1e-12
     for prompt, best in BEST.items():
         before = router.probabilities(ModeObservation(prompt))
         after = result.policy.probabilities(ModeObservation(prompt))
@@ -70,9 +75,9 @@ def test_only_zero_variance_groups_means_no_update():
 
 def test_shaped_rewards_compose_then_penalise():
     members = (
-        Member("a", 0, "succeeded", "direct", 1, {"checker": 1.0, "format": 1.0}),
-        Member("b", 1, "succeeded", "decompose", 3, {"checker": 1.0, "format": 1.0}),
-        Member("c", 2, "succeeded", "reflect", 2, {"checker": 0.5, "format": 0.0}),
+        DecisionMember("a", 0, "succeeded", "direct", 1, {"checker": 1.0, "format": 1.0}),
+        DecisionMember("b", 1, "succeeded", "decompose", 3, {"checker": 1.0, "format": 1.0}),
+        DecisionMember("c", 2, "succeeded", "reflect", 2, {"checker": 0.5, "format": 0.0}),
     )
     group = DecisionGroup("run", "g", "p", None, "mode", members)
     # R = 0.5·R_o + 0.5·R_f = 1, 1, 0.25; near-best (eps 0.1) = a, b; N* = 1 -> b scaled by 1/3
@@ -87,12 +92,12 @@ def test_stop_policy_trains_on_multi_decision_members_with_kl():
         text = "<think>ok</think>No further edit needed." if stop_phrase else "<think>x</think>Add."
         return StopObservation("p", "p", text, stop_phrase, True, 0, 4, 1, (0.5,))
 
-    def member(i: int, actions: list[tuple[bool, str]], reward: float) -> Member:
+    def member(i: int, actions: list[tuple[bool, str]], reward: float) -> DecisionMember:
         decisions = tuple(
             DecisionRecord("stop", a, math.log(0.5), "stop", "0", j, j, obs(s))
             for j, (s, a) in enumerate(actions)
         )
-        return Member(f"t{i}", i, "succeeded", "reflect", 1, {"checker": reward}, decisions)
+        return DecisionMember(f"t{i}", i, "succeeded", "reflect", 1, {"checker": reward}, decisions)
 
     # Following the reflection pays; going against it does not.
     members = (
@@ -118,7 +123,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     straight = trainer.train(groups).policy
 
     resumed = GRPOTrainer.resume(tmp_path / "ckpt")
-    assert resumed.config == cfg and resumed.updates == trainer.updates - 12
+    assert resumed.config == cfg and resumed.steps == trainer.steps - 12
     assert resumed.policy.version == "1"
     continued = resumed.train(groups).policy
     assert continued.version == straight.version == "2"
@@ -126,15 +131,22 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
         assert torch.equal(p, q)
 
 
-def test_save_and_register(tmp_path):
+def test_save_version_registers_the_trained_version(tmp_path):
+    from policies.weights import load_policy
     from storage.store import TrajectoryStore
 
     store = TrajectoryStore(f"sqlite:///{tmp_path / 't.db'}")
-    result = GRPOTrainer(RouterPolicy(), _config()).train([_group("a red circle", "g")])
-    path = save_and_register(result.policy, store, tmp_path / "router-1", result.metrics)
+    trainer = GRPOTrainer(RouterPolicy(), _config())
+    result = trainer.train([_group("a red circle", "g")])
+    path = save_version(trainer, store, tmp_path / "router-1", result.metrics)
     (info,) = store.policy_versions(name="router")
     assert (info.version, info.path) == ("1", str(path))
     assert info.metadata["groups_used"] == 1
+    assert info.metadata["optimizer_steps"] == trainer.steps == result.metrics["updates"]
+    saved = load_policy(path)
+    assert saved.version == "1"
+    for p, q in zip(result.policy.parameters(), saved.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 def test_one_stop_policy_iteration_from_recorded_rollouts(tmp_path):
@@ -143,7 +155,7 @@ def test_one_stop_policy_iteration_from_recorded_rollouts(tmp_path):
     from agent_graph.runner import make_group_tasks
     from nodes.state import Budget
     from storage.store import TrajectoryStore
-    from training.loop import grpo_iterations
+    from training.decisions.loop import grpo_iterations
 
     store = TrajectoryStore(f"sqlite:///{tmp_path / 't.db'}")
     prompts = ["three blue squares", "two red circles above a green star", "five triangles"]
@@ -165,12 +177,13 @@ def test_one_stop_policy_iteration_from_recorded_rollouts(tmp_path):
 
 def test_shaped_rewards_with_the_order_preserving_penalty():
     members = (
-        Member("a", 0, "succeeded", "decompose", 2, {"checker": 1.0}),
-        Member("b", 1, "succeeded", "reflect", 1, {"checker": 1.0}),
-        Member("c", 2, "succeeded", "direct", 1, {"checker": 0.67}),
+        DecisionMember("a", 0, "succeeded", "decompose", 2, {"checker": 1.0}),
+        DecisionMember("b", 1, "succeeded", "reflect", 1, {"checker": 1.0}),
+        DecisionMember("c", 2, "succeeded", "direct", 1, {"checker": 0.67}),
     )
     group = DecisionGroup("run", "g", "p", None, "mode", members)
-    # seed 002: the right 2-image answer drops to 0.5, below the wrong one (0.67)
+    # the Self-Adaptive Interleaved Reasoner's (SAIR) form: the right 2-image answer drops to
+    # 0.5, below the wrong one (0.67)
     assert shaped_rewards(group, GRPOConfig(complexity_eps=0.05)) == pytest.approx([0.5, 1.0, 0.67])
     # margin: 0.67 + (1 − 0.67) / 2 = 0.835
     margin = GRPOConfig(complexity_eps=0.05, complexity_form="margin")

@@ -17,18 +17,18 @@ from policies.base import StopObservation
 from policies.simple import UniformStopPolicy
 from policies.stop import LearnedStopPolicy
 from storage.store import TrajectoryStore
-from training.collect import collect
-from training.groups import stop_observation
+from training.decisions.groups import stop_observation
+from training.decisions.sampling import collect
+from training.decisions.trainer import GRPOConfig, GRPOTrainer
 from training.rewards import correction
-from training.trainer import GRPOConfig, GRPOTrainer
 from training.tree import (
     StartState,
     fork,
     member_stage_rewards,
+    read_stage_groups,
     reflect_refine_rewards,
     select_start_states,
     stage_config,
-    stage_groups,
     stage_start_states,
     tree_iterations,
 )
@@ -219,9 +219,9 @@ def test_forks_continue_from_exactly_the_stored_state(stored):
             )
         assert len(seeds) == group_size  # every continuation samples differently
     # Groups per fork point, carrying only the decision taken at the fork.
-    decision_groups = stage_groups(store, fork_run)
-    assert decision_groups and {g.group_id for g in decision_groups} <= {s.point for s in starts}
-    for group in decision_groups:
+    groups = read_stage_groups(store, fork_run)
+    assert groups and {g.group_id for g in groups} <= {s.point for s in starts}
+    for group in groups:
         assert len(group.members) == group_size and group.kind == "stop"
         for member in group.members:
             (decision,) = member.decisions

@@ -1,8 +1,8 @@
 """Session fixtures over the tiny random-weight models of :mod:`nodes.backends.engines.tiny_models`.
 
 The builders live in the installed package (``atelier tiny-models DIR`` builds a folder for
-``examples/configs/tiny-models.toml``); they are re-exported here so ``from tests.tiny_models
-import build_sd3`` keeps working. Use the fixtures with ``pytest_plugins = ("tests.tiny_models",)``.
+``examples/configs/tiny-models.toml``; tests import them from there). Every test module sees
+these fixtures (``tests/conftest.py`` loads this module as a plugin).
 """
 
 from __future__ import annotations
@@ -12,29 +12,12 @@ from typing import Any
 
 import pytest
 
-from nodes.backends.engines.tiny_models import (  # noqa: F401 - re-exported for tests and benchmarks
-    CHAT_TEMPLATE,
-    COLOURS,
-    IMAGE_SIZE,
-    IMAGE_TOKEN,
-    PATCH_SIZE,
-    RELATIONS,
-    SHAPES,
-    SPECIAL_TOKENS,
+from nodes.backends.engines.tiny_models import (
     TORCH_THREADS,
-    WORDS,
     TinyModels,
     build_all,
-    build_clip_tokenizer,
     build_flux,
-    build_ip2p,
-    build_lm,
-    build_sd,
     build_sd3,
-    build_t5_tokenizer,
-    build_tokenizer,
-    build_vlm,
-    corpus,
 )
 
 _BUILT: dict[str, Any] = {}

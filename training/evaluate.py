@@ -1,7 +1,7 @@
 """Evaluate routers on ShapeWorld prompts without recording: reward, images, mode mix.
 
-The reward is the checker score with seed 002's complexity penalty. The penalty is relative to
-a group, so *which* group matters when routers are compared:
+The reward is the checker score with the Self-Adaptive Interleaved Reasoner's (SAIR) complexity
+penalty. The penalty is relative to a group, so *which* group matters when routers are compared:
 
 - :func:`evaluate_router` applies it within each prompt's own ``samples`` trajectories. A
   router that always decomposes is then never penalised (no cheaper winner is in its group):
@@ -23,7 +23,7 @@ from agent_graph.runner import Runner, TrajectoryResult, make_group_tasks
 from nodes.context import GraphSettings
 from nodes.state import Budget
 from policies.base import MODES, ModeObservation, ModePolicy
-from training.collect import shapeworld_policy_context
+from training.decisions.sampling import shapeworld_policy_context
 from training.rewards import complexity_penalty
 
 

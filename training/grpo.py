@@ -8,9 +8,9 @@ node policies are decisions):
     ρ_i,t     exp(log π_θ(a_t) − log π_old(a_t)), the per-token importance ratio
     m_i,t     1 for a real token, 0 for padding
 
-The formulas follow DESIGN.md "Training" (R3 and seed 002 both train with GRPO) and are kept
-numerically identical to TRL's ``GRPOTrainer`` (tests/test_training_grpo.py runs TRL's own code
-on the same inputs).
+The formulas follow DESIGN.md "Training" (R3 and the Self-Adaptive Interleaved Reasoner (SAIR)
+both train with GRPO) and are kept numerically identical to TRL's ``GRPOTrainer``
+(tests/test_training_grpo.py runs TRL's own code on the same inputs).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tree-RL (R3, seed 000): stage-wise GRPO from stored intermediate states.
+"""Tree-RL (R3): stage-wise GRPO from stored intermediate states.
 
 R3 splits a trajectory into a reason stage and reflect-refine stages. Each stage starts from a
 result of the previous one; the trainer forks G continuations from a start state, rewards each
@@ -20,9 +20,10 @@ by what *this stage* achieved, and runs GRPO on the group of one start state. He
    point ``<parent trajectory>@<step seq>``; the run's config lists every fork's parent. A
    continuation runs to the end of the graph; its later rounds are later stages' results, so a
    forked run is itself a parent run for the next stage's forks (the tree grows a level).
-4. **Stage groups** (:func:`stage_groups`): per fork point, the G members' decision of this stage
-   (the stop policy's first decision after the fork) with R3's stage rewards: the correction
-   C_j, ``reflection`` = C + r_format, ``refinement`` = C (``training.rewards.stages``).
+4. **Stage groups** (:func:`read_stage_groups`): per fork point, the G members' decision of this
+   stage (the stop policy's first decision after the fork) with R3's stage rewards: the
+   correction C_j, ``reflection`` = C + r_format, ``refinement`` = C
+   (``training.rewards.stages``).
 5. **Training**: ``GRPOTrainer`` on those groups with R_o = C (:func:`stage_config`).
 
 The stop policy's decision plays the role of R3's "No further edit needed": in Atelier the
@@ -34,11 +35,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_graph.ids import time_ordered_id
 from agent_graph.rollout import run_config
@@ -46,19 +47,20 @@ from nodes.common import derive_seed
 from nodes.context import GraphSettings
 from nodes.reflect import reflection_target
 from nodes.state import Budget, ReasonerState
-from training.groups import (
-    DecisionGroup,
-    batches,
-    member,
-    stored_groups,
-    trajectory_decisions,
-)
+from training.decisions.groups import DecisionGroup, decision_member, trajectory_decisions
+from training.reading import batches, run_list, stored_groups
 from training.rewards import correction, reflection_format_reward, reflection_reward
+from training.versions import save_version
+
+if TYPE_CHECKING:
+    from storage.records import StepInfo, TrajectoryDetail
+    from storage.store import TrajectoryStore
+    from training.decisions.trainer import GRPOConfig, GRPOTrainer
 
 STAGE_DECISIONS = {"reflect_refine": "stop"}
 """The decision each trainable stage's groups carry. The reason stage's decision (the router's
-mode) is trained from whole trajectories (``training.groups.decision_groups``): a mode's worth
-shows only at the end of the trajectory, not in the first image."""
+mode) is trained from whole trajectories (``training.decisions.groups.read_groups``): a mode's
+worth shows only at the end of the trajectory, not in the first image."""
 
 STAGE_REWARD = {"reflect_refine": "correction"}
 """The stage reward the stop policy is trained on: C_j (r_format is the reflector's, not the
@@ -101,20 +103,19 @@ class StartState:
 
 
 def stage_start_states(
-    store: Any,
-    runs: str | Iterable[str],
+    store: TrajectoryStore,
+    run_ids: str | Sequence[str],
     stage: str = "reflect_refine",
     *,
     rounds: int | None = None,
     status: str | None = "succeeded",
 ) -> list[StartState]:
-    """Every point in ``runs`` where ``stage`` began after an image (see the module doc);
+    """Every point in the runs where ``stage`` began after an image (see the module doc);
     ``rounds`` keeps only starts with that many correction rounds already used."""
     if stage not in STAGE_DECISIONS:
         raise ValueError(f"Tree-RL trains the stages {sorted(STAGE_DECISIONS)}, not {stage!r}")
-    run_ids = [runs] if isinstance(runs, str) else list(runs)
     found: list[StartState] = []
-    for run_id in run_ids:
+    for run_id in run_list(run_ids):
         summaries = store.trajectories(run=run_id, status=status)
         for batch in batches(summaries):
             steps_of = store.steps_many([summary.id for summary in batch])
@@ -126,7 +127,7 @@ def stage_start_states(
 
 
 def _start_states(
-    trajectory_id: str, steps: Sequence[Any], rounds: int | None
+    trajectory_id: str, steps: Sequence[StepInfo], rounds: int | None
 ) -> Iterator[StartState]:
     """The start states among one trajectory's stored steps."""
     for before, step in pairwise(steps):
@@ -237,7 +238,7 @@ def fork_points(
 
 
 async def fork(
-    store: Any,
+    store: TrajectoryStore,
     starts: Sequence[StartState],
     *,
     stopper: Any,
@@ -256,7 +257,7 @@ async def fork(
     per group (fork point) the parent trajectory, step, node and V̂.
     """
     from storage.recorder import SQLRecorder
-    from training.collect import shapeworld_policy_context
+    from training.decisions.sampling import shapeworld_policy_context
 
     points = fork_points(starts, group_size, seed)
     budget = points[0][0].budget if points else Budget()
@@ -315,7 +316,7 @@ def reflect_refine_rewards(
     }
 
 
-def member_stage_rewards(detail: Any) -> tuple[dict[str, float], int]:
+def member_stage_rewards(detail: TrajectoryDetail) -> tuple[dict[str, float], int]:
     """Stage rewards of a forked trajectory (``store.trajectory(id)``) and the seq of the
     stage's first step. V̂ is the current image's score when the fork started, V the score of
     the first image the stage made (None: it made none), ``stopped`` the stop policy's first
@@ -338,9 +339,9 @@ def member_stage_rewards(detail: Any) -> tuple[dict[str, float], int]:
     return rewards, first.seq
 
 
-def stage_groups(
-    store: Any,
-    runs: str | Iterable[str],
+def read_stage_groups(
+    store: TrajectoryStore,
+    run_ids: str | Sequence[str],
     stage: str = "reflect_refine",
     *,
     policy: str | None = None,
@@ -353,12 +354,13 @@ def stage_groups(
     (:func:`member_stage_rewards`; ``checker`` is the trajectory's final score)."""
     kind = STAGE_DECISIONS[stage]
     keyed: list[tuple[tuple[str, int], DecisionGroup]] = []
-    for run_id, point, details in stored_groups(store, runs, status, min_size):
+    for run_id, point, details in stored_groups(store, run_ids, status, min_size):
         members = []
         for detail in details:
             rewards, seq = member_stage_rewards(detail)
             decisions = trajectory_decisions(detail, kind, policy=policy, version=version)
-            members.append(member(detail, rewards, [d for d in decisions if d.step_seq == seq]))
+            at_fork = [d for d in decisions if d.step_seq == seq]
+            members.append(decision_member(detail, rewards, at_fork))
         group = DecisionGroup(
             run_id=run_id,
             group_id=point,
@@ -378,7 +380,7 @@ def stage_groups(
 # --- 5. training ----------------------------------------------------------------------------
 
 
-def stage_config(config: Any, stage: str = "reflect_refine") -> Any:
+def stage_config(config: GRPOConfig, stage: str = "reflect_refine") -> GRPOConfig:
     """A ``GRPOConfig`` for a stage: R = the stage reward alone, no complexity penalty (the
     stage's members all start from one state; the penalty is for whole trajectories)."""
     return dataclasses.replace(
@@ -401,9 +403,9 @@ class StageIteration:
 
 
 async def tree_iterations(
-    store: Any,
-    trainer: Any,
-    runs: str | Sequence[str],
+    store: TrajectoryStore,
+    trainer: GRPOTrainer,
+    run_ids: str | Sequence[str],
     *,
     stage: str = "reflect_refine",
     iterations: int = 1,
@@ -415,13 +417,13 @@ async def tree_iterations(
     settings: GraphSettings | None = None,
     save_dir: str | Path | None = None,
 ) -> tuple[Any, list[StageIteration]]:
-    """Tree-RL on one stage: per iteration, draw ``starts`` start states from ``runs``, fork G
+    """Tree-RL on one stage: per iteration, draw ``starts`` start states from the runs, fork G
     continuations with the current policy version (on-policy), train on the stage groups.
     ``trainer`` is a ``GRPOTrainer`` of the stage's policy whose config is a
     :func:`stage_config`. With ``save_dir``, every version is saved under
     ``save_dir/<name>-<version>`` and registered in the store. Returns (last policy version,
     per-iteration logs)."""
-    run_ids = [runs] if isinstance(runs, str) else list(runs)
+    run_ids = run_list(run_ids)
     if trainer.config.outcome_reward != STAGE_REWARD[stage]:
         raise ValueError("train a stage with stage_config(config, stage)")
     candidates = stage_start_states(store, run_ids, stage, rounds=rounds)
@@ -444,13 +446,11 @@ async def tree_iterations(
             name=f"tree-{stage}-{index}",
             settings=settings,
         )
-        groups = stage_groups(store, run_id, stage, policy=policy.name, version=policy.version)
+        groups = read_stage_groups(store, run_id, stage, policy=policy.name, version=policy.version)
         result = trainer.train(groups)
         if save_dir is not None:
-            from training.trainer import save_and_register
-
-            path = Path(save_dir) / f"{result.policy.name}-{result.policy.version}"
-            save_and_register(result.policy, store, path, {**result.metrics, "fork_run": run_id})
+            directory = Path(save_dir) / f"{trainer.name}-{trainer.version}"
+            save_version(trainer, store, directory, {**result.metrics, "fork_run": run_id})
         log.append(
             StageIteration(
                 run_id,

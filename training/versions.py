@@ -1,24 +1,40 @@
-"""Policy version numbers that are free both in the store and on disk.
+"""Policy versions: numbers free in the store and on disk, and saving one (never overwriting).
 
 A saved policy version is never overwritten. Before any rollout, a training command reserves
 the versions it will produce (the trainer numbers them ``next_version`` after the initial one):
 a fresh policy is relabelled to the first number whose successors are all free; a policy loaded
 with ``--init`` keeps its identity, so a collision is refused before any work.
+
+:func:`save_version` is the one way every kind's trainer (decision policies, text LoRA
+adapters, diffusion LoRAs) saves a version: it refuses a version the store has or a directory
+that exists before writing anything, lets the trainer write the files atomically, registers
+the version in the store's ``policy_versions``, and removes the files again if registering
+fails, so the store and the files agree.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from policies.weights import next_version
+
+if TYPE_CHECKING:
+    from storage.store import TrajectoryStore
+    from training.result import Trainer
 
 
 class VersionTaken(ValueError):
     """A version a training run would produce already exists (store or disk)."""
 
 
-def taken_versions(store: Any, name: str, save_dir: str | Path | None) -> dict[str, str]:
+def taken_versions(
+    store: TrajectoryStore, name: str, save_dir: str | Path | None
+) -> dict[str, str]:
     """version -> where it is taken (the store, or a directory ``<save_dir>/<name>-<version>``)."""
     taken: dict[str, str] = {}
     if save_dir is not None and Path(save_dir).is_dir():
@@ -59,3 +75,56 @@ def reserve_versions(policy: Any, taken: dict[str, str], count: int, *, loaded: 
     while version in taken or any(v in taken for v in produced_versions(version, count)):
         version = next_version(version)
     return policy if version == policy.version else policy.clone(version=version)
+
+
+def save_version(
+    trainer: Trainer[Any],
+    store: TrajectoryStore,
+    directory: str | Path,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save the trainer's weights as ``trainer.name@trainer.version`` into the new
+    ``directory`` and register the version in the store, with ``trainer.describe()`` and
+    ``metadata`` (e.g. the ``TrainResult.metrics``; a non-finite number is stored as null).
+
+    Never overwrites: a version already in the store, or an existing ``directory``, raises
+    (:class:`VersionTaken`, ``FileExistsError``) before anything is written. If registering
+    fails, the files are removed again.
+    """
+    name, version = trainer.name, trainer.version
+    if store.policy_versions(name=name, version=version):
+        raise VersionTaken(
+            f"{name}@{version} is already in the store {store.url}: "
+            "a saved policy version is never overwritten"
+        )
+    if Path(directory).exists():
+        raise FileExistsError(
+            f"{directory} already exists: a saved policy version is never overwritten"
+        )
+    path = trainer.save(directory)
+    try:
+        store.register_policy_version(
+            name,
+            version,
+            path=str(path),
+            metadata=_json({**trainer.describe(), **(metadata or {})}),
+        )
+    except Exception:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path
+
+
+def _json(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``metadata`` as plain JSON (tuples as lists; nan and ±inf, which JSON lacks, as null)."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.loads(json.dumps(finite(dict(metadata))))

@@ -10,9 +10,14 @@ import asyncio
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_graph.heap import freeze_startup_heap
+
+if TYPE_CHECKING:
+    from storage.store import TrajectoryStore
+    from training.decisions.trainer import GRPOConfig
+    from training.tensorboard import TensorBoardLog
 
 POLICIES = ("router", "stop")
 
@@ -40,8 +45,8 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
         "--penalty",
         choices=("scale", "margin", "linear", "none"),
         default="scale",
-        help="complexity penalty: scale = seed 002's (default), margin = order-preserving, "
-        "linear = a price per image (--image-cost), none",
+        help="complexity penalty: scale = the Self-Adaptive Interleaved Reasoner's (SAIR) form "
+        "(default), margin = order-preserving, linear = a price per image (--image-cost), none",
     )
     train.add_argument(
         "--image-cost", type=float, default=0.1, help="λ per image for --penalty linear"
@@ -98,7 +103,7 @@ def _initial_policy(args: argparse.Namespace) -> Any:
     return LearnedStopPolicy(seed=args.seed)
 
 
-def _reserved_policy(args: argparse.Namespace, store: Any, count: int) -> Any:
+def _reserved_policy(args: argparse.Namespace, store: TrajectoryStore, count: int) -> Any:
     """The initial policy, numbered so that the ``count`` versions this command saves are free
     in the store and under ``--out`` (checked before any rollout: nothing is overwritten)."""
     from atelier.cli.errors import CliError
@@ -112,15 +117,15 @@ def _reserved_policy(args: argparse.Namespace, store: Any, count: int) -> Any:
         raise CliError(str(exc)) from None
 
 
-def _config(args: argparse.Namespace) -> Any:
-    from training.trainer import GRPOConfig
+def _config(args: argparse.Namespace) -> GRPOConfig:
+    from training.decisions.trainer import GRPOConfig
 
     if args.penalty == "none":
         return GRPOConfig(seed=args.seed, complexity_eps=None)
     return GRPOConfig(seed=args.seed, complexity_form=args.penalty, complexity_cost=args.image_cost)
 
 
-def _run_table(store: Any, run_id: str) -> tuple[float, float, float, str]:
+def _run_table(store: TrajectoryStore, run_id: str) -> tuple[float, float, float, str]:
     rows = store.trajectories(run=run_id)
     n = max(len(rows), 1)
     modes = Counter(r.mode or "?" for r in rows)
@@ -133,7 +138,7 @@ def _run_table(store: Any, run_id: str) -> tuple[float, float, float, str]:
     )
 
 
-def _mode_shares(store: Any, run_id: str) -> dict[str, float]:
+def _mode_shares(store: TrajectoryStore, run_id: str) -> dict[str, float]:
     rows = store.trajectories(run=run_id)
     modes = Counter(r.mode or "?" for r in rows)
     return {f"share_{m}": modes[m] / max(len(rows), 1) for m in ("direct", "reflect", "decompose")}
@@ -173,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             board.close()
 
 
-def _tensorboard(args: argparse.Namespace) -> Any:
+def _tensorboard(args: argparse.Namespace) -> TensorBoardLog | None:
     if args.tensorboard is None:
         return None
     from atelier.cli.errors import CliError
@@ -185,30 +190,32 @@ def _tensorboard(args: argparse.Namespace) -> Any:
         raise CliError(str(exc)) from None
 
 
-def _train(args: argparse.Namespace, store: Any, kind: str, board: Any) -> int:
+def _train(
+    args: argparse.Namespace, store: TrajectoryStore, kind: str, board: TensorBoardLog | None
+) -> int:
     from atelier.cli.common import resolve_run
     from atelier.cli.errors import CliError
 
     if args.tree_stage is not None:
         return _train_tree(args, store, board)
-    from training.trainer import GRPOTrainer, save_and_register
+    from training.decisions.trainer import GRPOTrainer
+    from training.versions import save_version
 
     if args.run:
-        from training.groups import decision_groups
+        from training.decisions.groups import read_groups
 
         runs = [resolve_run(store, ref).id for ref in args.run]
-        groups = decision_groups(store, runs, kind)
+        groups = read_groups(store, runs, kind)
         if not groups:
             raise CliError(f"no {kind} decision groups of 2 or more in {', '.join(args.run)}")
         trainer = GRPOTrainer(_reserved_policy(args, store, 1), _config(args))
         result = trainer.train(groups)
         if board is not None:
             board.scalars(0, result.metrics, "train")
-        policy = result.policy
-        path = args.out / f"{policy.name}-{policy.version}"
-        save_and_register(policy, store, path, {**result.metrics, "penalty": args.penalty})
+        path = args.out / f"{trainer.name}-{trainer.version}"
+        save_version(trainer, store, path, {**result.metrics, "penalty": args.penalty})
         metrics = ", ".join(f"{k}={v:.3g}" for k, v in sorted(result.metrics.items()))
-        print(f"trained {policy.name}@{policy.version} on {len(groups)} groups: {metrics}")
+        print(f"trained {trainer.name}@{trainer.version} on {len(groups)} groups: {metrics}")
         print(f"saved {path}")
         return 0
 
@@ -216,7 +223,7 @@ def _train(args: argparse.Namespace, store: Any, kind: str, board: Any) -> int:
     from nodes.backends.shapeworld import fixed_prompt_set
     from nodes.state import Budget
     from policies.simple import UniformModePolicy, UniformStopPolicy
-    from training.loop import grpo_iterations
+    from training.decisions.loop import grpo_iterations
 
     batches = []
     for iteration in range(args.iterations):
@@ -266,10 +273,12 @@ def _train(args: argparse.Namespace, store: Any, kind: str, board: Any) -> int:
     return 0
 
 
-def _train_tree(args: argparse.Namespace, store: Any, board: Any = None) -> int:
+def _train_tree(
+    args: argparse.Namespace, store: TrajectoryStore, board: TensorBoardLog | None = None
+) -> int:
     from atelier.cli.common import resolve_run
     from atelier.cli.errors import CliError
-    from training.trainer import GRPOTrainer
+    from training.decisions.trainer import GRPOTrainer
     from training.tree import stage_config, stage_start_states, tree_iterations
 
     runs = [resolve_run(store, ref).id for ref in args.run]

@@ -152,13 +152,15 @@ class ImageEditor(Protocol):
 
 @runtime_checkable
 class TracedImageModel(Protocol):
-    """A generator/editor that can return, with each image, the stochastic denoising
-    transitions that produced it (``nodes.backends.flow.transitions.TracedImage``), for
-    Flow-GRPO. Opt-in: the draw and refine nodes call the traced methods only when ``traced``
-    is true, and record the transitions with the step."""
+    """An image model that returns, with each image, the stochastic denoising transitions that
+    produced it (``nodes.backends.flow.transitions.TracedImage``), for Flow-GRPO.
+
+    The one way a node learns that a model records transitions: the draw and refine nodes call
+    the traced methods of a backend that ``isinstance(backend, TracedImageModel)``, and record
+    the transitions with the step. So a backend has these methods only when it really traces
+    (``FlowImageModel``, ``TracedOmniImageClient``; a wrapper only around a traced backend)."""
 
     model_id: str
-    traced: bool
 
     async def generate_traced(self, request: ImageRequest) -> Any: ...
 

@@ -488,14 +488,14 @@ def build_backend(name: str, spec: Any) -> Any:
             pool=_pool(spec),
         )
     if isinstance(spec, OmniBackend):
-        from nodes.backends.clients.omni_client import OmniImageClient
+        from nodes.backends.clients.omni_client import OmniImageClient, TracedOmniImageClient
 
-        return OmniImageClient(
+        client = TracedOmniImageClient if spec.traced else OmniImageClient
+        return client(
             model=spec.model,
             extra_body=spec.extra_body,
             edit_size=spec.edit_size,
             pool=_pool(spec),
-            traced=spec.traced,
         )
     if isinstance(spec, InProcessLMBackend):
         from nodes.backends.engines.lm_inprocess import InProcessChatModel, LMService
@@ -570,7 +570,7 @@ def _image_settings(spec: Any) -> dict[str, Any]:
 def _for_role(role: str, built: Any, spec: Any, role_spec: RoleSpec, shared: dict[Any, Any]) -> Any:
     """The object serving ``role``; ``shared`` keeps one wrapper per distinct setting, so
     roles configured alike share one object as they share the backend."""
-    from nodes.backends.overrides import SampledChatModel, SizedImageModel
+    from nodes.backends.overrides import SampledChatModel, sized_image_model
 
     if isinstance(spec, ShapeWorldBackend):
         return getattr(built, role)
@@ -585,7 +585,7 @@ def _for_role(role: str, built: Any, spec: Any, role_spec: RoleSpec, shared: dic
         return shared.setdefault(key, SampledChatModel(built, sampling))
     if role in IMAGE_ROLES and (settings := _image_settings(spec)):
         key = (role_spec.backend, "image")
-        return shared.setdefault(key, SizedImageModel(built, **settings))
+        return shared.setdefault(key, sized_image_model(built, **settings))
     return built
 
 

@@ -27,7 +27,15 @@ class ImageJob:
     negative_prompt: str | None = None
     image: Image.Image | None = None
     """The image to edit (edits only)."""
+    traced: bool = False
+    """Sample with the Flow-GRPO SDE sampler and answer the image with its transitions
+    (``nodes.backends.flow.transitions.TracedImage``) instead of the image alone."""
+    noise_level: float | None = None
+    """The SDE's noise level of a traced job (None: the sampler's default)."""
 
     def group_key(self) -> tuple[object, ...]:
-        """Jobs with equal keys run in one pipeline call."""
-        return (self.kind, self.size, self.steps, self.guidance_scale, self.negative_prompt)
+        """Jobs with equal keys run in one pipeline (or traced sampler) call."""
+        return (
+            self.kind, self.size, self.steps, self.guidance_scale, self.negative_prompt,
+            self.traced, self.noise_level,
+        )  # fmt: skip

@@ -4,7 +4,7 @@ The graph asks every chat role with one :class:`~nodes.backends.base.SamplingPar
 image at one size (``GraphSettings``); a config knows better for its models: a tiny model with a
 512-token context wants a small ``max_tokens``, a model trained at 512×512 wants that size. The
 wrappers here replace those fields of each request and delegate everything else (``pool``,
-``service``, ``traced``, LoRA loading, ...) to the backend they wrap.
+``service``, LoRA loading, ...) to the backend they wrap.
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ from nodes.backends.base import (
     ImageRequest,
     ScoredText,
     TextCompletion,
+    TracedImageModel,
 )
+
+_OWN_DECLARATIONS = frozenset({"generate_traced", "edit_traced"})
+"""Methods a wrapper never borrows from what it wraps: whether it is a
+:class:`~nodes.backends.base.TracedImageModel` is its own declaration (and a borrowed traced
+method would skip the wrapper's overrides)."""
 
 
 class _Delegating:
@@ -31,7 +37,7 @@ class _Delegating:
     inner: Any
 
     def __getattr__(self, name: str) -> Any:
-        if name == "inner":  # not set yet (copy, pickle): no recursion
+        if name == "inner" or name in _OWN_DECLARATIONS:  # "inner" not set yet: no recursion
             raise AttributeError(name)
         return getattr(self.inner, name)
 
@@ -88,8 +94,21 @@ class SizedImageModel(_Delegating):
     async def edit(self, request: EditRequest) -> Image.Image:
         return await self.inner.edit(self._edit(request))
 
+
+class SizedTracedImageModel(SizedImageModel):
+    """A :class:`SizedImageModel` around a :class:`~nodes.backends.base.TracedImageModel`, and
+    one itself: its traced draws and edits take the same size and steps."""
+
     async def generate_traced(self, request: ImageRequest) -> Any:
         return await self.inner.generate_traced(self._generation(request))
 
     async def edit_traced(self, request: EditRequest) -> Any:
         return await self.inner.edit_traced(self._edit(request))
+
+
+def sized_image_model(
+    inner: Any, *, size: tuple[int, int] | None = None, steps: int | None = None
+) -> SizedImageModel:
+    """``inner`` drawing at ``size`` with default ``steps``; traced when ``inner`` is."""
+    wrapper = SizedTracedImageModel if isinstance(inner, TracedImageModel) else SizedImageModel
+    return wrapper(inner, size=size, steps=steps)

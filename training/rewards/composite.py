@@ -1,4 +1,5 @@
-"""Seed 002's composite reward and its intra-group complexity penalty."""
+"""The Self-Adaptive Interleaved Reasoner's (SAIR) composite reward and its intra-group
+complexity penalty."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def composite_reward(
     stepwise: float = 0.0,
     weights: tuple[float, float, float] = (1.0, 0.0, 0.0),
 ) -> float:
-    """R = a1·R_o + a2·R_f + a3·R_s. Seed 002 does not publish the a's; the default keeps the
+    """R = a1·R_o + a2·R_f + a3·R_s. SAIR does not publish the a's; the default keeps the
     outcome alone."""
     a1, a2, a3 = weights
     return a1 * outcome + a2 * format_ + a3 * stepwise
@@ -30,7 +31,7 @@ def composite_reward(
 def complexity_penalty(
     rewards: Sequence[float], image_counts: Sequence[int], eps: float
 ) -> list[float]:
-    """Intra-group complexity penalty ("win with the fewest images", seed 002):
+    """Intra-group complexity penalty ("win with the fewest images", SAIR):
 
         near   = { i : R_i >= max_j R_j − eps }
         N*     = min_{i ∈ near} N_img_i
@@ -54,13 +55,13 @@ def margin_complexity_penalty(
         b      = max_{j ∉ near} R_j   (0 when every member is near-best)
         R'_i   = b + (R_i − b) · N* / N_img_i   for i ∈ near;   R'_i = R_i otherwise
 
-    Seed 002's form (:func:`complexity_penalty`) scales the whole reward, so a near-best member
+    SAIR's form (:func:`complexity_penalty`) scales the whole reward, so a near-best member
     with twice the images falls to half its reward, possibly below a member that was not near
     the best (a right 2-image answer 1.0 → 0.5, under a wrong 1-image answer scoring 0.67):
     the penalty then teaches "cheap and wrong beats right". Here a near-best member never falls
     to or below a member outside the near-best set (R'_i > b, since R_i > b), so the ranking of
     better against worse answers is kept and only ties (within eps) are broken by images; when
-    every member is near-best (b = 0) it is seed 002's form.
+    every member is near-best (b = 0) it is SAIR's form.
     """
     counts, near, fewest = _near_best(rewards, image_counts, eps)
     others = [r for r, is_near in zip(rewards, near, strict=True) if not is_near]
@@ -74,7 +75,7 @@ def margin_complexity_penalty(
 def linear_complexity_penalty(
     rewards: Sequence[float], image_counts: Sequence[int], cost: float
 ) -> list[float]:
-    """A price per image, for every member (not seed 002's; a Lagrangian form):
+    """A price per image, for every member (not SAIR's; a Lagrangian form):
 
         N_min = min_j N_img_j,    R'_i = R_i − λ · (N_img_i − N_min)
 
@@ -106,7 +107,7 @@ def apply_complexity_penalty(
     form: ComplexityForm = "scale",
     cost: float = 0.1,
 ) -> list[float]:
-    """The penalty by name: "scale" (seed 002 as stated) or "margin" (order-preserving), both
+    """The penalty by name: "scale" (SAIR as stated) or "margin" (order-preserving), both
     with near-best margin ``eps``; or "linear", with ``cost`` λ per image."""
     if form == "scale":
         return complexity_penalty(rewards, image_counts, eps)

@@ -25,7 +25,7 @@ def plan_format_reward(text: str) -> float:
 
 
 def trajectory_format_reward(state: Mapping[str, Any]) -> float:
-    """Seed 002's binary R_f for a whole trajectory (a state dict): 1 if every reflection text
+    """SAIR's binary R_f for a whole trajectory (a state dict): 1 if every reflection text
     and the decomposition (if any) are well formed, else 0. A trajectory with no formatted
     output (direct mode) has nothing malformed: 1."""
     for reflection in state.get("reflections", ()):

@@ -61,7 +61,7 @@ def yes_probability(
 
 def intrinsic_reward(prompt_token_logprobs: Sequence[float]) -> float:
     """GvU's intrinsic reward: the geometric mean of the prompt tokens' probabilities given the
-    image, as scored by the understanding model (seed 001, §3.2):
+    image, as scored by the understanding model (GvU, §3.2):
 
         R = exp( (1/n) Σ_j log p(prompt_token_j | image, prompt_<j) )
 

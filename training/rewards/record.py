@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from storage.records import RewardInfo
+    from storage.store import TrajectoryStore
 
 
 @dataclass(frozen=True)
@@ -18,7 +22,7 @@ class Reward:
     """The step's sequence number for a step-level reward; None for the whole trajectory."""
     details: dict[str, Any] | None = None
 
-    def store(self, store: Any, trajectory_id: str) -> Any:
+    def store(self, store: TrajectoryStore, trajectory_id: str) -> RewardInfo:
         """Record it on a trajectory (``TrajectoryStore.add_reward``); returns the stored row."""
         return store.add_reward(
             trajectory_id,
@@ -30,7 +34,7 @@ class Reward:
         )
 
 
-def store_rewards(store: Any, items: Iterable[tuple[str, Reward]]) -> list[int]:
+def store_rewards(store: TrajectoryStore, items: Iterable[tuple[str, Reward]]) -> list[int]:
     """Record many (trajectory id, reward) pairs in one transaction; returns their ids."""
     from storage.store import RewardInput
 

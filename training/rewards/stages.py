@@ -1,4 +1,4 @@
-"""R3's stage rewards (seed 000, §"Stage-wise Reward"), for Tree-RL's per-stage GRPO.
+"""R3's stage rewards (§"Stage-wise Reward"), for Tree-RL's per-stage GRPO.
 
 V is the judge's score in [0, 1]. Reason stage: the blueprint text and the first image.
 Reflect-refine stage: a reflection on an image scored V̂ (``v_prev``), then, unless it said the

@@ -2,7 +2,8 @@
 
 ``POST /v1/images/generations`` (JSON) and ``POST /v1/images/edits`` (multipart form data, the
 image as a PNG file), both answering ``{"data": [{"b64_json": ...}]}``. Served by
-``vllm serve <model> --omni`` and by Atelier's ``atelier serve image``.
+``vllm serve <model> --omni`` and by Atelier's ``atelier serve image``;
+:class:`TracedOmniImageClient` also asks the latter for each image's Flow-GRPO transitions.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ class OmniImageClient:
         edit_size: Literal["input", "auto"] = "input",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         pool: ServerPool | None = None,
-        traced: bool = False,
     ) -> None:
         if pool is None:
             if urls is None:
@@ -57,9 +57,6 @@ class OmniImageClient:
         self.extra_body = dict(extra_body or {})
         self.edit_size = edit_size
         self.max_pixels = max_pixels
-        self.traced = traced
-        """Ask ``atelier serve image`` for Flow-GRPO transitions (``return_transitions``); the
-        draw node then records them. Edits over HTTP come back without transitions."""
 
     @property
     def model_id(self) -> str:
@@ -89,28 +86,6 @@ class OmniImageClient:
         if request.steps is not None:
             payload["num_inference_steps"] = request.steps
         return payload
-
-    async def generate_traced(self, request: ImageRequest) -> Any:
-        """The image and its stochastic transitions (an Atelier server extension)."""
-        from nodes.backends.flow.transitions import TracedImage, transition_from_json
-
-        payload = self._generation_payload(request, return_transitions=True)
-        body = await self.pool.post_json("images.generations", "/v1/images/generations", payload)
-        image = self._first_image(body, "images.generations")
-        try:
-            items = body["data"][0]["transitions"]
-            transitions = tuple(transition_from_json(item) for item in items)
-        except (KeyError, TypeError, ValueError) as error:
-            raise WireFormatError(
-                f"images.generations response from {self.pool.urls} has no valid "
-                f"data[0].transitions (is it an Atelier image server?): {error}"
-            ) from None
-        return TracedImage(image, transitions)
-
-    async def edit_traced(self, request: EditRequest) -> Any:
-        from nodes.backends.flow.transitions import TracedImage
-
-        return TracedImage(await self.edit(request), ())
 
     async def edit(self, request: EditRequest) -> Image.Image:
         form: dict[str, Any] = {
@@ -150,6 +125,35 @@ class OmniImageClient:
             return decode_b64_image(b64, self.max_pixels)
         except ImageDecodeError as error:
             raise WireFormatError(f"{kind} response from {self.pool.urls}: {error}") from None
+
+
+class TracedOmniImageClient(OmniImageClient):
+    """An :class:`OmniImageClient` that asks ``atelier serve image`` for each generation's
+    Flow-GRPO transitions (``return_transitions``): a
+    :class:`~nodes.backends.base.TracedImageModel`, so the draw node records them. Edits over
+    HTTP come back without transitions (the server traces generations only)."""
+
+    async def generate_traced(self, request: ImageRequest) -> Any:
+        """The image and its stochastic transitions (an Atelier server extension)."""
+        from nodes.backends.flow.transitions import TracedImage, transition_from_json
+
+        payload = self._generation_payload(request, return_transitions=True)
+        body = await self.pool.post_json("images.generations", "/v1/images/generations", payload)
+        image = self._first_image(body, "images.generations")
+        try:
+            items = body["data"][0]["transitions"]
+            transitions = tuple(transition_from_json(item) for item in items)
+        except (KeyError, TypeError, ValueError) as error:
+            raise WireFormatError(
+                f"images.generations response from {self.pool.urls} has no valid "
+                f"data[0].transitions (is it an Atelier image server?): {error}"
+            ) from None
+        return TracedImage(image, transitions)
+
+    async def edit_traced(self, request: EditRequest) -> Any:
+        from nodes.backends.flow.transitions import TracedImage
+
+        return TracedImage(await self.edit(request), ())
 
 
 def _form_value(value: Any) -> str:

@@ -137,12 +137,6 @@ class ServerPool:
     def urls(self) -> list[str]:
         return [s.url for s in self.servers]
 
-    def stats(self) -> dict[str, dict[str, Any]]:
-        return {
-            s.url: {"requests": s.requests, "failures": s.failures, "in_flight": s.in_flight}
-            for s in self.servers
-        }
-
     def counters(self) -> dict[str, dict[str, int]]:
         """Cumulative counts per server URL (see :class:`ServerState`); ``retries`` over all
         servers is how many attempts the pool repeated, ``gave_up`` how many requests failed."""

@@ -9,6 +9,7 @@ ran are kept in ``batch_sizes`` (the servers show them at ``/stats``).
 Every call into the model goes through the same single worker thread (``run_exclusive`` for
 non-batch work such as loading a LoRA adapter), so the model never sees two threads at once.
 ``initializer`` runs once on that thread (e.g. ``torch.set_num_threads``, which is per thread).
+A model is served behind one through :class:`~nodes.backends.engines.service.ModelService`.
 """
 
 from __future__ import annotations
@@ -140,37 +141,3 @@ class DynamicBatcher(Generic[T, R]):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
-
-
-def model_batcher(
-    run_batch: Callable[[list[T]], Sequence[R | BaseException]],
-    *,
-    name: str,
-    max_batch: int,
-    max_wait_ms: float,
-    torch_threads: int | None,
-) -> DynamicBatcher[T, R]:
-    """The batcher an in-process model service runs its engine behind: options as the
-    services and backends TOML spell them (milliseconds; torch threads of the worker)."""
-    return DynamicBatcher(
-        run_batch,
-        max_batch=max_batch,
-        max_wait_s=max_wait_ms / 1000.0,
-        name=name,
-        initializer=torch_threads_initializer(torch_threads),
-    )
-
-
-def torch_threads_initializer(threads: int | None) -> Callable[[], None] | None:
-    """An initializer giving the worker thread ``threads`` intra-op torch threads (None: keep
-    torch's default). Tiny models run fastest on one; a big model on a shared CPU may want
-    fewer than all cores (OpenMP threads spinning on busy cores slow every op down)."""
-    if threads is None:
-        return None
-
-    def initialize() -> None:
-        import torch
-
-        torch.set_num_threads(threads)
-
-    return initialize

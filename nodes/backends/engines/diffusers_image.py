@@ -9,7 +9,9 @@ of the same weights (``AutoPipelineForImage2Image.from_pipe``: no extra memory).
 
 ``run_batch`` groups jobs with the same kind, size, steps and guidance into one pipeline call,
 with one seeded ``torch.Generator`` per image. Sizes are rounded up to what the pipeline accepts
-and the result resized to exactly the requested size.
+and the result resized to exactly the requested size. Traced jobs (``ImageJob.traced``: the
+server's ``return_transitions``) go, grouped the same way, to the Flow-GRPO sampler over the
+same pipeline (:class:`~nodes.backends.engines.flow_image.FlowImageEngine`, SD3 and Flux).
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class DiffusersImageEngine:
         self._peft_names: dict[str, str] = {}
         """Served name -> the adapter's name inside peft (``adapter<n>``)."""
         self._loads = 0
-        self._traced: Any = None
+        self._traced: dict[str, Any] = {}
+        """Kind ("generate" / "edit") -> the traced sampler over that kind's pipeline."""
         if model_dir is not None:
             from nodes.backends.engines.flow_image import absent_components  # e.g. SD3 without T5
 
@@ -96,7 +99,7 @@ class DiffusersImageEngine:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    # --- diffusion LoRA adapters and traced (Flow-GRPO) sampling --------------------------------
+    # --- diffusion LoRA adapters --------------------------------------------------------------
 
     def _policy_model(self) -> Any:
         pipe = self.generator_pipe or self.edit_pipe
@@ -138,8 +141,8 @@ class DiffusersImageEngine:
             self._forget_peft_adapter(model, old)
         self.adapters = {name: path}
         self._peft_names = {name: peft_name}
-        if self._traced is not None:
-            self._traced.sampler.lora = name
+        for traced in self._traced.values():  # the transitions name the active adapter
+            traced.sampler.lora = name
 
     @staticmethod
     def _forget_peft_adapter(model: Any, peft_name: str) -> None:
@@ -153,34 +156,8 @@ class DiffusersImageEngine:
             raise KeyError(f"the LoRA adapter {name!r} is not loaded")
         self._forget_peft_adapter(self._policy_model(), self._peft_names.pop(name))
         del self.adapters[name]
-        if self._traced is not None:
-            self._traced.sampler.lora = None
-
-    def run_traced(self, job: ImageJob, noise_level: float | None = None) -> Any:
-        """One image with its Flow-GRPO transitions (``nodes.backends.flow``; SD3 pipelines)."""
-        from nodes.backends.engines.flow_image import FlowImageEngine, FlowJob, run_traced
-        from nodes.backends.flow.sampler import SDEConfig
-
-        pipe = self.generator_pipe if job.kind == "generate" else self.edit_pipe
-        if pipe is None:
-            raise ImageUnsupported(f"{self.name} cannot {job.kind}")
-        if self._traced is None or self._traced.pipe is not pipe:
-            lora = next(iter(self.adapters), None)
-            self._traced = FlowImageEngine(pipe, name=self.name, lora=lora)
-        sampler = self._traced.sampler
-        sampler.sde = SDEConfig() if noise_level is None else SDEConfig(noise_level=noise_level)
-        flow_job = FlowJob(
-            job.kind,
-            job.prompt,
-            job.size,
-            job.seed,
-            job.steps or self.default_steps or 28,
-            7.0 if job.guidance_scale is None else job.guidance_scale,
-            job.negative_prompt or "",
-            0.8 if job.kind == "edit" else 1.0,
-            job.image.convert("RGB") if job.image is not None else None,
-        )
-        return run_traced(sampler, [flow_job])[0]
+        for traced in self._traced.values():
+            traced.sampler.lora = None
 
     @property
     def can_generate(self) -> bool:
@@ -204,13 +181,43 @@ class DiffusersImageEngine:
         for indices in groups.values():
             batch = [jobs[i] for i in indices]
             try:
-                images = self._run(batch)
+                images = self._run_traced(batch) if batch[0].traced else self._run(batch)
             except Exception as error:
                 log.exception("image batch of %d failed", len(batch))
                 images = [error] * len(batch)
             for index, image in zip(indices, images, strict=True):
                 results[index] = image
         return [r if r is not None else RuntimeError("job was not served") for r in results]
+
+    def _run_traced(self, jobs: Sequence[ImageJob]) -> Sequence[Any]:
+        """Traced jobs (one group) through the one traced-sampling path,
+        :class:`~nodes.backends.engines.flow_image.FlowImageEngine`: each image with its
+        Flow-GRPO transitions. Steps the request leaves open are this engine's
+        ``default_steps``, anything else open the traced defaults."""
+        from nodes.backends.engines.flow_image import FlowImageEngine, FlowJob
+
+        kind = jobs[0].kind
+        traced = self._traced.get(kind)
+        if traced is None:
+            pipe = self.generator_pipe if kind == "generate" else self.edit_pipe
+            lora = next(iter(self.adapters), None)
+            traced = self._traced[kind] = FlowImageEngine(pipe, name=self.name, lora=lora)
+        return traced.run_batch(
+            [
+                FlowJob.of(
+                    job.kind,
+                    job.prompt,
+                    job.size,
+                    job.seed,
+                    steps=job.steps or self.default_steps,
+                    guidance_scale=job.guidance_scale,
+                    negative_prompt=job.negative_prompt,
+                    image=job.image,
+                    noise_level=job.noise_level,
+                )
+                for job in jobs
+            ]
+        )
 
     @torch.inference_mode()
     def _run(self, jobs: Sequence[ImageJob]) -> list[Image.Image | BaseException]:

@@ -1,43 +1,92 @@
 """``FlowImageModel``: an image generator and editor whose images come with their Flow-GRPO
 transitions (the draw and refine nodes record them), in this process, in dynamic batches.
 
-It is opt-in: the nodes record transitions only from a backend whose ``traced`` attribute is
-true (this one), calling ``generate_traced`` / ``edit_traced``; its plain ``generate`` / ``edit``
-return the same images without the record. Edits are image-to-image with the same components
-(the input image is encoded, noised to ``σ`` at ``strength`` of the schedule, and denoised under
-the instruction as prompt), which is what a flow-matching edit policy samples.
+It is a :class:`~nodes.backends.base.TracedImageModel`: the nodes call its ``generate_traced``
+/ ``edit_traced`` and record the transitions; its plain ``generate`` / ``edit`` return the same
+images without the record. Edits are image-to-image with the same components (the input image
+is encoded, noised to ``σ`` at ``strength`` of the schedule, and denoised under the instruction
+as prompt), which is what a flow-matching edit policy samples.
+
+:class:`FlowImageEngine` is the one traced-sampling path: ``FlowImageModel`` serves it, and the
+diffusers engine behind ``atelier serve image`` hands it the ``return_transitions`` requests.
+Both fill what a request leaves open with the same defaults (:data:`TRACED_STEPS`,
+:data:`TRACED_GUIDANCE`, :data:`EDIT_STRENGTH`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from nodes.backends.base import EditRequest, ImageRequest
-from nodes.backends.engines.batching import DynamicBatcher, model_batcher
+from nodes.backends.engines.service import ModelService
 from nodes.backends.flow.transitions import TracedImage
+
+TRACED_STEPS = 10
+"""Denoising steps of a traced sample when neither the request nor the model sets them:
+Flow-GRPO samples SD3.5 with 10 steps while training."""
+TRACED_GUIDANCE = 4.5
+"""Classifier-free guidance scale of a traced sample when the request sets none: Flow-GRPO's
+CFG 4.5 for SD3.5 (a guidance-distilled Flux takes it as its guidance embedding instead)."""
+EDIT_STRENGTH = 0.8
+"""How much of the schedule a traced edit runs (img2img strength): it enters at step
+``steps − int(steps · strength)``."""
 
 
 @dataclass(frozen=True)
 class FlowJob:
+    """One traced image to sample; jobs with equal :meth:`group_key` share a sampler call."""
+
     kind: str  # "generate" | "edit"
     prompt: str
     size: tuple[int, int]
     seed: int
-    steps: int
-    guidance_scale: float
+    steps: int = TRACED_STEPS
+    guidance_scale: float = TRACED_GUIDANCE
     negative_prompt: str = ""
     strength: float = 1.0
     image: Image.Image | None = None
+    noise_level: float | None = None
+    """The SDE's noise level for this job (None: the sampler's own ``SDEConfig``)."""
+
+    @classmethod
+    def of(
+        cls,
+        kind: str,
+        prompt: str,
+        size: tuple[int, int],
+        seed: int,
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | None = None,
+        edit_strength: float = EDIT_STRENGTH,
+        image: Image.Image | None = None,
+        noise_level: float | None = None,
+    ) -> FlowJob:
+        """A job with the documented defaults wherever the request left a value open (None,
+        or 0 steps)."""
+        return cls(
+            kind,
+            prompt,
+            size,
+            seed,
+            steps or TRACED_STEPS,
+            TRACED_GUIDANCE if guidance_scale is None else guidance_scale,
+            negative_prompt or "",
+            edit_strength if kind == "edit" else 1.0,
+            image.convert("RGB") if image is not None else None,
+            noise_level,
+        )
 
     def group_key(self) -> tuple[object, ...]:
         return (
             self.kind, self.size, self.steps, self.guidance_scale, self.negative_prompt,
-            self.strength,
+            self.strength, self.noise_level,
         )  # fmt: skip
 
 
@@ -97,6 +146,9 @@ def run_traced(sampler: Any, jobs: Sequence[FlowJob]) -> list[TracedImage]:
     width, height = first.size
     multiple = sampler.model.size_multiple()
     run_w, run_h = _round_up(width, multiple), _round_up(height, multiple)
+    sde_config = sampler.sde
+    if first.noise_level is not None:
+        sde_config = replace(sde_config, noise_level=first.noise_level)
     traced = sampler.sample(
         [SampleJob(job.prompt, job.seed, job.image) for job in jobs],
         width=run_w,
@@ -105,6 +157,7 @@ def run_traced(sampler: Any, jobs: Sequence[FlowJob]) -> list[TracedImage]:
         guidance_scale=first.guidance_scale,
         negative_prompt=first.negative_prompt,
         strength=first.strength,
+        sde_config=sde_config,
     )
     return [
         TracedImage(
@@ -148,18 +201,19 @@ class FlowImageEngine:
 
 
 class FlowImageModel:
-    """:class:`~nodes.backends.base.ImageGenerator` and ``ImageEditor`` with traced variants."""
-
-    traced = True
+    """:class:`~nodes.backends.base.ImageGenerator`, ``ImageEditor`` and
+    :class:`~nodes.backends.base.TracedImageModel`: a :class:`FlowImageEngine` served in
+    dynamic batches. ``default_steps`` / ``guidance_scale`` / ``negative_prompt`` /
+    ``edit_strength`` fill what a request leaves open."""
 
     def __init__(
         self,
         engine: FlowImageEngine,
         *,
-        default_steps: int = 10,
-        guidance_scale: float = 4.5,
+        default_steps: int = TRACED_STEPS,
+        guidance_scale: float = TRACED_GUIDANCE,
         negative_prompt: str = "",
-        edit_strength: float = 0.8,
+        edit_strength: float = EDIT_STRENGTH,
         max_batch: int = 8,
         max_wait_ms: float = 10.0,
         torch_threads: int | None = None,
@@ -169,12 +223,12 @@ class FlowImageModel:
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
         self.edit_strength = edit_strength
-        self.batcher: DynamicBatcher[FlowJob, TracedImage] = model_batcher(
-            engine.run_batch,
-            name="atelier-flow",
+        self.service: ModelService[FlowJob, TracedImage] = ModelService(
+            engine,
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             torch_threads=torch_threads,
+            thread_name="atelier-flow",
         )
 
     @classmethod
@@ -206,34 +260,30 @@ class FlowImageModel:
 
     def _job(self, kind: str, prompt: str, size: tuple[int, int], seed: int, steps: int | None,
              image: Image.Image | None = None) -> FlowJob:  # fmt: skip
-        return FlowJob(
+        return FlowJob.of(
             kind,
             prompt,
             size,
             seed,
-            steps or self.default_steps,
-            self.guidance_scale,
-            self.negative_prompt,
-            self.edit_strength if kind == "edit" else 1.0,
-            image,
+            steps=steps or self.default_steps,
+            guidance_scale=self.guidance_scale,
+            negative_prompt=self.negative_prompt,
+            edit_strength=self.edit_strength,
+            image=image,
         )
 
     async def generate_traced(self, request: ImageRequest) -> TracedImage:
         job = self._job(
             "generate", request.prompt, (request.width, request.height), request.seed, request.steps
         )
-        return await self.batcher.submit(job)
+        return await self.service.run(job)
 
     async def edit_traced(self, request: EditRequest) -> TracedImage:
         job = self._job(
-            "edit",
-            request.instruction,
-            request.image.size,
-            request.seed,
-            request.steps,
-            request.image.convert("RGB"),
-        )
-        return await self.batcher.submit(job)
+            "edit", request.instruction, request.image.size, request.seed, request.steps,
+            request.image,
+        )  # fmt: skip
+        return await self.service.run(job)
 
     async def generate(self, request: ImageRequest) -> Image.Image:
         return (await self.generate_traced(request)).image  # type: ignore[return-value]
@@ -242,7 +292,7 @@ class FlowImageModel:
         return (await self.edit_traced(request)).image  # type: ignore[return-value]
 
     def close(self) -> None:
-        self.batcher.close()
+        self.service.close()
 
 
 def _round_up(value: int, multiple: int) -> int:

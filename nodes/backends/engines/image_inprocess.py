@@ -1,4 +1,5 @@
-"""In-process image models: ``ImageService`` (engine + dynamic batcher) and
+"""In-process image models: ``ImageService`` (a
+:class:`~nodes.backends.engines.service.ModelService` around a diffusers engine) and
 ``InProcessImageModel`` (an :class:`~nodes.backends.base.ImageGenerator` and
 :class:`~nodes.backends.base.ImageEditor` without HTTP; the ``image`` server wraps the same
 service). diffusers is imported only when a service is built."""
@@ -11,29 +12,19 @@ from typing import Any
 from PIL import Image
 
 from nodes.backends.base import EditRequest, ImageRequest
-from nodes.backends.engines.batching import DynamicBatcher, model_batcher
+from nodes.backends.engines.service import ModelService
 from nodes.backends.image_types import ImageJob
 
 
-class ImageService:
-    """One loaded image model (generation and/or editing) served in dynamic batches."""
+class ImageService(ModelService[ImageJob, Any]):
+    """One loaded image model (generation and/or editing: a
+    :class:`~nodes.backends.engines.diffusers_image.DiffusersImageEngine`) in dynamic batches.
+    A job answers an image, or for a traced job (``ImageJob.traced``) a
+    :class:`~nodes.backends.flow.transitions.TracedImage`."""
 
-    def __init__(
-        self,
-        engine: Any,
-        *,
-        max_batch: int = 4,
-        max_wait_ms: float = 10.0,
-        torch_threads: int | None = None,
-    ) -> None:
-        self.engine = engine
-        self.batcher: DynamicBatcher[ImageJob, Image.Image] = model_batcher(
-            engine.run_batch,
-            name="atelier-image",
-            max_batch=max_batch,
-            max_wait_ms=max_wait_ms,
-            torch_threads=torch_threads,
-        )
+    MAX_BATCH = 4
+    MAX_WAIT_MS = 10.0
+    THREAD_NAME = "atelier-image"
 
     @classmethod
     def from_pretrained(
@@ -63,39 +54,12 @@ class ImageService:
             engine, max_batch=max_batch, max_wait_ms=max_wait_ms, torch_threads=torch_threads
         )
 
-    @property
-    def name(self) -> str:
-        return str(self.engine.name)
-
-    async def run(self, job: ImageJob) -> Image.Image:
-        return await self.batcher.submit(job)
-
-    async def load_adapter(self, name: str, path: str, *, inplace: bool = False) -> None:
-        """Load a diffusion LoRA between batches (the model's worker thread)."""
-        await self.batcher.run_exclusive(_load_adapter, self.engine, name, path, inplace)
-
-    async def unload_adapter(self, name: str) -> None:
-        await self.batcher.run_exclusive(self.engine.unload_adapter, name)
-
-    async def run_traced(self, job: ImageJob, noise_level: float | None = None) -> Any:
-        """The image with its Flow-GRPO transitions (one job, between batches)."""
-        return await self.batcher.run_exclusive(self.engine.run_traced, job, noise_level)
-
     def stats(self) -> dict[str, Any]:
         return {
-            "adapters": list(getattr(self.engine, "adapters", {})),
-            "model": self.name,
+            **super().stats(),
             "generate": bool(self.engine.can_generate),
             "edit": bool(self.engine.can_edit),
-            **self.batcher.stats(),
         }
-
-    def close(self) -> None:
-        self.batcher.close()
-
-
-def _load_adapter(engine: Any, name: str, path: str, inplace: bool) -> None:
-    engine.load_adapter(name, path, inplace=inplace)
 
 
 class InProcessImageModel:

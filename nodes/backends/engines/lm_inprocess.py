@@ -1,4 +1,5 @@
-"""In-process text models: ``LMService`` (engine + dynamic batcher) and ``InProcessChatModel``.
+"""In-process text models: ``LMService`` (a :class:`~nodes.backends.engines.service.ModelService`
+around a transformers engine) and ``InProcessChatModel``.
 
 ``InProcessChatModel`` implements :class:`~nodes.backends.base.ScoringChatModel` without HTTP:
 concurrent graph calls are batched exactly as the ``lm`` server batches HTTP requests (the
@@ -15,30 +16,18 @@ from typing import Any
 from PIL import Image
 
 from nodes.backends.base import ChatMessage, ChatRequest, ScoredText, TextCompletion
-from nodes.backends.engines.batching import DynamicBatcher, model_batcher
+from nodes.backends.engines.service import ModelService
 from nodes.backends.lm_types import LMRequest, LMResult, PromptMessage
 from nodes.backends.wire import scoring_messages, text_span
 
 
-class LMService:
-    """One loaded text model served to concurrent callers in dynamic batches."""
+class LMService(ModelService[LMRequest, LMResult]):
+    """One loaded text model (:class:`~nodes.backends.engines.transformers_lm.TransformersLM`)
+    served to concurrent callers in dynamic batches."""
 
-    def __init__(
-        self,
-        engine: Any,
-        *,
-        max_batch: int = 8,
-        max_wait_ms: float = 5.0,
-        torch_threads: int | None = None,
-    ) -> None:
-        self.engine = engine
-        self.batcher: DynamicBatcher[LMRequest, LMResult] = model_batcher(
-            engine.run_batch,
-            name="atelier-lm",
-            max_batch=max_batch,
-            max_wait_ms=max_wait_ms,
-            torch_threads=torch_threads,
-        )
+    MAX_BATCH = 8
+    MAX_WAIT_MS = 5.0
+    THREAD_NAME = "atelier-lm"
 
     @classmethod
     def from_pretrained(
@@ -59,36 +48,13 @@ class LMService:
             engine, max_batch=max_batch, max_wait_ms=max_wait_ms, torch_threads=torch_threads
         )
 
-    @property
-    def name(self) -> str:
-        return str(self.engine.name)
-
-    async def run(self, request: LMRequest) -> LMResult:
-        return await self.batcher.submit(request)
-
     async def encode_ids(self, request: LMRequest) -> list[int]:
         """The prompt's token ids (no forward pass), on the model's worker thread."""
-        encoded = await self.batcher.run_exclusive(self.engine.encode, request)
+        encoded = await self.call(self.engine.encode, request)
         return list(encoded.input_ids)
-
-    async def load_adapter(self, name: str, path: str, *, inplace: bool = False) -> None:
-        await self.batcher.run_exclusive(_load, self.engine, name, path, inplace)
-
-    async def unload_adapter(self, name: str) -> None:
-        await self.batcher.run_exclusive(self.engine.unload_adapter, name)
 
     def models(self) -> list[str]:
         return [self.name, *self.engine.adapters]
-
-    def stats(self) -> dict[str, Any]:
-        return {"model": self.name, "adapters": list(self.engine.adapters), **self.batcher.stats()}
-
-    def close(self) -> None:
-        self.batcher.close()
-
-
-def _load(engine: Any, name: str, path: str, inplace: bool) -> None:
-    engine.load_adapter(name, path, inplace=inplace)
 
 
 class InProcessChatModel:

@@ -6,7 +6,8 @@
 - :mod:`.sampler` — a sampler built from a pipeline's components (text encoders, transformer,
   VAE, scheduler sigmas) that returns an image and its stochastic transitions, and recomputes a
   stored transition's log-prob under the current weights (what training needs);
-- :mod:`.backend` — an image generator / editor for the graph whose draws are traced.
 
-torch and diffusers are imported by ``sde``, ``sampler`` and ``backend`` only.
+The image generator / editor for the graph whose draws are traced is
+:class:`nodes.backends.engines.flow_image.FlowImageModel`. torch and diffusers are imported by
+``sde`` and ``sampler`` only.
 """

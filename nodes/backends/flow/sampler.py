@@ -304,10 +304,13 @@ class FlowSampler:
         guidance_scale: float,
         negative_prompt: str = "",
         strength: float = 1.0,
+        sde_config: SDEConfig | None = None,
     ) -> list[TracedImage]:
         """Images for ``jobs`` (all generations, or all edits with ``strength``), each with its
-        stochastic transitions. Sizes must be multiples of ``model.size_multiple()``."""
+        stochastic transitions. Sizes must be multiples of ``model.size_multiple()``.
+        ``sde_config``: the stochastic steps of this call (None: the sampler's own ``sde``)."""
         model = self.model
+        sde_config = sde_config or self.sde
         shape = model.latent_shape(width, height)
         generators = [torch.Generator("cpu").manual_seed(job.seed % 2**63) for job in jobs]
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
@@ -321,7 +324,7 @@ class FlowSampler:
         else:
             latents = noise
         latents = latents.to(model.device)
-        stochastic = [self.sde.stochastic_steps(job.seed, steps - start) for job in jobs]
+        stochastic = [sde_config.stochastic_steps(job.seed, steps - start) for job in jobs]
         sigma_cap = float(sigmas[1]) if len(sigmas) > 1 else 1.0
         guidance = torch.full((len(jobs),), float(guidance_scale), device=model.device)
         cond = Conditioning.stack([self.conditioning(j.prompt, negative_prompt) for j in jobs])
@@ -340,7 +343,7 @@ class FlowSampler:
                     velocity[row : row + 1],
                     sigma,
                     sigma_next,
-                    noise_level=self.sde.noise_level,
+                    noise_level=sde_config.noise_level,
                     sigma_cap=sigma_cap,
                     noise=z.to(model.device),
                 )
@@ -353,7 +356,7 @@ class FlowSampler:
                         sigma=sigma,
                         sigma_next=sigma_next,
                         sigma_cap=sigma_cap,
-                        noise_level=self.sde.noise_level,
+                        noise_level=sde_config.noise_level,
                         logprob=float(step.logprob[0]),
                         latents=pack_latents(latents[row], step.next_latents[0]),
                         prompt=job.prompt,

@@ -1,5 +1,6 @@
-"""What Atelier's HTTP servers share: bearer-token auth, request size limits, JSON errors, and
-running uvicorn in the foreground or on a background thread (tests, notebooks).
+"""What Atelier's HTTP servers share: bearer-token auth, request size limits, JSON errors, the
+LoRA load/unload body, and running uvicorn in the foreground or on a background thread (tests,
+notebooks).
 
 Errors are OpenAI-shaped: ``{"error": {"message": ..., "type": ..., "code": <status>}}``.
 ``/health`` is open (load balancers probe it); every other path needs the token when one is set.
@@ -16,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,6 +33,16 @@ class ServerLimits:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     """Largest decoded image (width × height); more is answered 400."""
     max_images_per_request: int = 16
+
+
+class LoraBody(BaseModel):
+    """``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``, as vLLM takes them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str | None = None
+    load_inplace: bool = False
 
 
 class HTTPError(Exception):

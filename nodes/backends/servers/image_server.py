@@ -33,6 +33,7 @@ from nodes.backends.engines.image_inprocess import ImageService
 from nodes.backends.image_types import ImageJob, ImageUnsupported
 from nodes.backends.servers.http_common import (
     HTTPError,
+    LoraBody,
     ServerLimits,
     base_app,
     guard,
@@ -68,14 +69,6 @@ class GenerationBody(BaseModel):
     stochastic transitions (latents as base64 safetensors) under ``data[i].transitions``."""
     noise_level: float | None = Field(None, ge=0.0, le=5.0)
     """The SDE's noise level for ``return_transitions`` (default 0.7)."""
-
-
-class LoraBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    lora_name: str = Field(min_length=1)
-    lora_path: str | None = None
-    load_inplace: bool = False
 
 
 class EditBody(GenerationBody):
@@ -117,11 +110,13 @@ def create_image_app(
                 steps=body.num_inference_steps,
                 guidance_scale=body.guidance_scale,
                 negative_prompt=body.negative_prompt,
+                traced=body.return_transitions,
+                noise_level=body.noise_level if body.return_transitions else None,
             )
             for seed in _seeds(body.seed, body.n)
         ]
         if body.return_transitions:
-            return await _answer_traced(service, jobs, body, size)
+            return await _answer_traced(service, jobs, size)
         return await _answer(service, jobs, body, size)
 
     @app.post("/v1/load_lora_adapter")
@@ -210,12 +205,12 @@ def _lora_body(data: Any) -> LoraBody:
 
 
 async def _answer_traced(
-    service: ImageService, jobs: list[ImageJob], body: GenerationBody, size: tuple[int, int]
+    service: ImageService, jobs: list[ImageJob], size: tuple[int, int]
 ) -> dict[str, Any]:
     from nodes.backends.flow.transitions import transition_to_json
 
     try:
-        traced = [await service.run_traced(job, body.noise_level) for job in jobs]
+        traced = await asyncio.gather(*(service.run(job) for job in jobs))
     except (ImageUnsupported, ValueError) as error:
         raise HTTPError(400, str(error)) from None
     except Exception as error:

@@ -38,6 +38,7 @@ from nodes.backends.lm_types import (
 )
 from nodes.backends.servers.http_common import (
     HTTPError,
+    LoraBody,
     ServerLimits,
     base_app,
     guard,
@@ -67,14 +68,6 @@ class ChatBody(BaseModel):
     response_format: dict[str, Any] | None = None
     n: int = 1
     stream: bool = False
-
-
-class LoraBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    lora_name: str = Field(min_length=1)
-    lora_path: str | None = None
-    load_inplace: bool = False
 
 
 def create_lm_app(

@@ -1,4 +1,5 @@
-"""GRPO iterations on ShapeWorld: roll out (recorded) → read decision groups → train → repeat.
+"""GRPO iterations on ShapeWorld: roll out (recorded) → read decision groups → train → save →
+repeat.
 
 Iteration 0 may use another behaviour policy (e.g. the uniform router, maximal exploration);
 every later iteration rolls out the version the previous one returned, so the log-probs the
@@ -10,13 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodes.context import GraphSettings
 from nodes.state import Budget, Task
-from training.collect import collect
-from training.groups import DecisionKind, decision_groups
-from training.trainer import GRPOTrainer, save_and_register
+from training.decisions.groups import DecisionKind, read_groups
+from training.decisions.sampling import collect
+from training.decisions.trainer import GRPOTrainer
+from training.versions import save_version
+
+if TYPE_CHECKING:
+    from storage.store import TrajectoryStore
 
 
 @dataclass
@@ -30,7 +35,7 @@ class Iteration:
 
 
 async def grpo_iterations(
-    store: Any,
+    store: TrajectoryStore,
     trainer: GRPOTrainer,
     task_batches: Sequence[Sequence[Task]],
     *,
@@ -56,15 +61,12 @@ async def grpo_iterations(
         run_id, _ = await collect(
             store, tasks, budget=budget, settings=settings, name=f"grpo-{index}", **role
         )
-        groups = decision_groups(
-            store, run_id, kind, policy=behaviour.name, version=behaviour.version
-        )
+        groups = read_groups(store, run_id, kind, policy=behaviour.name, version=behaviour.version)
         result = trainer.train(groups)
         policy = result.policy
         if save_dir is not None:
-            save_and_register(
-                policy, store, Path(save_dir) / f"{policy.name}-{policy.version}", result.metrics
-            )
+            directory = Path(save_dir) / f"{trainer.name}-{trainer.version}"
+            save_version(trainer, store, directory, result.metrics)
         log.append(
             Iteration(
                 run_id,

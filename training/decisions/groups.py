@@ -11,51 +11,20 @@ group's reward baseline; it just contributes no term to the loss.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 from policies.base import ModeObservation, StopObservation
+from training.reading import stored_groups
 from training.rewards import trajectory_format_reward
+
+if TYPE_CHECKING:
+    from storage.records import StepInfo, TrajectoryDetail
+    from storage.store import TrajectoryStore
 
 DecisionKind = Literal["mode", "stop"]
 Observation = ModeObservation | StopObservation
-T = TypeVar("T")
-
-READ_BATCH = 1000
-"""Trajectories read back per bulk store call (``steps_many``, ``trajectory_details``): a few
-queries per batch rather than several per trajectory, with the steps of only one batch in
-memory at a time."""
-
-
-def batches(items: Sequence[T], size: int = READ_BATCH) -> Iterator[Sequence[T]]:
-    """``items`` in consecutive slices of at most ``size``."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def stored_groups(
-    store: Any, runs: str | Iterable[str], status: str | None, min_size: int
-) -> Iterator[tuple[str, str, list[Any]]]:
-    """(run id, group id, its members' ``TrajectoryDetail``) for every stored group of
-    ``runs`` with at least ``min_size`` members of ``status``. Members are read in bulk, whole
-    groups at a time, about ``READ_BATCH`` trajectories per read (a larger group alone)."""
-    for run_id in [runs] if isinstance(runs, str) else list(runs):
-        groups = [
-            (group_id, [summary.id for summary in summaries])
-            for group_id, summaries in store.groups(run=run_id, status=status).items()
-            if len(summaries) >= min_size
-        ]
-        batch: list[tuple[str, list[str]]] = []
-        for index, group in enumerate(groups):
-            batch.append(group)
-            following = groups[index + 1][1] if index + 1 < len(groups) else None
-            if following is None or sum(len(ids) for _, ids in batch) + len(following) > READ_BATCH:
-                wanted = [tid for _, ids in batch for tid in ids]
-                details = store.trajectory_details(wanted)
-                for group_id, ids in batch:
-                    yield run_id, group_id, [details[tid] for tid in ids]
-                batch = []
 
 
 @dataclass(frozen=True)
@@ -74,7 +43,7 @@ class DecisionRecord:
 
 
 @dataclass(frozen=True)
-class Member:
+class DecisionMember:
     trajectory_id: str
     sample_index: int
     status: str
@@ -82,7 +51,8 @@ class Member:
     image_count: int
     rewards: Mapping[str, float]
     """Reward components by name: ``checker`` (the judge's score; 0 for a failed trajectory),
-    ``format`` (seed 002's binary R_f) and every trajectory-level reward in the store."""
+    ``format`` (the Self-Adaptive Interleaved Reasoner's (SAIR) binary R_f) and every
+    trajectory-level reward in the store."""
     decisions: tuple[DecisionRecord, ...] = ()
 
 
@@ -93,7 +63,7 @@ class DecisionGroup:
     prompt: str
     category: str | None
     kind: DecisionKind
-    members: tuple[Member, ...] = field(default_factory=tuple)
+    members: tuple[DecisionMember, ...] = field(default_factory=tuple)
 
     @property
     def decision_count(self) -> int:
@@ -126,14 +96,14 @@ def stop_observation(state_before: Mapping[str, Any], update: Mapping[str, Any])
     )
 
 
-def _observation(kind: str, step: Any) -> Observation:
+def _observation(kind: str, step: StepInfo) -> Observation:
     if kind == "mode":
         return mode_observation(step.state_before)
     return stop_observation(step.state_before, step.update)
 
 
 def trajectory_decisions(
-    detail: Any,
+    detail: TrajectoryDetail,
     kind: DecisionKind,
     *,
     policy: str | None = None,
@@ -165,8 +135,8 @@ def trajectory_decisions(
     return tuple(found)
 
 
-def member_rewards(detail: Any) -> dict[str, float]:
-    """Reward components of a stored trajectory (see :attr:`Member.rewards`)."""
+def member_rewards(detail: TrajectoryDetail) -> dict[str, float]:
+    """Reward components of a stored trajectory (see :attr:`DecisionMember.rewards`)."""
     final = detail.final_state or {}
     rewards = {
         "checker": float(detail.score) if detail.score is not None else 0.0,
@@ -176,9 +146,24 @@ def member_rewards(detail: Any) -> dict[str, float]:
     return rewards
 
 
-def decision_groups(
-    store: Any,
-    runs: str | Iterable[str],
+def decision_member(
+    detail: TrajectoryDetail, rewards: Mapping[str, float], decisions: Sequence[DecisionRecord]
+) -> DecisionMember:
+    """A group member from its stored trajectory, its rewards and the decisions it trains."""
+    return DecisionMember(
+        trajectory_id=detail.id,
+        sample_index=detail.sample_index,
+        status=detail.status,
+        mode=detail.mode,
+        image_count=detail.image_count,
+        rewards=rewards,
+        decisions=tuple(decisions),
+    )
+
+
+def read_groups(
+    store: TrajectoryStore,
+    run_ids: str | Sequence[str],
     kind: DecisionKind = "mode",
     *,
     policy: str | None = None,
@@ -186,7 +171,7 @@ def decision_groups(
     status: str | None = "succeeded",
     min_size: int = 2,
 ) -> list[DecisionGroup]:
-    """GRPO groups of ``kind`` decisions from the stored groups of ``runs``.
+    """GRPO groups of ``kind`` decisions from the stored groups of the runs.
 
     ``status`` keeps only trajectories with that status (None: all; a failed trajectory's
     ``checker`` reward is 0). ``policy`` / ``version`` keep only decisions taken by that
@@ -195,9 +180,9 @@ def decision_groups(
     with fewer than ``min_size`` members are dropped: a group of one has no baseline.
     """
     groups: list[DecisionGroup] = []
-    for run_id, group_id, details in stored_groups(store, runs, status, min_size):
+    for run_id, group_id, details in stored_groups(store, run_ids, status, min_size):
         members = [
-            member(
+            decision_member(
                 detail,
                 member_rewards(detail),
                 trajectory_decisions(detail, kind, policy=policy, version=version),
@@ -215,18 +200,3 @@ def decision_groups(
         if group.decision_count:
             groups.append(group)
     return groups
-
-
-def member(
-    detail: Any, rewards: Mapping[str, float], decisions: Sequence[DecisionRecord]
-) -> Member:
-    """A group member from its stored trajectory, its rewards and the decisions it trains."""
-    return Member(
-        trajectory_id=detail.id,
-        sample_index=detail.sample_index,
-        status=detail.status,
-        mode=detail.mode,
-        image_count=detail.image_count,
-        rewards=rewards,
-        decisions=tuple(decisions),
-    )

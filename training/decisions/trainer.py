@@ -1,32 +1,32 @@
-"""GRPO for node policies from stored decision groups (``training.groups``).
+"""GRPO for node policies from stored decision groups (``training.decisions.groups``).
 
 Each member of a group is one "completion" whose tokens are its decisions: the member's shaped
-reward (composite, then the group's complexity penalty) gives its group-relative advantage,
-shared by its decisions; the loss is ``training.grpo.grpo_loss`` on the policy's current
-log-probs against the log-probs recorded at sampling time.
+reward (composite, then the group's complexity penalty, both from the Self-Adaptive Interleaved
+Reasoner (SAIR)) gives its group-relative advantage, shared by its decisions; the loss is
+``training.grpo.grpo_loss`` on the policy's current log-probs against the log-probs recorded at
+sampling time.
 
 The trainer owns a working copy of the policy and its AdamW state; ``train`` returns a frozen
-snapshot with the next version, ready to roll out, save, and register in the store.
+snapshot with the next version, ready to roll out; ``training.versions.save_version`` saves it
+and registers it in the store.
 """
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from policies.weights import load_policy, load_weights, next_version, save_weights
-from training.groups import DecisionGroup
+from training.decisions.groups import DecisionGroup, DecisionRecord
 from training.grpo import AdvantageScale, LossType, group_advantages, grpo_loss
+from training.result import FIRST_STEP_KEY, TrainResult, step_summary
 from training.rewards import composite_reward
 from training.rewards.composite import ComplexityForm, apply_complexity_penalty
-from training.versions import VersionTaken
 
 
 @dataclass
@@ -57,17 +57,17 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping (global L2 norm)."""
     complexity_eps: float | None = 0.05
-    """Seed 002's near-best margin for the complexity penalty (not published there); None
+    """SAIR's near-best margin for the complexity penalty (not published there); None
     turns the penalty off."""
     complexity_form: ComplexityForm = "scale"
-    """"scale": seed 002 as stated (near-best R × N*/N); "margin": the order-preserving form
+    """"scale": SAIR as stated (near-best R × N*/N); "margin": the order-preserving form
     that scales only the margin over the best member outside the near-best set; "linear":
     R − λ·(N − N_min) for every member (``training.rewards.composite``)."""
     complexity_cost: float = 0.1
     """λ, the reward one image costs, for the "linear" form (not from a paper: an extra image
     must raise the judge score by 0.1 to pay for itself)."""
     reward_weights: tuple[float, float, float] = (1.0, 0.0, 0.0)
-    """(a1, a2, a3) of R = a1·R_o + a2·R_f + a3·R_s (seed 002 does not publish them)."""
+    """(a1, a2, a3) of R = a1·R_o + a2·R_f + a3·R_s (SAIR does not publish them)."""
     outcome_reward: str = "checker"
     """Reward component used as R_o (``checker`` = the stored judge score, or a stored name)."""
     format_reward: str = "format"
@@ -125,14 +125,9 @@ def _advantages(
     return advs, zeros
 
 
-@dataclass
-class TrainResult:
-    policy: Any
-    """The new policy version (a frozen snapshot)."""
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
 class GRPOTrainer:
+    """GRPO on a decision policy (``RouterPolicy``, ``LearnedStopPolicy``)."""
+
     def __init__(self, policy: Any, config: GRPOConfig | None = None) -> None:
         self.config = config or GRPOConfig()
         self.policy = policy.clone()
@@ -142,15 +137,24 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
         )
-        self.updates = 0
+        self.steps = 0
         """Optimizer steps taken so far (over every ``train`` call)."""
         self.rounds = 0
         """``train`` calls so far."""
 
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    @property
+    def version(self) -> str:
+        return self.policy.version
+
     # --- training -----------------------------------------------------------------------------
 
     def train(self, groups: Sequence[DecisionGroup]) -> TrainResult:
-        """GRPO on ``groups``; returns the new policy version and metrics."""
+        """GRPO on ``groups``; returns the new policy version and metrics (``decisions``: the
+        loss's tokens; ``updates``: optimizer steps over every call)."""
         cfg = self.config
         rewards = [shaped_rewards(g, cfg) for g in groups]
         metrics: dict[str, float] = {
@@ -158,7 +162,8 @@ class GRPOTrainer:
             "reward_mean": _mean([r for rs in rewards for r in rs]),
         }
         if not groups:
-            return TrainResult(self.policy.clone(), metrics)
+            metrics.update(step_summary([]))
+            return TrainResult(self.version, metrics, policy=self.policy.clone())
         advantages, zero = _advantages(rewards, cfg.advantage_scale, cfg.advantage_eps)
         rows = []  # one per member with decisions: (decisions, advantage)
         for group, adv, is_zero in zip(groups, advantages, zero, strict=True):
@@ -170,22 +175,21 @@ class GRPOTrainer:
         metrics["groups_zero_variance"] = float(sum(zero))
         metrics["groups_used"] = float(len(groups) - sum(zero))
         metrics["decisions"] = float(sum(len(d) for d, _ in rows))
-        totals: dict[str, list[float]] = {}
+        history: list[dict[str, float]] = []
         shuffler = random.Random(f"{cfg.seed}:{self.rounds}")
         for _ in range(cfg.epochs if rows else 0):
             order = list(range(len(rows)))
             shuffler.shuffle(order)
             for start in range(0, len(order), cfg.minibatch_size):
                 batch = [rows[i] for i in order[start : start + cfg.minibatch_size]]
-                for key, value in self._step(batch).items():
-                    totals.setdefault(key, []).append(value)
-        metrics.update({k: _mean(v) for k, v in totals.items()})
+                history.append(self._step(batch))
+        metrics.update(step_summary(history))
         self.rounds += 1
         self.policy.version = next_version(self.policy.version)
-        metrics["updates"] = float(self.updates)
-        return TrainResult(self.policy.clone(), metrics)
+        metrics["updates"] = float(self.steps)
+        return TrainResult(self.version, metrics, history, self.policy.clone())
 
-    def _step(self, batch: list[tuple[Sequence[Any], float]]) -> dict[str, float]:
+    def _step(self, batch: list[tuple[Sequence[DecisionRecord], float]]) -> dict[str, float]:
         cfg = self.config
         width = max(len(decisions) for decisions, _ in batch)
         obs = [d.observation for decisions, _ in batch for d in decisions]
@@ -220,14 +224,22 @@ class GRPOTrainer:
             ref_logprobs=ref,
             loss_type=cfg.loss_type,
         )
+        drift = float(((logp.detach() - old).abs() * mask).max())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
-        self.updates += 1
-        return {"loss": loss.item(), "grad_norm": norm.item(), **metrics}
+        self.steps += 1
+        return {"loss": loss.item(), "grad_norm": norm.item(), **metrics, FIRST_STEP_KEY: drift}
 
-    # --- checkpoints --------------------------------------------------------------------------
+    # --- versions and checkpoints -------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        """The policy's current version (``policy.save``: config JSON + safetensors, atomic)."""
+        return self.policy.save(directory)
+
+    def describe(self) -> dict[str, Any]:
+        return {"algorithm": "grpo", "optimizer_steps": self.steps}
 
     def save_checkpoint(self, directory: str | Path) -> Path:
         """Policy (``policy/``), optimizer moments (safetensors) and counters + config (JSON)."""
@@ -244,7 +256,7 @@ class GRPOTrainer:
         meta = {
             "class": "grpo-trainer",
             "config": asdict(self.config),
-            "updates": self.updates,
+            "updates": self.steps,
             "rounds": self.rounds,
             "param_groups": groups,
         }
@@ -268,37 +280,9 @@ class GRPOTrainer:
             index, name = key.split(".", 1)
             slots.setdefault(int(index), {})[name] = value
         trainer.optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
-        trainer.updates = int(meta["updates"])
+        trainer.steps = int(meta["updates"])
         trainer.rounds = int(meta["rounds"])
         return trainer
-
-
-def save_and_register(
-    policy: Any, store: Any, directory: str | Path, metadata: dict | None = None
-) -> Path:
-    """Save a new policy version and record it in the store's ``policy_versions``.
-
-    Never overwrites: a version already in the store, or an existing ``directory``, raises
-    before anything is written. The files are written atomically (``save_weights``), and if
-    registering fails they are removed again, so the store and the files agree.
-    """
-    if store.policy_versions(name=policy.name, version=policy.version):
-        raise VersionTaken(
-            f"{policy.name}@{policy.version} is already in the store {store.url}: "
-            "a saved policy version is never overwritten"
-        )
-    path = policy.save(directory)
-    try:
-        store.register_policy_version(
-            policy.name,
-            policy.version,
-            path=str(path),
-            metadata=json.loads(json.dumps(metadata or {})),
-        )
-    except Exception:
-        shutil.rmtree(path, ignore_errors=True)
-        raise
-    return path
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -1,15 +1,15 @@
 """Record ShapeWorld rollouts of a given (e.g. learned) router or stop policy into the store.
 
-A GRPO iteration needs the policy version being trained as the behaviour policy:
-``agent_graph.rollout.rollout`` takes it as ``router=`` / ``stopper=``. The run's config names
-the policies; ``resume_run`` refuses such a run rather than guess them.
+A GRPO iteration needs the policy version being trained as the behaviour policy: it goes into
+the context ``agent_graph.rollout.rollout`` is given. The run's config names the policies
+(name@version); ``resume_run`` asks for that context again rather than guess them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_graph.presets import shapeworld_context
 from agent_graph.rollout import rollout
@@ -17,6 +17,9 @@ from agent_graph.runner import TrajectoryResult
 from nodes.context import GraphSettings
 from nodes.state import Budget, Task
 from policies.base import ModePolicy, StopPolicy
+
+if TYPE_CHECKING:
+    from storage.store import TrajectoryStore
 
 
 def shapeworld_policy_context(
@@ -32,7 +35,7 @@ def shapeworld_policy_context(
 
 
 async def collect(
-    store: Any,
+    store: TrajectoryStore,
     tasks: Sequence[Task],
     *,
     router: ModePolicy | None = None,
@@ -45,14 +48,13 @@ async def collect(
 ) -> tuple[str, list[TrajectoryResult]]:
     """Run ``tasks`` on ShapeWorld with these policies, recording every step; returns
     (run id, results). Without ``router``, ``mode`` picks a built-in one as in ``rollout``."""
-    return await rollout(
+    context = shapeworld_policy_context(router, stopper, mode=mode, settings=settings)
+    outcome = await rollout(
         store,
         tasks,
-        mode=mode,
-        router=router,
-        stopper=stopper,
-        settings=settings,
+        context=context,
         budget=budget,
         name=name or "collect",
         concurrency=concurrency,
     )
+    return outcome.run_id, outcome.results

@@ -1,0 +1,210 @@
+"""Flow-GRPO on a diffusion LoRA, from stored image groups (``training.images.groups``).
+
+``FlowGRPOTrainer.train`` recomputes each stored transition's log-prob under base + LoRA with
+CFG as sampled (the stored prompt, negative prompt and guidance), the reference mean with the
+LoRA disabled, and minimises ``training.flow_grpo.flow_grpo_loss``. Before the first update the
+ratio is 1 (``first_max_abs_log_ratio`` in the metrics): the check that the recomputation
+matches the sampler. ``save`` writes the LoRA in peft's layout with Atelier's version file
+(``policies.diffusion_lora``), which the image server and ``FlowImageModel`` load at run time.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from policies.weights import next_version, write_new_directory
+from training.flow_grpo import flow_advantages, flow_grpo_loss
+from training.grpo import AdvantageScale
+from training.images.groups import ImageGroup
+from training.result import FIRST_STEP_KEY, TrainResult, step_summary
+
+
+@dataclass
+class FlowGRPOConfig:
+    r: int = 32
+    """LoRA rank (Flow-GRPO: 32)."""
+    alpha: int = 64
+    """LoRA alpha (Flow-GRPO: 64)."""
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """Transformer modules that get a LoRA (attention projections)."""
+    lr: float = 3e-4
+    """AdamW learning rate (Flow-GRPO: 3e-4)."""
+    weight_decay: float = 1e-4
+    clip_range: float = 1e-4
+    """ε of the clipped ratio (Flow-GRPO: 1e-4; log-probs are per-element means)."""
+    beta: float = 0.04
+    """Weight of the KL to the reference (the base model, LoRA disabled) (Flow-GRPO: 0.04)."""
+    adv_clip: float = 5.0
+    """Advantages are clipped to ±adv_clip (Flow-GRPO: 5)."""
+    advantage_scale: AdvantageScale = "group"
+    """"group" (GRPO), "batch" or "none" (Dr. GRPO), as ``training.grpo.group_advantages``."""
+    epochs: int = 1
+    """Passes over the transitions per ``train`` call."""
+    minibatch_size: int = 8
+    """Transitions per optimizer step."""
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    """Seeds the LoRA's random A matrices and the minibatch order."""
+
+
+class FlowGRPOTrainer:
+    """A flow pipeline's transformer (frozen) + a trainable LoRA, trained with Flow-GRPO.
+
+    ``model`` names the base model (what transitions record). ``name`` / ``version`` are the
+    LoRA's identity as a policy (default ``draw@0``, or those of ``init_lora``, the saved
+    version training continues from); every ``train`` call with groups makes the next version.
+    """
+
+    ADAPTER = "policy"
+
+    def __init__(
+        self,
+        pipe: Any,
+        config: FlowGRPOConfig | None = None,
+        *,
+        model: str = "flow-model",
+        name: str | None = None,
+        version: str | None = None,
+        init_lora: str | Path | None = None,
+    ) -> None:
+        from nodes.backends.engines.flow_image import flow_model
+        from nodes.backends.flow.sampler import FlowSampler
+        from policies.diffusion_lora import attach_lora, load_lora, lora_config
+
+        self.config = cfg = config or FlowGRPOConfig()
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.parent: str | None = None
+        """The version training started from (``init_lora``'s), recorded with every save."""
+        if init_lora is not None:
+            loaded = load_lora(self.transformer, init_lora, self.ADAPTER)
+            name, version = name or loaded.name, version or loaded.version
+            self.parent = loaded.version
+            self.transformer.requires_grad_(False)
+            self.parameters = [p for n, p in self.transformer.named_parameters() if "lora_" in n]
+            for p in self.parameters:
+                p.requires_grad_(True)
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.seed)
+                self.parameters = attach_lora(
+                    self.transformer,
+                    lora_config(cfg.r, cfg.alpha, cfg.target_modules),
+                    self.ADAPTER,
+                )
+        self.name, self.version = name or "draw", version or "0"
+        self.transformer.eval()
+        self.sampler = FlowSampler(flow_model(pipe, model))
+        self.optimizer = torch.optim.AdamW(
+            self.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.rng = random.Random(cfg.seed)
+        self.steps = 0
+        """Optimizer steps taken so far (over every ``train`` call)."""
+
+    def reference_means(self, transitions: Sequence[Any]) -> torch.Tensor:
+        """μ of each transition under the base model (the LoRA disabled)."""
+        self.transformer.disable_adapters()
+        try:
+            with torch.no_grad():
+                return self.sampler.recompute(transitions).mean
+        finally:
+            self.transformer.enable_adapters()
+
+    def train(self, groups: Sequence[ImageGroup]) -> TrainResult:
+        """Flow-GRPO on ``groups`` (``epochs`` passes of shuffled minibatches of transitions);
+        the metrics add ``transitions`` (the loss's tokens), ``clip_fraction`` and
+        ``seconds``."""
+        cfg = self.config
+        started = time.perf_counter()
+        items: list[tuple[Any, float]] = []
+        zero_variance = 0
+        for group in groups:
+            rewards = torch.tensor([m.reward for m in group.members], dtype=torch.float32)
+            advantages, zero = flow_advantages(
+                rewards, scale=cfg.advantage_scale, clip=cfg.adv_clip
+            )
+            if bool(zero):
+                zero_variance += 1
+                continue
+            for member, advantage in zip(group.members, advantages.tolist(), strict=True):
+                items.extend((t, advantage) for t in member.transitions)
+        history: list[dict[str, float]] = []
+        for _ in range(cfg.epochs):
+            order = list(range(len(items)))
+            self.rng.shuffle(order)
+            for start in range(0, len(order), cfg.minibatch_size):
+                batch = [items[i] for i in order[start : start + cfg.minibatch_size]]
+                history.append(self._step([t for t, _ in batch], [a for _, a in batch]))
+        rewards_all = [m.reward for g in groups for m in g.members]
+        metrics = {
+            "groups": float(len(groups)),
+            "groups_used": float(len(groups) - zero_variance),
+            "groups_zero_variance": float(zero_variance),
+            "reward_mean": sum(rewards_all) / len(rewards_all) if rewards_all else math.nan,
+            "transitions": float(len(items)),
+            **step_summary(history),
+        }
+        if groups:
+            self.version = next_version(self.version)
+        metrics["seconds"] = time.perf_counter() - started
+        return TrainResult(self.version, metrics, history)
+
+    def _step(self, transitions: list[Any], advantages: list[float]) -> dict[str, float]:
+        cfg = self.config
+        ref_mean = self.reference_means(transitions) if cfg.beta else None
+        current = self.sampler.recompute(transitions)
+        old = torch.tensor([t.logprob for t in transitions], dtype=torch.float32)
+        drift = float((current.logprob.detach() - old).abs().max())
+        loss, metrics = flow_grpo_loss(
+            current.logprob,
+            old,
+            torch.tensor(advantages, dtype=torch.float32),
+            clip_range=cfg.clip_range,
+            beta=cfg.beta,
+            mean=current.mean,
+            ref_mean=ref_mean,
+            std=current.std,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        row = {"loss": float(loss.detach()), **metrics}
+        row["clip_fraction"] = metrics["clip_low"] + metrics["clip_high"]
+        if cfg.max_grad_norm and math.isfinite(cfg.max_grad_norm):
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters, cfg.max_grad_norm)
+            row["grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.steps += 1
+        return {**row, FIRST_STEP_KEY: drift}
+
+    def save(self, directory: str | Path) -> Path:
+        """The LoRA as the new ``directory``, atomically: peft's layout plus Atelier's version
+        file (``name``, ``version`` and :meth:`describe`)."""
+        from policies.diffusion_lora import save_lora
+
+        def write(path: Path) -> None:
+            save_lora(
+                self.transformer, path, name=self.name, version=self.version,
+                adapter_name=self.ADAPTER, meta=self.describe(),
+            )  # fmt: skip
+
+        return write_new_directory(directory, write)
+
+    def describe(self) -> dict[str, Any]:
+        described: dict[str, Any] = {
+            "kind": "diffusion-lora",
+            "algorithm": "flow-grpo",
+            "optimizer_steps": self.steps,
+            "base_model": self.sampler.model.name,
+        }
+        if self.parent is not None:
+            described["parent"] = self.parent
+        return described
