@@ -17,7 +17,7 @@ from policies.simple import (
 from storage.images import ImageStore, MemoryImageStore
 
 
-def mode_policy(mode: str) -> ModePolicy:
+def builtin_mode_policy(mode: str) -> ModePolicy:
     """``auto`` = the rule-based router, ``random`` = uniform, else that fixed mode."""
     if mode == "auto":
         return RuleBasedModePolicy()
@@ -29,7 +29,7 @@ def mode_policy(mode: str) -> ModePolicy:
 def shapeworld_context(
     mode: str = "auto",
     *,
-    stopper: StopPolicy | None = None,
+    stop_policy: StopPolicy | None = None,
     images: ImageStore | None = None,
     config: Any = None,
     settings: GraphSettings | None = None,
@@ -48,8 +48,8 @@ def shapeworld_context(
     )
     return ReasonerContext(
         backends=backends,
-        router=mode_policy(mode),
-        stopper=stopper or FollowReflectionStopPolicy(),
+        mode_policy=builtin_mode_policy(mode),
+        stop_policy=stop_policy or FollowReflectionStopPolicy(),
         images=images if images is not None else MemoryImageStore(),
         settings=settings or GraphSettings(),
         recorder=recorder,
@@ -60,7 +60,7 @@ def config_context(
     path: Any,
     mode: str = "auto",
     *,
-    stopper: StopPolicy | None = None,
+    stop_policy: StopPolicy | None = None,
     images: ImageStore | None = None,
     settings: GraphSettings | None = None,
     recorder: Any = None,
@@ -70,8 +70,8 @@ def config_context(
 
     return ReasonerContext(
         backends=Backends(**load_backends(path)),
-        router=mode_policy(mode),
-        stopper=stopper or FollowReflectionStopPolicy(),
+        mode_policy=builtin_mode_policy(mode),
+        stop_policy=stop_policy or FollowReflectionStopPolicy(),
         images=images if images is not None else MemoryImageStore(),
         settings=settings or GraphSettings(),
         recorder=recorder,

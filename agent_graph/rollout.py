@@ -90,7 +90,10 @@ def _describe(graph: Any, context: ReasonerContext | None) -> dict[str, Any]:
         named["state"] = _qualified(_state_type(graph))
     if context is not None:
         named["world"] = "context"
-        for key, policy in (("router", context.router), ("stopper", context.stopper)):
+        for key, policy in (
+            ("mode_policy", context.mode_policy),
+            ("stop_policy", context.stop_policy),
+        ):
             name, version = getattr(policy, "name", None), getattr(policy, "version", None)
             named[key] = f"{name}@{version}" if name and version else _qualified(type(policy))
     return named
@@ -192,7 +195,8 @@ def _check_resumable(config: dict[str, Any], graph: Any, context: Any) -> None:
         for key in ("router", "stopper", "settings")  # runs of older versions
     )
     if in_code and context is None:
-        named = ", ".join(f"{k} {config[k]}" for k in ("router", "stopper") if k in config)
+        policies = ("mode_policy", "stop_policy", "router", "stopper")
+        named = ", ".join(f"{k} {config[k]}" for k in policies if k in config)
         wanted.append(f"context= (the run used a context given in code: {named})")
     if wanted:
         raise ValueError(

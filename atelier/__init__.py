@@ -57,7 +57,7 @@ _EXPORTS: dict[str, str] = {
     "read_decision_groups": "training.decisions.groups:read_groups",
     "TrainResult": "training.result",
     "save_version": "training.versions",
-    "RouterPolicy": "policies.router",
+    "LearnedModePolicy": "policies.mode",
     "LearnedStopPolicy": "policies.stop",
     "load_policy": "policies.weights",
 }
@@ -69,12 +69,12 @@ __all__ = [
     "GRPOConfig",
     "GRPOTrainer",
     "GraphSettings",
+    "LearnedModePolicy",
     "LearnedStopPolicy",
     "Mode",
     "ReasonerContext",
     "ReasonerState",
     "RolloutResult",
-    "RouterPolicy",
     "Runner",
     "SQLRecorder",
     "StopReason",
@@ -134,7 +134,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the real names
     from nodes.reflect import reflect
     from nodes.state import Budget, Mode, ReasonerState, StopReason, Task
     from nodes.stop import stop
-    from policies.router import RouterPolicy
+    from policies.mode import LearnedModePolicy
     from policies.stop import LearnedStopPolicy
     from policies.weights import load_policy
     from storage.recorder import SQLRecorder

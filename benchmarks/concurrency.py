@@ -55,8 +55,8 @@ async def run_level(url: str, concurrency: int, trajectories: int, record_dir: s
     )
     context = ReasonerContext(
         backends=backends,
-        router=FixedModePolicy("reflect"),
-        stopper=FollowReflectionStopPolicy(),
+        mode_policy=FixedModePolicy("reflect"),
+        stop_policy=FollowReflectionStopPolicy(),
         settings=GraphSettings(width=8, height=8, score_images=False),
     )
     tasks = make_group_tasks([f"prompt {i}" for i in range(trajectories)], 1, seed=0)

@@ -36,7 +36,7 @@ from agent_graph.presets import shapeworld_tasks
 from agent_graph.runner import Runner
 from nodes.context import GraphSettings
 from nodes.state import Budget
-from policies.router import RouterPolicy
+from policies.mode import LearnedModePolicy
 from policies.simple import FixedModePolicy, RuleBasedModePolicy, UniformModePolicy
 from storage.store import TrajectoryStore
 from training.decisions.loop import grpo_iterations
@@ -69,7 +69,7 @@ async def train(form: str | None, args: argparse.Namespace, workdir: Path):
         complexity_eps=None if form is None else PENALTY_EPS,
         complexity_form=form or "scale",
     )
-    trainer = GRPOTrainer(RouterPolicy(seed=0), config)
+    trainer = GRPOTrainer(LearnedModePolicy(seed=0), config)
     policy, _ = await grpo_iterations(
         store,
         trainer,

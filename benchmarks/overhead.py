@@ -50,8 +50,8 @@ def context(edits: int, images, recorder=None) -> ReasonerContext:
     kwargs = {"images": images} if images is not None else {}
     return ReasonerContext(
         backends=backends,
-        router=FixedModePolicy("reflect"),
-        stopper=FollowReflectionStopPolicy(),
+        mode_policy=FixedModePolicy("reflect"),
+        stop_policy=FollowReflectionStopPolicy(),
         recorder=recorder,
         **kwargs,
     )

@@ -32,9 +32,9 @@ from training.decisions.trainer import GRPOConfig, GRPOTrainer
 from training.tree import stage_config, stage_start_states, tree_iterations
 
 
-async def evaluate(stopper: Any) -> tuple[float, float, float]:
+async def evaluate(stop_policy: Any) -> tuple[float, float, float]:
     context = shapeworld_policy_context(
-        FixedModePolicy("reflect"), stopper=stopper, settings=SETTINGS
+        FixedModePolicy("reflect"), stop_policy=stop_policy, settings=SETTINGS
     )
     results = await Runner(context, budget=BUDGET, keep_steps=False).run(
         shapeworld_tasks(12, 2, seed=999)
@@ -54,7 +54,7 @@ async def main(args: argparse.Namespace) -> None:
         store,
         shapeworld_tasks(10, 2, seed=1),
         mode="reflect",
-        stopper=UniformStopPolicy(0.5),
+        stop_policy=UniformStopPolicy(0.5),
         budget=BUDGET,
         settings=SETTINGS,
     )
@@ -85,13 +85,13 @@ async def main(args: argparse.Namespace) -> None:
         )
     print("\n| stop policy (reflect always) | accuracy | mean V | mean images |")
     print("|---|---|---|---|")
-    for name, stopper in (
+    for name, stop_policy in (
         ("R3 rule: stop on the stop phrase", FollowReflectionStopPolicy()),
         ("50/50 (the parent run's)", UniformStopPolicy(0.5)),
         (f"Tree-RL {policy.name}@{policy.version}, sampling", policy),
         (f"Tree-RL {policy.name}@{policy.version}, greedy", policy.clone(greedy=True)),
     ):
-        accuracy, score, images = await evaluate(stopper)
+        accuracy, score, images = await evaluate(stop_policy)
         print(f"| {name} | {accuracy:.3f} | {score:.3f} | {images:.2f} |")
     print(f"\n{time.perf_counter() - started:.0f} s in all")
     store.close()

@@ -43,8 +43,8 @@ class GraphSettings:
 @dataclass(frozen=True)
 class ReasonerContext:
     backends: Backends
-    router: ModePolicy
-    stopper: StopPolicy
+    mode_policy: ModePolicy
+    stop_policy: StopPolicy
     images: ImageStore = field(default_factory=MemoryImageStore)
     settings: GraphSettings = field(default_factory=GraphSettings)
     recorder: object | None = None

@@ -18,7 +18,7 @@ async def plan(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dict:
     task = state.task
     if state.mode is None:  # a forked or user-built state may already fix the mode
         obs = ModeObservation(prompt=task.prompt, input_image_count=len(task.input_images))
-        action = ctx.router.choose_mode(obs, step_rng(task.seed, state.step_count, "mode"))
+        action = ctx.mode_policy.choose_mode(obs, step_rng(task.seed, state.step_count, "mode"))
         update["mode"] = Mode(action.choice)
         update["decisions"] = [
             Decision(

@@ -53,7 +53,7 @@ async def reflect(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> di
         image_count=len(state.images),
         scores=tuple(r.score for r in state.images if r.score is not None),
     )
-    action = ctx.stopper.choose_stop(obs, step_rng(state.task.seed, state.step_count, "stop"))
+    action = ctx.stop_policy.choose_stop(obs, step_rng(state.task.seed, state.step_count, "stop"))
     accept = action.choice == "stop"
     update: dict = {
         TRACE_KEY: trace,

@@ -1,6 +1,6 @@
 """LearnedStopPolicy: stop or continue correcting, from the reflection and the loop's counters.
 
-Used as the graph's ``stopper``. Imports torch, so nothing the CLI or ShapeWorld imports should
+Used as the graph's ``stop_policy``. Imports torch, so nothing the CLI or ShapeWorld imports should
 import this module.
 """
 

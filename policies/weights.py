@@ -22,7 +22,7 @@ CONFIG_FILE = "config.json"
 FORMAT = "atelier-policy/1"
 
 POLICY_CLASSES = {
-    "router": ("policies.router", "RouterPolicy"),
+    "router": ("policies.mode", "LearnedModePolicy"),
     "stop": ("policies.stop", "LearnedStopPolicy"),
 }
 """config["class"] -> (module, class) of the learned policies ``load_policy`` may build."""

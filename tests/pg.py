@@ -168,8 +168,8 @@ def graph_context(
     router = UniformModePolicy() if mode == "auto" else FixedModePolicy(mode)
     return ReasonerContext(
         backends=backends,
-        router=router,
-        stopper=FollowReflectionStopPolicy(),
+        mode_policy=router,
+        stop_policy=FollowReflectionStopPolicy(),
         images=images,
         recorder=recorder,
     )  # type: ignore[arg-type]

@@ -114,8 +114,8 @@ async def test_shapeworld_config_runs_the_graph():
     backends = load_backends(CONFIGS / "shapeworld.toml")
     context = ReasonerContext(
         backends=Backends(**backends),
-        router=FixedModePolicy("reflect"),
-        stopper=FollowReflectionStopPolicy(),
+        mode_policy=FixedModePolicy("reflect"),
+        stop_policy=FollowReflectionStopPolicy(),
     )
     result = await Runner(context).run_one(Task(prompt="two red circles", seed=3))
     assert result.status == "succeeded" and result.state.judgement is not None

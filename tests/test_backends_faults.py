@@ -109,8 +109,8 @@ async def test_a_trajectory_meeting_a_garbage_server_is_recorded_as_failed():
                 generator=painter,
                 editor=painter,
             ),
-            router=FixedModePolicy("reflect"),
-            stopper=FollowReflectionStopPolicy(),
+            mode_policy=FixedModePolicy("reflect"),
+            stop_policy=FollowReflectionStopPolicy(),
         )
         result = await asyncio.wait_for(Runner(context).run_one(Task(prompt="p")), timeout=30)
         await planner.aclose()

@@ -55,8 +55,8 @@ async def test_reflect_loop_runs_through_http_servers_and_is_recorded(
     async with SQLRecorder(store, run.id) as recorder:
         context = ReasonerContext(
             backends=backends,
-            router=FixedModePolicy("reflect"),
-            stopper=FollowReflectionStopPolicy(),
+            mode_policy=FixedModePolicy("reflect"),
+            stop_policy=FollowReflectionStopPolicy(),
             images=store,
             settings=settings,
             recorder=recorder,

@@ -235,7 +235,7 @@ def _tree_rl_config(forks: int) -> dict:
     from nodes.state import Budget
 
     config = run_config("auto", Budget())
-    config["stopper"] = "stop@3"
+    config["stop_policy"] = "stop@3"
     config["tree"] = {
         "stage": "reflect_refine",
         "parent_runs": ["8bda67d17dd4a9c1"],
@@ -268,7 +268,7 @@ def test_runs_prints_one_line_per_run_whatever_its_config_holds(tmp_path):
         assert all(len(line) <= int(columns) for line in lines)
     wide = atelier("runs", db=db, COLUMNS="250").stdout
     row = next(line for line in wide.splitlines() if tree.id[:12] in line)
-    assert "mode=auto" in row and "stopper=stop@3" in row
+    assert "mode=auto" in row and "stop_policy=stop@3" in row
     assert "tree(stage=reflect_refine, parent_runs: 1, G=8, seed=0, forks: 212)" in row
     assert "backends_config=qwen-vl-vllm-omni.toml" in wide  # a path by its file name
     assert "[bold]odd[/bold]" in wide  # names are shown as given, never as markup

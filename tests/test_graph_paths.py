@@ -29,7 +29,9 @@ def make_context(mode: str, reflections: list[str], decomposition: str = "", jud
         judge=judge or FixedJudge(0.75),
     )
     router = UniformModePolicy() if mode == "auto" else FixedModePolicy(mode)
-    return ReasonerContext(backends=backends, router=router, stopper=FollowReflectionStopPolicy())
+    return ReasonerContext(
+        backends=backends, mode_policy=router, stop_policy=FollowReflectionStopPolicy()
+    )
 
 
 async def run(context, prompt="two red circles", budget=None, seed=0):
@@ -236,8 +238,8 @@ async def test_backend_failure_is_a_recorded_failure_not_a_crash():
             painter,
             None,
         ),
-        router=ctx.router,
-        stopper=ctx.stopper,
+        mode_policy=ctx.mode_policy,
+        stop_policy=ctx.stop_policy,
     )
     result = await run(ctx)
     assert result.status == "failed"

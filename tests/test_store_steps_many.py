@@ -217,7 +217,7 @@ async def _collect(store, n_prompts: int, name: str) -> str:
             [i.text for i in items], 2, seed=11, categories=[i.category for i in items]
         ),
         mode="reflect",
-        stopper=UniformStopPolicy(0.5),
+        stop_policy=UniformStopPolicy(0.5),
         budget=Budget(max_rounds=2),
         settings=SETTINGS,
         name=name,
@@ -260,7 +260,7 @@ async def test_stage_groups_of_forked_runs_read_in_bulk(store):
     run_id = await _collect(store, 6, "parents")
     starts = stage_start_states(store, run_id)[:4]
     forked = await fork(
-        store, starts, stopper=UniformStopPolicy(0.5), group_size=3, settings=SETTINGS
+        store, starts, stop_policy=UniformStopPolicy(0.5), group_size=3, settings=SETTINGS
     )
     with selects(store) as statements:
         groups = read_stage_groups(store, forked)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from atelier.cli import main
-from policies.router import RouterPolicy
+from policies.mode import LearnedModePolicy
 from policies.weights import CONFIG_FILE, WEIGHTS_FILE, load_policy
 from storage.store import TrajectoryStore
 from training.decisions.trainer import GRPOTrainer
@@ -82,7 +82,7 @@ def test_train_init_that_is_not_a_policy_is_one_error_line(tmp_path, monkeypatch
 
 
 def test_save_refuses_an_existing_directory_and_leaves_it_as_it_was(tmp_path):
-    policy = RouterPolicy(seed=0)
+    policy = LearnedModePolicy(seed=0)
     path = policy.save(tmp_path / "router-0")
     before = digests(tmp_path)
     with torch.no_grad():
@@ -95,7 +95,7 @@ def test_save_refuses_an_existing_directory_and_leaves_it_as_it_was(tmp_path):
 
 def test_a_failed_registration_removes_the_files_it_wrote(tmp_path):
     store = TrajectoryStore(f"sqlite:///{tmp_path / 'a.db'}")
-    policy = RouterPolicy(seed=0)
+    policy = LearnedModePolicy(seed=0)
     trainer = GRPOTrainer(policy)
     save_version(trainer, store, tmp_path / "v" / "router-0")
     with pytest.raises(VersionTaken):  # same version again: refused before writing
@@ -122,7 +122,7 @@ def test_save_version_refuses_an_existing_directory_before_writing(tmp_path, kin
     target = tmp_path / "out" / "v1"
     target.mkdir(parents=True)
     (target / "keep.txt").write_text("mine")
-    trainer = GRPOTrainer(RouterPolicy(seed=0)) if kind == "decisions" else _FakeLoRA()
+    trainer = GRPOTrainer(LearnedModePolicy(seed=0)) if kind == "decisions" else _FakeLoRA()
     with pytest.raises(FileExistsError, match="never overwritten"):
         save_version(trainer, store, target)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
@@ -168,7 +168,7 @@ def test_reserve_versions_relabels_fresh_policies_past_store_and_disk(tmp_path):
     (tmp_path / "out" / "router-3").mkdir(parents=True)  # on disk only (another store)
     taken = taken_versions(store, "router", tmp_path / "out")
     assert set(taken) == {"1", "3"}
-    fresh = RouterPolicy(seed=0)  # version "0"; 2 iterations produce 1, 2 -> collide
+    fresh = LearnedModePolicy(seed=0)  # version "0"; 2 iterations produce 1, 2 -> collide
     reserved = reserve_versions(fresh, taken, 2, loaded=False)
     # 0 -> produces 1 (taken); 1, 2 -> produce 3 (taken); 3 is taken; 4 -> produces 5, 6.
     assert reserved.version == "4" and reserved.name == "router"

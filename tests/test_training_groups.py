@@ -40,12 +40,14 @@ class Spy:
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     store = TrajectoryStore(f"sqlite:///{tmp_path_factory.mktemp('groups') / 't.db'}")
-    router, stopper = Spy(UniformModePolicy()), Spy(UniformStopPolicy(0.5))
+    router, stop_policy = Spy(UniformModePolicy()), Spy(UniformStopPolicy(0.5))
     tasks = make_group_tasks(PROMPTS, 6, seed=4)
     run_id, results = asyncio.run(
-        collect(store, tasks, router=router, stopper=stopper, budget=Budget(max_rounds=2))
+        collect(
+            store, tasks, mode_policy=router, stop_policy=stop_policy, budget=Budget(max_rounds=2)
+        )
     )
-    return store, run_id, results, router, stopper
+    return store, run_id, results, router, stop_policy
 
 
 def test_mode_groups_carry_the_stored_decisions_and_rewards(recorded):
@@ -69,11 +71,11 @@ def test_mode_groups_carry_the_stored_decisions_and_rewards(recorded):
 
 
 def test_stop_observations_are_rebuilt_exactly_as_the_policy_saw_them(recorded):
-    store, run_id, _, _, stopper = recorded
+    store, run_id, _, _, stop_policy = recorded
     groups = read_groups(store, run_id, "stop")
     rebuilt = [d.observation for g in groups for m in g.members for d in m.decisions]
-    assert len(rebuilt) == len(stopper.seen) > 0
-    assert Counter(rebuilt) == Counter(stopper.seen)
+    assert len(rebuilt) == len(stop_policy.seen) > 0
+    assert Counter(rebuilt) == Counter(stop_policy.seen)
     for group in groups:
         for member in group.members:
             for d in member.decisions:

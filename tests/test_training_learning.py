@@ -41,7 +41,7 @@ from agent_graph.presets import shapeworld_tasks
 from nodes.backends.shapeworld.prompts import fixed_prompt_set
 from nodes.context import GraphSettings
 from nodes.state import Budget
-from policies.router import RouterPolicy
+from policies.mode import LearnedModePolicy
 from policies.simple import UniformModePolicy
 from storage.store import TrajectoryStore
 from training.decisions.loop import grpo_iterations
@@ -68,7 +68,7 @@ def test_grpo_router_beats_uniform_and_learns_a_mode_mix(tmp_path):
     batches = [shapeworld_tasks(10, G, seed=1)] + [
         shapeworld_tasks(5, G, seed=2 + k) for k in range(4)
     ]
-    trainer = GRPOTrainer(RouterPolicy(seed=0), GRPOConfig(seed=0))
+    trainer = GRPOTrainer(LearnedModePolicy(seed=0), GRPOConfig(seed=0))
     policy, log = asyncio.run(
         grpo_iterations(
             store,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from policies.base import ModeObservation, StopObservation
-from policies.router import RouterPolicy
+from policies.mode import LearnedModePolicy
 from policies.stop import LearnedStopPolicy
 from training.decisions.groups import DecisionGroup, DecisionMember, DecisionRecord
 from training.decisions.trainer import GRPOConfig, GRPOTrainer, shaped_rewards
@@ -45,7 +45,7 @@ def _config(**overrides) -> GRPOConfig:
 
 
 def test_training_raises_the_probability_of_positive_advantage_actions():
-    router = RouterPolicy()
+    router = LearnedModePolicy()
     groups = [_group(p, f"g{i}") for i, p in enumerate(BEST)] + [_flat_group("flat")]
     trainer = GRPOTrainer(router, _config())
     result = trainer.train(groups)
@@ -66,7 +66,7 @@ def test_training_raises_the_probability_of_positive_advantage_actions():
 
 
 def test_only_zero_variance_groups_means_no_update():
-    router = RouterPolicy()
+    router = LearnedModePolicy()
     result = GRPOTrainer(router, _config()).train([_flat_group("a"), _flat_group("b")])
     assert result.metrics["groups_zero_variance"] == 2 and result.metrics["decisions"] == 0
     for p, q in zip(router.parameters(), result.policy.parameters(), strict=True):
@@ -117,7 +117,7 @@ def test_stop_policy_trains_on_multi_decision_members_with_kl():
 def test_checkpoint_resume_continues_exactly(tmp_path):
     groups = [_group(p, f"g{i}") for i, p in enumerate(BEST)]
     cfg = _config(minibatch_size=4, beta=0.01)
-    trainer = GRPOTrainer(RouterPolicy(hidden=8), cfg)
+    trainer = GRPOTrainer(LearnedModePolicy(hidden=8), cfg)
     trainer.train(groups)
     trainer.save_checkpoint(tmp_path / "ckpt")
     straight = trainer.train(groups).policy
@@ -136,7 +136,7 @@ def test_save_version_registers_the_trained_version(tmp_path):
     from storage.store import TrajectoryStore
 
     store = TrajectoryStore(f"sqlite:///{tmp_path / 't.db'}")
-    trainer = GRPOTrainer(RouterPolicy(), _config())
+    trainer = GRPOTrainer(LearnedModePolicy(), _config())
     result = trainer.train([_group("a red circle", "g")])
     path = save_version(trainer, store, tmp_path / "router-1", result.metrics)
     (info,) = store.policy_versions(name="router")

@@ -123,7 +123,7 @@ def stored(tmp_path_factory):
                 store,
                 make_group_tasks(prompts, 2, seed=11, categories=categories),
                 mode=mode,
-                stopper=UniformStopPolicy(0.5),
+                stop_policy=UniformStopPolicy(0.5),
                 budget=budget,
                 settings=SETTINGS,
             )
@@ -168,7 +168,7 @@ def test_forks_continue_from_exactly_the_stored_state(stored):
         fork(
             store,
             starts,
-            stopper=UniformStopPolicy(0.5),
+            stop_policy=UniformStopPolicy(0.5),
             group_size=group_size,
             seed=5,
             parent_runs=[reflect_run],

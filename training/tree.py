@@ -241,7 +241,7 @@ async def fork(
     store: TrajectoryStore,
     starts: Sequence[StartState],
     *,
-    stopper: Any,
+    stop_policy: Any,
     group_size: int = 8,
     seed: int = 0,
     stage: str = "reflect_refine",
@@ -250,7 +250,7 @@ async def fork(
     settings: GraphSettings | None = None,
     concurrency: int = 64,
 ) -> str:
-    """Run G continuations of every start state with ``stopper`` as the stop policy, recorded
+    """Run G continuations of every start state with ``stop_policy`` as the stop policy, recorded
     into a new run of ``store`` (the store holding the start states' images); returns its id.
 
     The run's config names the stop policy and holds ``tree``: the stage, the parent runs, and
@@ -262,7 +262,7 @@ async def fork(
     points = fork_points(starts, group_size, seed)
     budget = points[0][0].budget if points else Budget()
     config = run_config("auto", budget)
-    config["stopper"] = f"{stopper.name}@{stopper.version}"
+    config["stop_policy"] = f"{stop_policy.name}@{stop_policy.version}"
     if settings is not None:
         config["settings"] = {"width": settings.width, "height": settings.height}
     parents = {
@@ -285,7 +285,7 @@ async def fork(
     run = store.create_run(name or f"tree-{stage}", config)
     async with SQLRecorder(store, run.id) as recorder:
         context = shapeworld_policy_context(
-            stopper=stopper, images=store, recorder=recorder, settings=settings
+            stop_policy=stop_policy, images=store, recorder=recorder, settings=settings
         )
         from agent_graph.runner import Runner
 
@@ -438,7 +438,7 @@ async def tree_iterations(
         run_id = await fork(
             store,
             chosen,
-            stopper=policy,
+            stop_policy=policy,
             group_size=group_size,
             seed=derive_seed(seed, index, "fork"),
             stage=stage,

@@ -95,9 +95,9 @@ def _initial_policy(args: argparse.Namespace) -> Any:
         except (OSError, ValueError, KeyError) as exc:  # missing/corrupt config or weights
             raise CliError(f"--init {args.init} is not a saved policy version: {exc}") from None
     if args.policy == "router":
-        from policies.router import RouterPolicy
+        from policies.mode import LearnedModePolicy
 
-        return RouterPolicy(seed=args.seed)
+        return LearnedModePolicy(seed=args.seed)
     from policies.stop import LearnedStopPolicy
 
     return LearnedStopPolicy(seed=args.seed)

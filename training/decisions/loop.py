@@ -57,7 +57,7 @@ async def grpo_iterations(
     log: list[Iteration] = []
     for index, tasks in enumerate(task_batches):
         behaviour = first_behaviour if index == 0 and first_behaviour is not None else policy
-        role = {"router": behaviour} if kind == "mode" else {"stopper": behaviour}
+        role = {"mode_policy": behaviour} if kind == "mode" else {"stop_policy": behaviour}
         run_id, _ = await collect(
             store, tasks, budget=budget, settings=settings, name=f"grpo-{index}", **role
         )

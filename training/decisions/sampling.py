@@ -1,4 +1,4 @@
-"""Record ShapeWorld rollouts of a given (e.g. learned) router or stop policy into the store.
+"""Record ShapeWorld rollouts of a given (e.g. learned) mode_policy or stop policy into the store.
 
 A GRPO iteration needs the policy version being trained as the behaviour policy: it goes into
 the context ``agent_graph.rollout.rollout`` is given. The run's config names the policies
@@ -23,23 +23,23 @@ if TYPE_CHECKING:
 
 
 def shapeworld_policy_context(
-    router: ModePolicy | None = None,
-    stopper: StopPolicy | None = None,
+    mode_policy: ModePolicy | None = None,
+    stop_policy: StopPolicy | None = None,
     *,
     mode: str = "random",
     **kwargs: Any,
 ) -> Any:
-    """``shapeworld_context(mode, ...)`` with ``router`` (when given) replacing its router."""
-    ctx = shapeworld_context(mode, stopper=stopper, **kwargs)
-    return dataclasses.replace(ctx, router=router) if router is not None else ctx
+    """``shapeworld_context(mode, ...)`` with ``mode_policy`` (when given) replacing its router."""
+    ctx = shapeworld_context(mode, stop_policy=stop_policy, **kwargs)
+    return dataclasses.replace(ctx, mode_policy=mode_policy) if mode_policy is not None else ctx
 
 
 async def collect(
     store: TrajectoryStore,
     tasks: Sequence[Task],
     *,
-    router: ModePolicy | None = None,
-    stopper: StopPolicy | None = None,
+    mode_policy: ModePolicy | None = None,
+    stop_policy: StopPolicy | None = None,
     mode: str = "random",
     budget: Budget | None = None,
     name: str | None = None,
@@ -47,8 +47,8 @@ async def collect(
     settings: GraphSettings | None = None,
 ) -> tuple[str, list[TrajectoryResult]]:
     """Run ``tasks`` on ShapeWorld with these policies, recording every step; returns
-    (run id, results). Without ``router``, ``mode`` picks a built-in one as in ``rollout``."""
-    context = shapeworld_policy_context(router, stopper, mode=mode, settings=settings)
+    (run id, results). Without ``mode_policy``, ``mode`` picks a built-in one as in ``rollout``."""
+    context = shapeworld_policy_context(mode_policy, stop_policy, mode=mode, settings=settings)
     outcome = await rollout(
         store,
         tasks,

@@ -126,7 +126,7 @@ def _advantages(
 
 
 class GRPOTrainer:
-    """GRPO on a decision policy (``RouterPolicy``, ``LearnedStopPolicy``)."""
+    """GRPO on a decision policy (``LearnedModePolicy``, ``LearnedStopPolicy``)."""
 
     def __init__(self, policy: Any, config: GRPOConfig | None = None) -> None:
         self.config = config or GRPOConfig()

@@ -58,8 +58,8 @@ async def collect(
     async with SQLRecorder(store, run.id) as recorder:
         context = ReasonerContext(
             backends=backends,
-            router=FixedModePolicy("direct"),
-            stopper=FollowReflectionStopPolicy(),
+            mode_policy=FixedModePolicy("direct"),
+            stop_policy=FollowReflectionStopPolicy(),
             images=store,
             settings=settings,
             recorder=recorder,

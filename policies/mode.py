@@ -1,7 +1,7 @@
-"""RouterPolicy: a learned choice of mode (direct / reflect / decompose) from the prompt.
+"""LearnedModePolicy: a learned choice of mode (direct / reflect / decompose) from the prompt.
 
-Used as the graph's ``router``: ``dataclasses.replace(ctx, router=RouterPolicy())``. Imports
-torch, so nothing the CLI or ShapeWorld imports should import this module.
+The graph's router (its mode policy): ``dataclasses.replace(ctx, mode_policy=LearnedModePolicy())``.
+Imports torch, so nothing the CLI or ShapeWorld imports should import this module.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from policies.features import FeatureEncoder, HashedNgramEncoder
 from policies.learned import CategoricalPolicy
 
 
-class RouterPolicy(CategoricalPolicy[ModeObservation]):
+class LearnedModePolicy(CategoricalPolicy[ModeObservation]):
     """Softmax over the three modes from prompt features (default: hashed n-grams + counts)
     and the number of input images."""
 
