@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from agent_graph.presets import config_context, shapeworld_context
 from agent_graph.runner import Runner, TrajectoryResult
+from nodes.backends.clients.pool import pools_of, request_counters
 from nodes.context import ReasonerContext
 from nodes.state import Budget, ReasonerState, Task
+from storage.recorder import SQLRecorder
 
 if TYPE_CHECKING:
     from storage.store import TrajectoryStore
@@ -134,8 +136,6 @@ async def rollout(
     ``keep_steps`` keeps the step records in the results too (they are in the store anyway);
     ``keep_groups_together`` admits a group's samples together (see :class:`Runner`).
     """
-    from storage.recorder import SQLRecorder
-
     budget = budget or Budget()
     config = run_config(mode, budget, backends_config)
     if context is not None:  # its router and backends are named below instead
@@ -227,7 +227,6 @@ async def resume_run(
     A run started with ``graph=`` or ``context=`` needs them again (the same graph; a context
     with the same backends and policies), since code cannot be stored; anything else is
     rebuilt from the run's config. ``store`` becomes the context's images and recorder."""
-    from storage.recorder import SQLRecorder
 
     run = store.run(run_id)
     _check_resumable(run.config, graph, context)
@@ -250,7 +249,6 @@ async def resume_run(
 
 
 def _request_counts(context: ReasonerContext) -> dict[str, dict[str, int]]:
-    from nodes.backends.clients.pool import pools_of, request_counters
 
     backends = [getattr(context.backends, f.name) for f in fields(context.backends)]
     return request_counters(pools_of(backends))

@@ -43,11 +43,14 @@ from typing import TYPE_CHECKING, Any
 
 from agent_graph.ids import time_ordered_id
 from agent_graph.rollout import run_config
+from agent_graph.runner import Runner
 from nodes.common import derive_seed
 from nodes.context import GraphSettings
 from nodes.reflect import reflection_target
 from nodes.state import Budget, ReasonerState
+from storage.recorder import SQLRecorder
 from training.decisions.groups import DecisionGroup, decision_member, trajectory_decisions
+from training.decisions.sampling import shapeworld_policy_context
 from training.reading import batches, run_list, stored_groups
 from training.rewards import correction, reflection_format_reward, reflection_reward
 from training.versions import save_version
@@ -256,9 +259,6 @@ async def fork(
     The run's config names the stop policy and holds ``tree``: the stage, the parent runs, and
     per group (fork point) the parent trajectory, step, node and V̂.
     """
-    from storage.recorder import SQLRecorder
-    from training.decisions.sampling import shapeworld_policy_context
-
     points = fork_points(starts, group_size, seed)
     budget = points[0][0].budget if points else Budget()
     config = run_config("auto", budget)
@@ -287,7 +287,6 @@ async def fork(
         context = shapeworld_policy_context(
             stop_policy=stop_policy, images=store, recorder=recorder, settings=settings
         )
-        from agent_graph.runner import Runner
 
         runner = Runner(context, concurrency=concurrency, keep_steps=False)
         store.register_trajectories(run.id, [state for state, _ in points])

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from storage.diffusion import load_transitions
 from training.reading import stored_groups
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ def read_groups(
     ``node`` steps and the reward ``reward``. Members without transitions or reward are left
     out (and a group with fewer than two members is dropped). Trajectories, steps and rewards
     are read in bulk; the transitions (``storage.diffusion``) a group at a time."""
-    from storage.diffusion import load_transitions
 
     groups: list[ImageGroup] = []
     for _, group_id, details in stored_groups(store, run_ids, "succeeded", 1):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from storage.store import RewardInput
+
 if TYPE_CHECKING:
     from storage.store import TrajectoryStore
 
@@ -21,7 +23,6 @@ def score_run(
 ) -> dict[str, float]:
     """Score every succeeded trajectory's final image with ``reward`` and store it as the
     trajectory reward ``name``; returns trajectory id → value."""
-    from storage.store import RewardInput
 
     values: dict[str, float] = {}
     for summary in store.trajectories(run=run_id, status="succeeded"):

@@ -10,6 +10,12 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from agent_graph.runner import Runner, make_group_tasks
+from nodes.backends.base import TextCompletion
+from nodes.context import Backends, GraphSettings, ReasonerContext
+from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
+from storage.recorder import SQLRecorder
+
 if TYPE_CHECKING:
     from storage.store import TrajectoryStore
 
@@ -21,7 +27,6 @@ class PromptPlanner:
     model_id = "prompt-as-blueprint"
 
     async def chat(self, request: Any) -> Any:
-        from nodes.backends.base import TextCompletion
 
         text = request.fields.get("prompt", "")
         return TextCompletion(text=text, model=self.model_id)
@@ -43,10 +48,6 @@ async def collect(
     """Run the graph in direct mode (plan → draw → stop) for ``group_size`` samples of every
     prompt with ``painter`` (a traced generator, e.g. ``FlowImageModel``), recorded in
     ``store``. Returns the run id."""
-    from agent_graph.runner import Runner, make_group_tasks
-    from nodes.context import Backends, GraphSettings, ReasonerContext
-    from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
-    from storage.recorder import SQLRecorder
 
     planner = PromptPlanner()
     run = store.create_run(name, {"kind": "flow-draws", "group_size": group_size, "seed": seed})

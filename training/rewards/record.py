@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from storage.store import RewardInput
+
 if TYPE_CHECKING:
     from storage.records import RewardInfo
     from storage.store import TrajectoryStore
@@ -36,8 +38,6 @@ class Reward:
 
 def store_rewards(store: TrajectoryStore, items: Iterable[tuple[str, Reward]]) -> list[int]:
     """Record many (trajectory id, reward) pairs in one transaction; returns their ids."""
-    from storage.store import RewardInput
-
     return store.add_rewards(
         RewardInput(tid, r.name, r.value, r.step, r.source, r.details) for tid, r in items
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from storage.store import RewardInput
 from training.reading import batches
 from training.text.sampling import recorded_completion
 
@@ -37,7 +38,6 @@ def score_run(
 ) -> dict[str, float]:
     """Compute ``reward`` of every recorded completion of the run and store it as the
     trajectory reward ``name``; returns trajectory id → value."""
-    from storage.store import RewardInput
 
     values: dict[str, float] = {}
     for batch in batches(store.trajectories(run=run_id)):

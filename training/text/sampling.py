@@ -15,6 +15,13 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from agent_graph.ids import time_ordered_id
+from agent_graph.recording import StepRecord
+from nodes.backends.base import ChatMessage, SamplingParams
+from nodes.common import NodeTrace, call_chat, derive_seed
+from nodes.state import ReasonerState, Task
+from storage.recorder import SQLRecorder
+
 if TYPE_CHECKING:
     from storage.records import GenerationInfo, StepInfo
     from storage.store import TrajectoryStore
@@ -24,8 +31,6 @@ DEFAULT_SYSTEM = "You are a planner. Write a short plan for the picture."
 
 def prompt_messages(prompt: str, system: str = DEFAULT_SYSTEM) -> list[Any]:
     """The chat a completion answers: a system turn and the prompt as the user turn."""
-    from nodes.backends.base import ChatMessage
-
     return [ChatMessage("system", system), ChatMessage("user", prompt)]
 
 
@@ -50,12 +55,6 @@ async def collect(
     """Sample ``group_size`` completions of every prompt from ``client`` (a chat model with
     token ids and log-probs, e.g. ``OpenAIChatClient``) concurrently, and record each as a
     one-step trajectory in ``store``. Returns the run id."""
-    from agent_graph.ids import time_ordered_id
-    from agent_graph.recording import StepRecord
-    from nodes.backends.base import SamplingParams
-    from nodes.common import NodeTrace, call_chat, derive_seed
-    from nodes.state import ReasonerState, Task
-    from storage.recorder import SQLRecorder
 
     config = {"kind": "lora-sampling", "system": system, "max_tokens": max_tokens, "seed": seed}
     run = store.create_run(name or "lora-sampling", config)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from nodes.backends.lm_types import LMRequest, PromptMessage
 from policies.weights import next_version, write_new_directory
 from training.grpo import AdvantageScale, LossType, group_advantages, grpo_loss
 from training.result import FIRST_STEP_KEY, TrainResult, step_summary
@@ -106,8 +107,6 @@ class LoRATrainer:
 
     def prompt_ids(self, messages: Sequence[Any]) -> list[int]:
         """The prompt's token ids exactly as the ``lm`` server builds them for a chat."""
-        from nodes.backends.lm_types import LMRequest, PromptMessage
-
         request = LMRequest(messages=[PromptMessage.from_chat(m) for m in messages], max_tokens=0)
         return list(self.engine.encode(request).input_ids)
 
