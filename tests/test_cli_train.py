@@ -120,6 +120,9 @@ def test_tree_rl_stage_from_a_stored_run(tmp_path):
         for point, parent_step in run.config["tree"]["forks"].items():
             assert point == f"{parent_step['trajectory']}@{parent_step['step']}"
             assert len(store.trajectories(run=run.id, group=point)) % 4 == 0
+        # The stage reward (C_j) and what each member was trained with are in the store.
+        for trajectory in store.trajectories(run=run.id, limit=None):
+            assert {"correction", "advantage"} <= set(trajectory.rewards)
     store.close()
 
     wrong = atelier(

@@ -41,6 +41,10 @@ class TrainResult:
     policy: Any = None
     """The decision trainer's frozen snapshot of the new version (ready to roll out); None for
     the LoRA kinds, whose weights live in the trainer's model."""
+    member_rewards: dict[str, tuple[str, dict[str, float]]] = field(default_factory=dict)
+    """What each member was trained with: trajectory id -> (group id, {name: value}), e.g. the
+    decision trainer's ``composite``, ``penalised`` and ``advantage`` (stored with
+    ``training.decisions.rewards.store_trained_rewards``)."""
 
 
 class Trainer(Protocol[Group]):

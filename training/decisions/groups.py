@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from policies.base import ModeObservation, StopObservation
+from training.decisions.rewards import trajectory_rewards
 from training.reading import stored_groups
-from training.rewards import trajectory_format_reward
 
 if TYPE_CHECKING:
     from storage.records import StepInfo, TrajectoryDetail
@@ -136,12 +136,10 @@ def trajectory_decisions(
 
 
 def member_rewards(detail: TrajectoryDetail) -> dict[str, float]:
-    """Reward components of a stored trajectory (see :attr:`DecisionMember.rewards`)."""
-    final = detail.final_state or {}
-    rewards = {
-        "checker": float(detail.score) if detail.score is not None else 0.0,
-        "format": trajectory_format_reward(final) if final else 0.0,
-    }
+    """Reward components of a stored trajectory (see :attr:`DecisionMember.rewards`): the
+    stored ones (``training.decisions.rewards.score_run`` stores R_o and R_f), and R_o and R_f
+    computed the same way where a run was not scored."""
+    rewards = trajectory_rewards(detail)
     rewards.update({k: float(v) for k, v in (detail.rewards or {}).items()})
     return rewards
 

@@ -80,6 +80,11 @@ class GRPOConfig:
 
 def shaped_rewards(group: DecisionGroup, config: GRPOConfig) -> list[float]:
     """Composite reward of each member, then the group's complexity penalty."""
+    return penalised_rewards(group, composite_rewards(group, config), config)
+
+
+def composite_rewards(group: DecisionGroup, config: GRPOConfig) -> list[float]:
+    """R = a1·R_o + a2·R_f + a3·R_s of each member, from its stored reward components."""
     names = (config.outcome_reward, config.format_reward, config.stepwise_reward)
     values = []
     for member in group.members:
@@ -92,6 +97,14 @@ def shaped_rewards(group: DecisionGroup, config: GRPOConfig) -> list[float]:
             else:
                 raise KeyError(f"trajectory {member.trajectory_id} has no reward {name!r}")
         values.append(composite_reward(*parts, weights=config.reward_weights))
+    return values
+
+
+def penalised_rewards(
+    group: DecisionGroup, composites: Sequence[float], config: GRPOConfig
+) -> list[float]:
+    """The group's complexity penalty applied to its members' composite rewards."""
+    values = list(composites)
     if config.complexity_eps is not None:
         counts = [m.image_count for m in group.members]
         values = apply_complexity_penalty(
@@ -156,7 +169,8 @@ class GRPOTrainer:
         """GRPO on ``groups``; returns the new policy version and metrics (``decisions``: the
         loss's tokens; ``updates``: optimizer steps over every call)."""
         cfg = self.config
-        rewards = [shaped_rewards(g, cfg) for g in groups]
+        composites = [composite_rewards(g, cfg) for g in groups]
+        rewards = [penalised_rewards(g, c, cfg) for g, c in zip(groups, composites, strict=True)]
         metrics: dict[str, float] = {
             "groups": float(len(groups)),
             "reward_mean": _mean([r for rs in rewards for r in rs]),
@@ -165,6 +179,14 @@ class GRPOTrainer:
             metrics.update(step_summary([]))
             return TrainResult(self.version, metrics, policy=self.policy.clone())
         advantages, zero = _advantages(rewards, cfg.advantage_scale, cfg.advantage_eps)
+        used: dict[str, tuple[str, dict[str, float]]] = {}
+        for group, composite, penalised, adv in zip(
+            groups, composites, rewards, advantages, strict=True
+        ):
+            members = zip(group.members, composite, penalised, adv.tolist(), strict=True)
+            for member, c, r, a in members:
+                values = {"composite": c, "penalised": r, "advantage": a}
+                used[member.trajectory_id] = (group.group_id, values)
         rows = []  # one per member with decisions: (decisions, advantage)
         for group, adv, is_zero in zip(groups, advantages, zero, strict=True):
             if is_zero:
@@ -187,7 +209,7 @@ class GRPOTrainer:
         self.rounds += 1
         self.policy.version = next_version(self.policy.version)
         metrics["updates"] = float(self.steps)
-        return TrainResult(self.version, metrics, history, self.policy.clone())
+        return TrainResult(self.version, metrics, history, self.policy.clone(), used)
 
     def _step(self, batch: list[tuple[Sequence[DecisionRecord], float]]) -> dict[str, float]:
         cfg = self.config

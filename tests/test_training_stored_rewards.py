@@ -1,0 +1,116 @@
+"""Every reward a decision trainer uses is in the store, and recomputes to the stored value.
+
+A recorded ShapeWorld run of a learned router is scored (R_o, R_f stored), read back as GRPO
+groups, trained on, and the members' composite, penalised reward and advantage are stored.
+Each stored value is then recomputed here from the stored rows alone, in float64, without the
+trainer's code: the composite from the stored R_o and R_f with the config's weights, SAIR's
+complexity penalty from its definition, the advantage as (R − mean) / (std + ε) per group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+
+import pytest
+
+from agent_graph.presets import shapeworld_tasks
+from nodes.state import Budget
+from policies.mode import LearnedModePolicy
+from storage.store import TrajectoryStore
+from training.decisions.groups import read_groups
+from training.decisions.rewards import score_run, store_trained_rewards
+from training.decisions.sampling import collect
+from training.decisions.trainer import GRPOConfig, GRPOTrainer
+from training.rewards import trajectory_format_reward
+
+WEIGHTS = (1.0, 0.25, 0.0)
+EPS = 0.05
+
+
+def _values(store: TrajectoryStore, name: str) -> dict[str, list[float]]:
+    found: dict[str, list[float]] = {}
+    for reward in store.rewards(name=name):
+        found.setdefault(reward.trajectory_id, []).append(reward.value)
+    return found
+
+
+def _penalised(rewards: list[float], images: list[int], eps: float) -> list[float]:
+    """SAIR's penalty as the paper states it: near-best members scaled by N* / N_i."""
+    counts = [max(1, n) for n in images]
+    near = [r >= max(rewards) - eps for r in rewards]
+    fewest = min(n for n, is_near in zip(counts, near, strict=True) if is_near)
+    return [r * fewest / n if m else r for r, n, m in zip(rewards, counts, near, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    store = TrajectoryStore(f"sqlite:///{tmp_path_factory.mktemp('rewards') / 'r.db'}")
+    router = LearnedModePolicy(seed=3)
+    tasks = shapeworld_tasks(2, 4, seed=7)
+    run_id, _ = asyncio.run(collect(store, tasks, mode_policy=router, budget=Budget(max_rounds=2)))
+    scored = score_run(store, run_id)
+    groups = read_groups(store, run_id, "mode", policy=router.name, version=router.version)
+    config = GRPOConfig(reward_weights=WEIGHTS, complexity_eps=EPS, epochs=1)
+    trainer = GRPOTrainer(router, config)
+    result = trainer.train(groups)
+    written = store_trained_rewards(store, result, trainer.name, {"run": run_id})
+    yield store, run_id, scored, groups, result, written
+    store.close()
+
+
+def test_the_reward_components_are_stored_once_and_equal_the_trajectories(trained):
+    store, run_id, scored, *_ = trained
+    summaries = store.trajectories(run=run_id, limit=None)
+    assert set(scored) == {s.id for s in summaries}
+    outcome, format_ = _values(store, "checker"), _values(store, "format")
+    for summary in summaries:
+        detail = store.trajectory(summary.id)
+        assert outcome[summary.id] == [detail.score if detail.score is not None else 0.0]
+        assert format_[summary.id] == [trajectory_format_reward(detail.final_state)]
+    rows = len(store.rewards())
+    assert score_run(store, run_id) == scored  # scoring again recomputes the same values
+    assert len(store.rewards()) == rows  # and stores nothing twice
+
+
+def test_composite_penalty_and_advantage_are_stored_and_recompute_from_stored_rows(trained):
+    store, _, _, groups, result, written = trained
+    assert groups and written == 3 * sum(len(g.members) for g in groups)
+    outcome, format_ = _values(store, "checker"), _values(store, "format")
+    composite, penalised = _values(store, "composite"), _values(store, "penalised")
+    advantage = _values(store, "advantage")
+    spread = 0
+    for group in groups:
+        ids = [m.trajectory_id for m in group.members]
+        r = [WEIGHTS[0] * outcome[t][0] + WEIGHTS[1] * format_[t][0] for t in ids]
+        assert [composite[t] for t in ids] == [[pytest.approx(v, abs=1e-12)] for v in r]
+        shaped = _penalised(r, [m.image_count for m in group.members], EPS)
+        assert [penalised[t] for t in ids] == [[pytest.approx(v, abs=1e-12)] for v in shaped]
+        mean, std = statistics.fmean(shaped), statistics.stdev(shaped)
+        expected = [(v - mean) / (std + GRPOConfig().advantage_eps) for v in shaped]
+        assert [advantage[t] for t in ids] == [[pytest.approx(v, abs=1e-9)] for v in expected]
+        spread += std > 0
+    assert spread > 0  # some group had a signal (else the advantages are trivially 0)
+    (row, *_) = store.rewards(name="advantage")
+    assert row.details["trained"] == f"router@{result.version}" and row.details["group"]
+
+
+def test_atelier_train_leaves_the_rewards_it_trained_on_in_the_store(tmp_path):
+    from tests.cli_helpers import run_atelier
+
+    db = tmp_path / "t.db"
+    done = run_atelier(
+        *("train", "--world", "shapeworld", "--iterations", "1", "--per-category", "1"),
+        *("-G", "2", "--out", "versions"),
+        db=db,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    store = TrajectoryStore(f"sqlite:///{db}")
+    names = {reward.name for reward in store.rewards()}
+    assert {"checker", "format", "composite", "penalised", "advantage"} <= names
+    (run,) = [run for run in store.runs() if run.name == "grpo-0"]
+    trajectories = store.trajectories(run=run.id, limit=None)
+    assert all({"checker", "format"} <= set(t.rewards) for t in trajectories)
+    store.close()
