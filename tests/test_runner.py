@@ -11,10 +11,9 @@ import pytest
 from langgraph.graph import END, START
 
 from agent_graph.graph import AtelierGraph
-from agent_graph.presets import shapeworld_context
+from agent_graph.presets import shapeworld_context, shapeworld_tasks
 from agent_graph.recording import RecordingFailed
-from agent_graph.runner import Runner, make_group_tasks
-from nodes.backends.shapeworld import fixed_prompt_set
+from agent_graph.runner import Runner
 from nodes.state import ReasonerState
 
 
@@ -44,8 +43,8 @@ class Watcher:
 
 
 def _tasks(prompts: int, group_size: int):
-    cases = fixed_prompt_set(per_category=4, seed=3)[:prompts]
-    return make_group_tasks([c.text for c in cases], group_size, seed=5)
+    """The first ``prompts`` of ShapeWorld's fixed set, ``group_size`` samples each."""
+    return shapeworld_tasks(4, group_size, 5, prompt_seed=3)[: prompts * group_size]
 
 
 def _runner(watcher: Watcher, concurrency: int, together: bool) -> Runner:
