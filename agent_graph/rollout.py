@@ -88,7 +88,7 @@ def _describe(graph: Any, context: ReasonerContext | None) -> dict[str, Any]:
     """The parts of a run given in code, named in its config (resume then needs them again)."""
     named: dict[str, Any] = {}
     if graph is not None:
-        named["graph"] = getattr(graph, "name", None) or "graph"
+        named["graph"] = getattr(graph, "name", None) or "LangGraph"
         named["state"] = _qualified(_state_type(graph))
     if context is not None:
         named["world"] = "context"
@@ -187,22 +187,23 @@ def resume_points(
 
 def _check_resumable(config: dict[str, Any], graph: Any, context: Any) -> None:
     """Refuse to resume a run without the parts it was given in code, or with another state."""
-    wanted = []
+    missing, used = [], []
     if "graph" in config and graph is None:
-        wanted.append(f"graph= (the run used graph {config['graph']!r} on {config['state']})")
+        missing.append("graph=...")
+        used.append(f"a graph on {config['state']}")
     in_code = config.get("world") == "context" or any(
         key in config
         for key in ("router", "stopper", "settings")  # runs of older versions
     )
     if in_code and context is None:
+        missing.append("context=...")
         policies = ("mode_policy", "stop_policy", "router", "stopper")
         named = ", ".join(f"{k} {config[k]}" for k in policies if k in config)
-        wanted.append(f"context= (the run used a context given in code: {named})")
-    if wanted:
+        used.append(f"a context with {named}" if named else "a context")
+    if missing:
         raise ValueError(
-            "this run was started in code; resume it in code with resume_run(store, run, "
-            + " and ".join(wanted)
-            + ")"
+            f"this run was started in code ({' and '.join(used)}): resume it in code, "
+            f"with resume_run(store, run, {', '.join(missing)})"
         )
     if graph is not None:
         recorded = config.get("state", _qualified(ReasonerState))

@@ -104,8 +104,10 @@ async def record(store: atelier.TrajectoryStore, prompts: list[str], seed: int =
 
 
 async def resume(store: atelier.TrajectoryStore, run: str):
-    """Finish a recorded run that was interrupted: the same graph and context, given again."""
-    return await atelier.resume_run(store, run, graph=build_graph(), context=make_context())
+    """Finish a recorded run that was interrupted (``run``: its id, an id prefix or its name):
+    the same graph and context, given again."""
+    run_id = store.resolve_run(run).id
+    return await atelier.resume_run(store, run_id, graph=build_graph(), context=make_context())
 
 
 def main() -> None:
@@ -122,9 +124,14 @@ def main() -> None:
         url = args.db if "://" in args.db else f"sqlite:///{args.db}"
         store = atelier.TrajectoryStore(url)
         work = resume(store, args.resume) if args.resume else record(store, args.prompts)
-        outcome = asyncio.run(work)
+        try:
+            outcome = asyncio.run(work)
+        except (KeyError, ValueError) as exc:  # an unknown run, a run of another graph
+            message = exc.args[0] if exc.args else exc
+            raise SystemExit(f"reflect_with_judge: error: {message}") from None
         results = outcome.results
-        print(f"run {outcome.run_id}: {len(results)} trajectories recorded in {store.url}")
+        done = "resumed" if args.resume else "recorded"
+        print(f"run {outcome.run_id}: {len(results)} trajectories {done} in {store.url}")
     for result in results:
         atelier.print_trajectory(result)
 
