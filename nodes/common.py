@@ -10,7 +10,9 @@ from typing import Any
 
 from nodes.backends.base import ChatMessage, ChatModel, ChatRequest, SamplingParams
 from nodes.backends.flow.transitions import DiffusionTransition
+from nodes.backends.wire import message_record, sampling_payload
 from nodes.state import ImageRecord
+from storage.images import encode_png, image_ref
 
 TRACE_KEY = "trace"
 """Key of a node's update under which it reports its :class:`NodeTrace`; the recording
@@ -19,7 +21,8 @@ wrapper removes it before the update reaches the graph state."""
 
 @dataclass(frozen=True)
 class Generation:
-    """One text a model produced in a step, with what training needs to reuse it."""
+    """One text a model produced in a step, with what training needs to reuse it: the request
+    as sent and the prompt's token ids, so a trainer never re-renders or re-tokenises."""
 
     role: str
     text: str
@@ -27,6 +30,13 @@ class Generation:
     logprobs: tuple[float, ...]
     model: str
     latency_s: float
+    messages: list[dict[str, Any]] | None = None
+    """The chat messages as sent (OpenAI shape, :func:`~nodes.backends.wire.message_record`):
+    image parts are ``{"type": "image_ref", "ref": <sha256>}``, never pixels."""
+    sampling: dict[str, Any] | None = None
+    """The request's other fields as sent (temperature, top_p, max_tokens, seed, ...)."""
+    prompt_token_ids: tuple[int, ...] | None = None
+    """The prompt's token ids as the model saw them, when the backend returns them."""
 
 
 @dataclass
@@ -71,17 +81,32 @@ async def call_chat(
     )
     started = time.perf_counter()
     completion = await model.chat(request)
+    latency_s = time.perf_counter() - started
+    sent = completion.sampling
+    prompt_ids = completion.prompt_token_ids
     generation = Generation(
         role=role,
         text=completion.text,
         token_ids=tuple(completion.token_ids),
         logprobs=tuple(completion.logprobs),
         model=completion.model or model.model_id,
-        latency_s=time.perf_counter() - started,
+        latency_s=latency_s,
+        messages=[message_record(m, _image_refs(m)) for m in request.messages],
+        sampling=dict(sent) if sent is not None else sampling_payload(request.sampling),
+        prompt_token_ids=None if prompt_ids is None else tuple(prompt_ids),
     )
     trace.generations.append(generation)
     trace.models.append(generation.model)
     return generation
+
+
+def _image_refs(message: ChatMessage) -> tuple[str, ...]:
+    """The store references of a message's images: the caller's when it gave them, else the
+    sha256 of each image's PNG, as the image store would name it (the step then names an image
+    that is stored only if the node stored it)."""
+    if not message.images or len(message.image_refs) == len(message.images):
+        return message.image_refs
+    return tuple(image_ref(encode_png(image)) for image in message.images)
 
 
 async def save_image(

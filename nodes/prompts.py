@@ -38,8 +38,14 @@ def decompose_messages(prompt: str) -> list[ChatMessage]:
     return [ChatMessage("system", DECOMPOSE_SYSTEM), ChatMessage("user", prompt)]
 
 
-def reflect_messages(target: str, image) -> list[ChatMessage]:
+def reflect_messages(target: str, image, ref: str | None = None) -> list[ChatMessage]:
+    """``ref``: the image's store reference, which the step records in place of the pixels."""
     return [
         ChatMessage("system", REFLECT_SYSTEM),
-        ChatMessage("user", f"The target description is: {target}", images=(image,)),
+        ChatMessage(
+            "user",
+            f"The target description is: {target}",
+            images=(image,),
+            image_refs=() if ref is None else (ref,),
+        ),
     ]

@@ -35,7 +35,7 @@ async def reflect(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> di
     generation = await call_chat(
         ctx.backends.reflector,
         "reflect",
-        reflect_messages(target, image),
+        reflect_messages(target, image, current.ref),
         ctx.settings.sampling,
         derive_seed(state.task.seed, state.step_count, "reflect"),
         trace,

@@ -47,6 +47,14 @@ class GenerationInfo:
     latency_s: float
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
+    messages: list[dict[str, Any]] | None = None
+    """The chat messages exactly as sent (OpenAI shape; an image part is ``{"type":
+    "image_ref", "ref": <sha256>}``, loadable with ``store.get(ref)``); None for generations
+    recorded before schema version 4."""
+    sampling: dict[str, Any] | None = None
+    """The request's other fields as sent (temperature, top_p, max_tokens, seed, logprobs...)."""
+    prompt_token_ids: tuple[int, ...] | None = None
+    """The prompt's token ids as the server encoded them; None when it did not return them."""
 
 
 @dataclass(slots=True)

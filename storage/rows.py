@@ -179,6 +179,7 @@ def step_rows(record: Any, state_before: dict[str, Any] | None) -> StepRows:
     rows = StepRows(tid, step, mode=update.get("mode"))
     for position, generation in enumerate(generations):
         token_ids, logprobs = _sized(generation.token_ids), _sized(generation.logprobs)
+        prompt_ids = getattr(generation, "prompt_token_ids", None)
         if logprobs and len(logprobs) != len(token_ids):
             raise ValueError(
                 f"step {seq} of {tid}: generation {position} has {len(token_ids)} token ids "
@@ -196,6 +197,10 @@ def step_rows(record: Any, state_before: dict[str, Any] | None) -> StepRows:
                 "n_tokens": len(token_ids),
                 "token_ids": pack_ids(token_ids),
                 "logprobs": pack_logprobs(logprobs),
+                # Stored as built by the node (one JSON encoding, by the driver's bind).
+                "messages": getattr(generation, "messages", None),
+                "sampling": getattr(generation, "sampling", None),
+                "prompt_token_ids": None if prompt_ids is None else pack_ids(prompt_ids),
             }
         )
     for direction, refs in (("in", trace.images_in), ("out", trace.images_out)):

@@ -47,10 +47,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import BYTEA, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bumped with every migration; recorded in the ``schema_version`` table."""
 
-HEAD_REVISION = "0003_drop_step_images_ref_index"
+HEAD_REVISION = "0004_generation_requests"
 """The Alembic revision this code's schema corresponds to (a test checks it is the head)."""
 
 TRAJECTORY_STATUSES = ("running", "succeeded", "failed", "incomplete")
@@ -167,6 +167,14 @@ class GenerationRow(Base):
     """int32 little-endian (see :func:`storage.codec.pack_ids`)."""
     logprobs: Mapped[bytes] = mapped_column(Blob)
     """float64 little-endian (see :func:`storage.codec.pack_logprobs`)."""
+    messages: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONDoc, nullable=True)
+    """The chat messages as sent, OpenAI-shaped, image parts as ``{"type": "image_ref",
+    "ref": <images.sha256>}`` (NULL: recorded before schema version 4)."""
+    sampling: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, nullable=True)
+    """The request's other fields as sent: temperature, top_p, max_tokens, seed, logprobs..."""
+    prompt_token_ids: Mapped[bytes | None] = mapped_column(Blob, nullable=True)
+    """The prompt's token ids as the server encoded them, int32 like ``token_ids`` (NULL: the
+    backend did not return them)."""
 
     __table_args__ = (
         ForeignKeyConstraint(

@@ -459,6 +459,9 @@ class TrajectoryStore(SQLImageStore):
                         g.latency_s,
                         unpack_ids(g.token_ids),
                         unpack_logprobs(g.logprobs),
+                        g.messages,
+                        g.sampling,
+                        None if g.prompt_token_ids is None else unpack_ids(g.prompt_token_ids),
                     )
                 )
             query = (

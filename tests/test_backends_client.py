@@ -48,6 +48,7 @@ from nodes.backends.wire import (
     decode_b64_image,
     decode_image,
     image_to_png,
+    messages_payload,
     parse_chat_completion,
     parse_size,
 )
@@ -259,6 +260,53 @@ async def test_model_name_comes_from_v1_models_and_adapters_are_broadcast():
     chats = [e for log in logs for e in log if "messages" in e]
     assert [c["model"] for c in chats] == ["policy-v2", "served-model"]
     assert plain.model == "served-model" and tuned.model_id == "policy-v2"
+
+
+async def test_chat_reads_vllm_prompt_token_ids_and_reports_the_fields_it_sent():
+    log: list[dict] = []
+    with BackgroundServer(fake_vllm_app(log)) as server:
+        client = OpenAIChatClient(server.url, model="m", extra_body={"min_p": 0.05, "top_k": 20})
+        request = ChatRequest(
+            messages=(ChatMessage("system", "sys"), ChatMessage("user", "look", (red_image(),))),
+            sampling=SamplingParams(temperature=0.7, max_tokens=12, seed=5, top_k=4),
+        )
+        completion = await client.chat(request)
+        await client.aclose()
+    [sent] = log
+    # vLLM's layout: the prompt's ids top-level, the sampled ids on the choice.
+    assert completion.prompt_token_ids == tuple(_prompt_ids(sent["messages"], True))
+    assert completion.prompt_token_ids.count(IMAGE_PLACEHOLDER) == 4
+    assert completion.token_ids == (60, 61, 62)
+    # Everything sent but the model and the base64-laden messages, extra_body included.
+    assert completion.sampling == {k: v for k, v in sent.items() if k not in ("model", "messages")}
+    assert completion.sampling["top_k"] == 20  # extra_body wins over SamplingParams.top_k
+    assert completion.sampling["min_p"] == 0.05 and completion.sampling["seed"] == 5
+    assert "base64" not in json.dumps(completion.sampling)
+
+
+async def test_a_server_without_prompt_ids_gives_none_and_the_store_records_the_rest(tmp_path):
+    from storage.store import TrajectoryStore
+    from tests.fake_servers import FakeModelServer
+    from training.text.sampling import collect, prompt_messages
+
+    fake = FakeModelServer()  # answers like an older vLLM: no prompt_token_ids
+    store = TrajectoryStore(f"sqlite:///{tmp_path / 'fake.db'}")
+    with BackgroundServer(fake.app) as server:
+        client = OpenAIChatClient(server.url, model="fake")
+        completion = await client.chat(ChatRequest(messages=(ChatMessage("user", "hi"),)))
+        assert completion.prompt_token_ids is None and completion.token_ids == (1, 2, 3, 4)
+        run_id = await collect(client, store, ["a red circle"], group_size=2, max_tokens=5)
+        await client.aclose()
+    trajectories = store.trajectories(run=run_id)
+    steps = store.steps_many([t.id for t in trajectories])
+    generations = [g for t in trajectories for s in steps[t.id] for g in s.generations]
+    assert len(generations) == 2
+    for g in generations:
+        assert g.prompt_token_ids is None
+        assert g.messages == messages_payload(prompt_messages("a red circle"))
+        assert g.sampling["max_tokens"] == 5 and g.sampling["return_token_ids"] is True
+        assert g.token_ids and len(g.token_ids) == len(g.logprobs)
+    store.close()
 
 
 def test_legacy_token_ids_are_read_from_logprob_tokens():

@@ -130,6 +130,15 @@ def generation_row(tid: str, seq: int, position: int) -> dict[str, Any]:
         "n_tokens": len(ids),
         "token_ids": pack_ids(ids) if position else b"",
         "logprobs": pack_logprobs([-1e-300, -0.0, -5e-324]) + b"\x00" * position,
+        # The request as sent: a message with an image-ref part, and one without (SQL NULL).
+        "messages": [
+            {"role": "system", "content": TEXTS[seq % len(TEXTS)]},
+            {"role": "user", "content": [{"type": "image_ref", "ref": f"{seq:064x}"}]},
+        ]
+        if position
+        else None,
+        "sampling": {"temperature": FLOATS[seq % len(FLOATS)], "seed": 2**63 - 1, "top_k": None},
+        "prompt_token_ids": pack_ids(ids[::-1]) if seq % 2 else None,
     }
 
 
@@ -224,10 +233,16 @@ def test_copy_stores_what_core_insert_stores(pg_store: TrajectoryStore) -> None:
         assert by_seq[9]["state_before"]["when"] == "2024-01-02T03:04:05+00:00"
         assert by_seq[9]["state_before"]["nan"] is None
         assert by_seq[2]["state_before"] == JSON_VALUES[2]
-        gens = read_back(
-            conn, GenerationRow.__table__, GenerationRow.__table__.c.trajectory_id, "copy"
-        )
-        assert gens[0][-2] == b"" and gens[1][-1].endswith(b"\x00")
+        table = GenerationRow.__table__
+        names = column_names(table, table.c.trajectory_id)
+        gens = [
+            dict(zip(names, row, strict=True))
+            for row in read_back(conn, table, table.c.trajectory_id, "copy")
+        ]
+        assert gens[0]["token_ids"] == b"" and gens[1]["logprobs"].endswith(b"\x00")
+        assert gens[0]["messages"] is None and gens[0]["messages_text"] is None  # SQL NULL
+        assert gens[1]["messages"][1]["content"][0]["type"] == "image_ref"
+        assert gens[0]["prompt_token_ids"] is None and gens[2]["prompt_token_ids"] is not None
 
 
 def test_trajectories_nulls_booleans_bigints(pg_store: TrajectoryStore) -> None:

@@ -194,9 +194,83 @@ def test_a_version_2_database_with_data_upgrades_in_place_and_downgrades(db_url)
         )
         assert not _has_ref_index(store.db)
         with store.db.read() as conn:
-            assert conn.execute(select(SchemaVersionRow.version)).scalar() == SCHEMA_VERSION == 3
+            assert conn.execute(select(SchemaVersionRow.version)).scalar() == SCHEMA_VERSION == 4
         _migrate(store.db, "0002_diffusion_transitions", downgrade=True)
         assert _has_ref_index(store.db)
         with store.db.read() as conn:
             assert conn.execute(select(SchemaVersionRow.version)).scalar() == 2
-        assert [i.ref for i in store.steps("t")[0].images_out] == [ref]
+            # (This code's store reads version-4 generations: read version 2's rows directly.)
+            refs = conn.execute(text("SELECT ref FROM step_images WHERE trajectory_id = 't'"))
+            assert refs.scalars().all() == [ref]
+
+
+def _generation_columns(db) -> set[str]:
+    from sqlalchemy import inspect
+
+    with db.read() as conn:
+        return {c["name"] for c in inspect(conn).get_columns("generations")}
+
+
+def test_a_version_3_database_keeps_its_generations_and_reads_them_with_no_request(db_url):
+    """Generations recorded before version 4 have no stored request: they upgrade in place
+    and read back with None for messages, sampling and prompt_token_ids; new ones keep them."""
+    from storage.codec import pack_ids, pack_logprobs
+    from storage.engine import Database
+
+    db = Database(db_url)
+    _migrate(db, "0003_drop_step_images_ref_index")
+    assert "messages" not in _generation_columns(db)
+    now = datetime.now(timezone.utc)
+
+    def old_rows(conn) -> None:
+        # Plain SQL: the ORM tables are this code's (version 4) and name the new columns.
+        conn.execute(
+            text(
+                "INSERT INTO runs (id, name, created_at, status, config) "
+                "VALUES ('r', 'r', :now, 'finished', '{}')"
+            ),
+            {"now": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO trajectories (id, run_id, prompt, group_id, sample_index, seed, "
+                "status, image_count, rewards, started_at, initial_state) VALUES ('t', 'r', "
+                "'p', 'g', 0, 1, 'succeeded', 0, '{}', :now, '{\"trajectory_id\": \"t\"}')"
+            ),
+            {"now": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO steps (trajectory_id, seq, node, stage, state_before, "
+                "state_update, latency_s, started_at, models) VALUES ('t', 0, 'plan', "
+                "'reason', '{\"trajectory_id\": \"t\"}', '{}', 0.5, :now, '[]')"
+            ),
+            {"now": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO generations (trajectory_id, step_seq, position, role, text, model, "
+                "latency_s, n_tokens, token_ids, logprobs) VALUES ('t', 0, 0, 'plan', "
+                "'a blueprint', 'lm', 0.25, 2, :ids, :lps)"
+            ),
+            {"ids": pack_ids([5, 7]), "lps": pack_logprobs([-0.5, -1.5])},
+        )
+
+    db.write(old_rows)
+    db.dispose()
+
+    with TrajectoryStore(db_url) as store:  # opening it upgrades it to head
+        [generation] = store.steps("t")[0].generations
+        assert (generation.text, generation.token_ids, generation.logprobs) == (
+            "a blueprint",
+            (5, 7),
+            (-0.5, -1.5),
+        )
+        assert generation.messages is None and generation.sampling is None
+        assert generation.prompt_token_ids is None
+        assert {"messages", "sampling", "prompt_token_ids"} <= _generation_columns(store.db)
+        _migrate(store.db, "0003_drop_step_images_ref_index", downgrade=True)
+        assert "messages" not in _generation_columns(store.db)
+        with store.db.read() as conn:
+            assert conn.execute(select(SchemaVersionRow.version)).scalar() == 3
+            assert conn.execute(text("SELECT text FROM generations")).scalar() == "a blueprint"

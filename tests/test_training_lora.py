@@ -28,20 +28,8 @@ TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def text_lm_server(tiny_models: TinyModels) -> Any:
-    """``atelier serve lm`` for the tiny text LM (Qwen2, ChatML) on a free loopback port."""
-    from nodes.backends.engines.lm_inprocess import LMService
-    from nodes.backends.engines.tiny_models import TORCH_THREADS
-    from nodes.backends.servers.http_common import BackgroundServer
-    from nodes.backends.servers.lm_server import create_lm_app
-
-    service = LMService.from_pretrained(
-        tiny_models.lm, name="tiny-lm", max_wait_ms=20, torch_threads=TORCH_THREADS
-    )
-    server = BackgroundServer(create_lm_app(service)).start()
-    yield server
-    server.stop()
-    service.close()
+def text_lm_server(text_lm: Any) -> Any:
+    return text_lm[0]
 
 
 def word_tokens(tokenizer: Any) -> set[int]:

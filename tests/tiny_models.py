@@ -67,6 +67,23 @@ def image_service(tiny_models: TinyModels) -> Any:
     )
 
 
+@pytest.fixture(scope="module")
+def text_lm(tiny_models: TinyModels) -> Any:
+    """``atelier serve lm`` for the tiny text LM (Qwen2, ChatML) on a free loopback port, and
+    its service: one per test module (a module may load adapters into it)."""
+    from nodes.backends.engines.lm_inprocess import LMService
+    from nodes.backends.servers.http_common import BackgroundServer
+    from nodes.backends.servers.lm_server import create_lm_app
+
+    service = LMService.from_pretrained(
+        tiny_models.lm, name="tiny-lm", max_wait_ms=20, torch_threads=TORCH_THREADS
+    )
+    server = BackgroundServer(create_lm_app(service)).start()
+    yield server, service
+    server.stop()
+    service.close()
+
+
 SERVER_LIMITS = {"max_body_bytes": 1024 * 1024, "max_image_pixels": 256 * 256}
 
 

@@ -43,6 +43,10 @@ class ChatMessage:
     role: str  # "system" | "user" | "assistant"
     text: str
     images: tuple[Image.Image, ...] = ()
+    image_refs: tuple[str, ...] = ()
+    """The image store's references of ``images``, in the same order, when the caller has them
+    (the node read the image from the store): the step's record names the images by these
+    instead of hashing the pixels again. Never sent to a model."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,13 @@ class TextCompletion:
     """Sampling-time log-prob of each token in ``token_ids`` (same length, or empty)."""
     model: str = ""
     finish_reason: str = "stop"
+    prompt_token_ids: tuple[int, ...] | None = None
+    """The prompt's token ids as the server encoded it (vLLM's top-level ``prompt_token_ids``
+    with ``return_token_ids``), None when the backend does not say."""
+    sampling: Mapping[str, Any] | None = None
+    """Every request field the backend sent besides the model and the messages (sampling
+    parameters, ``logprobs``, ``response_format``...), exactly as sent; None: the backend does
+    not say (the step records the :class:`SamplingParams` it asked for instead)."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ Chat (``POST /v1/chat/completions``):
   (``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``), before the text;
 - ``logprobs: true`` + ``return_token_ids: true`` give the sampled tokens' ids in
   ``choices[0].token_ids`` and their log-probs in ``choices[0].logprobs.content[*].logprob``;
+  ``return_token_ids`` also gives the prompt's ids in the top-level ``prompt_token_ids``
+  (vLLM's ``ChatCompletionResponse``; ``/v1/completions`` has them per choice);
 - ``prompt_logprobs: k`` gives a top-level ``prompt_logprobs`` list (first entry ``null``) of
   ``{"<token id>": {"logprob", "rank", "decoded_token"}}`` dicts holding the prompt token itself
   (plus the top k), and ``return_token_ids`` adds the top-level ``prompt_token_ids``.
@@ -27,7 +29,7 @@ from typing import Any
 
 from PIL import Image
 
-from nodes.backends.base import BackendError, ChatMessage, TextCompletion
+from nodes.backends.base import BackendError, ChatMessage, SamplingParams, TextCompletion
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 """Largest image (width × height) a server or client decodes: a decompression-bomb guard."""
@@ -122,6 +124,11 @@ def format_size(width: int, height: int) -> str:
 # --- chat requests --------------------------------------------------------------------------
 
 
+IMAGE_REF_PART = "image_ref"
+"""Type of the content part that stands for an image in a *recorded* request:
+``{"type": "image_ref", "ref": "<sha256 of the PNG in the image store>"}``."""
+
+
 def message_payload(message: ChatMessage) -> dict[str, Any]:
     """One :class:`ChatMessage` as an OpenAI chat message (images first, then the text)."""
     if not message.images:
@@ -137,6 +144,38 @@ def message_payload(message: ChatMessage) -> dict[str, Any]:
 
 def messages_payload(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     return [message_payload(m) for m in messages]
+
+
+def message_record(message: ChatMessage, image_refs: Sequence[str] = ()) -> dict[str, Any]:
+    """:func:`message_payload`'s message as a step records it: the same roles, parts and order,
+    each image part an :data:`IMAGE_REF_PART` naming the stored image (never its bytes)."""
+    if not message.images:
+        return {"role": message.role, "content": message.text}
+    if len(image_refs) != len(message.images):
+        raise ValueError(f"{len(message.images)} images but {len(image_refs)} image refs")
+    parts: list[dict[str, Any]] = [{"type": IMAGE_REF_PART, "ref": ref} for ref in image_refs]
+    if message.text:
+        parts.append({"type": "text", "text": message.text})
+    return {"role": message.role, "content": parts}
+
+
+def sampling_payload(sampling: SamplingParams) -> dict[str, Any]:
+    """The request fields :class:`SamplingParams` stands for, named as vLLM names them; the
+    optional ones only when set (what an in-process model runs with, and what a step records
+    for a backend that does not report what it sent)."""
+    fields: dict[str, Any] = {
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+        "logprobs": sampling.logprobs,
+    }
+    if sampling.seed is not None:
+        fields["seed"] = sampling.seed
+    if sampling.top_k is not None:
+        fields["top_k"] = sampling.top_k
+    if sampling.repetition_penalty is not None:
+        fields["repetition_penalty"] = sampling.repetition_penalty
+    return fields
 
 
 def attach_image(messages: Sequence[ChatMessage], image: Image.Image | None) -> list[ChatMessage]:
@@ -186,8 +225,11 @@ def _token_ids_from_logprob_tokens(content: Sequence[Mapping[str, Any]]) -> list
     return ids
 
 
-def parse_chat_completion(body: Mapping[str, Any], model: str = "") -> TextCompletion:
-    """A chat completion response → :class:`TextCompletion` (ids and log-probs aligned)."""
+def parse_chat_completion(
+    body: Mapping[str, Any], model: str = "", *, sampling: Mapping[str, Any] | None = None
+) -> TextCompletion:
+    """A chat completion response → :class:`TextCompletion` (ids and log-probs aligned);
+    ``sampling``: the request's fields as sent (see :attr:`TextCompletion.sampling`)."""
     choice = _first_choice(body)
     message = choice.get("message") or {}
     text = message.get("content") or ""
@@ -201,12 +243,17 @@ def parse_chat_completion(body: Mapping[str, Any], model: str = "") -> TextCompl
         raise WireFormatError(
             f"chat response has {len(token_ids)} token ids but {len(logprobs)} log-probs"
         )
+    prompt_ids = body.get("prompt_token_ids")
+    if prompt_ids is None:  # vLLM's /v1/completions puts them on the choice
+        prompt_ids = choice.get("prompt_token_ids")
     return TextCompletion(
         text=text,
         token_ids=token_ids,
         logprobs=logprobs,
         model=str(body.get("model") or model),
         finish_reason=str(choice.get("finish_reason") or "stop"),
+        prompt_token_ids=None if prompt_ids is None else tuple(int(i) for i in prompt_ids),
+        sampling=sampling,
     )
 
 

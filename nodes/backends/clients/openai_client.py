@@ -31,6 +31,7 @@ from nodes.backends.wire import (
 )
 
 CHAT_PATH = "/v1/chat/completions"
+_NOT_SAMPLING = frozenset({"model", "messages"})
 
 
 class OpenAIChatClient:
@@ -109,8 +110,10 @@ class OpenAIChatClient:
         if self.legacy_token_ids:
             payload["return_tokens_as_token_ids"] = True
         body = await self.pool.post_json("chat", CHAT_PATH, payload)
+        # What was sent besides the model and the (base64-laden) messages, for the step record.
+        sent = {k: v for k, v in payload.items() if k not in _NOT_SAMPLING}
         try:
-            return parse_chat_completion(body, payload["model"])
+            return parse_chat_completion(body, payload["model"], sampling=sent)
         except (WireFormatError, KeyError, TypeError, ValueError) as error:
             raise WireFormatError(f"chat response from {self.pool.urls}: {error}") from None
 

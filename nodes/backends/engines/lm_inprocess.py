@@ -18,7 +18,7 @@ from PIL import Image
 from nodes.backends.base import ChatMessage, ChatRequest, ScoredText, TextCompletion
 from nodes.backends.engines.service import ModelService
 from nodes.backends.lm_types import LMRequest, LMResult, PromptMessage
-from nodes.backends.wire import scoring_messages, text_span
+from nodes.backends.wire import sampling_payload, scoring_messages, text_span
 
 
 class LMService(ModelService[LMRequest, LMResult]):
@@ -102,6 +102,8 @@ class InProcessChatModel:
             logprobs=tuple(result.logprobs) if sampling.logprobs else (),
             model=self.model_id,
             finish_reason=result.finish_reason,
+            prompt_token_ids=tuple(result.prompt_token_ids),
+            sampling=sampling_payload(sampling),
         )
 
     async def score_text(
