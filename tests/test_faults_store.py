@@ -198,7 +198,8 @@ def test_the_store_failing_mid_run_gives_a_clear_error_and_resume_finishes(
     assert proc.returncode == 1, (out, err)
     assert sum("atelier: error" in line for line in lines) == 1, err
     assert all(line.startswith(library) for line in lines[:-1]), err
-    assert len(lines) <= 8, err
+    # At most a line or two per pooled connection (8 + 16 overflow) that met the outage.
+    assert len(lines) <= 1 + 2 * 24, err
     line = lines[-1]
     assert line.startswith("atelier: error: the store ") and "unavailable" in line
     assert f"127.0.0.1:{postgres.port}" in line
