@@ -101,7 +101,7 @@ def test_atelier_train_leaves_the_rewards_it_trained_on_in_the_store(tmp_path):
     db = tmp_path / "t.db"
     done = run_atelier(
         *("train", "--world", "shapeworld", "--iterations", "1", "--per-category", "1"),
-        *("-G", "2", "--out", "versions"),
+        *("-G", "2", "--out", "versions", "--reward-weights", "1,0.5,0", "--penalty", "none"),
         db=db,
         cwd=tmp_path,
         timeout=600,
@@ -113,4 +113,38 @@ def test_atelier_train_leaves_the_rewards_it_trained_on_in_the_store(tmp_path):
     (run,) = [run for run in store.runs() if run.name == "grpo-0"]
     trajectories = store.trajectories(run=run.id, limit=None)
     assert all({"checker", "format"} <= set(t.rewards) for t in trajectories)
+    trained = [t for t in trajectories if "composite" in t.rewards]
+    assert trained
+    for t in trained:  # the CLI's weights, as stored: R = R_o + 0.5·R_f
+        expected = t.rewards["checker"] + 0.5 * t.rewards["format"]
+        assert t.rewards["composite"] == pytest.approx(expected, abs=1e-12)
+    (version,) = store.policy_versions(name="router")
+    assert version.metadata["config"]["reward_weights"] == [1.0, 0.5, 0.0]
     store.close()
+
+
+@pytest.mark.parametrize(
+    "weights",
+    ["1,0", "a,b,c", "-1,0,0", "0,0,0", "nan,0,0", "1,0,1"],
+)
+def test_bad_reward_weights_are_one_line_errors(tmp_path, weights):
+    from tests.cli_helpers import run_atelier
+
+    done = run_atelier(
+        "train", "--world", "shapeworld", f"--reward-weights={weights}", db=tmp_path / "t.db",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("atelier: error: --reward-weights")
+
+
+def test_reward_weights_are_refused_for_a_tree_stage(tmp_path):
+    from tests.cli_helpers import run_atelier
+
+    done = run_atelier(
+        "train", "--run", "any", "--tree-stage", "reflect_refine", "--reward-weights=1,1,0",
+        db=tmp_path / "t.db", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2 and "do not apply to --tree-stage" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -51,6 +51,13 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
     train.add_argument(
         "--image-cost", type=float, default=0.1, help="λ per image for --penalty linear"
     )
+    train.add_argument(
+        "--reward-weights",
+        default="1,0,0",
+        metavar="A1,A2,A3",
+        help="R = a1·R_o + a2·R_f + a3·R_s: weights of the outcome (the judge's score), the "
+        "format reward and the step-wise reward (SAIR publishes none; default 1,0,0)",
+    )
     tree = train.add_argument_group(
         "Tree-RL (R3)",
         "with --run: fork G continuations from stored stage start states and train the stage's "
@@ -117,12 +124,30 @@ def _reserved_policy(args: argparse.Namespace, store: TrajectoryStore, count: in
         raise CliError(str(exc)) from None
 
 
+def _reward_weights(text: str) -> tuple[float, float, float]:
+    from atelier.cli.errors import CliError
+
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        weights = ()
+    if len(weights) != 3 or any(w < 0 or w != w for w in weights) or not any(weights):
+        raise CliError(f"--reward-weights takes three weights >= 0, not all 0 (a1,a2,a3): {text!r}")
+    if weights[2]:
+        raise CliError(
+            "--reward-weights: R_s (the step-wise reward) needs an analyzer score per "
+            "intermediate text, which no command stores yet; give a3 = 0"
+        )
+    return weights  # type: ignore[return-value]
+
+
 def _config(args: argparse.Namespace) -> GRPOConfig:
     from training.decisions.trainer import GRPOConfig
 
+    common = {"seed": args.seed, "reward_weights": args.reward_weights}
     if args.penalty == "none":
-        return GRPOConfig(seed=args.seed, complexity_eps=None)
-    return GRPOConfig(seed=args.seed, complexity_form=args.penalty, complexity_cost=args.image_cost)
+        return GRPOConfig(**common, complexity_eps=None)
+    return GRPOConfig(**common, complexity_form=args.penalty, complexity_cost=args.image_cost)
 
 
 def _run_table(store: TrajectoryStore, run_id: str) -> tuple[float, float, float, str]:
@@ -153,6 +178,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1")
     if args.image_cost < 0:
         raise CliError("--image-cost must be >= 0")
+    args.reward_weights = _reward_weights(args.reward_weights)
+    if args.tree_stage is not None and args.reward_weights != (1.0, 0.0, 0.0):
+        message = "a stage trains on its R3 stage reward alone"
+        raise CliError(f"--reward-weights do not apply to --tree-stage ({message})")
     if args.tree_stage is not None:
         if args.run is None:
             raise CliError("--tree-stage forks stored states: give the stored run(s) with --run")

@@ -261,7 +261,8 @@ class GRPOTrainer:
         return self.policy.save(directory)
 
     def describe(self) -> dict[str, Any]:
-        return {"algorithm": "grpo", "optimizer_steps": self.steps}
+        """The algorithm, the steps taken and the config (rewards, penalty, clip, lr, ...)."""
+        return {"algorithm": "grpo", "optimizer_steps": self.steps, "config": asdict(self.config)}
 
     def save_checkpoint(self, directory: str | Path) -> Path:
         """Policy (``policy/``), optimizer moments (safetensors) and counters + config (JSON)."""
