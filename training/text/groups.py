@@ -1,12 +1,21 @@
 """GRPO groups of recorded completions, read back from the store.
 
-Built from the STORED token ids and sampling log-probs (never re-tokenised text) and the stored
-reward; the chat each completion answers is rebuilt from the prompt and the run's system
-prompt.
+Built from the STORED token ids and sampling log-probs (never re-tokenised text), the stored
+request (chat messages, sampling fields and, when the server returned them, prompt ids) and the
+stored reward. Two readers:
+
+- ``read_groups``: the one-step runs of ``training.text.sampling.collect`` (a group is one
+  prompt's trajectories);
+- ``read_node_groups``: whole graph runs. A group is what one node (``plan``, ``reflect``,
+  ``decompose``) sampled *for the same input*: each trajectory of a stored group contributes its
+  first step of that node, and members are split by their stored request ``messages`` — one
+  group per distinct input, so a reflect step that saw another image never shares advantages
+  with one that did not.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,6 +25,7 @@ from training.text.rewards import DEFAULT_REWARD
 from training.text.sampling import DEFAULT_SYSTEM, prompt_messages, recorded_completion
 
 if TYPE_CHECKING:
+    from storage.records import GenerationInfo, StepInfo, TrajectoryDetail
     from storage.store import TrajectoryStore
 
 
@@ -26,13 +36,21 @@ class TextMember:
     token_ids: tuple[int, ...]
     """Exactly as sampled and stored."""
     logprobs: tuple[float, ...]
-    """The sampling-time log-prob of each token (π_old)."""
+    """The sampling-time log-prob of each token (π_old), as the server returned it."""
     reward: float
+    step_seq: int = 0
+    """The stored step (``steps.seq``) whose generation this is."""
+    messages: tuple[dict[str, Any], ...] | None = None
+    """The request's chat messages exactly as sent (None: recorded before schema version 4)."""
+    sampling: dict[str, Any] | None = None
+    """The request's sampling fields as sent (temperature, top_p, seed, ...)."""
+    prompt_token_ids: tuple[int, ...] | None = None
+    """The prompt ids as the server encoded them (None when it did not return them)."""
 
 
 @dataclass(frozen=True)
 class TextGroup:
-    """Completions of one prompt (a GRPO group); ``messages`` is the chat they answer."""
+    """Completions of one input (a GRPO group); ``messages`` is the chat they answer."""
 
     group_id: str
     prompt: str
@@ -46,8 +64,10 @@ def read_groups(
     *,
     reward: str = DEFAULT_REWARD,
 ) -> list[TextGroup]:
-    """The runs' GRPO groups: every stored group (any status, any size) with the stored token
-    ids and log-probs of its completions and their stored reward ``reward``."""
+    """The runs' GRPO groups of ``collect``'s one-step runs: every stored group (any status, any
+    size) with the stored token ids and log-probs of its completions, their stored request and
+    their stored reward ``reward``. The group's ``messages`` are rebuilt from the prompt and the
+    run's system prompt (the trainer prefers each member's stored request)."""
     systems: dict[str, str] = {}
     groups = []
     for run_id, group_id, details in stored_groups(store, run_ids, None, 1):
@@ -56,25 +76,110 @@ def read_groups(
         members = []
         for detail in details:
             completion = recorded_completion(detail.id, detail.steps)
-            if len(completion.logprobs) != len(completion.token_ids):
-                raise ValueError(f"trajectory {detail.id}: no sampling log-probs stored")
+            _require_logprobs(detail.id, completion)
             if reward not in detail.rewards:
                 raise KeyError(f"trajectory {detail.id} has no reward {reward!r}")
-            members.append(
-                TextMember(
-                    detail.id,
-                    completion.text,
-                    tuple(completion.token_ids),
-                    tuple(completion.logprobs),
-                    float(detail.rewards[reward]),
-                )
-            )
+            members.append(_member(detail, detail.steps[0], completion, detail.rewards[reward]))
         prompt = details[0].prompt
         messages = tuple(prompt_messages(prompt, systems[run_id]))
         groups.append(TextGroup(group_id, prompt, messages, tuple(members)))
     return groups
 
 
+def read_node_groups(
+    store: TrajectoryStore,
+    run_ids: str | Sequence[str],
+    *,
+    node: str = "plan",
+    reward: str,
+    status: str | None = "succeeded",
+    min_size: int = 2,
+) -> list[TextGroup]:
+    """GRPO groups of ``node``'s completions in whole-trajectory groups of graph runs.
+
+    Each trajectory of a stored group (``group_id``; those of ``status``, None: any) gives its
+    first ``node`` step's generation at position 0, with the stored completion ids, sampling
+    log-probs and request, and the reward ``reward``: that step's reward if one is stored, else
+    the trajectory's. A trajectory that never ran ``node`` gives nothing. Members are then split
+    by their stored ``messages``: the first input keeps the stored group id, the k-th other
+    distinct input becomes ``<group_id>#k``; a split group with fewer than ``min_size`` members
+    is dropped (a lone completion has no advantage).
+
+    Raises ``ValueError`` for a generation with no stored request (recorded before schema
+    version 4) or without a log-prob per token, ``KeyError`` for a member without the reward."""
+    groups: list[TextGroup] = []
+    for _, group_id, details in stored_groups(store, run_ids, status, 1):
+        inputs: dict[str, list[TextMember]] = {}
+        for detail in details:
+            found = _first_step(detail.steps, node)
+            if found is None:
+                continue
+            step, generation = found
+            if generation.messages is None:
+                raise ValueError(
+                    f"trajectory {detail.id} step {step.seq} ({node}): no stored request "
+                    "(recorded before schema version 4); record the run again to train on it"
+                )
+            _require_logprobs(detail.id, generation)
+            value = _step_reward(detail, step.seq, reward)
+            key = json.dumps(generation.messages, sort_keys=True)
+            inputs.setdefault(key, []).append(_member(detail, step, generation, value))
+        for k, members in enumerate(inputs.values()):
+            if len(members) < min_size:
+                continue
+            name = group_id if k == 0 else f"{group_id}#{k}"
+            messages = members[0].messages or ()
+            groups.append(TextGroup(name, details[0].prompt, messages, tuple(members)))
+    return groups
+
+
 def best_members(groups: Sequence[TextGroup]) -> list[tuple[TextGroup, TextMember]]:
     """The highest-reward completion of each group."""
     return [(g, max(g.members, key=lambda m: m.reward)) for g in groups]
+
+
+def _first_step(steps: Sequence[StepInfo], node: str) -> tuple[StepInfo, GenerationInfo] | None:
+    """The trajectory's first ``node`` step with its generation at position 0."""
+    for step in sorted(steps, key=lambda s: s.seq):
+        if step.node == node:
+            for generation in step.generations:
+                if generation.position == 0:
+                    return step, generation
+    return None
+
+
+def _step_reward(detail: TrajectoryDetail, step_seq: int, name: str) -> float:
+    """A reward of the step (the latest stored) wins over the trajectory's of the same name."""
+    step_values = [
+        r.value for r in detail.reward_records if r.name == name and r.step_seq == step_seq
+    ]
+    if step_values:
+        return float(step_values[-1])  # records come ordered by id: the last is the latest
+    if name not in detail.rewards:
+        raise KeyError(f"trajectory {detail.id} has no reward {name!r}")
+    return float(detail.rewards[name])
+
+
+def _require_logprobs(trajectory_id: str, generation: GenerationInfo) -> None:
+    if generation.text and not generation.token_ids:
+        raise ValueError(f"trajectory {trajectory_id}: no completion token ids stored")
+    if len(generation.logprobs) != len(generation.token_ids):
+        raise ValueError(f"trajectory {trajectory_id}: no sampling log-probs stored")
+
+
+def _member(
+    detail: TrajectoryDetail, step: StepInfo, generation: GenerationInfo, reward: float
+) -> TextMember:
+    return TextMember(
+        detail.id,
+        generation.text,
+        tuple(generation.token_ids),
+        tuple(generation.logprobs),
+        float(reward),
+        step_seq=step.seq,
+        messages=None if generation.messages is None else tuple(generation.messages),
+        sampling=None if generation.sampling is None else dict(generation.sampling),
+        prompt_token_ids=(
+            None if generation.prompt_token_ids is None else tuple(generation.prompt_token_ids)
+        ),
+    )

@@ -1,21 +1,30 @@
 """GRPO on a peft LoRA adapter of a text model, from stored completions (``training.text.groups``).
 
 ``LoRATrainer`` recomputes the log-probs of the stored completion ids by teacher forcing under
-base + LoRA. The prompt ids come from :meth:`TransformersLM.encode`, the very code the ``lm``
-server runs to build a prompt (chat template with the generation prompt, tokenised without
-special tokens), so position ``len(prompt) - 1 + j`` of the forward pass predicts completion
-token ``j``, as it did when the server sampled it. Before the first update the ratio is 1 up
-to float rounding (``first_max_abs_log_ratio`` in the metrics), which checks that alignment.
+base + LoRA, after exactly the prompt the server saw: each member's stored ``prompt_token_ids``
+when the server returned them, else its stored request ``messages`` encoded by
+:meth:`TransformersLM.encode`, the very code the ``lm`` server runs to build a prompt (chat
+template with the generation prompt, tokenised without special tokens), so position
+``len(prompt) - 1 + j`` of the forward pass predicts completion token ``j``, as it did when the
+server sampled it.
+
+Before the first update every row's recomputed log-probs are compared with the stored ones; a
+difference above ``LoRAConfig.max_logprob_drift`` stops training with a ``ValueError`` naming
+the trajectory, the first differing completion position and both values (wrong prompt, model or
+adapter). That check, and the GRPO ratio itself, assume the stored log-probs are the sampling
+policy's: the ``lm`` server (and vLLM by default) returns the raw model's log-probs, before
+temperature, top-p, top-k and repetition penalty, so they are π_old only when the request
+sampled untransformed (temperature 1, top-p 1, no top-k, no repetition penalty). A member whose
+stored ``sampling`` says otherwise is refused unless ``require_raw_sampling`` is off.
+
 The loss is ``training.grpo.grpo_loss``, minimised with AdamW on the LoRA parameters only (the
 base is frozen). ``save`` writes ``adapter_model.safetensors`` + ``adapter_config.json``
 (peft's layout), which the ``lm`` server and vLLM load by path.
-
-Served elsewhere (vLLM), the prompt ids are the same only if the server applies the same chat
-template and tokenizer; the first-step ratio is the check.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -29,7 +38,7 @@ from nodes.backends.lm_types import LMRequest, PromptMessage
 from policies.weights import next_version, write_new_directory
 from training.grpo import AdvantageScale, LossType, group_advantages, grpo_loss
 from training.result import FIRST_STEP_KEY, TrainResult, step_summary
-from training.text.groups import TextGroup
+from training.text.groups import TextGroup, TextMember
 
 # Every linear layer, ``lm_head`` included: with small tied embeddings (random-weight test
 # models) the final RMSNorm bounds how far the other layers alone can move any logit.
@@ -56,6 +65,54 @@ class LoRAConfig:
     advantage_scale: AdvantageScale = "group"
     max_grad_norm: float = 1.0
     seed: int = 0
+    max_logprob_drift: float = 1e-4
+    """Largest |recomputed - stored| completion log-prob allowed before the first update; above
+    it training stops (the trainer does not see what the server saw)."""
+    require_raw_sampling: bool = True
+    """Refuse members sampled with temperature != 1, top-p < 1, top-k or a repetition penalty:
+    the stored (raw) log-probs are then not the sampling policy's, and the ratio is biased."""
+
+
+RAW_SAMPLING = {"temperature": (1.0,), "top_p": (1.0,), "top_k": (-1, 0), "min_p": (0.0,)}
+"""Sampling fields (None or absent: off) and the values under which a sampled token's raw
+log-prob is its sampling log-prob; ``repetition_penalty`` must be absent or 1 too."""
+
+
+def check_raw_sampling(member: TextMember) -> None:
+    """Refuse a member whose stored sampling transformed the distribution (its stored raw
+    log-probs are then not π_old)."""
+    sampling = member.sampling or {}
+    fields = {**RAW_SAMPLING, "repetition_penalty": (1.0,)}
+    for name, allowed in fields.items():
+        value = sampling.get(name)
+        if value is not None and value not in allowed:
+            raise ValueError(
+                f"trajectory {member.trajectory_id} (step {member.step_seq}) was sampled with "
+                f"{name}={value!r}: the server's log-probs are the raw model's (before "
+                "temperature, top-p, top-k, repetition penalty), so they are the sampling "
+                "policy's only at temperature 1, top-p 1 and no top-k or penalty; sample with "
+                "those, or set LoRAConfig.require_raw_sampling=False to train anyway"
+            )
+
+
+def prompt_message(message: Any) -> PromptMessage:
+    """A ``ChatMessage`` or a stored request message (OpenAI shape) as the engine's prompt
+    turn, parts in order as the ``lm`` server parses them."""
+    if not isinstance(message, dict):
+        return PromptMessage.from_chat(message)
+    content = message.get("content")
+    if content is None:
+        return PromptMessage(message["role"], ())
+    if isinstance(content, str):
+        return PromptMessage(message["role"], (content,))
+    parts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise ValueError(
+                f"a stored {part.get('type')!r} part: LoRATrainer trains text models only"
+            )
+        parts.append(str(part.get("text", "")))
+    return PromptMessage(message["role"], tuple(parts))
 
 
 class LoRATrainer:
@@ -106,9 +163,17 @@ class LoRATrainer:
         """Optimizer steps taken so far (over every ``train`` call)."""
 
     def prompt_ids(self, messages: Sequence[Any]) -> list[int]:
-        """The prompt's token ids exactly as the ``lm`` server builds them for a chat."""
-        request = LMRequest(messages=[PromptMessage.from_chat(m) for m in messages], max_tokens=0)
+        """The prompt's token ids exactly as the ``lm`` server builds them for a chat:
+        ``ChatMessage``s, or stored request messages (OpenAI shape, text parts only)."""
+        request = LMRequest(messages=[prompt_message(m) for m in messages], max_tokens=0)
         return list(self.engine.encode(request).input_ids)
+
+    def member_prompt_ids(self, group: TextGroup, member: TextMember) -> list[int]:
+        """The prompt the server saw for ``member``: its stored prompt ids, else its stored
+        messages (else the group's) encoded as the server does."""
+        if member.prompt_token_ids is not None:
+            return list(member.prompt_token_ids)
+        return self.prompt_ids(member.messages if member.messages is not None else group.messages)
 
     def logprobs(
         self, rows: Sequence[tuple[Sequence[int], Sequence[int]]]
@@ -157,13 +222,26 @@ class LoRATrainer:
         rewards = torch.tensor([[m.reward for m in g.members] for g in groups])
         advantages, zero = group_advantages(rewards, scale=cfg.advantage_scale)
         rows = []  # (prompt ids, completion ids, old log-probs, advantage)
+        owners = []  # the member of each row, for errors
         for group, adv, is_zero in zip(groups, advantages.tolist(), zero.tolist(), strict=True):
             if is_zero:
                 continue
-            prompt = self.prompt_ids(group.messages)
+            encoded: dict[str, list[int]] = {}  # one encoding per distinct stored input
             for member, a in zip(group.members, adv, strict=True):
-                if member.token_ids:
-                    rows.append((prompt, member.token_ids, member.logprobs, a))
+                if not member.token_ids:
+                    continue
+                if cfg.require_raw_sampling:
+                    check_raw_sampling(member)
+                if member.prompt_token_ids is not None:
+                    prompt = list(member.prompt_token_ids)
+                else:
+                    key = json.dumps(member.messages, sort_keys=True, default=str)
+                    if key not in encoded:
+                        encoded[key] = self.member_prompt_ids(group, member)
+                    prompt = encoded[key]
+                rows.append((prompt, member.token_ids, member.logprobs, a))
+                owners.append(member)
+        self.check_alignment(rows, owners)
         metrics["groups_zero_variance"] = float(int(zero.sum()))
         metrics["groups_used"] = float(len(groups) - int(zero.sum()))
         metrics["reward_mean"] = float(rewards.mean())
@@ -179,6 +257,35 @@ class LoRATrainer:
             metrics["first_ratio_mean"] = history[0]["ratio_mean"]
         self.version = next_version(self.version)
         return TrainResult(self.version, metrics, history)
+
+    def check_alignment(
+        self, rows: Sequence[tuple[Any, Any, Any, float]], owners: Sequence[TextMember]
+    ) -> float:
+        """Recompute every row's log-probs under the current weights (no update) and compare
+        them with the stored ones; raise ``ValueError`` at the first row whose largest
+        difference exceeds ``max_logprob_drift``. Returns the largest difference."""
+        worst = 0.0
+        size = max(1, self.config.minibatch_size)
+        with torch.no_grad():
+            for start in range(0, len(rows), size):
+                batch = rows[start : start + size]
+                logp, _ = self.logprobs([(p, c) for p, c, _, _ in batch])
+                for i, (_, completion, stored, _) in enumerate(batch):
+                    recomputed = logp[i, : len(completion)].double().cpu()
+                    delta = (recomputed - torch.tensor(stored, dtype=torch.float64)).abs()
+                    worst = max(worst, float(delta.max()))
+                    if float(delta.max()) > self.config.max_logprob_drift:
+                        j = int(torch.nonzero(delta > self.config.max_logprob_drift)[0])
+                        member = owners[start + i]
+                        raise ValueError(
+                            f"trajectory {member.trajectory_id} (step {member.step_seq}): the "
+                            f"recomputed log-prob of completion token {j} is "
+                            f"{float(recomputed[j]):.6f}, the stored one {float(stored[j]):.6f} "
+                            f"(|diff| {float(delta[j]):.2e} > max_logprob_drift "
+                            f"{self.config.max_logprob_drift:g}): the trainer does not see the "
+                            "prompt, model or adapter the server sampled with"
+                        )
+        return worst
 
     def _step(self, batch: list[tuple[Any, Any, Any, float]]) -> dict[str, float]:
         cfg = self.config
