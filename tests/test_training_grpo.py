@@ -265,3 +265,23 @@ def test_loss_and_gradient_equal_trl(trl_parts, tmp_path, ours_type, trl_type, e
     assert metrics["clip_high"] == pytest.approx(trl_metrics["clip_ratio/high_mean"][-1], abs=TOL)
     if beta:
         assert metrics["kl"] == pytest.approx(trl_metrics["kl"][-1], abs=TOL)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_ragged_group_advantages_match_a_float64_recomputation(scale):
+    """Groups of different sizes (a split text group, a dropped member): each group's
+    advantages as (r - mean_g) / (std + eps), with std the group's, every reward's, or none."""
+    import statistics
+
+    from training.grpo import ragged_group_advantages
+
+    rewards = [[0.0, 1.0, 0.5], [1.0, 1.0], [0.2, 0.9, 0.4, 0.0, 1.0]]
+    advantages, zero = ragged_group_advantages(rewards, scale=scale, eps=1e-4)
+    everything = statistics.stdev([r for rs in rewards for r in rs])
+    assert zero == [False, True, False]
+    for rs, adv in zip(rewards, advantages, strict=True):
+        mean = statistics.fmean(rs)
+        std = {"group": statistics.stdev(rs), "batch": everything, "none": None}[scale]
+        expected = [(r - mean) / (std + 1e-4) if std is not None else r - mean for r in rs]
+        assert adv.dtype == torch.float64
+        assert adv.tolist() == pytest.approx(expected, abs=1e-12)

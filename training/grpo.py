@@ -15,6 +15,7 @@ both train with GRPO) and are kept numerically identical to TRL's ``GRPOTrainer`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -71,6 +72,29 @@ def group_advantages(
     if rewards.dim() == 1:
         return advantages.squeeze(0), zero_variance.squeeze(0)
     return advantages, zero_variance
+
+
+def ragged_group_advantages(
+    rewards: Sequence[Sequence[float]], *, scale: AdvantageScale = "group", eps: float = 1e-4
+) -> tuple[list[torch.Tensor], list[bool]]:
+    """:func:`group_advantages` (in float64) of groups that may differ in size: per group its
+    advantages and whether its rewards were all equal. "batch" divides by the std of every
+    reward of every group, as for equal sizes."""
+    if len({len(r) for r in rewards}) == 1:
+        adv, zero = group_advantages(
+            torch.tensor(rewards, dtype=torch.float64), scale=scale, eps=eps
+        )
+        return list(adv), zero.tolist()
+    tensors = [torch.tensor(r, dtype=torch.float64) for r in rewards]
+    advs, zeros = [], []
+    batch_std = torch.cat(tensors).std() if scale == "batch" else None
+    for r in tensors:
+        adv, zero = group_advantages(r, scale="group" if scale == "group" else "none", eps=eps)
+        if batch_std is not None:
+            adv = adv / (batch_std + eps)
+        advs.append(adv)
+        zeros.append(bool(zero))
+    return advs, zeros
 
 
 def grpo_loss(

@@ -23,7 +23,7 @@ import torch
 
 from policies.weights import load_policy, load_weights, next_version, save_weights
 from training.decisions.groups import DecisionGroup, DecisionRecord
-from training.grpo import AdvantageScale, LossType, group_advantages, grpo_loss
+from training.grpo import AdvantageScale, LossType, grpo_loss, ragged_group_advantages
 from training.result import FIRST_STEP_KEY, TrainResult, step_summary
 from training.rewards import composite_reward
 from training.rewards.composite import ComplexityForm, apply_complexity_penalty
@@ -117,27 +117,6 @@ def penalised_rewards(
     return values
 
 
-def _advantages(
-    rewards: list[list[float]], scale: AdvantageScale, eps: float
-) -> tuple[list[torch.Tensor], list[bool]]:
-    """Per-group advantages and zero-variance flags; groups may differ in size."""
-    if len({len(r) for r in rewards}) == 1:
-        adv, zero = group_advantages(
-            torch.tensor(rewards, dtype=torch.float64), scale=scale, eps=eps
-        )
-        return list(adv), zero.tolist()
-    tensors = [torch.tensor(r, dtype=torch.float64) for r in rewards]
-    advs, zeros = [], []
-    batch_std = torch.cat(tensors).std() if scale == "batch" else None
-    for r in tensors:
-        adv, zero = group_advantages(r, scale="group" if scale == "group" else "none", eps=eps)
-        if batch_std is not None:
-            adv = adv / (batch_std + eps)
-        advs.append(adv)
-        zeros.append(bool(zero))
-    return advs, zeros
-
-
 class GRPOTrainer:
     """GRPO on a decision policy (``LearnedModePolicy``, ``LearnedStopPolicy``)."""
 
@@ -178,7 +157,8 @@ class GRPOTrainer:
         if not groups:
             metrics.update(step_summary([]))
             return TrainResult(self.version, metrics, policy=self.policy.clone())
-        advantages, zero = _advantages(rewards, cfg.advantage_scale, cfg.advantage_eps)
+        scale, eps = cfg.advantage_scale, cfg.advantage_eps
+        advantages, zero = ragged_group_advantages(rewards, scale=scale, eps=eps)
         used: dict[str, tuple[str, dict[str, float]]] = {}
         for group, composite, penalised, adv in zip(
             groups, composites, rewards, advantages, strict=True

@@ -36,7 +36,7 @@ import torch
 
 from nodes.backends.lm_types import LMRequest, PromptMessage
 from policies.weights import next_version, write_new_directory
-from training.grpo import AdvantageScale, LossType, group_advantages, grpo_loss
+from training.grpo import AdvantageScale, LossType, grpo_loss, ragged_group_advantages
 from training.result import FIRST_STEP_KEY, TrainResult, step_summary
 from training.text.groups import TextGroup, TextMember
 
@@ -216,18 +216,15 @@ class LoRATrainer:
         }
         if not groups:
             return TrainResult(self.version, metrics)
-        sizes = {len(g.members) for g in groups}
-        if len(sizes) != 1:
-            raise ValueError(f"groups must have equal sizes, got {sorted(sizes)}")
-        rewards = torch.tensor([[m.reward for m in g.members] for g in groups])
-        advantages, zero = group_advantages(rewards, scale=cfg.advantage_scale)
+        rewards = [[m.reward for m in g.members] for g in groups]  # groups may differ in size
+        advantages, zero = ragged_group_advantages(rewards, scale=cfg.advantage_scale)
         rows = []  # (prompt ids, completion ids, old log-probs, advantage)
         owners = []  # the member of each row, for errors
-        for group, adv, is_zero in zip(groups, advantages.tolist(), zero.tolist(), strict=True):
+        for group, adv, is_zero in zip(groups, advantages, zero, strict=True):
             if is_zero:
                 continue
             encoded: dict[str, list[int]] = {}  # one encoding per distinct stored input
-            for member, a in zip(group.members, adv, strict=True):
+            for member, a in zip(group.members, adv.tolist(), strict=True):
                 if not member.token_ids:
                     continue
                 if cfg.require_raw_sampling:
@@ -242,9 +239,9 @@ class LoRATrainer:
                 rows.append((prompt, member.token_ids, member.logprobs, a))
                 owners.append(member)
         self.check_alignment(rows, owners)
-        metrics["groups_zero_variance"] = float(int(zero.sum()))
-        metrics["groups_used"] = float(len(groups) - int(zero.sum()))
-        metrics["reward_mean"] = float(rewards.mean())
+        metrics["groups_zero_variance"] = float(sum(zero))
+        metrics["groups_used"] = float(len(groups) - sum(zero))
+        metrics["reward_mean"] = math.fsum(r for rs in rewards for r in rs) / sum(map(len, rewards))
         history: list[dict[str, float]] = []
         shuffler = torch.Generator().manual_seed(cfg.seed + self.steps)
         for _ in range(cfg.epochs if rows else 0):
