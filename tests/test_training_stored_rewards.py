@@ -95,6 +95,7 @@ def test_composite_penalty_and_advantage_are_stored_and_recompute_from_stored_ro
     assert row.details["trained"] == f"router@{result.version}" and row.details["group"]
 
 
+@pytest.mark.slow  # a training loop in a subprocess
 def test_atelier_train_leaves_the_rewards_it_trained_on_in_the_store(tmp_path):
     from tests.cli_helpers import run_atelier
 
