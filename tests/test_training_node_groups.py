@@ -27,7 +27,7 @@ from nodes.state import Budget
 from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
 from tests.scripted import ScriptedChat
 from training.text.groups import TextGroup, read_node_groups
-from training.text.trainer import LoRAConfig, LoRATrainer
+from training.text.trainer import LORA_TARGETS, LoRAConfig, LoRATrainer
 from training.versions import save_version
 
 if TYPE_CHECKING:
@@ -247,6 +247,13 @@ async def test_lora_trains_on_the_stored_prompt_ids_and_stops_on_a_mismatch(
         assert result.history[-1]["max_abs_log_ratio"] > 1e-4  # the adapter moved
         adapter = save_version(trainer, store, tmp_path / "plan-1", metrics)
         assert (adapter / "adapter_model.safetensors").exists()
+        from safetensors import safe_open
+
+        with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
+            names = list(weights.keys())
+        # The default targets are the decoder's linear layers, which vLLM loads; never lm_head.
+        assert names and not any("lm_head" in name for name in names)
+        assert {name.split(".")[-3] for name in names} <= set(LORA_TARGETS)
         assert store.policy_versions(name="planner")[0].version == "1"
     finally:
         torch.set_num_threads(threads)

@@ -40,10 +40,11 @@ from training.grpo import AdvantageScale, LossType, grpo_loss, ragged_group_adva
 from training.result import FIRST_STEP_KEY, TrainResult, step_summary
 from training.text.groups import TextGroup, TextMember
 
-# Every linear layer, ``lm_head`` included: with small tied embeddings (random-weight test
-# models) the final RMSNorm bounds how far the other layers alone can move any logit.
+# Every linear layer of the decoder: the modules vLLM loads LoRA weights for. Not ``lm_head``:
+# vLLM refuses an adapter with LoRA weights on it ("unsupported LoRA weight"), so an adapter
+# that trains it could be served by ``atelier serve lm`` but not by vLLM.
 LORA_TARGETS = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )  # fmt: skip
 
 
