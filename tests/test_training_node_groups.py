@@ -265,3 +265,44 @@ async def test_lora_trains_on_the_stored_prompt_ids_and_stops_on_a_mismatch(
         await client.unload_adapter("plan-1")
     finally:
         await client.aclose()
+
+
+def test_kl_to_the_adapter_disabled_base_is_zero_before_the_first_update_then_positive(
+    recorded, tiny_models: TinyModels
+):
+    """β > 0: the k3 KL to the base model (adapter disabled) is 0 while the adapter is still
+    its zero-initialised self, > 0 once it has moved, and enters the loss as β·KL."""
+    import torch
+
+    from training.grpo import grpo_loss
+
+    store, run_id = recorded
+    groups = read_node_groups(store, run_id, node="plan", reward=REWARD)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = LoRAConfig(epochs=3, minibatch_size=8, beta=0.04)
+        trainer = LoRATrainer(tiny_models.lm, config)
+        result = trainer.train(groups)
+        kls = [step["kl"] for step in result.history]
+        assert kls[0] == pytest.approx(0.0, abs=1e-9)  # LoRA's B starts at 0: the base itself
+        assert kls[-1] > 1e-7
+        # The trainer's loss on a batch equals grpo_loss on the same tensors, β·KL included.
+        rows = [(list(m.prompt_token_ids), m.token_ids, m.logprobs, 0.5) for m in groups[0].members]
+        with torch.no_grad():
+            logp, mask = trainer.logprobs([(p, c) for p, c, _, _ in rows])
+            old = torch.zeros_like(logp)
+            for i, (_, _, stored, _) in enumerate(rows):
+                old[i, : len(stored)] = torch.tensor(stored, dtype=old.dtype)
+            ref = trainer.reference_logprobs(rows)
+            with_kl, metrics = grpo_loss(
+                logp, old, torch.full((len(rows),), 0.5), mask, eps_low=0.2, eps_high=0.28,
+                beta=0.04, ref_logprobs=ref,
+            )  # fmt: skip
+            without, _ = grpo_loss(
+                logp, old, torch.full((len(rows),), 0.5), mask, eps_low=0.2, eps_high=0.28
+            )
+        assert metrics["kl"] > 0
+        assert float(with_kl - without) == pytest.approx(0.04 * metrics["kl"], rel=1e-4)
+    finally:
+        torch.set_num_threads(threads)

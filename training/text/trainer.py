@@ -65,6 +65,9 @@ class LoRAConfig:
     loss_type: LossType = "token_mean"
     advantage_scale: AdvantageScale = "group"
     max_grad_norm: float = 1.0
+    beta: float = 0.0
+    """Weight of the k3 KL to the reference, the base model with the adapter disabled
+    (DeepSeekMath's GRPO: 0.04; DAPO and Dr. GRPO: 0, the default)."""
     seed: int = 0
     max_logprob_drift: float = 1e-4
     """Largest |recomputed - stored| completion log-prob allowed before the first update; above
@@ -285,6 +288,11 @@ class LoRATrainer:
                         )
         return worst
 
+    def reference_logprobs(self, batch: Sequence[tuple[Any, Any, Any, float]]) -> torch.Tensor:
+        """The rows' log-probs under the reference: the base model, the adapter disabled."""
+        with torch.no_grad(), self.model.disable_adapter():
+            return self.logprobs([(p, c) for p, c, _, _ in batch])[0]
+
     def _step(self, batch: list[tuple[Any, Any, Any, float]]) -> dict[str, float]:
         cfg = self.config
         logp, mask = self.logprobs([(p, c) for p, c, _, _ in batch])
@@ -299,6 +307,8 @@ class LoRATrainer:
             mask,
             eps_low=cfg.eps_low,
             eps_high=cfg.eps_high,
+            beta=cfg.beta,
+            ref_logprobs=self.reference_logprobs(batch) if cfg.beta else None,
             loss_type=cfg.loss_type,
         )
         drift = float(((logp - old).abs() * mask).max().detach())
