@@ -306,3 +306,39 @@ def test_kl_to_the_adapter_disabled_base_is_zero_before_the_first_update_then_po
         assert float(with_kl - without) == pytest.approx(0.04 * metrics["kl"], rel=1e-4)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("loss_type", ["token_mean", "sequence_mean", "dr_grpo"])
+def test_micro_batches_accumulate_the_same_update_as_one_pass(
+    recorded, tiny_models: TinyModels, loss_type: str
+):
+    """A token budget that splits every minibatch into several forward passes gives the same
+    gradient (hence the same step) as one pass over the minibatch, for each loss type."""
+    import torch
+
+    store, run_id = recorded
+    groups = read_node_groups(store, run_id, node="plan", reward=REWARD)
+    rows = [
+        (list(m.prompt_token_ids), m.token_ids, m.logprobs, adv)
+        for g in groups
+        for m, adv in zip(g.members, (0.9, -0.4, 0.3, -0.8), strict=False)
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        grads, losses, passes = [], [], []
+        for budget in (None, 2 * max(len(p) + len(c) for p, c, _, _ in rows)):
+            config = LoRAConfig(loss_type=loss_type, max_tokens_per_forward=budget, lr=0.0)
+            trainer = LoRATrainer(tiny_models.lm, config)
+            passes.append(len(trainer.microbatches(rows)))
+            with torch.no_grad():  # a LoRA that has moved: B = 0 would hide B's gradient
+                for p in trainer.parameters:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.01)
+            metrics = trainer._step(rows)
+            losses.append(metrics["loss"])
+            grads.append(torch.cat([p.grad.flatten() for p in trainer.parameters]))
+        assert passes[0] == 1 and passes[1] == (len(rows) + 1) // 2
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+    finally:
+        torch.set_num_threads(threads)

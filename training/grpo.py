@@ -97,6 +97,19 @@ def ragged_group_advantages(
     return advs, zeros
 
 
+def microbatch_weight(
+    loss_type: LossType, rows: int, tokens: int, total_rows: int, total_tokens: int
+) -> float:
+    """The factor that turns ``grpo_loss`` of a micro-batch (``rows`` completions, ``tokens``
+    real tokens) into its share of the loss of the whole minibatch, so that accumulated
+    gradients equal one pass: tokens/total for "token_mean", rows/total for "sequence_mean"
+    and "dr_grpo" (the latter with the minibatch's ``max_completion_length``)."""
+    kind = _LOSS_ALIASES.get(loss_type)
+    if kind is None:
+        raise ValueError(f"unknown loss_type {loss_type!r}: one of {sorted(_LOSS_ALIASES)}")
+    return tokens / total_tokens if kind == "token_mean" else rows / total_rows
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

@@ -36,7 +36,13 @@ import torch
 
 from nodes.backends.lm_types import LMRequest, PromptMessage
 from policies.weights import next_version, write_new_directory
-from training.grpo import AdvantageScale, LossType, grpo_loss, ragged_group_advantages
+from training.grpo import (
+    AdvantageScale,
+    LossType,
+    grpo_loss,
+    microbatch_weight,
+    ragged_group_advantages,
+)
 from training.result import FIRST_STEP_KEY, TrainResult, step_summary
 from training.text.groups import TextGroup, TextMember
 
@@ -59,6 +65,10 @@ class LoRAConfig:
     epochs: int = 8
     """Passes over the batch (GRPO's μ); every one is clipped against the stored π_old."""
     minibatch_size: int = 16
+    max_tokens_per_forward: int | None = None
+    """Micro-batches: at most this many tokens (rows × the longest prompt + completion) per
+    forward pass; a minibatch's micro-batches accumulate their gradients into one update, the
+    same as one pass. None: the whole minibatch in one pass."""
     """Completions per optimizer step."""
     eps_low: float = 0.2
     eps_high: float = 0.28
@@ -293,31 +303,61 @@ class LoRATrainer:
         with torch.no_grad(), self.model.disable_adapter():
             return self.logprobs([(p, c) for p, c, _, _ in batch])[0]
 
+    def microbatches(
+        self, batch: Sequence[tuple[Any, Any, Any, float]]
+    ) -> list[list[tuple[Any, Any, Any, float]]]:
+        """``batch`` in consecutive micro-batches of at most ``max_tokens_per_forward`` padded
+        tokens (a row longer than the budget goes alone)."""
+        budget = self.config.max_tokens_per_forward
+        if budget is None:
+            return [list(batch)]
+        parts: list[list[tuple[Any, Any, Any, float]]] = [[]]
+        width = 0
+        for row in batch:
+            length = len(row[0]) + len(row[1])
+            if parts[-1] and max(width, length) * (len(parts[-1]) + 1) > budget:
+                parts.append([])
+                width = 0
+            parts[-1].append(row)
+            width = max(width, length)
+        return parts
+
     def _step(self, batch: list[tuple[Any, Any, Any, float]]) -> dict[str, float]:
         cfg = self.config
-        logp, mask = self.logprobs([(p, c) for p, c, _, _ in batch])
-        old = torch.zeros_like(logp)
-        for i, (_, _, stored, _) in enumerate(batch):
-            old[i, : len(stored)] = torch.tensor(stored, dtype=old.dtype)
-        advantages = torch.tensor([a for *_, a in batch], dtype=logp.dtype)
-        loss, metrics = grpo_loss(
-            logp,
-            old,
-            advantages,
-            mask,
-            eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high,
-            beta=cfg.beta,
-            ref_logprobs=self.reference_logprobs(batch) if cfg.beta else None,
-            loss_type=cfg.loss_type,
-        )
-        drift = float(((logp - old).abs() * mask).max().detach())
+        longest = max(len(c) for _, c, _, _ in batch)
+        total_tokens = sum(len(c) for _, c, _, _ in batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        totals: dict[str, float] = {}
+        drift = 0.0
+        for rows in self.microbatches(batch):
+            logp, mask = self.logprobs([(p, c) for p, c, _, _ in rows])
+            old = torch.zeros_like(logp)
+            for i, (_, _, stored, _) in enumerate(rows):
+                old[i, : len(stored)] = torch.tensor(stored, dtype=old.dtype)
+            advantages = torch.tensor([a for *_, a in rows], dtype=logp.dtype)
+            loss, metrics = grpo_loss(
+                logp,
+                old,
+                advantages,
+                mask,
+                eps_low=cfg.eps_low,
+                eps_high=cfg.eps_high,
+                beta=cfg.beta,
+                ref_logprobs=self.reference_logprobs(rows) if cfg.beta else None,
+                loss_type=cfg.loss_type,
+                max_completion_length=longest,
+            )
+            tokens = sum(len(c) for _, c, _, _ in rows)
+            weight = microbatch_weight(cfg.loss_type, len(rows), tokens, len(batch), total_tokens)
+            (loss * weight).backward()
+            totals["loss"] = totals.get("loss", 0.0) + loss.item() * weight
+            for key, value in metrics.items():  # token means: weighted by the tokens
+                totals[key] = totals.get(key, 0.0) + value * tokens / total_tokens
+            drift = max(drift, float(((logp - old).abs() * mask).max().detach()))
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, cfg.max_grad_norm)
         self.optimizer.step()
         self.steps += 1
-        return {"loss": loss.item(), "grad_norm": norm.item(), **metrics, FIRST_STEP_KEY: drift}
+        return {**totals, "grad_norm": norm.item(), FIRST_STEP_KEY: drift}
 
     def save(self, directory: str | Path) -> Path:
         """The adapter in peft's layout, ``adapter_model.safetensors`` + ``adapter_config.json``,
