@@ -19,7 +19,12 @@ from nodes.state import Budget
 from policies.mode import LearnedModePolicy
 from storage.store import TrajectoryStore
 from training.decisions.groups import read_groups
-from training.decisions.rewards import score_run, store_trained_rewards
+from training.decisions.rewards import (
+    FORMAT,
+    OUTCOME,
+    store_member_rewards,
+    store_trained_rewards,
+)
 from training.decisions.sampling import collect
 from training.decisions.trainer import GRPOConfig, GRPOTrainer
 from training.rewards import trajectory_format_reward
@@ -49,28 +54,34 @@ def trained(tmp_path_factory):
     router = LearnedModePolicy(seed=3)
     tasks = shapeworld_tasks(2, 4, seed=7)
     run_id, _ = asyncio.run(collect(store, tasks, mode_policy=router, budget=Budget(max_rounds=2)))
-    scored = score_run(store, run_id)
     groups = read_groups(store, run_id, "mode", policy=router.name, version=router.version)
+    stored = store_member_rewards(store, groups, (OUTCOME, FORMAT))
     config = GRPOConfig(reward_weights=WEIGHTS, complexity_eps=EPS, epochs=1)
     trainer = GRPOTrainer(router, config)
     result = trainer.train(groups)
     written = store_trained_rewards(store, result, trainer.name, {"run": run_id})
-    yield store, run_id, scored, groups, result, written
+    yield store, run_id, stored, groups, result, written
     store.close()
 
 
 def test_the_reward_components_are_stored_once_and_equal_the_trajectories(trained):
-    store, run_id, scored, *_ = trained
-    summaries = store.trajectories(run=run_id, limit=None)
-    assert set(scored) == {s.id for s in summaries}
+    store, run_id, stored, groups, *_ = trained
+    members = [m.trajectory_id for g in groups for m in g.members]
+    assert members and stored == 2 * len(members)  # R_o and R_f of every member
     outcome, format_ = _values(store, "checker"), _values(store, "format")
-    for summary in summaries:
-        detail = store.trajectory(summary.id)
-        assert outcome[summary.id] == [detail.score if detail.score is not None else 0.0]
-        assert format_[summary.id] == [trajectory_format_reward(detail.final_state)]
+    assert set(outcome) == set(format_) == set(members)
+    for tid in members:
+        detail = store.trajectory(tid)
+        assert outcome[tid] == [detail.score if detail.score is not None else 0.0]
+        assert format_[tid] == [trajectory_format_reward(detail.final_state)]
     rows = len(store.rewards())
-    assert score_run(store, run_id) == scored  # scoring again recomputes the same values
-    assert len(store.rewards()) == rows  # and stores nothing twice
+    again = read_groups(store, run_id, "mode", policy="router", version="0")
+    parts = (OUTCOME, FORMAT)  # read back from the stored rows: the values trained on
+    assert [[m.rewards[n] for n in parts] for g in again for m in g.members] == [
+        [m.rewards[n] for n in parts] for g in groups for m in g.members
+    ]
+    assert store_member_rewards(store, again, (OUTCOME, FORMAT)) == 0  # nothing stored twice
+    assert len(store.rewards()) == rows
 
 
 def test_composite_penalty_and_advantage_are_stored_and_recompute_from_stored_rows(trained):
@@ -113,9 +124,8 @@ def test_atelier_train_leaves_the_rewards_it_trained_on_in_the_store(tmp_path):
     assert {"checker", "format", "composite", "penalised", "advantage"} <= names
     (run,) = [run for run in store.runs() if run.name == "grpo-0"]
     trajectories = store.trajectories(run=run.id, limit=None)
-    assert all({"checker", "format"} <= set(t.rewards) for t in trajectories)
     trained = [t for t in trajectories if "composite" in t.rewards]
-    assert trained
+    assert trained and all({"checker", "format"} <= set(t.rewards) for t in trained)
     for t in trained:  # the CLI's weights, as stored: R = R_o + 0.5·R_f
         expected = t.rewards["checker"] + 0.5 * t.rewards["format"]
         assert t.rewards["composite"] == pytest.approx(expected, abs=1e-12)

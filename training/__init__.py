@@ -3,7 +3,8 @@
 Every policy kind is trained in the same shape, with the same names:
 
     collect(...)                    sampling: a recorded run of the policy being trained
-    score_run(store, run_id, ...)   rewards, stored (decisions: the judge scores the run itself)
+    score_run(store, run_id, ...)   rewards, stored (decisions: store_member_rewards, once
+                                    read_groups has computed R_o and R_f per member)
     read_groups(store, run_ids)     GRPO groups read back from the store: ``group_id``,
                                     ``prompt``, ``members`` (each with ``trajectory_id`` and its
                                     reward(s)), with what was sampled exactly as recorded

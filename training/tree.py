@@ -49,9 +49,8 @@ from nodes.context import GraphSettings
 from nodes.reflect import reflection_target
 from nodes.state import Budget, ReasonerState
 from storage.recorder import SQLRecorder
-from storage.store import RewardInput
 from training.decisions.groups import DecisionGroup, decision_member, trajectory_decisions
-from training.decisions.rewards import store_trained_rewards
+from training.decisions.rewards import store_member_rewards, store_trained_rewards
 from training.decisions.sampling import shapeworld_policy_context
 from training.reading import batches, run_list, stored_groups
 from training.rewards import correction, reflection_format_reward, reflection_reward
@@ -378,26 +377,6 @@ def read_stage_groups(
     return [group for _, group in sorted(keyed, key=lambda kv: kv[0])]
 
 
-def store_stage_rewards(store: TrajectoryStore, groups: Sequence[DecisionGroup]) -> int:
-    """Store the stage rewards the groups' members carry (:func:`member_stage_rewards`: C_j,
-    r_format, ``checker``), each not stored yet on its trajectory; returns the rows written."""
-    stored = {
-        detail.id: detail.rewards or {}
-        for batch in batches([m.trajectory_id for g in groups for m in g.members])
-        for detail in store.trajectory_details(batch).values()
-    }
-    rows = [
-        RewardInput(member.trajectory_id, name, value, source="training.tree")
-        for group in groups
-        for member in group.members
-        for name, value in member.rewards.items()
-        if name not in stored.get(member.trajectory_id, {})
-    ]
-    if rows:
-        store.add_rewards(rows)
-    return len(rows)
-
-
 # --- 5. training ----------------------------------------------------------------------------
 
 
@@ -468,7 +447,7 @@ async def tree_iterations(
             settings=settings,
         )
         groups = read_stage_groups(store, run_id, stage, policy=policy.name, version=policy.version)
-        store_stage_rewards(store, groups)
+        store_member_rewards(store, groups)  # the stage rewards: stored before use
         result = trainer.train(groups)
         store_trained_rewards(store, result, trainer.name, {"run": run_id, "stage": stage})
         if save_dir is not None:

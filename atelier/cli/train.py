@@ -232,14 +232,19 @@ def _train(
 
     if args.run:
         from training.decisions.groups import read_groups
-        from training.decisions.rewards import score_run, store_trained_rewards
+        from training.decisions.rewards import (
+            FORMAT,
+            OUTCOME,
+            store_member_rewards,
+            store_trained_rewards,
+        )
 
         runs = [resolve_run(store, ref).id for ref in args.run]
-        score_run(store, runs)  # R_o, R_f into the store: the groups read them back
         groups = read_groups(store, runs, kind)
         if not groups:
             raise CliError(f"no {kind} decision groups of 2 or more in {', '.join(args.run)}")
         trainer = GRPOTrainer(_reserved_policy(args, store, 1), _config(args))
+        store_member_rewards(store, groups, (OUTCOME, FORMAT))  # R_o, R_f: stored before use
         result = trainer.train(groups)
         store_trained_rewards(store, result, trainer.name, {"runs": runs})
         if board is not None:

@@ -137,8 +137,8 @@ def trajectory_decisions(
 
 def member_rewards(detail: TrajectoryDetail) -> dict[str, float]:
     """Reward components of a stored trajectory (see :attr:`DecisionMember.rewards`): the
-    stored ones (``training.decisions.rewards.score_run`` stores R_o and R_f), and R_o and R_f
-    computed the same way where a run was not scored."""
+    stored ones, and R_o and R_f computed from the trajectory where none is stored
+    (``training.decisions.rewards.store_member_rewards`` stores them before training)."""
     rewards = trajectory_rewards(detail)
     rewards.update({k: float(v) for k, v in (detail.rewards or {}).items()})
     return rewards

@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any
 from nodes.context import GraphSettings
 from nodes.state import Budget, Task
 from training.decisions.groups import DecisionKind, read_groups
-from training.decisions.rewards import score_run, store_trained_rewards
+from training.decisions.rewards import (
+    FORMAT,
+    OUTCOME,
+    store_member_rewards,
+    store_trained_rewards,
+)
 from training.decisions.sampling import collect
 from training.decisions.trainer import GRPOTrainer
 from training.versions import save_version
@@ -62,8 +67,8 @@ async def grpo_iterations(
         run_id, _ = await collect(
             store, tasks, budget=budget, settings=settings, name=f"grpo-{index}", **role
         )
-        score_run(store, run_id)  # R_o, R_f into the store: the groups read them back
         groups = read_groups(store, run_id, kind, policy=behaviour.name, version=behaviour.version)
+        store_member_rewards(store, groups, (OUTCOME, FORMAT))  # R_o, R_f: stored before use
         result = trainer.train(groups)
         store_trained_rewards(store, result, trainer.name, {"run": run_id})
         policy = result.policy

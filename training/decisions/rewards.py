@@ -1,8 +1,9 @@
 """The rewards decision groups train on: computed from the stored trajectories, stored, read back.
 
-Before ``read_groups``, :func:`score_run` stores each trajectory's reward components (R_o, the
-judge's score, named ``checker``; R_f, SAIR's binary format reward, named ``format``), so that
-the values the trainer reads are rows of the ``rewards`` table anyone can inspect. After
+``read_groups`` gives each member its reward components (R_o, the judge's score, named
+``checker``; R_f, SAIR's binary format reward, named ``format``; Tree-RL's stage rewards);
+before training, :func:`store_member_rewards` stores those its trajectory does not hold yet,
+so that the values the trainer uses are rows of the ``rewards`` table anyone can inspect. After
 ``train``, :func:`store_trained_rewards` stores what each member then received: the composite
 R = a1·R_o + a2·R_f + a3·R_s (``composite``), R after the group's complexity penalty
 (``penalised``) and its group-relative advantage (``advantage``), each with the trained
@@ -16,13 +17,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from storage.store import RewardInput
-from training.reading import batches, run_list
 from training.result import TrainResult
 from training.rewards import trajectory_format_reward
 
 if TYPE_CHECKING:
     from storage.records import TrajectoryDetail
     from storage.store import TrajectoryStore
+    from training.decisions.groups import DecisionGroup
 
 OUTCOME = "checker"
 """R_o: the judge's (ShapeWorld: the checker's) score of the final image; 0 when it failed."""
@@ -41,25 +42,27 @@ def trajectory_rewards(detail: TrajectoryDetail) -> dict[str, float]:
     }
 
 
-def score_run(store: TrajectoryStore, run_ids: str | Sequence[str]) -> dict[str, dict[str, float]]:
-    """Compute R_o and R_f of every trajectory of the runs and store each one not stored yet
-    (scoring a run twice adds nothing). Returns trajectory id -> {name: value}."""
-    scored: dict[str, dict[str, float]] = {}
-    rows: list[RewardInput] = []
-    for run_id in run_list(run_ids):
-        summaries = store.trajectories(run=run_id, limit=None)
-        for batch in batches([summary.id for summary in summaries]):
-            for tid, detail in store.trajectory_details(batch).items():
-                values = trajectory_rewards(detail)
-                scored[tid] = values
-                rows.extend(
-                    RewardInput(tid, name, value, source=f"training.decisions.rewards:{name}")
-                    for name, value in values.items()
-                    if name not in (detail.rewards or {})
-                )
+def store_member_rewards(
+    store: TrajectoryStore, groups: Sequence[DecisionGroup], names: Sequence[str] | None = None
+) -> int:
+    """Store the reward components the groups' members carry (``names``; None: all of them),
+    each one its trajectory does not hold yet (storing twice adds nothing), before a trainer
+    uses them. Reads only the runs' trajectory summaries; returns the rows written."""
+    stored = {
+        summary.id: summary.rewards
+        for run_id in dict.fromkeys(group.run_id for group in groups)
+        for summary in store.trajectories(run=run_id, limit=None)
+    }
+    rows = [
+        RewardInput(member.trajectory_id, name, value, source=f"training.decisions:{name}")
+        for group in groups
+        for member in group.members
+        for name, value in member.rewards.items()
+        if (names is None or name in names) and name not in stored.get(member.trajectory_id, {})
+    ]
     if rows:
         store.add_rewards(rows)
-    return scored
+    return len(rows)
 
 
 def store_trained_rewards(
