@@ -136,7 +136,7 @@ def test_atelier_train_leaves_the_rewards_it_trained_on_in_the_store(tmp_path):
 
 @pytest.mark.parametrize(
     "weights",
-    ["1,0", "a,b,c", "-1,0,0", "0,0,0", "nan,0,0", "1,0,1"],
+    ["1,0", "a,b,c", "-1,0,0", "0,0,0", "nan,0,0", "inf,0,0", "1,0,1"],
 )
 def test_bad_reward_weights_are_one_line_errors(tmp_path, weights):
     from tests.cli_helpers import run_atelier

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -131,7 +132,7 @@ def _reward_weights(text: str) -> tuple[float, float, float]:
         weights = tuple(float(part) for part in text.split(","))
     except ValueError:
         weights = ()
-    if len(weights) != 3 or any(w < 0 or w != w for w in weights) or not any(weights):
+    if len(weights) != 3 or any(w < 0 or not math.isfinite(w) for w in weights) or not any(weights):
         raise CliError(f"--reward-weights takes three weights >= 0, not all 0 (a1,a2,a3): {text!r}")
     if weights[2]:
         raise CliError(

@@ -36,8 +36,8 @@ class ImageService(ModelService[ImageJob, Any]):
         device: str = "cpu",
         dtype: str = "auto",
         default_steps: int | None = None,
-        max_batch: int = 4,
-        max_wait_ms: float = 10.0,
+        max_batch: int | None = None,
+        max_wait_ms: float | None = None,
         torch_threads: int | None = None,
     ) -> ImageService:
         from nodes.backends.engines.diffusers_image import DiffusersImageEngine

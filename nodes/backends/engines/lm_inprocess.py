@@ -37,8 +37,8 @@ class LMService(ModelService[LMRequest, LMResult]):
         name: str | None = None,
         device: str = "cpu",
         dtype: str = "auto",
-        max_batch: int = 8,
-        max_wait_ms: float = 5.0,
+        max_batch: int | None = None,
+        max_wait_ms: float | None = None,
         torch_threads: int | None = None,
     ) -> LMService:
         from nodes.backends.engines.transformers_lm import TransformersLM

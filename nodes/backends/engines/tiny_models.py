@@ -21,6 +21,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
@@ -206,6 +207,51 @@ def build_vlm(directory: Path, seed: int = 1) -> Path:
     return directory
 
 
+def _clip_config(vocab_size: int, **extra: Any) -> Any:
+    """A 2-layer, 32-wide CLIP text encoder config over the tiny CLIP tokenizer's vocabulary."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **extra,
+    )
+
+
+def _vae(**config: Any) -> Any:
+    """A two-block (16, 32) VAE; ``config``: latent channels, sample size, ..."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        norm_num_groups=8,
+        **config,
+    )
+
+
+def _flow_vae(*, latent_channels: int, shift_factor: float, scaling_factor: float) -> Any:
+    """The VAE of the flow pipelines (SD3, Flux): no quant convs, shifted and scaled latents."""
+    return _vae(
+        latent_channels=latent_channels,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+    )
+
+
 def build_clip_tokenizer(directory: Path):
     from transformers import CLIPTokenizer
 
@@ -228,8 +274,8 @@ def build_clip_tokenizer(directory: Path):
 
 def _sd_components(directory: Path, in_channels: int, seed: int):
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as scratch:
@@ -246,29 +292,8 @@ def _sd_components(directory: Path, in_channels: int, seed: int):
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
+    vae = _vae(latent_channels=4, sample_size=64)
+    text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -345,29 +370,17 @@ def build_sd3(directory: Path, seed: int = 4) -> Path:
     ``FlowMatchEulerDiscreteScheduler``. 32×32 images are 16×16×4 latents, 64 tokens."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = build_clip_tokenizer(Path(scratch) / "one")
         tokenizer_2 = build_clip_tokenizer(Path(scratch) / "two")
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        projection_dim=32,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
+    text_config = _clip_config(len(tokenizer), projection_dim=32)
     transformer = SD3Transformer2DModel(
         sample_size=16,
         patch_size=2,
@@ -381,20 +394,7 @@ def build_sd3(directory: Path, seed: int = 4) -> Path:
         out_channels=4,
         pos_embed_max_size=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _flow_vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -430,30 +430,17 @@ def build_flux(directory: Path, seed: int = 5) -> Path:
     (FLUX.1-dev's scheduler config)."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = build_clip_tokenizer(Path(scratch))
     tokenizer_2 = build_t5_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
+    text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
     text_encoder_2 = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer_2),
@@ -481,20 +468,7 @@ def build_flux(directory: Path, seed: int = 5) -> Path:
         guidance_embeds=True,
         axes_dims_rope=(4, 6, 6),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
-    )
+    vae = _flow_vae(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0,
         use_dynamic_shifting=True,
