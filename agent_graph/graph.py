@@ -6,6 +6,7 @@
                   └────────────→ draw ─┬─ (direct) → stop
                                        ├─ reflect ─┬─ refine → (reflect | refine | stop)
                                        │           ├─ reflect  (unusable output, a round spent)
+                                       │           ├─ decompose (escalate: still rejected)
                                        │           └─ stop
                                        └─ refine (decompose, no correction budget left)
 
@@ -13,6 +14,13 @@ The three modes of the Self-Adaptive Interleaved Reasoner are paths through this
 which one a trajectory takes is the router policy's decision in ``plan``, and when a loop ends
 is the stop policy's decision in ``reflect`` (bounded by the budget). Edge routers are small
 named functions of the state.
+
+Escalate mode (seed 002's data pipeline) walks the three paths in one trajectory, as stages
+(``ReasonerState.stage``): direct (plan → draw → reflect), then reflect (refine → reflect, at
+most ``min(max_rounds, escalate_rounds)`` rounds) while the reflector rejects the image, then
+decompose (decompose → draw on a fresh canvas → the decompose path) if it still does. Every
+image of the first two stages gets a verdict, since the verdict decides the escalation; the
+reflection that gives it records the switch (``nodes.reflect.escalation``).
 
 :class:`AtelierGraph` is a LangGraph ``StateGraph`` that records every node it is given; users
 compose their own graphs with it from the same nodes (see ``examples/``).
@@ -91,7 +99,7 @@ def _awaitable_router(path: Any) -> Any:
 def route_after_plan(state: ReasonerState) -> str:
     if state.error is not None:
         return "stop"
-    return "decompose" if state.mode == Mode.DECOMPOSE else "draw"
+    return "decompose" if state.path == Mode.DECOMPOSE else "draw"
 
 
 def route_after_decompose(state: ReasonerState) -> str:
@@ -99,9 +107,12 @@ def route_after_decompose(state: ReasonerState) -> str:
 
 
 def route_after_image(state: ReasonerState) -> str:
-    """After draw or refine: look at the new image if a correction could still follow."""
+    """After draw or refine: look at the new image if a correction could still follow (in
+    escalate mode before its decompose stage, always: the verdict decides the escalation)."""
     if state.error is not None or state.mode == Mode.DIRECT:
         return "stop"
+    if state.mode == Mode.ESCALATE and state.stage != Mode.DECOMPOSE:
+        return "reflect"
     if state.correction_budget_left:
         return "reflect"
     return "refine" if next_edit(state) is not None else "stop"
@@ -110,6 +121,8 @@ def route_after_image(state: ReasonerState) -> str:
 def route_after_reflect(state: ReasonerState) -> str:
     if state.error is not None:
         return "stop"
+    if state.mode == Mode.ESCALATE and state.stage == Mode.DECOMPOSE and not state.subtasks:
+        return "decompose"  # this verdict escalated: the decompose stage starts
     if next_edit(state) is not None:
         return "refine"
     last = state.reflections[-1]
@@ -128,7 +141,9 @@ def reasoner_graph(state_schema: type[ReasonerState] = ReasonerState) -> Atelier
     graph.add_conditional_edges("decompose", route_after_decompose, ["draw", "stop"])
     graph.add_conditional_edges("draw", route_after_image, ["reflect", "refine", "stop"])
     graph.add_conditional_edges("refine", route_after_image, ["reflect", "refine", "stop"])
-    graph.add_conditional_edges("reflect", route_after_reflect, ["refine", "reflect", "stop"])
+    graph.add_conditional_edges(
+        "reflect", route_after_reflect, ["refine", "reflect", "decompose", "stop"]
+    )
     graph.add_edge("stop", END)
     return graph
 
@@ -139,6 +154,10 @@ def build_reasoner(checkpointer: Any = None) -> Any:
 
 
 def step_limit(state: ReasonerState) -> int:
-    """An upper bound on node steps for this state's budget (LangGraph's recursion limit)."""
+    """An upper bound on node steps for this state's budget (LangGraph's recursion limit).
+
+    Every mode fits it, escalate included: a trajectory takes plan, decompose and stop once,
+    one step per image, and one reflection per image plus one per round spent on a retry;
+    escalate spends at most ``escalate_rounds`` + ``max_rounds`` <= 2 * ``max_rounds``."""
     budget = state.budget
     return 4 + 2 * budget.max_images + 2 * budget.max_rounds + 8

@@ -18,7 +18,8 @@ from storage.images import ImageStore, MemoryImageStore
 
 
 def builtin_mode_policy(mode: str) -> ModePolicy:
-    """``auto`` = the rule-based router, ``random`` = uniform, else that fixed mode."""
+    """``auto`` = the rule-based router, ``random`` = uniform, else that fixed mode (one of
+    direct, reflect, decompose, or escalate: the three in turn, as one trajectory)."""
     if mode == "auto":
         return RuleBasedModePolicy()
     if mode == "random":

@@ -30,7 +30,9 @@ async def decompose(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> 
         # An unusable plan degrades to one step, the whole request: the trajectory goes on as
         # a reflect loop, and the malformed output stays recorded for training to punish.
         steps = [SubTask(instruction=state.blueprint or task.prompt, expect=task.prompt)]
-    steps = steps[: state.budget.max_images]
+    # No more steps than images left to make them with (escalate mode has made some already;
+    # it escalates only with one left).
+    steps = steps[: max(1, state.budget.max_images - len(state.images))]
     return {"subtasks": steps, "subtasks_well_formed": well_formed, TRACE_KEY: trace}
 
 

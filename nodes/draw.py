@@ -1,4 +1,7 @@
-"""draw: generate the first image, from the blueprint or the first sub-task."""
+"""draw: generate the first image, from the blueprint or the first sub-task.
+
+In escalate mode's decompose stage it draws again, on a fresh canvas: the first sub-task.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ async def draw(state: ReasonerState, runtime: Runtime[ReasonerContext]) -> dict:
     ctx = runtime.context
     trace = NodeTrace()
     update: dict = {TRACE_KEY: trace}
-    if state.mode == Mode.DECOMPOSE and state.subtasks:
+    if state.path == Mode.DECOMPOSE and state.subtasks:
         text = state.subtasks[0].instruction
         update["subtasks_done"] = 1
     else:

@@ -24,11 +24,15 @@ def next_edit(state: ReasonerState) -> PendingEdit | None:
     the refine node and the graph's routing."""
     if state.error is not None or not state.images or not state.image_budget_left:
         return None
+    if state.path == Mode.DECOMPOSE and state.subtasks_done == 0:
+        # Nothing drawn on this path yet: escalate mode's decompose stage starts a fresh canvas,
+        # so the rejected image of the stage before is not edited (its verdict is context only).
+        return None
     last = state.reflections[-1] if state.reflections else None
     on_current = last is not None and last.image_index == len(state.images) - 1
     if on_current and not last.accept and last.instruction and state.correction_budget_left:
         return PendingEdit(last.instruction, "correction")
-    if state.mode == Mode.DECOMPOSE and state.subtasks_done < len(state.subtasks):
+    if state.path == Mode.DECOMPOSE and state.subtasks_done < len(state.subtasks):
         return PendingEdit(state.subtasks[state.subtasks_done].instruction, "subtask")
     return None
 

@@ -30,6 +30,15 @@ class Mode(str, Enum):
     DIRECT = "direct"
     REFLECT = "reflect"
     DECOMPOSE = "decompose"
+    ESCALATE = "escalate"
+    """Seed 002's data pipeline as one trajectory: direct, then reflect for up to
+    ``Budget.escalate_rounds`` rounds, then decompose from a fresh canvas if the reflector still
+    rejects the image. ``ReasonerState.stage`` says which of the three paths runs now. A fixed
+    mode (``--mode escalate``), never one the learned router samples."""
+
+
+STAGES: tuple[Mode, ...] = (Mode.DIRECT, Mode.REFLECT, Mode.DECOMPOSE)
+"""The stages of escalate mode, in the order it escalates through them."""
 
 
 class StopReason(str, Enum):
@@ -50,6 +59,9 @@ class Budget(BaseModel):
     """Most correction rounds (reflect → refine). R3 evaluates with 4; gains saturate at 4–5."""
     max_images: int = Field(12, ge=1, le=256)
     """Most images one trajectory may produce (draws + edits)."""
+    escalate_rounds: int = Field(3, ge=0, le=64)
+    """Escalate mode: correction rounds of its reflect stage before it decomposes (seed 002
+    uses 3), also capped by ``max_rounds``. Its decompose stage has ``max_rounds`` of its own."""
 
 
 class Task(BaseModel):
@@ -112,6 +124,22 @@ class Reflection(BaseModel):
     """The stop policy's decision: True = stop correcting this image."""
 
 
+class StageStart(BaseModel):
+    """Where one stage of an escalate trajectory begins: what belongs to it is everything from
+    here to the next stage's start."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: Mode
+    step: int
+    """``step_count`` of the stage's first step (the stage's steps are those from here on)."""
+    image_index: int
+    """Position in ``ReasonerState.images`` of the stage's first image (earlier ones are
+    context: the failed attempts of earlier stages)."""
+    reflection_index: int
+    """Position in ``ReasonerState.reflections`` of the stage's first reflection."""
+
+
 class Decision(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -143,6 +171,14 @@ class ReasonerState(BaseModel):
     task: Task
     budget: Budget = Budget()
     mode: Mode | None = None
+    stage: Mode | None = None
+    """Escalate mode only: the path running now (direct, reflect or decompose); None otherwise.
+    A step belongs to the stage its ``state_before`` names (``plan`` opens the first stage);
+    the reflection whose verdict escalates switches it, so the next step is the new stage's."""
+    stages: list[StageStart] = []
+    """Escalate mode only: every stage begun so far, in order (the last is ``stage``). A plain
+    field, replaced whole by the node that opens a stage (not appended by a reducer, so stored
+    states replay as before)."""
     blueprint: str | None = None
     subtasks: list[SubTask] = []
     subtasks_well_formed: bool | None = None
@@ -152,13 +188,21 @@ class ReasonerState(BaseModel):
     reflections: Annotated[list[Reflection], operator.add] = []
     decisions: Annotated[list[Decision], operator.add] = []
     rounds: int = 0
-    """Correction rounds used (edits made, or reflections retried, in answer to a reflection)."""
+    """Correction rounds used (edits made, or reflections retried, in answer to a reflection);
+    in escalate mode, within the current stage (the decompose stage starts again from 0)."""
     step_count: int = 0
     """Node steps taken so far; the recording wrapper increments it."""
     stop_reason: StopReason | None = None
     error: str | None = None
     final_image: str | None = None
     judgement: FinalJudgement | None = None
+
+    @field_validator("stage")
+    @classmethod
+    def _stage_is_a_path(cls, stage: Mode | None) -> Mode | None:
+        if stage is not None and stage not in STAGES:
+            raise ValueError("escalate is a mode, not a stage: one of direct, reflect, decompose")
+        return stage
 
     @property
     def current_image(self) -> ImageRecord | None:
@@ -169,5 +213,18 @@ class ReasonerState(BaseModel):
         return len(self.images) < self.budget.max_images
 
     @property
+    def path(self) -> Mode | None:
+        """The path the graph follows now: the mode, or in escalate mode the current stage."""
+        return self.stage if self.mode == Mode.ESCALATE else self.mode
+
+    @property
+    def round_limit(self) -> int:
+        """Correction rounds the current path may use: ``max_rounds``, or before escalate
+        mode's decompose stage, ``min(max_rounds, escalate_rounds)``."""
+        if self.mode == Mode.ESCALATE and self.stage != Mode.DECOMPOSE:
+            return min(self.budget.max_rounds, self.budget.escalate_rounds)
+        return self.budget.max_rounds
+
+    @property
     def correction_budget_left(self) -> bool:
-        return self.rounds < self.budget.max_rounds and self.image_budget_left
+        return self.rounds < self.round_limit and self.image_budget_left

@@ -14,6 +14,13 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 MODES: tuple[str, ...] = ("direct", "reflect", "decompose")
+"""What a router chooses among (the learned router's actions)."""
+ESCALATE = "escalate"
+"""Seed 002's escalation pipeline as one trajectory: direct, then reflect, then decompose while
+the reflector still rejects the image. A data-collection mode a fixed policy can choose; no
+router samples it (it is a schedule over the three modes, not a fourth)."""
+FIXED_MODES: tuple[str, ...] = (*MODES, ESCALATE)
+"""What a fixed mode policy may always choose (``--mode``)."""
 STOP_ACTIONS: tuple[str, ...] = ("stop", "continue")
 
 

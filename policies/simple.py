@@ -10,6 +10,7 @@ import random
 import re
 
 from policies.base import (
+    FIXED_MODES,
     MODES,
     STOP_ACTIONS,
     Action,
@@ -20,13 +21,13 @@ from policies.base import (
 
 
 class FixedModePolicy:
-    """Always the same mode (``atelier run --mode reflect``)."""
+    """Always the same mode (``atelier run --mode reflect``), escalate included."""
 
     version = "1"
 
     def __init__(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        if mode not in FIXED_MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(FIXED_MODES)}")
         self.mode = mode
         self.name = f"fixed-{mode}"
 

@@ -326,6 +326,8 @@ class SchemaVersionRow(Base):
 def derive_stage(node: str, state_before: dict[str, Any], update: dict[str, Any]) -> str:
     """The training stage a step belongs to (see the module docstring)."""
     mode = update.get("mode") or state_before.get("mode")
+    if mode == "escalate":  # the escalate stage the step runs in (direct, reflect, decompose)
+        mode = state_before.get("stage") or update.get("stage") or mode
     if node == "plan":
         return "reason"
     if node == "draw":

@@ -274,3 +274,15 @@ def test_a_version_3_database_keeps_its_generations_and_reads_them_with_no_reque
         with store.db.read() as conn:
             assert conn.execute(select(SchemaVersionRow.version)).scalar() == 3
             assert conn.execute(text("SELECT text FROM generations")).scalar() == "a blueprint"
+
+
+def test_an_escalated_decompose_draw_is_a_decompose_stage_step():
+    from storage.schema import derive_stage
+
+    subtasks = [{"instruction": "Draw a red circle.", "expect": "a red circle"}]
+    escalated = {"mode": "escalate", "stage": "decompose", "subtasks": subtasks}
+    assert derive_stage("draw", escalated, {}) == "decompose"
+    direct = {"mode": "escalate", "stage": "direct", "subtasks": []}
+    assert derive_stage("draw", direct, {}) == "reason"
+    assert derive_stage("draw", {"mode": "decompose", "subtasks": subtasks}, {}) == "decompose"
+    assert derive_stage("draw", {"mode": "reflect"}, {}) == "reason"

@@ -94,3 +94,22 @@ def test_filters_by_policy_version_status_and_size(recorded):
     assert read_groups(store, run_id, "mode", status="failed") == []
     assert read_groups(store, run_id, "mode", min_size=7) == []
     assert len(read_groups(store, [run_id, run_id], "mode")) == 6
+
+
+def test_a_fixed_escalate_mode_gives_no_router_groups_but_its_stop_decisions_count(tmp_path):
+    """``escalate`` is a fixed mode no learned router can take: its mode decisions are not
+    training data for the router (they would index outside its actions); the stop decisions
+    of the same run are the stop policy's, and are read."""
+    from agent_graph.presets import shapeworld_context, shapeworld_tasks
+    from agent_graph.rollout import rollout
+
+    store = TrajectoryStore(f"sqlite:///{tmp_path}/esc.db")
+    done = asyncio.run(
+        rollout(store, shapeworld_tasks(1, group_size=3), context=shapeworld_context("escalate"))
+    )
+    detail = store.trajectory(done.results[0].trajectory_id)
+    kinds = [d["kind"] for s in detail.steps for d in s.update.get("decisions") or ()]
+    assert "mode" in kinds  # the escalate decision is recorded...
+    assert read_groups(store, done.run_id, "mode") == []  # ...but is no router data
+    assert read_groups(store, done.run_id, "stop")
+    store.close()

@@ -26,6 +26,7 @@ from nodes.prompts import plan_messages
 from nodes.state import Budget
 from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
 from tests.scripted import ScriptedChat
+from training.grpo import ragged_group_advantages
 from training.text.groups import TextGroup, read_node_groups
 from training.text.trainer import LORA_TARGETS, LoRAConfig, LoRATrainer
 from training.versions import save_version
@@ -245,6 +246,14 @@ async def test_lora_trains_on_the_stored_prompt_ids_and_stops_on_a_mismatch(
         assert metrics["groups_used"] == len(PROMPTS)
         assert metrics["steps"] == len(result.history) == 2  # 8 completions, 2 epochs
         assert result.history[-1]["max_abs_log_ratio"] > 1e-4  # the adapter moved
+        # Each member's group, the reward it was trained with and the advantage it received.
+        advantages, _ = ragged_group_advantages([[m.reward for m in g.members] for g in groups])
+        assert result.member_rewards == {
+            m.trajectory_id: (g.group_id, {"reward": m.reward, "advantage": a})
+            for g, adv in zip(groups, advantages, strict=True)
+            for m, a in zip(g.members, adv.tolist(), strict=True)
+        }
+        assert {v["advantage"] > 0 for _, v in result.member_rewards.values()} == {True, False}
         adapter = save_version(trainer, store, tmp_path / "plan-1", metrics)
         assert (adapter / "adapter_model.safetensors").exists()
         from safetensors import safe_open

@@ -113,7 +113,7 @@ def test_atelier_train_leaves_the_rewards_it_trained_on_in_the_store(tmp_path):
     db = tmp_path / "t.db"
     done = run_atelier(
         *("train", "--world", "shapeworld", "--iterations", "1", "--per-category", "1"),
-        *("-G", "2", "--out", "versions", "--reward-weights", "1,0.5,0", "--penalty", "none"),
+        *("-G", "2", "--out", "versions", "--reward-weights", "1,0.5,0.25", "--penalty", "none"),
         db=db,
         cwd=tmp_path,
         timeout=600,
@@ -121,22 +121,23 @@ def test_atelier_train_leaves_the_rewards_it_trained_on_in_the_store(tmp_path):
     assert done.returncode == 0, done.stderr
     store = TrajectoryStore(f"sqlite:///{db}")
     names = {reward.name for reward in store.rewards()}
-    assert {"checker", "format", "composite", "penalised", "advantage"} <= names
+    assert {"checker", "format", "stepwise", "composite", "penalised", "advantage"} <= names
     (run,) = [run for run in store.runs() if run.name == "grpo-0"]
     trajectories = store.trajectories(run=run.id, limit=None)
     trained = [t for t in trajectories if "composite" in t.rewards]
-    assert trained and all({"checker", "format"} <= set(t.rewards) for t in trained)
-    for t in trained:  # the CLI's weights, as stored: R = R_o + 0.5·R_f
+    assert trained and all({"checker", "format", "stepwise"} <= set(t.rewards) for t in trained)
+    for t in trained:  # the CLI's weights, as stored: R = R_o + 0.5·R_f + 0.25·R_s
         expected = t.rewards["checker"] + 0.5 * t.rewards["format"]
+        expected += 0.25 * t.rewards["stepwise"]
         assert t.rewards["composite"] == pytest.approx(expected, abs=1e-12)
     (version,) = store.policy_versions(name="router")
-    assert version.metadata["config"]["reward_weights"] == [1.0, 0.5, 0.0]
+    assert version.metadata["config"]["reward_weights"] == [1.0, 0.5, 0.25]
     store.close()
 
 
 @pytest.mark.parametrize(
     "weights",
-    ["1,0", "a,b,c", "-1,0,0", "0,0,0", "nan,0,0", "inf,0,0", "1,0,1"],
+    ["1,0", "a,b,c", "-1,0,0", "0,0,0", "nan,0,0", "inf,0,0"],
 )
 def test_bad_reward_weights_are_one_line_errors(tmp_path, weights):
     from tests.cli_helpers import run_atelier
@@ -159,3 +160,38 @@ def test_reward_weights_are_refused_for_a_tree_stage(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2 and "do not apply to --tree-stage" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_train_from_a_stored_run_stores_r_s_and_trains_on_it(tmp_path):
+    """``--run`` with a3 > 0: the analyzer's R_s is stored (per text and per trajectory) before
+    the groups are read, and the stored composite is a1·R_o + a2·R_f + a3·R_s of stored rows."""
+    from tests.cli_helpers import run_atelier
+
+    db = tmp_path / "t.db"
+    recorded = run_atelier(
+        *("rollout", "--mode", "random", "--per-category", "1", "-G", "3", "--name", "src"),
+        db=db,
+        cwd=tmp_path,
+    )
+    assert recorded.returncode == 0, recorded.stderr
+    done = run_atelier(
+        *("train", "--run", "src", "--out", "versions", "--reward-weights", "0.5,0,1"),
+        *("--penalty", "none"),
+        db=db,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    store = TrajectoryStore(f"sqlite:///{db}")
+    stepwise = [r for r in store.rewards(name="stepwise")]
+    per_step = [r for r in stepwise if r.step_seq is not None]
+    assert per_step and all(r.source == "shapeworld-analyzer" for r in stepwise)
+    by_trajectory = {r.trajectory_id: r.value for r in stepwise if r.step_seq is None}
+    for t in store.trajectories(limit=None):
+        if "composite" not in t.rewards:
+            continue
+        texts = [r.value for r in per_step if r.trajectory_id == t.id]
+        expected_rs = sum(texts) / len(texts) if texts else 0.0
+        assert by_trajectory[t.id] == pytest.approx(expected_rs, abs=1e-12)
+        expected = 0.5 * t.rewards["checker"] + by_trajectory[t.id]
+        assert t.rewards["composite"] == pytest.approx(expected, abs=1e-12)
+    store.close()

@@ -17,6 +17,7 @@ from nodes.backends.engines.tiny_models import (
     TinyModels,
     build_all,
     build_flux,
+    build_qwen2_vl,
     build_sd3,
 )
 
@@ -125,6 +126,13 @@ def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Flux pipeline directory, built once per test session."""
     pytest.importorskip("diffusers")
     return _once("flux", lambda: build_flux(tmp_path_factory.mktemp("tiny-flux")))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen2-VL directory (multimodal rotary positions), built once per test session."""
+    pytest.importorskip("transformers")
+    return _once("qwen2_vl", lambda: build_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl")))
 
 
 if __name__ == "__main__":  # pragma: no cover - the old spelling of `atelier tiny-models DIR`

@@ -16,12 +16,10 @@ both train with GRPO) and are kept numerically identical to TRL's ``GRPOTrainer`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 
-AdvantageScale = Literal["group", "batch", "none"]
-LossType = Literal["token_mean", "dapo", "sequence_mean", "grpo", "dr_grpo"]
+from training.grpo_options import AdvantageScale, LossType
 
 _LOSS_ALIASES: dict[str, str] = {
     "token_mean": "token_mean",

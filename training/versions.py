@@ -106,7 +106,7 @@ def save_version(
         store.register_policy_version(
             name,
             version,
-            path=str(path),
+            path=str(Path(path).resolve()),  # absolute: other processes read it from anywhere
             metadata=_json({**trainer.describe(), **(metadata or {})}),
         )
     except Exception:

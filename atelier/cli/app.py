@@ -21,7 +21,7 @@ from atelier.cli.errors import CliError, Interrupted, StoreUnavailable
 from atelier.cli.serve import add_serve_parser  # argparse only: models load when serving
 from atelier.cli.train import add_train_parser  # argparse only: torch loads when training
 
-MODES = ("auto", "direct", "reflect", "decompose", "random")
+MODES = ("auto", "direct", "reflect", "decompose", "escalate", "random")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=MODES,
         default="auto",
-        help="auto = rule-based router; random = uniform router (default: auto)",
+        help="auto = rule-based router; random = uniform router; escalate = direct, then up "
+        "to 3 reflect rounds (capped by --max-rounds), then decompose if the reflector still "
+        "rejects the image, as one trajectory (default: auto)",
     )
     run.add_argument("--out", type=Path, help="save the final image here (.png)")
     run.add_argument("--seed", type=int, default=0, help="trajectory seed (default: 0)")
@@ -127,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=MODES,
         default="random",
-        help="mode policy (default: random, for exploration)",
+        help="mode policy (default: random, for exploration); escalate = seed 002's SFT data "
+        "pipeline: direct, then up to 3 reflect rounds, then decompose while still rejected",
     )
     rollout.add_argument("--seed", type=int, default=0)
     rollout.add_argument("--max-rounds", type=int, default=4)
@@ -149,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = commands.add_parser("ls", help="list recorded trajectories")
     ls.add_argument("--run", help="run id, id prefix or name")
     ls.add_argument("--status", choices=("running", "succeeded", "failed", "incomplete"))
-    ls.add_argument("--mode", choices=("direct", "reflect", "decompose"))
+    ls.add_argument("--mode", choices=("direct", "reflect", "decompose", "escalate"))
     ls.add_argument("--min-reward", type=float, help="only trajectories scoring at least this")
     ls.add_argument("--limit", type=int, default=30, help="rows to show (default: 30)")
     ls.add_argument(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import sys
 from collections import Counter
@@ -14,13 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent_graph.heap import freeze_startup_heap
+from atelier.cli.train_text import TEXT_POLICIES, add_lora_options, check_text_args, train_text
 
 if TYPE_CHECKING:
     from storage.store import TrajectoryStore
     from training.decisions.trainer import GRPOConfig
     from training.tensorboard import TensorBoardLog
 
-POLICIES = ("router", "stop")
+POLICIES = ("router", "stop", *TEXT_POLICIES)
 
 
 def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
@@ -34,9 +36,13 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
     train.add_argument(
         "--policy",
         choices=POLICIES,
-        help="policy to train (default: router; stop with --tree-stage)",
+        help="policy to train: router, stop (decision policies), or the LoRA of a text/VLM "
+        "node: plan, reflect, decompose (with --run and --model; default: router; stop with "
+        "--tree-stage)",
     )
-    train.add_argument("--init", type=Path, help="start from this saved policy version")
+    train.add_argument(
+        "--init", type=Path, help="start from this saved policy version (a directory)"
+    )
     train.add_argument("--iterations", type=int, default=4, help="on-policy iterations")
     train.add_argument("--per-category", type=int, default=6, help="prompts per category")
     train.add_argument("--group-size", "-G", type=int, default=8, help="samples per prompt")
@@ -57,7 +63,10 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
         default="1,0,0",
         metavar="A1,A2,A3",
         help="R = a1·R_o + a2·R_f + a3·R_s: weights of the outcome (the judge's score), the "
-        "format reward and the step-wise reward (SAIR publishes none; default 1,0,0)",
+        "format reward and the step-wise reward R_s (an analyzer's mean score of the "
+        "trajectory's plan, decomposition and reflections, stored as 'stepwise'; ShapeWorld's "
+        "analyzer is checker-based, a backends file's is its VLM judge). SAIR publishes no "
+        "weights; default 1,0,0",
     )
     tree = train.add_argument_group(
         "Tree-RL (R3)",
@@ -88,6 +97,7 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write the training scalars as TensorBoard event files under DIR",
     )
+    add_lora_options(train)
     add_db(train)
     train.set_defaults(handler=cmd_train)
     return train
@@ -134,12 +144,58 @@ def _reward_weights(text: str) -> tuple[float, float, float]:
         weights = ()
     if len(weights) != 3 or any(w < 0 or not math.isfinite(w) for w in weights) or not any(weights):
         raise CliError(f"--reward-weights takes three weights >= 0, not all 0 (a1,a2,a3): {text!r}")
-    if weights[2]:
-        raise CliError(
-            "--reward-weights: R_s (the step-wise reward) needs an analyzer score per "
-            "intermediate text, which no command stores yet; give a3 = 0"
-        )
     return weights  # type: ignore[return-value]
+
+
+def run_analyzer(store: TrajectoryStore, runs: list[str]) -> Any:
+    """The analyzer of the runs' intermediate texts (R_s), matching their judge: ShapeWorld's
+    checker-based one where the judge is ShapeWorld's checker, the VLM judge's model where it
+    is a VLM judge."""
+    from atelier.cli.errors import CliError
+
+    judge = run_judge(store, runs)
+    from nodes.backends.shapeworld import ShapeWorldChecker
+
+    if isinstance(judge, ShapeWorldChecker):
+        from nodes.backends.shapeworld.analyzer import ShapeWorldAnalyzer
+
+        return ShapeWorldAnalyzer(judge.config)
+    model = getattr(judge, "model", None)
+    if model is not None and hasattr(model, "score_text"):
+        from training.rewards.analyzer import VLMAnalyzer
+
+        return VLMAnalyzer(model)
+    raise CliError(
+        f"the runs' judge ({type(judge).__name__}) is neither ShapeWorld's checker nor a VLM "
+        "judge, so there is no analyzer for R_s (SAIR's step-wise reward)"
+    )
+
+
+def run_judge(store: TrajectoryStore, runs: list[str]) -> Any:
+    """The judge the runs were recorded with (ShapeWorld's checker, or a backends file's)."""
+    from atelier.cli.errors import CliError
+
+    configs = {json.dumps(store.run(r).config.get("backends_config")): r for r in runs}
+    worlds = {store.run(run_id).config.get("world") for run_id in runs}
+    if len(configs) > 1 or len(worlds) > 1:
+        raise CliError("the runs were recorded with different backends; train on one kind")
+    world, run_id = worlds.pop(), runs[0]
+    if world == "shapeworld":
+        from nodes.backends.shapeworld import ShapeWorldChecker
+
+        return ShapeWorldChecker()
+    if world == "config":
+        from nodes.backends.config import load_backends
+
+        path = store.run(run_id).config["backends_config"]
+        try:
+            return load_backends(path)["judge"]
+        except (OSError, ValueError) as exc:
+            raise CliError(f"cannot rebuild the judge of run {run_id} from {path}: {exc}") from None
+    raise CliError(
+        f"run {run_id} was recorded with backends given in code; compute and store its rewards "
+        "from Python (training.rewards, training.text.rewards) and train there"
+    )
 
 
 def _config(args: argparse.Namespace) -> GRPOConfig:
@@ -180,6 +236,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.image_cost < 0:
         raise CliError("--image-cost must be >= 0")
     args.reward_weights = _reward_weights(args.reward_weights)
+    if args.policy in TEXT_POLICIES:
+        check_text_args(args)
+        board = _tensorboard(args)
+        store = open_store(args)
+        from training.versions import VersionTaken
+
+        try:
+            return train_text(args, store, board)
+        except (VersionTaken, FileExistsError) as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            if board is not None:
+                board.close()
     if args.tree_stage is not None and args.reward_weights != (1.0, 0.0, 0.0):
         message = "a stage trains on its R3 stage reward alone"
         raise CliError(f"--reward-weights do not apply to --tree-stage ({message})")
@@ -241,6 +310,10 @@ def _train(
         )
 
         runs = [resolve_run(store, ref).id for ref in args.run]
+        if args.reward_weights[2] > 0:  # R_s stored before the groups read their rewards
+            from training.rewards import store_stepwise_rewards
+
+            asyncio.run(store_stepwise_rewards(store, runs, run_analyzer(store, runs)))
         groups = read_groups(store, runs, kind)
         if not groups:
             raise CliError(f"no {kind} decision groups of 2 or more in {', '.join(args.run)}")
@@ -297,6 +370,7 @@ def _train(
             budget=Budget(max_rounds=args.max_rounds),
             save_dir=args.out,
             on_iteration=logged,
+            analyzer=_shapeworld_analyzer() if args.reward_weights[2] > 0 else None,
         )
     )
     print("| iteration | behaviour | mean V | accuracy | images | mode mix | trained |")
@@ -309,6 +383,12 @@ def _train(
         )
     print(f"final policy {policy.name}@{policy.version} saved under {args.out}", file=sys.stderr)
     return 0
+
+
+def _shapeworld_analyzer() -> Any:
+    from nodes.backends.shapeworld.analyzer import ShapeWorldAnalyzer
+
+    return ShapeWorldAnalyzer()
 
 
 def _train_tree(

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from policies.base import ModeObservation, StopObservation
+from policies.base import MODES, STOP_ACTIONS, ModeObservation, StopObservation
 from training.decisions.rewards import trajectory_rewards
 from training.reading import stored_groups
 
@@ -102,6 +102,10 @@ def _observation(kind: str, step: StepInfo) -> Observation:
     return stop_observation(step.state_before, step.update)
 
 
+LEARNABLE_ACTIONS: dict[str, tuple[str, ...]] = {"mode": MODES, "stop": STOP_ACTIONS}
+"""The actions of the learned router and stop policy (``policies.mode``, ``policies.stop``)."""
+
+
 def trajectory_decisions(
     detail: TrajectoryDetail,
     kind: DecisionKind,
@@ -110,7 +114,8 @@ def trajectory_decisions(
     version: str | None = None,
 ) -> tuple[DecisionRecord, ...]:
     """The decisions of ``kind`` in a stored trajectory (``store.trajectory(id)``), in order;
-    only those of ``policy`` / ``version`` when given."""
+    only those of ``policy`` / ``version`` when given, and only actions a learned policy of
+    the kind can take (:data:`LEARNABLE_ACTIONS`)."""
     found = []
     for step in detail.steps:
         for raw in step.update.get("decisions") or ():
@@ -120,6 +125,8 @@ def trajectory_decisions(
                 continue
             if version is not None and raw["version"] != version:
                 continue
+            if raw["action"] not in LEARNABLE_ACTIONS[kind]:
+                continue  # e.g. a fixed ``escalate`` mode: no learned policy can take it
             found.append(
                 DecisionRecord(
                     kind=kind,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nodes.backends.protocols import Analyzer
 from nodes.context import GraphSettings
 from nodes.state import Budget, Task
 from training.decisions.groups import DecisionKind, read_groups
@@ -24,6 +25,7 @@ from training.decisions.rewards import (
 )
 from training.decisions.sampling import collect
 from training.decisions.trainer import GRPOTrainer
+from training.rewards.stepwise import store_stepwise_rewards
 from training.versions import save_version
 
 if TYPE_CHECKING:
@@ -51,13 +53,16 @@ async def grpo_iterations(
     settings: GraphSettings | None = None,
     save_dir: str | Path | None = None,
     on_iteration: Callable[[int, Iteration], None] | None = None,
+    analyzer: Analyzer | None = None,
 ) -> tuple[Any, list[Iteration]]:
     """One iteration per task batch; returns (the last policy version, per-iteration logs).
 
     ``kind`` "mode" trains the router, "stop" the stop policy (the other role keeps
     ShapeWorld's defaults). With ``save_dir``, every version is saved under
     ``save_dir/<name>-<version>`` and registered in the store. ``on_iteration(index,
-    iteration)`` is called as each iteration ends (e.g. to log it live).
+    iteration)`` is called as each iteration ends (e.g. to log it live). With ``analyzer``,
+    every run's intermediate texts are analysed and R_s stored before its groups are read (the
+    composite's a3·R_s needs it).
     """
     policy = trainer.policy.clone()
     log: list[Iteration] = []
@@ -67,6 +72,8 @@ async def grpo_iterations(
         run_id, _ = await collect(
             store, tasks, budget=budget, settings=settings, name=f"grpo-{index}", **role
         )
+        if analyzer is not None:  # before read_groups: a group keeps the rewards read with it
+            await store_stepwise_rewards(store, run_id, analyzer)
         groups = read_groups(store, run_id, kind, policy=behaviour.name, version=behaviour.version)
         store_member_rewards(store, groups, (OUTCOME, FORMAT))  # R_o, R_f: stored before use
         result = trainer.train(groups)

@@ -17,13 +17,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from storage.store import RewardInput
-from training.result import TrainResult
 from training.rewards import trajectory_format_reward
+from training.rewards.record import store_trained_rewards as store_trained
 
 if TYPE_CHECKING:
     from storage.records import TrajectoryDetail
     from storage.store import TrajectoryStore
     from training.decisions.groups import DecisionGroup
+    from training.result import TrainResult
 
 OUTCOME = "checker"
 """R_o: the judge's (ShapeWorld: the checker's) score of the final image; 0 when it failed."""
@@ -70,19 +71,8 @@ def store_trained_rewards(
 ) -> int:
     """Store each member's composite, penalised reward and advantage from ``result`` (a
     decision trainer's), naming the version trained (``policy``@``result.version``) in the
-    details; returns how many rows were written."""
-    trained = f"{policy}@{result.version}"
-    rows = [
-        RewardInput(
-            tid,
-            name,
-            values[name],
-            source="training.decisions.trainer",
-            details={"trained": trained, "group": values_group, **(details or {})},
-        )
-        for tid, (values_group, values) in result.member_rewards.items()
-        for name in TRAINED
-    ]
-    if rows:
-        store.add_rewards(rows)
-    return len(rows)
+    details; returns how many rows were written. (The decision trainer's use of
+    :func:`training.rewards.record.store_trained_rewards`, which the other kinds share.)"""
+    return store_trained(
+        store, result, policy, details, names=TRAINED, source="training.decisions.trainer"
+    )

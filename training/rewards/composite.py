@@ -10,7 +10,10 @@ ComplexityForm = Literal["scale", "margin", "linear"]
 
 
 def stepwise_reward(step_scores: Sequence[float]) -> float:
-    """R_s = (1/T) Σ_t Analyzer(text_t): the mean judge score of the T intermediate texts."""
+    """R_s = (1/T) Σ_t Analyzer(text_t): the mean judge score of the T intermediate texts.
+
+    Stored as ``stepwise`` (each text's score on its step, R_s on the trajectory) by
+    ``training.rewards.stepwise.store_stepwise_rewards``, from an analyzer's calls."""
     if not step_scores:
         raise ValueError("step-wise reward of no intermediate texts is undefined")
     return sum(step_scores) / len(step_scores)

@@ -18,6 +18,13 @@ def reflection_format_reward(text: str) -> float:
     return 1.0 if parse_reflection(text).well_formed else 0.0
 
 
+def blueprint_format_reward(text: str) -> float:
+    """R3's r_format of the reason stage's text, the blueprint: 1 if the plan node can use it
+    (any non-empty text: the graph asks for no other format, and replaces an empty blueprint
+    with the prompt), else 0."""
+    return 1.0 if text.strip() else 0.0
+
+
 def plan_format_reward(text: str) -> float:
     """r_format = 1 if the decomposition is a valid JSON plan (``{"steps": [{instruction,
     expect}, …]}``, non-empty), else 0."""

@@ -2,7 +2,10 @@
 
 Built from the STORED token ids and sampling log-probs (never re-tokenised text), the stored
 request (chat messages, sampling fields and, when the server returned them, prompt ids) and the
-stored reward. Two readers:
+stored reward. A request's images are stored once, as PNG, in the store's image store, and its
+messages name them (``{"type": "image_ref", "ref": <sha256>}``): a member resolves them there
+(:meth:`TextMember.load_images`: the exact stored bytes, decoded losslessly, so the pixels are
+the ones the server was sent). Two readers:
 
 - ``read_groups``: the one-step runs of ``training.text.sampling.collect`` (a group is one
   prompt's trajectories);
@@ -17,16 +20,36 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
+from nodes.backends.wire import IMAGE_REF_PART
+from storage.images import decode_png
 from training.reading import stored_groups
 from training.text.rewards import DEFAULT_REWARD
 from training.text.sampling import DEFAULT_SYSTEM, prompt_messages, recorded_completion
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from storage.records import GenerationInfo, StepInfo, TrajectoryDetail
     from storage.store import TrajectoryStore
+
+
+class ImageBytes(Protocol):
+    """Where stored images are read: an image store (``TrajectoryStore`` is one)."""
+
+    def get_bytes(self, ref: str) -> bytes: ...
+
+
+def message_image_refs(messages: Sequence[Any] | None) -> tuple[str, ...]:
+    """The image refs of stored request ``messages`` (OpenAI shape), in prompt order."""
+    refs: list[str] = []
+    for message in messages or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            refs += [part["ref"] for part in content if part.get("type") == IMAGE_REF_PART]
+    return tuple(refs)
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,36 @@ class TextMember:
     """The request's sampling fields as sent (temperature, top_p, seed, ...)."""
     prompt_token_ids: tuple[int, ...] | None = None
     """The prompt ids as the server encoded them (None when it did not return them)."""
+    image_store: ImageBytes | None = field(default=None, compare=False, repr=False)
+    """The image store the request's image refs resolve in (the store the member was read
+    from); None for a member built by hand, which then can have no images."""
+
+    @property
+    def image_refs(self) -> tuple[str, ...]:
+        """The request's images as stored refs, in prompt order (none for a text request)."""
+        return message_image_refs(self.messages)
+
+    def load_images(self) -> dict[str, Image.Image]:
+        """The request's images by ref: the stored PNG bytes decoded (lossless: the pixels the
+        server was sent). ``ValueError`` naming the member when one cannot be read."""
+        loaded: dict[str, Image.Image] = {}
+        for ref in self.image_refs:
+            if ref in loaded:
+                continue
+            if self.image_store is None:
+                raise ValueError(
+                    f"trajectory {self.trajectory_id} (step {self.step_seq}): its request has "
+                    "images but the member has no image store to read them from"
+                )
+            try:
+                data = self.image_store.get_bytes(ref)
+            except KeyError:  # storage.images.ImageNotFound
+                raise ValueError(
+                    f"trajectory {self.trajectory_id} (step {self.step_seq}): image {ref} of "
+                    "its request is not in the image store"
+                ) from None
+            loaded[ref] = decode_png(data)
+        return loaded
 
 
 @dataclass(frozen=True)
@@ -79,7 +132,8 @@ def read_groups(
             _require_logprobs(detail.id, completion)
             if reward not in detail.rewards:
                 raise KeyError(f"trajectory {detail.id} has no reward {reward!r}")
-            members.append(_member(detail, detail.steps[0], completion, detail.rewards[reward]))
+            value = detail.rewards[reward]
+            members.append(_member(store, detail, detail.steps[0], completion, value))
         prompt = details[0].prompt
         messages = tuple(prompt_messages(prompt, systems[run_id]))
         groups.append(TextGroup(group_id, prompt, messages, tuple(members)))
@@ -106,8 +160,11 @@ def read_node_groups(
     is dropped (a lone completion has no advantage).
 
     Raises ``ValueError`` for a generation with no stored request (recorded before schema
-    version 4) or without a log-prob per token, ``KeyError`` for a member without the reward."""
+    version 4), without a log-prob per token or naming an image the store does not hold, and
+    ``KeyError`` for a member without the reward. Members read their images from ``store``
+    (:meth:`TextMember.load_images`)."""
     groups: list[TextGroup] = []
+    present: set[str] = set()  # image refs found in the store (a group's members share them)
     for _, group_id, details in stored_groups(store, run_ids, status, 1):
         inputs: dict[str, list[TextMember]] = {}
         for detail in details:
@@ -121,9 +178,18 @@ def read_node_groups(
                     "(recorded before schema version 4); record the run again to train on it"
                 )
             _require_logprobs(detail.id, generation)
+            for ref in message_image_refs(generation.messages):
+                if ref in present:
+                    continue
+                if ref not in store:  # found while reading, not in the middle of training
+                    raise ValueError(
+                        f"trajectory {detail.id} step {step.seq} ({node}): image {ref} of its "
+                        "request is not in the store's image store"
+                    )
+                present.add(ref)
             value = _step_reward(detail, step.seq, reward)
             key = json.dumps(generation.messages, sort_keys=True)
-            inputs.setdefault(key, []).append(_member(detail, step, generation, value))
+            inputs.setdefault(key, []).append(_member(store, detail, step, generation, value))
         for k, members in enumerate(inputs.values()):
             if len(members) < min_size:
                 continue
@@ -168,7 +234,11 @@ def _require_logprobs(trajectory_id: str, generation: GenerationInfo) -> None:
 
 
 def _member(
-    detail: TrajectoryDetail, step: StepInfo, generation: GenerationInfo, reward: float
+    store: TrajectoryStore,
+    detail: TrajectoryDetail,
+    step: StepInfo,
+    generation: GenerationInfo,
+    reward: float,
 ) -> TextMember:
     return TextMember(
         detail.id,
@@ -182,4 +252,5 @@ def _member(
         prompt_token_ids=(
             None if generation.prompt_token_ids is None else tuple(generation.prompt_token_ids)
         ),
+        image_store=store,
     )

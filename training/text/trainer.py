@@ -1,90 +1,103 @@
-"""GRPO on a peft LoRA adapter of a text model, from stored completions (``training.text.groups``).
+"""GRPO on a peft LoRA adapter of a text or vision-language model, from stored completions
+(``training.text.groups``).
 
 ``LoRATrainer`` recomputes the log-probs of the stored completion ids by teacher forcing under
-base + LoRA, after exactly the prompt the server saw: each member's stored ``prompt_token_ids``
-when the server returned them, else its stored request ``messages`` encoded by
-:meth:`TransformersLM.encode`, the very code the ``lm`` server runs to build a prompt (chat
-template with the generation prompt, tokenised without special tokens), so position
-``len(prompt) - 1 + j`` of the forward pass predicts completion token ``j``, as it did when the
-server sampled it.
+base + LoRA, after exactly the prompt the server saw, built by the server's own engine
+(:class:`~nodes.backends.engines.transformers_lm.TransformersLM`):
+
+- the prompt ids: each member's stored ``prompt_token_ids`` when the server returned them, else
+  its stored request ``messages`` encoded by :meth:`TransformersLM.encode` (chat template with
+  the generation prompt, tokenised without special tokens);
+- the images (vision-language models): the request's images read back from the store's image
+  store (exact PNG bytes, decoded losslessly) and put through the model's processor by
+  :meth:`TransformersLM.encode` — the server's code path, so the pixel values, the expanded image
+  tokens and the modality types are the server's. When the stored prompt ids differ from that
+  rendering (another server's chat template), the stored ids win and the images go through
+  :meth:`TransformersLM.encode_ids`, after checking they hold as many image tokens;
+- the positions: :meth:`TransformersLM.batch_inputs`, as the server builds them (multimodal
+  rotary positions for the Qwen2-VL family).
+
+Position ``len(prompt) - 1 + j`` of the forward pass then predicts completion token ``j``, as it
+did when the server sampled it. A completion that contains an image placeholder id (a sampled
+``<image>``, which the server embedded as a plain token) cannot be teacher-forced the same way:
+it is skipped and counted (``members_skipped``).
 
 Before the first update every row's recomputed log-probs are compared with the stored ones; a
-difference above ``LoRAConfig.max_logprob_drift`` stops training with a ``ValueError`` naming
-the trajectory, the first differing completion position and both values (wrong prompt, model or
-adapter). That check, and the GRPO ratio itself, assume the stored log-probs are the sampling
-policy's: the ``lm`` server (and vLLM by default) returns the raw model's log-probs, before
-temperature, top-p, top-k and repetition penalty, so they are π_old only when the request
-sampled untransformed (temperature 1, top-p 1, no top-k, no repetition penalty). A member whose
-stored ``sampling`` says otherwise is refused unless ``require_raw_sampling`` is off.
+difference above the drift bound (``LoRAConfig.max_logprob_drift``, by default
+:data:`DEFAULT_DRIFT` of the dtype) stops training with a ``ValueError`` naming the trajectory,
+the step, the first differing completion position and both values (wrong prompt, image, model,
+dtype or adapter). That check, and the GRPO ratio itself, assume the stored log-probs are the
+sampling policy's: the ``lm`` server (and vLLM by default) returns the raw model's log-probs,
+before temperature, top-p, top-k and repetition penalty, so they are π_old only when the
+request sampled untransformed (temperature 1, top-p 1, no top-k, no repetition penalty). A
+member whose stored ``sampling`` says otherwise is refused unless ``require_raw_sampling`` is
+off.
 
-The loss is ``training.grpo.grpo_loss``, minimised with AdamW on the LoRA parameters only (the
-base is frozen). ``save`` writes ``adapter_model.safetensors`` + ``adapter_config.json``
-(peft's layout), which the ``lm`` server and vLLM load by path.
+Precision: ``dtype="bfloat16"`` loads the base model in bf16 while peft keeps the LoRA weights
+(and so AdamW's state) in float32: bf16's 8-bit mantissa would round an update of lr × ~1 on a
+weight of ~1e-2 to nothing. Serve the base model in the same dtype (``atelier serve lm --dtype
+bfloat16``): its log-probs are the ones compared.
+
+The loss is ``training.grpo.grpo_loss`` (k3 KL with ``beta`` to the reference, the base model
+with the adapter disabled), minimised with AdamW on the LoRA parameters only (the base is
+frozen); minibatches are split into micro-batches by a token budget and their gradients
+accumulated. ``save`` writes ``adapter_model.safetensors`` + ``adapter_config.json`` (peft's
+layout), which the ``lm`` server and vLLM load by path. In a vision-language model only the
+language model's layers (and top-level heads such as ``lm_head`` when named) get a LoRA:
+vLLM serves LoRA on the language backbone of multimodal models, not on the vision tower.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from nodes.backends.lm_types import LMRequest, PromptMessage
+from nodes.backends.wire import IMAGE_REF_PART
 from policies.weights import next_version, write_new_directory
 from training.grpo import (
-    AdvantageScale,
-    LossType,
     grpo_loss,
     microbatch_weight,
     ragged_group_advantages,
 )
 from training.result import FIRST_STEP_KEY, TrainResult, step_summary
-from training.text.groups import TextGroup, TextMember
+from training.text.config import DEFAULT_DRIFT, LoRAConfig
+from training.text.config import LORA_TARGETS as LORA_TARGETS  # re-exported: tests, callers
+from training.text.groups import TextGroup, TextMember, message_image_refs
 
-# Every linear layer of the decoder: the modules vLLM loads LoRA weights for. Not ``lm_head``:
-# vLLM refuses an adapter with LoRA weights on it ("unsupported LoRA weight"), so an adapter
-# that trains it could be served by ``atelier serve lm`` but not by vLLM.
-LORA_TARGETS = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-)  # fmt: skip
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from nodes.backends.engines.transformers_lm import Encoded, TransformersLM
+
+log = logging.getLogger(__name__)
 
 
-@dataclass
-class LoRAConfig:
-    r: int = 8
-    alpha: int = 16
-    target_modules: tuple[str, ...] = LORA_TARGETS
-    lr: float = 1e-2
-    """AdamW learning rate (a tiny model; billion-parameter runs use ~1e-5)."""
-    weight_decay: float = 0.0
-    epochs: int = 8
-    """Passes over the batch (GRPO's μ); every one is clipped against the stored π_old."""
-    minibatch_size: int = 16
-    max_tokens_per_forward: int | None = None
-    """Micro-batches: at most this many tokens (rows × the longest prompt + completion) per
-    forward pass; a minibatch's micro-batches accumulate their gradients into one update, the
-    same as one pass. None: the whole minibatch in one pass."""
-    """Completions per optimizer step."""
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    loss_type: LossType = "token_mean"
-    advantage_scale: AdvantageScale = "group"
-    max_grad_norm: float = 1.0
-    beta: float = 0.0
-    """Weight of the k3 KL to the reference, the base model with the adapter disabled
-    (DeepSeekMath's GRPO: 0.04; DAPO and Dr. GRPO: 0, the default)."""
-    seed: int = 0
-    max_logprob_drift: float = 1e-4
-    """Largest |recomputed - stored| completion log-prob allowed before the first update; above
-    it training stops (the trainer does not see what the server saw)."""
-    require_raw_sampling: bool = True
-    """Refuse members sampled with temperature != 1, top-p < 1, top-k or a repetition penalty:
-    the stored (raw) log-probs are then not the sampling policy's, and the ratio is biased."""
+StepCallback = Callable[[int, int, dict[str, float]], None]
+"""``on_step(index, total, metrics)``: optimizer step ``index`` (from 1) of ``total`` is done."""
+
+
+class Row(NamedTuple):
+    """One completion to train on: what the server saw and sampled, and its advantage."""
+
+    prompt: Sequence[int]
+    completion: Sequence[int]
+    old: Sequence[float]
+    """The stored sampling log-probs (π_old)."""
+    advantage: float
+    extras: Mapping[str, torch.Tensor] | None = None
+    """The prompt's other model inputs (``pixel_values``, ...; per-token ones span the prompt)."""
+    ref: Sequence[float] | None = None
+    """The completion's log-probs under the reference (``beta`` > 0): computed once per
+    ``train`` call, as the reference never changes (else every step recomputes them)."""
 
 
 RAW_SAMPLING = {"temperature": (1.0,), "top_p": (1.0,), "top_k": (-1, 0), "min_p": (0.0,)}
@@ -109,9 +122,10 @@ def check_raw_sampling(member: TextMember) -> None:
             )
 
 
-def prompt_message(message: Any) -> PromptMessage:
+def prompt_message(message: Any, images: Mapping[str, Image.Image] | None = None) -> PromptMessage:
     """A ``ChatMessage`` or a stored request message (OpenAI shape) as the engine's prompt
-    turn, parts in order as the ``lm`` server parses them."""
+    turn, parts in order as the ``lm`` server parses them; an ``image_ref`` part becomes its
+    image from ``images`` (by ref)."""
     if not isinstance(message, dict):
         return PromptMessage.from_chat(message)
     content = message.get("content")
@@ -119,21 +133,65 @@ def prompt_message(message: Any) -> PromptMessage:
         return PromptMessage(message["role"], ())
     if isinstance(content, str):
         return PromptMessage(message["role"], (content,))
-    parts = []
+    parts: list[str | Image.Image] = []
     for part in content:
-        if part.get("type") != "text":
-            raise ValueError(
-                f"a stored {part.get('type')!r} part: LoRATrainer trains text models only"
-            )
-        parts.append(str(part.get("text", "")))
+        kind = part.get("type")
+        if kind == "text":
+            parts.append(str(part.get("text", "")))
+        elif kind == IMAGE_REF_PART and images is not None and part.get("ref") in images:
+            parts.append(images[part["ref"]])
+        elif kind == IMAGE_REF_PART:
+            raise ValueError(f"stored image {part.get('ref')} was not given")
+        else:  # an image_url part (pixels in the record) is never stored; nothing else exists
+            raise ValueError(f"a stored {kind!r} part: not a stored request's part")
     return PromptMessage(message["role"], tuple(parts))
+
+
+def lora_target_modules(engine: TransformersLM, names: Sequence[str]) -> list[str]:
+    """The modules to put a LoRA on. A text model: ``names`` as given (peft matches the last
+    component). A vision-language model: the full names of the modules so named inside its
+    language model, or outside the multimodal base model (``lm_head``) — never the vision
+    tower's or the projector's (its CLIP tower has ``q_proj`` too)."""
+    if not engine.is_vlm:
+        return list(names)
+    model = engine.model
+    decoder = model.get_decoder()
+    prefix = next(name for name, module in model.named_modules() if module is decoder)
+    base = prefix.split(".")[0]
+    wanted = set(names)
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and name.rsplit(".", 1)[-1] in wanted
+        and (name.startswith(prefix + ".") or name.split(".")[0] != base)
+    ]
+    if not found:
+        raise ValueError(f"no linear layer named {sorted(wanted)} in {engine.model_dir}'s LM")
+    return found
+
+
+def _with_completion(prompt: Encoded, completion: Sequence[int]) -> Encoded:
+    """``prompt`` followed by ``completion`` ids (teacher forcing). Per-token inputs (modality
+    types) are extended with 0, a text token's value: the server fed the sampled tokens back as
+    text, and placeholder ids in a completion are skipped before this."""
+    from nodes.backends.engines.transformers_lm import Encoded
+
+    length, extra = len(prompt.input_ids), len(completion)
+    extras = {}
+    for key, value in prompt.extras.items():
+        if value.dim() == 2 and tuple(value.shape) == (1, length):
+            value = torch.cat([value, value.new_zeros((1, extra))], dim=1)
+        extras[key] = value
+    return Encoded([*prompt.input_ids, *completion], extras)
 
 
 class LoRATrainer:
     """The base model (frozen) + a trainable peft LoRA adapter, on its own copy of the model.
 
     ``name`` / ``version`` are the adapter's identity as a policy; every ``train`` call with
-    groups makes the next version."""
+    groups makes the next version. ``adapter``: a saved version's directory (peft layout,
+    safetensors) to go on training from, with its own rank, scale and target modules."""
 
     def __init__(
         self,
@@ -143,23 +201,25 @@ class LoRATrainer:
         device: str = "cpu",
         name: str = "planner",
         version: str = "0",
+        adapter: str | Path | None = None,
     ) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
 
         from nodes.backends.engines.transformers_lm import TransformersLM
 
         self.config = cfg = config or LoRAConfig()
+        if cfg.dtype not in DEFAULT_DRIFT:
+            raise ValueError(f"dtype must be one of {sorted(DEFAULT_DRIFT)}, not {cfg.dtype!r}")
         self.name, self.version = name, version
         self.model_dir = str(model_dir)
-        # The server's engine class: the same chat template and tokenisation of prompts.
-        self.engine = TransformersLM(model_dir, device=device, dtype="float32")
-        if self.engine.is_vlm:
-            raise ValueError("LoRATrainer trains text models only")
+        # The server's engine class: the same chat template, processor, tokenisation and
+        # positions of prompts.
+        self.engine = TransformersLM(model_dir, device=device, dtype=cfg.dtype)
         lora = LoraConfig(
             r=cfg.r,
             lora_alpha=cfg.alpha,
             lora_dropout=0.0,
-            target_modules=list(cfg.target_modules),
+            target_modules=lora_target_modules(self.engine, cfg.target_modules),
             task_type="CAUSAL_LM",
         )
         with warnings.catch_warnings(), torch.random.fork_rng():
@@ -167,14 +227,47 @@ class LoRATrainer:
             # LoRA on the tied ``lm_head`` changes the output layer only, not the input embedding.
             warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
             torch.manual_seed(cfg.seed)  # LoRA's A matrices are random (B starts at 0)
-            self.model = get_peft_model(self.engine.model, lora)
+            # autocast_adapter_dtype (peft's default): LoRA weights in float32 on a bf16 base.
+            if adapter is None:
+                self.model = get_peft_model(self.engine.model, lora, autocast_adapter_dtype=True)
+            else:  # a saved version goes on training: its own rank, scale and targets
+                self.model = PeftModel.from_pretrained(
+                    self.engine.model, str(adapter), is_trainable=True, autocast_adapter_dtype=True
+                )
+        self.parent = None if adapter is None else str(adapter)
+        """The adapter directory training started from (None: a fresh LoRA)."""
         self.model.eval()  # no dropout anywhere: log-probs match the server's
+        if cfg.gradient_checkpointing:
+            self._enable_checkpointing()
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay
         )
+        self.placeholders = self.engine.placeholder_ids()
+        """Image/video placeholder ids: a completion holding one is skipped (see the module)."""
         self.steps = 0
         """Optimizer steps taken so far (over every ``train`` call)."""
+
+    def _enable_checkpointing(self) -> None:
+        """Checkpoint every decoder layer (non-reentrant: the frozen base's inputs need no
+        gradient). transformers checkpoints a layer only while it is in training mode, so
+        exactly those layers are switched to it, not their submodules: every dropout stays in
+        eval mode and the log-probs stay the server's."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        base = self.engine.model
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers 5.x's new name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not layers:
+            raise ValueError(f"{self.model_dir}: no layer supports gradient checkpointing")
+        for layer in layers:
+            layer.training = True
+
+    # --- prompts -------------------------------------------------------------------------------
 
     def prompt_ids(self, messages: Sequence[Any]) -> list[int]:
         """The prompt's token ids exactly as the ``lm`` server builds them for a chat:
@@ -183,32 +276,69 @@ class LoRATrainer:
         return list(self.engine.encode(request).input_ids)
 
     def member_prompt_ids(self, group: TextGroup, member: TextMember) -> list[int]:
-        """The prompt the server saw for ``member``: its stored prompt ids, else its stored
+        """The prompt ids the server saw for ``member``: its stored prompt ids, else its stored
         messages (else the group's) encoded as the server does."""
-        if member.prompt_token_ids is not None:
-            return list(member.prompt_token_ids)
-        return self.prompt_ids(member.messages if member.messages is not None else group.messages)
+        return self.member_inputs(group, member)[0]
 
-    def logprobs(
-        self, rows: Sequence[tuple[Sequence[int], Sequence[int]]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced log-probs of each row's completion ids after its prompt ids.
-        Returns ([B, T] log-probs, [B, T] mask), right-padded to the longest completion."""
+    def member_inputs(
+        self, group: TextGroup, member: TextMember
+    ) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """The model inputs of the prompt the server saw for ``member``: its ids (stored, else
+        its messages — else the group's — encoded as the server does) and the other inputs the
+        processor makes (``pixel_values`` of its stored images, modality types, ...)."""
+        messages = member.messages if member.messages is not None else group.messages
+        refs = message_image_refs(messages)
+        stored = None if member.prompt_token_ids is None else list(member.prompt_token_ids)
+        where = f"trajectory {member.trajectory_id} (step {member.step_seq})"
+        if refs and not self.engine.is_vlm:
+            raise ValueError(
+                f"{where}: its request has {len(refs)} images, {self.model_dir} is a text model"
+            )
+        if not refs:
+            ids = stored if stored is not None else self.prompt_ids(messages)
+            # A VLM's processor may give text prompts per-token inputs too (modality types).
+            extras = self.engine.encode_ids(ids).extras if self.engine.is_vlm else {}
+            return ids, extras
+        images = member.load_images()
+        request = LMRequest(messages=[prompt_message(m, images) for m in messages], max_tokens=0)
+        encoded = self.engine.encode(request)
+        if stored is None or stored == encoded.input_ids:
+            return list(encoded.input_ids), dict(encoded.extras)
+        # The server rendered the prompt otherwise (another chat template, e.g. vLLM's): its
+        # ids are what it saw; the images are the same, through the same processor.
+        mine = sum(1 for t in encoded.input_ids if t in self.placeholders)
+        theirs = sum(1 for t in stored if t in self.placeholders)
+        if mine != theirs:
+            raise ValueError(
+                f"{where}: its stored prompt ids hold {theirs} image placeholder tokens, but its "
+                f"{len(refs)} stored images make {mine} through {self.model_dir}'s processor: "
+                "the server saw other images, another image size or another model"
+            )
+        own = self.engine.encode_ids(stored, [images[ref] for ref in refs])
+        return list(own.input_ids), dict(own.extras)
+
+    # --- log-probs -----------------------------------------------------------------------------
+
+    def logprobs(self, rows: Sequence[Sequence[Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced log-probs of each row's completion ids after its prompt: rows are
+        (prompt ids, completion ids) or (prompt ids, completion ids, the prompt's other model
+        inputs). Returns ([B, T] log-probs, [B, T] mask), right-padded to the longest
+        completion."""
+        from nodes.backends.engines.transformers_lm import Encoded
+
         device = self.engine.device
-        lengths = [len(p) + len(c) for p, c in rows]
-        width, steps = max(lengths), max(len(c) for _, c in rows)
-        ids = torch.full((len(rows), width), self.engine.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (prompt, completion) in enumerate(rows):
-            ids[i, : lengths[i]] = torch.tensor([*prompt, *completion])
-            attention[i, : lengths[i]] = 1
-        logits = self.model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
+        pairs = [(list(r[0]), list(r[1]), _extras(r)) for r in rows]
+        encoded = [_with_completion(Encoded(p, dict(x)), c) for p, c, x in pairs]
+        inputs = self.engine.batch_inputs(encoded, left_pad=False)
+        logits = self.model(**inputs, use_cache=False).logits
+        steps = max(len(c) for _, c, _ in pairs)
         out = torch.zeros((len(rows), steps), dtype=torch.float32, device=device)
         mask = torch.zeros((len(rows), steps), dtype=torch.float32, device=device)
-        for i, (prompt, completion) in enumerate(rows):
+        for i, (prompt, completion, _) in enumerate(pairs):
             if not completion:
                 continue
             start = len(prompt) - 1  # logits at position t predict token t + 1
+            # float32 before the softmax, as the server does with its (maybe bf16) logits
             step_logits = logits[i, start : start + len(completion)].float()
             targets = torch.tensor(completion, device=device)
             chosen = torch.log_softmax(step_logits, -1).gather(1, targets[:, None])[:, 0]
@@ -216,14 +346,39 @@ class LoRATrainer:
             mask[i, : len(completion)] = 1.0
         return out, mask
 
-    def train(self, groups: Sequence[TextGroup]) -> TrainResult:
+    def reference_logprobs(self, batch: Sequence[Sequence[Any]]) -> torch.Tensor:
+        """The rows' log-probs under the reference: the base model, the adapter disabled."""
+        rows = [_row(r) for r in batch]
+        with torch.no_grad(), self.model.disable_adapter():
+            return self.logprobs([(r.prompt, r.completion, r.extras) for r in rows])[0]
+
+    # --- training ------------------------------------------------------------------------------
+
+    def with_reference(self, rows: Sequence[Row]) -> list[Row]:
+        """``rows`` with their reference log-probs, computed in minibatch-sized chunks."""
+        out: list[Row] = []
+        for start in range(0, len(rows), max(1, self.config.minibatch_size)):
+            chunk = rows[start : start + self.config.minibatch_size]
+            ref = self.reference_logprobs(chunk)
+            for i, row in enumerate(chunk):
+                out.append(row._replace(ref=ref[i, : len(row.completion)].tolist()))
+        return out
+
+    def train(
+        self, groups: Sequence[TextGroup], on_step: StepCallback | None = None
+    ) -> TrainResult:
         """GRPO on ``groups`` (``epochs`` passes of shuffled minibatches); the metrics add
-        ``first_ratio_mean``, the mean ratio of the first minibatch before its update."""
+        ``first_ratio_mean``, the mean ratio of the first minibatch before its update, and
+        ``members_skipped`` (completions holding an image placeholder id). ``member_rewards``
+        holds, per member, its group and the reward and advantage it was trained with (a
+        zero-variance group's members too: advantage 0, not trained on). ``on_step(index, total,
+        metrics)`` is called after every optimizer step (e.g. a progress bar)."""
         cfg = self.config
         metrics: dict[str, float] = {
             "groups": float(len(groups)),
             "groups_used": 0.0,
             "groups_zero_variance": 0.0,
+            "members_skipped": 0.0,
             "reward_mean": math.nan,
             "first_ratio_mean": math.nan,
             **step_summary([]),
@@ -232,86 +387,102 @@ class LoRATrainer:
             return TrainResult(self.version, metrics)
         rewards = [[m.reward for m in g.members] for g in groups]  # groups may differ in size
         advantages, zero = ragged_group_advantages(rewards, scale=cfg.advantage_scale)
-        rows = []  # (prompt ids, completion ids, old log-probs, advantage)
-        owners = []  # the member of each row, for errors
+        used: dict[str, tuple[str, dict[str, float]]] = {}
+        rows: list[Row] = []
+        owners: list[TextMember] = []  # the member of each row, for errors
+        skipped = 0
         for group, adv, is_zero in zip(groups, advantages, zero, strict=True):
+            for member, a in zip(group.members, adv.tolist(), strict=True):
+                used[member.trajectory_id] = (
+                    group.group_id,
+                    {"reward": float(member.reward), "advantage": float(a)},
+                )
             if is_zero:
                 continue
-            encoded: dict[str, list[int]] = {}  # one encoding per distinct stored input
+            # One encoding per distinct stored input (a group's members usually share it).
+            encoded: dict[str, tuple[list[int], dict[str, torch.Tensor]]] = {}
             for member, a in zip(group.members, adv.tolist(), strict=True):
                 if not member.token_ids:
                     continue
                 if cfg.require_raw_sampling:
                     check_raw_sampling(member)
-                if member.prompt_token_ids is not None:
-                    prompt = list(member.prompt_token_ids)
-                else:
-                    key = json.dumps(member.messages, sort_keys=True, default=str)
-                    if key not in encoded:
-                        encoded[key] = self.member_prompt_ids(group, member)
-                    prompt = encoded[key]
-                rows.append((prompt, member.token_ids, member.logprobs, a))
+                if self.placeholders.intersection(member.token_ids):
+                    skipped += 1
+                    log.warning(
+                        "trajectory %s (step %d): the completion holds an image placeholder id "
+                        "(embedded as text by the server, as an image by a training forward "
+                        "pass): skipped",
+                        member.trajectory_id,
+                        member.step_seq,
+                    )
+                    continue
+                key = json.dumps([member.messages, member.prompt_token_ids], default=str)
+                if key not in encoded:
+                    encoded[key] = self.member_inputs(group, member)
+                prompt, extras = encoded[key]
+                rows.append(Row(prompt, member.token_ids, member.logprobs, a, extras))
                 owners.append(member)
         self.check_alignment(rows, owners)
+        if cfg.beta and rows:
+            rows = self.with_reference(rows)
         metrics["groups_zero_variance"] = float(sum(zero))
         metrics["groups_used"] = float(len(groups) - sum(zero))
+        metrics["members_skipped"] = float(skipped)
         metrics["reward_mean"] = math.fsum(r for rs in rewards for r in rs) / sum(map(len, rewards))
         history: list[dict[str, float]] = []
         shuffler = torch.Generator().manual_seed(cfg.seed + self.steps)
+        per_epoch = math.ceil(len(rows) / cfg.minibatch_size)
+        total = per_epoch * cfg.epochs
         for _ in range(cfg.epochs if rows else 0):
             order = torch.randperm(len(rows), generator=shuffler).tolist()
             for start in range(0, len(order), cfg.minibatch_size):
                 batch = [rows[i] for i in order[start : start + cfg.minibatch_size]]
                 history.append(self._step(batch))
+                if on_step is not None:
+                    on_step(len(history), total, history[-1])
         metrics.update(step_summary(history))
         if history:
             metrics["first_ratio_mean"] = history[0]["ratio_mean"]
         self.version = next_version(self.version)
-        return TrainResult(self.version, metrics, history)
+        return TrainResult(self.version, metrics, history, member_rewards=used)
 
-    def check_alignment(
-        self, rows: Sequence[tuple[Any, Any, Any, float]], owners: Sequence[TextMember]
-    ) -> float:
+    def check_alignment(self, rows: Sequence[Sequence[Any]], owners: Sequence[TextMember]) -> float:
         """Recompute every row's log-probs under the current weights (no update) and compare
         them with the stored ones; raise ``ValueError`` at the first row whose largest
-        difference exceeds ``max_logprob_drift``. Returns the largest difference."""
+        difference exceeds the drift bound. Returns the largest difference."""
+        bound = self.config.drift_bound
         worst = 0.0
         size = max(1, self.config.minibatch_size)
+        checked = [_row(r) for r in rows]
         with torch.no_grad():
-            for start in range(0, len(rows), size):
-                batch = rows[start : start + size]
-                logp, _ = self.logprobs([(p, c) for p, c, _, _ in batch])
-                for i, (_, completion, stored, _) in enumerate(batch):
-                    recomputed = logp[i, : len(completion)].double().cpu()
+            for start in range(0, len(checked), size):
+                batch = checked[start : start + size]
+                logp, _ = self.logprobs([(r.prompt, r.completion, r.extras) for r in batch])
+                for i, row in enumerate(batch):
+                    stored = row.old
+                    recomputed = logp[i, : len(row.completion)].double().cpu()
                     delta = (recomputed - torch.tensor(stored, dtype=torch.float64)).abs()
                     worst = max(worst, float(delta.max()))
-                    if float(delta.max()) > self.config.max_logprob_drift:
-                        j = int(torch.nonzero(delta > self.config.max_logprob_drift)[0])
+                    if float(delta.max()) > bound:
+                        j = int(torch.nonzero(delta > bound)[0])
                         member = owners[start + i]
                         raise ValueError(
                             f"trajectory {member.trajectory_id} (step {member.step_seq}): the "
                             f"recomputed log-prob of completion token {j} is "
                             f"{float(recomputed[j]):.6f}, the stored one {float(stored[j]):.6f} "
-                            f"(|diff| {float(delta[j]):.2e} > max_logprob_drift "
-                            f"{self.config.max_logprob_drift:g}): the trainer does not see the "
-                            "prompt, model or adapter the server sampled with"
+                            f"(|diff| {float(delta[j]):.2e} > max_logprob_drift {bound:g}): the "
+                            "trainer does not see the prompt, images, model, dtype or adapter "
+                            "the server sampled with"
                         )
         return worst
 
-    def reference_logprobs(self, batch: Sequence[tuple[Any, Any, Any, float]]) -> torch.Tensor:
-        """The rows' log-probs under the reference: the base model, the adapter disabled."""
-        with torch.no_grad(), self.model.disable_adapter():
-            return self.logprobs([(p, c) for p, c, _, _ in batch])[0]
-
-    def microbatches(
-        self, batch: Sequence[tuple[Any, Any, Any, float]]
-    ) -> list[list[tuple[Any, Any, Any, float]]]:
+    def microbatches(self, batch: Sequence[Sequence[Any]]) -> list[list[Any]]:
         """``batch`` in consecutive micro-batches of at most ``max_tokens_per_forward`` padded
         tokens (a row longer than the budget goes alone)."""
         budget = self.config.max_tokens_per_forward
         if budget is None:
             return [list(batch)]
-        parts: list[list[tuple[Any, Any, Any, float]]] = [[]]
+        parts: list[list[Any]] = [[]]
         width = 0
         for row in batch:
             length = len(row[0]) + len(row[1])
@@ -322,19 +493,21 @@ class LoRATrainer:
             width = max(width, length)
         return parts
 
-    def _step(self, batch: list[tuple[Any, Any, Any, float]]) -> dict[str, float]:
+    def _step(self, batch: Sequence[Sequence[Any]]) -> dict[str, float]:
         cfg = self.config
-        longest = max(len(c) for _, c, _, _ in batch)
-        total_tokens = sum(len(c) for _, c, _, _ in batch)
+        started = time.perf_counter()
+        full = [_row(r) for r in batch]
+        longest = max(len(r.completion) for r in full)
+        total_tokens = sum(len(r.completion) for r in full)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         drift = 0.0
-        for rows in self.microbatches(batch):
-            logp, mask = self.logprobs([(p, c) for p, c, _, _ in rows])
+        for rows in self.microbatches(full):
+            logp, mask = self.logprobs([(r.prompt, r.completion, r.extras) for r in rows])
             old = torch.zeros_like(logp)
-            for i, (_, _, stored, _) in enumerate(rows):
-                old[i, : len(stored)] = torch.tensor(stored, dtype=old.dtype)
-            advantages = torch.tensor([a for *_, a in rows], dtype=logp.dtype)
+            for i, row in enumerate(rows):
+                old[i, : len(row.old)] = torch.tensor(row.old, dtype=old.dtype)
+            advantages = torch.tensor([r.advantage for r in rows], dtype=logp.dtype)
             loss, metrics = grpo_loss(
                 logp,
                 old,
@@ -343,12 +516,12 @@ class LoRATrainer:
                 eps_low=cfg.eps_low,
                 eps_high=cfg.eps_high,
                 beta=cfg.beta,
-                ref_logprobs=self.reference_logprobs(rows) if cfg.beta else None,
+                ref_logprobs=self._reference(rows, logp) if cfg.beta else None,
                 loss_type=cfg.loss_type,
                 max_completion_length=longest,
             )
-            tokens = sum(len(c) for _, c, _, _ in rows)
-            weight = microbatch_weight(cfg.loss_type, len(rows), tokens, len(batch), total_tokens)
+            tokens = sum(len(r.completion) for r in rows)
+            weight = microbatch_weight(cfg.loss_type, len(rows), tokens, len(full), total_tokens)
             (loss * weight).backward()
             totals["loss"] = totals.get("loss", 0.0) + loss.item() * weight
             for key, value in metrics.items():  # token means: weighted by the tokens
@@ -357,7 +530,18 @@ class LoRATrainer:
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, cfg.max_grad_norm)
         self.optimizer.step()
         self.steps += 1
-        return {**totals, "grad_norm": norm.item(), FIRST_STEP_KEY: drift}
+        seen = sum(len(r.prompt) + len(r.completion) for r in full)
+        speed = seen / (time.perf_counter() - started)
+        return {**totals, "grad_norm": norm.item(), "tokens_per_s": speed, FIRST_STEP_KEY: drift}
+
+    def _reference(self, rows: Sequence[Row], logp: torch.Tensor) -> torch.Tensor:
+        """The rows' reference log-probs shaped like ``logp``: stored ones, else computed."""
+        if any(r.ref is None for r in rows):
+            return self.reference_logprobs(rows)
+        ref = torch.zeros_like(logp)
+        for i, row in enumerate(rows):
+            ref[i, : len(row.ref)] = torch.tensor(row.ref, dtype=ref.dtype)
+        return ref
 
     def save(self, directory: str | Path) -> Path:
         """The adapter in peft's layout, ``adapter_model.safetensors`` + ``adapter_config.json``,
@@ -379,4 +563,19 @@ class LoRATrainer:
             "algorithm": "grpo",
             "optimizer_steps": self.steps,
             "base_model": self.model_dir,
+            "parent": self.parent,
+            "dtype": self.config.dtype,
+            "config": self.config.model_dump(mode="json"),
         }
+
+
+def _extras(row: Sequence[Any]) -> Mapping[str, torch.Tensor]:
+    """A row's prompt inputs besides the ids: a :class:`Row`'s ``extras``, a triple's third."""
+    if isinstance(row, Row):
+        return row.extras or {}
+    return (row[2] if len(row) > 2 else None) or {}
+
+
+def _row(row: Sequence[Any]) -> Row:
+    """A :class:`Row`, or a plain (prompt, completion, old log-probs, advantage[, extras])."""
+    return row if isinstance(row, Row) else Row(*row)

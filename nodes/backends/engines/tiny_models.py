@@ -7,6 +7,7 @@ Everything is built from configs with a tokenizer trained in-process, in a few s
   ``LlavaProcessor`` (32×32 images, 16 image tokens per image);
 - ``sd``: a tiny Stable Diffusion text-to-image pipeline (64×64 in a few steps);
 - ``ip2p``: a tiny InstructPix2Pix pipeline (UNet ``in_channels=8``) for edits;
+- ``build_qwen2_vl``: a tiny Qwen2-VL (multimodal rotary positions), built on request;
 - ``build_sd3`` / ``build_flux``: tiny flow-matching pipelines (for the Flow-GRPO tests).
 
 Their outputs are noise; the plumbing (batching, token ids, log-probs, LoRA, recording) is real.
@@ -95,7 +96,11 @@ def corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(directory: Path | None = None):
+def build_tokenizer(
+    directory: Path | None = None, texts: list[str] | None = None, vocab_size: int = 400
+):
+    """A byte-level BPE tokenizer with the ChatML template, trained on ``texts`` (default: the
+    built-in corpus)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -103,12 +108,12 @@ def build_tokenizer(directory: Path | None = None):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer)
+    tok.train_from_iterator(corpus() if texts is None else texts, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -153,6 +158,48 @@ def build_lm(directory: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(directory)
     model = Qwen2ForCausalLM(_text_config(tokenizer))
+    _finish_generation_config(model, tokenizer)
+    model.save_pretrained(directory)
+    return directory
+
+
+def build_role_lm(
+    directory: Path,
+    texts: list[str],
+    *,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 8,
+    vocab_size: int = 600,
+    seed: int = 0,
+) -> Path:
+    """A small random-weight Qwen2 LM whose tokenizer is trained on ``texts`` (a role's
+    language), to be taught a role by LoRA SFT (``benchmarks/learn_decomposer.py``).
+
+    Initialised with std 1/sqrt(hidden) instead of Qwen2's 0.02: LoRA leaves the (tied)
+    embedding and the norms frozen, and with 0.02-scale random embeddings the output logits
+    cannot grow past a few units, so no adapter can make the model confident (measured: LoRA
+    SFT stalled at a loss of ~3.8 nats/token; with this scale it reached 0.02 in 300 steps)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(directory, texts, vocab_size)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=hidden**-0.5,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config)
     _finish_generation_config(model, tokenizer)
     model.save_pretrained(directory)
     return directory
@@ -204,6 +251,66 @@ def build_vlm(directory: Path, seed: int = 1) -> Path:
         num_additional_image_tokens=1,
     )
     processor.save_pretrained(directory)
+    return directory
+
+
+QWEN_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]
+"""Qwen2-VL's vision delimiters and video placeholder (its image placeholder is ``<image>``)."""
+QWEN_VL_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{{ '<image>' }}", "{{ '<|vision_start|><image><|vision_end|>' }}"
+)
+
+
+def build_qwen2_vl(directory: Path, seed: int = 6) -> Path:
+    """A tiny Qwen2-VL (2-block vision tower, patch 8 with 2x2 merging, so a 32x32 image is 4
+    image tokens at 2-D multimodal rotary positions; a 2-layer text model) with Qwen2-VL's
+    image processor. No processor of its own is saved: Qwen2VLProcessor also loads a video
+    processor, which needs torchvision; ``load_processor`` (transformers_lm) builds it from the
+    saved image processor and tokenizer."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_TOKENS})
+    tokenizer.chat_template = QWEN_VL_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    pixels = IMAGE_SIZE * IMAGE_SIZE  # every image resized to 32x32
+    Qwen2VLImageProcessorPil(
+        min_pixels=pixels, max_pixels=pixels, patch_size=PATCH_SIZE, merge_size=2
+    ).save_pretrained(directory)
+    text = _text_config(tokenizer).to_dict()
+    # Qwen2-VL splits each head's rotary dimensions between time, height and width.
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 1e6,
+        "mrope_section": [2, 3, 3],
+    }
+    token = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config={
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": text["hidden_size"],
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": PATCH_SIZE,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=token(IMAGE_TOKEN),
+        video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"),
+        vision_end_token_id=token("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    model = Qwen2VLForConditionalGeneration(config)
+    _finish_generation_config(model, tokenizer)
+    model.save_pretrained(directory)
     return directory
 
 

@@ -17,9 +17,18 @@ forward pass and a batched decoding loop with a KV cache:
 - LoRA adapters (peft) are loaded by name; rows are grouped by adapter within a batch. A load
   that fails leaves the model exactly as it was (the partly injected adapter is removed).
 
-Supported: causal LMs and LLaVA-style VLMs (image features scattered at image tokens, standard
-1-D positions). Models with multimodal rotary positions (Qwen2-VL family) need their own
-position logic: serve those with vLLM.
+Supported: causal LMs, LLaVA-style VLMs (image features scattered at image tokens, standard
+1-D positions) and Qwen2-VL-style VLMs (multimodal rotary positions from the model's own
+``get_rope_index``). Without torchvision, a processor whose video processor needs it (Qwen2-VL
+family in transformers 5.x) is built from its image processor and tokenizer alone
+(:func:`load_processor`): images work, videos cannot be served anyway.
+
+:meth:`TransformersLM.encode` (a request's prompt through the chat template and the processor),
+:meth:`TransformersLM.encode_ids` (stored prompt ids with their images) and
+:meth:`TransformersLM.batch_inputs` (padded model inputs with each row's positions) are the one
+place a prompt becomes model inputs: the server's generation and the LoRA trainer's teacher
+forcing (``training.text.trainer``) both go through them, so both see the same pixels, image
+tokens and positions.
 """
 
 from __future__ import annotations
@@ -92,9 +101,9 @@ class TransformersLM:
         self.is_vlm = getattr(config, "vision_config", None) is not None
         kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype)}
         if self.is_vlm:
-            from transformers import AutoModelForImageTextToText, AutoProcessor
+            from transformers import AutoModelForImageTextToText
 
-            self.processor: Any = AutoProcessor.from_pretrained(self.model_dir)
+            self.processor: Any = load_processor(self.model_dir)
             self.tokenizer: Any = self.processor.tokenizer
             self.model: Any = AutoModelForImageTextToText.from_pretrained(self.model_dir, **kwargs)
         else:
@@ -177,6 +186,80 @@ class TransformersLM:
             if k not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor)
         }
         return Encoded(ids, extras, self.fit_max_tokens(len(ids), request.max_tokens))
+
+    def encode_ids(self, input_ids: Sequence[int], images: Sequence[Any] = ()) -> Encoded:
+        """A prompt that is already ids (a server's stored ``prompt_token_ids``, image
+        placeholders expanded) with its images, in prompt order: the model inputs :meth:`encode`
+        gives when its own rendering yields these ids. The images go through the processor's
+        image path (``processor(images=...)``, the same call :meth:`encode` makes with the
+        text), and per-token modality types are the processor's own for these ids."""
+        ids = [int(i) for i in input_ids]
+        extras: dict[str, torch.Tensor] = {}
+        if images:
+            if not self.is_vlm:
+                raise InvalidRequest(f"model {self.name} is a text model: it takes no images")
+            batch = self.processor(
+                images=[img.convert("RGB") for img in images], return_tensors="pt"
+            )
+            extras = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if self.is_vlm and getattr(self.processor, "return_mm_token_type_ids", False):
+            types = self.processor.create_mm_token_type_ids([ids])
+            extras["mm_token_type_ids"] = torch.tensor(types, dtype=torch.long)
+        return Encoded(ids, extras)
+
+    def placeholder_ids(self) -> set[int]:
+        """The ids the processor expands an image (or video) into; empty for a text model."""
+        if not self.is_vlm:
+            return set()
+        found: set[int] = set()
+        for name in ("image_token_ids", "video_token_ids"):
+            found.update(i for i in getattr(self.processor, name, None) or () if i is not None)
+        for name in ("image_token_id", "video_token_id"):
+            value = getattr(self.processor, name, None)
+            if isinstance(value, int):
+                found.add(value)
+        return found
+
+    def batch_inputs(
+        self, encoded: Sequence[Encoded], *, left_pad: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """One padded forward pass's inputs for ``encoded``: ``input_ids``, ``attention_mask``,
+        ``position_ids`` and the processor's other outputs (:meth:`_batch_extras`), on the
+        model's device. The server pads on the left (every row continues at the end), a trainer
+        on the right; either way a row's positions are its own: 0, 1, ... over its tokens, or
+        the model's multimodal rotary positions where it has them (Qwen2-VL family)."""
+        rows = len(encoded)
+        width = max(len(e.input_ids) for e in encoded)
+        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((rows, width), dtype=torch.long)
+        for row, enc in enumerate(encoded):
+            span = _span(len(enc.input_ids), width, left_pad)
+            input_ids[row, span] = torch.tensor(enc.input_ids, dtype=torch.long)
+            mask[row, span] = 1
+        extras = self._batch_extras(encoded, width, left_pad=left_pad)
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = self._positions(input_ids, mask, extras)
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, **extras}
+
+    def _positions(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, extras: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """[B, L] positions counting each row's real tokens; [3, B, L] multimodal rotary
+        positions from the model's ``get_rope_index`` for the Qwen2-VL family (image tokens
+        get 2-D grid positions: counting them 0, 1, ... is another model than the one trained,
+        and than the one vLLM serves)."""
+        rope_index = getattr(getattr(self.model, "model", None), "get_rope_index", None)
+        types = extras.get("mm_token_type_ids")
+        if rope_index is not None and types is not None:
+            positions, _ = rope_index(
+                input_ids,
+                image_grid_thw=extras.get("image_grid_thw"),
+                video_grid_thw=extras.get("video_grid_thw"),
+                attention_mask=mask,
+                mm_token_type_ids=types,
+            )
+            return positions
+        return (mask.cumsum(-1) - 1).clamp(min=0)
 
     def fit_max_tokens(self, prompt_tokens: int, max_tokens: int) -> int:
         """``max_tokens`` clamped to the room the context leaves after the prompt (a warning
@@ -333,24 +416,11 @@ class TransformersLM:
         rows = len(requests)
         lengths = [len(e.input_ids) for e in encoded]
         width = max(lengths)
-        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((rows, width), dtype=torch.long)
-        for row, enc in enumerate(encoded):
-            input_ids[row, width - len(enc.input_ids) :] = torch.tensor(enc.input_ids)
-            mask[row, width - len(enc.input_ids) :] = 1
-        extras = self._batch_extras(encoded, width)
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = self.batch_inputs(encoded, left_pad=True)
+        mask, positions = inputs["attention_mask"], inputs["position_ids"]
         wants_prompt = any(r.prompt_logprobs is not None for r in requests)
         keep = {} if wants_prompt or not self._takes_logits_to_keep else {"logits_to_keep": 1}
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **extras,
-            **keep,
-        )
+        out = self.model(**inputs, use_cache=True, **keep)
         results = [LMResult(prompt_token_ids=list(e.input_ids)) for e in encoded]
         if wants_prompt:
             for row, request in enumerate(requests):
@@ -404,7 +474,7 @@ class TransformersLM:
             if all(finished):
                 break
             mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], 1)
-            positions = positions[:, -1:] + 1
+            positions = _next_positions(positions)
             out = self.model(
                 input_ids=next_tokens,
                 attention_mask=mask,
@@ -421,9 +491,11 @@ class TransformersLM:
             result.decoded_tokens = [self.decode_token(t) for t in ids]
         return list(results)
 
-    def _batch_extras(self, encoded: Sequence[Encoded], width: int) -> dict[str, torch.Tensor]:
+    def _batch_extras(
+        self, encoded: Sequence[Encoded], width: int, *, left_pad: bool = True
+    ) -> dict[str, torch.Tensor]:
         """Batch the processor's other outputs: per-token ones (shape (1, L), present for every
-        row, e.g. token type ids) are left-padded like the ids; the rest (e.g. ``pixel_values``,
+        row, e.g. modality type ids) are padded like the ids; the rest (e.g. ``pixel_values``,
         one entry per image) are concatenated in prompt order."""
         batch: dict[str, torch.Tensor] = {}
         for key in sorted({k for e in encoded for k in e.extras}):
@@ -434,7 +506,7 @@ class TransformersLM:
             if per_token:
                 tensor = torch.zeros((len(rows), width), dtype=rows[0][1].dtype)
                 for row, (e, value) in enumerate(rows):
-                    tensor[row, width - len(e.input_ids) :] = value[0]
+                    tensor[row, _span(len(e.input_ids), width, left_pad)] = value[0]
             else:
                 tensor = torch.cat([value for _, value in rows], dim=0)
             if tensor.is_floating_point():
@@ -489,6 +561,66 @@ class TransformersLM:
             if candidate is not None:
                 return int(candidate)
         return 0
+
+
+def _span(length: int, width: int, left_pad: bool) -> slice:
+    """Where a row of ``length`` tokens sits in a batch ``width`` wide."""
+    return slice(width - length, width) if left_pad else slice(0, length)
+
+
+def _next_positions(positions: torch.Tensor) -> torch.Tensor:
+    """The positions of the next token of each (left-padded) row: one past the last. For
+    multimodal rotary positions [3, B, L], one past the row's largest (a text token after an
+    image continues after the image's whole grid, as the model's own generation does)."""
+    if positions.dim() == 3:
+        return (positions.amax(dim=(0, 2), keepdim=True) + 1).expand(3, -1, -1)
+    return positions[:, -1:] + 1
+
+
+def load_processor(model_dir: str | Path) -> Any:
+    """The model's processor (``AutoProcessor``). A processor that also loads a video processor
+    needing torchvision (the Qwen2-VL family in transformers 5.x) is, without torchvision, built
+    from its image processor and tokenizer alone: the same class, the same image and text code,
+    no videos."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model_dir)
+    except ImportError as error:
+        if "torchvision" not in str(error).lower():
+            raise
+        processor = _image_only_processor(model_dir)
+        if processor is None:
+            raise
+        log.info("%s: no torchvision, so its processor serves images only", model_dir)
+        return processor
+
+
+def _image_only_processor(model_dir: str | Path) -> Any:
+    """The model's processor class without its video processor, or None when the class
+    does not take exactly (image processor, tokenizer, video processor)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+    config = AutoConfig.from_pretrained(model_dir)
+    base = PROCESSOR_MAPPING.get(type(config), None)
+    if base is None or base.get_attributes() != ["image_processor", "tokenizer", "video_processor"]:
+        return None
+
+    class ImageOnlyProcessor(base):  # type: ignore[misc, valid-type]
+        # ProcessorMixin reads its sub-processors from __init__'s signature: no video_processor.
+        def __init__(
+            self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None
+        ) -> None:
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
+
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = f"{base.__name__}ImageOnly"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return ImageOnlyProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(model_dir),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+    )
 
 
 def _check_adapter_weights(info: Any, peft_name: str) -> None:

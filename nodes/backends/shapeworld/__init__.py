@@ -51,7 +51,7 @@ def make_shapeworld(config: ShapeWorldConfig | None = None) -> ShapeWorldBackend
     return ShapeWorldBackends(
         planner=ShapeWorldPlanner(),
         reflector=ShapeWorldReflector(config),
-        decomposer=ShapeWorldDecomposer(),
+        decomposer=ShapeWorldDecomposer(config),
         generator=ShapeWorldGenerator(config),
         editor=ShapeWorldEditor(config),
         judge=ShapeWorldChecker(config),

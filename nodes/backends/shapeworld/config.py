@@ -69,6 +69,11 @@ class ShapeWorldConfig(BaseModel):
     move_failure_rate: float = Field(0.3, ge=0, le=1)
     """Extra failure chance of a move: relocating objects is the hardest edit."""
 
+    # Decomposer.
+    decomposer_merge_rate: float = Field(0.0, ge=0, le=1)
+    """Chance a decomposition draws its first two groups in one step (one image fewer, at the
+    generator's error rate for the larger scene); 0: always one group per step."""
+
     # Reflector noise.
     reflector_miss_rate: float = Field(0.04, ge=0, le=1)
     """Chance the reflector overlooks every discrepancy and says the stop phrase."""

@@ -12,11 +12,18 @@ image should satisfy after it, so it can be checked and reflected on like a prom
 
 A prompt outside the grammar becomes a single step whose instruction is the prompt itself (the
 generator will then report why it cannot draw it).
+
+``ShapeWorldConfig.decomposer_merge_rate`` makes the plan coarser at random (seeded by the
+request): the first two groups are drawn in one step ("Draw two red circles above three blue
+squares."), one image fewer, at the generator's higher error rate for the larger scene. The
+default 0 is the fixed one-group-per-step rule; a mixture gives a learned decomposer both
+granularities to imitate, and GRPO the choice between them.
 """
 
 from __future__ import annotations
 
 from nodes.backends.base import ChatRequest, TextCompletion
+from nodes.backends.shapeworld.config import ShapeWorldConfig
 from nodes.backends.shapeworld.grammar import parse_prompt
 from nodes.backends.shapeworld.instructions import (
     Add,
@@ -27,12 +34,20 @@ from nodes.backends.shapeworld.instructions import (
 )
 from nodes.backends.shapeworld.layout import group_regions
 from nodes.backends.shapeworld.planner import prompt_of
+from nodes.backends.shapeworld.seeding import rng_for
 from nodes.backends.shapeworld.spec import PromptParseError, SceneSpec, describe
 from nodes.backends.shapeworld.vocab import INVERSE_RELATION
 from nodes.formats import SubTask, format_subtasks
 
 
-def decompose(spec: SceneSpec) -> list[SubTask]:
+def decompose(spec: SceneSpec, first_groups: int = 1) -> list[SubTask]:
+    """One step per group; with ``first_groups`` k > 1 the first step draws the first k groups
+    (with their relations) at once, and each later group is added as usual."""
+    if first_groups > 1:
+        k = min(first_groups, len(spec.groups))
+        head = SceneSpec(spec.groups[:k], tuple(r for r in spec.relations if r.object < k))
+        merged = SubTask(format_instruction(Draw(head, None)), describe(head))
+        return [merged, *decompose(spec)[k:]]
     steps = []
     first_region = group_regions(spec)[0]
     for i, group in enumerate(spec.groups):
@@ -56,13 +71,18 @@ def decompose(spec: SceneSpec) -> list[SubTask]:
 
 
 class ShapeWorldDecomposer:
-    def __init__(self, model_id: str = "shapeworld-decomposer"):
+    def __init__(
+        self, config: ShapeWorldConfig | None = None, model_id: str = "shapeworld-decomposer"
+    ):
+        self.config = config or ShapeWorldConfig()
         self.model_id = model_id
 
     async def chat(self, request: ChatRequest) -> TextCompletion:
         prompt = prompt_of(request)
+        rate = self.config.decomposer_merge_rate
+        merge = rate > 0 and rng_for(request.sampling.seed, "decompose", prompt).random() < rate
         try:
-            steps = decompose(parse_prompt(prompt))
+            steps = decompose(parse_prompt(prompt), first_groups=2 if merge else 1)
         except PromptParseError:
             steps = [SubTask(prompt, prompt)]
         return TextCompletion(text=format_subtasks(steps), model=self.model_id)
