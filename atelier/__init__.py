@@ -60,6 +60,13 @@ _EXPORTS: dict[str, str] = {
     "LearnedModePolicy": "policies.mode",
     "LearnedStopPolicy": "policies.stop",
     "load_policy": "policies.weights",
+    # text and vision-language node policies (plan, reflect, decompose)
+    "LoRAConfig": "training.text.config",
+    "LoRATrainer": "training.text.trainer",
+    "read_node_groups": "training.text.groups",
+    "store_text_rewards": "training.text.rewards",
+    "read_sft_examples": "training.text.sft",
+    "train_sft": "training.text.sft",
 }
 
 __all__ = [
@@ -71,6 +78,8 @@ __all__ = [
     "GraphSettings",
     "LearnedModePolicy",
     "LearnedStopPolicy",
+    "LoRAConfig",
+    "LoRATrainer",
     "Mode",
     "ReasonerContext",
     "ReasonerState",
@@ -93,6 +102,8 @@ __all__ = [
     "plan",
     "print_trajectory",
     "read_decision_groups",
+    "read_node_groups",
+    "read_sft_examples",
     "reasoner_graph",
     "refine",
     "reflect",
@@ -102,6 +113,8 @@ __all__ = [
     "shapeworld_context",
     "shapeworld_tasks",
     "stop",
+    "store_text_rewards",
+    "train_sft",
 ]
 
 
@@ -142,4 +155,9 @@ if TYPE_CHECKING:  # type checkers and IDEs see the real names
     from training.decisions.groups import read_groups as read_decision_groups
     from training.decisions.trainer import GRPOConfig, GRPOTrainer
     from training.result import TrainResult
+    from training.text.config import LoRAConfig
+    from training.text.groups import read_node_groups
+    from training.text.rewards import store_text_rewards
+    from training.text.sft import read_sft_examples, train_sft
+    from training.text.trainer import LoRATrainer
     from training.versions import save_version

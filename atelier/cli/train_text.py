@@ -220,7 +220,7 @@ def train_text(
     _print_summary(result, f"{trainer.name}@{trainer.version}", describe)
     print(f"saved {path}")
     print(
-        f"serve it: atelier serve lm --model {args.model} --lora {trainer.name}={path}",
+        f"serve it: atelier serve lm --model {args.model} --lora {trainer.name}={path.resolve()}",
         file=sys.stderr,
     )
     return 0
@@ -325,7 +325,7 @@ class _StepLog:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
         self.board = board
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)  # one line per step, unwrapped
         self.progress = Progress(
             "optimizer steps",
             BarColumn(),

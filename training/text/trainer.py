@@ -466,13 +466,19 @@ class LoRATrainer:
                     if float(delta.max()) > bound:
                         j = int(torch.nonzero(delta > bound)[0])
                         member = owners[start + i]
+                        hint = (
+                            " (a difference this close to the bound may be rounding alone on a "
+                            "sharp model: --max-logprob-drift raises the bound)"
+                            if float(delta[j]) < 10 * bound
+                            else ""
+                        )
                         raise ValueError(
                             f"trajectory {member.trajectory_id} (step {member.step_seq}): the "
                             f"recomputed log-prob of completion token {j} is "
                             f"{float(recomputed[j]):.6f}, the stored one {float(stored[j]):.6f} "
                             f"(|diff| {float(delta[j]):.2e} > max_logprob_drift {bound:g}): the "
                             "trainer does not see the prompt, images, model, dtype or adapter "
-                            "the server sampled with"
+                            f"the server sampled with{hint}"
                         )
         return worst
 
