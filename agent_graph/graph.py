@@ -15,7 +15,7 @@ which one a trajectory takes is the router policy's decision in ``plan``, and wh
 is the stop policy's decision in ``reflect`` (bounded by the budget). Edge routers are small
 named functions of the state.
 
-Escalate mode (seed 002's data pipeline) walks the three paths in one trajectory, as stages
+Escalate mode (SAIR's data pipeline) walks the three paths in one trajectory, as stages
 (``ReasonerState.stage``): direct (plan → draw → reflect), then reflect (refine → reflect, at
 most ``min(max_rounds, escalate_rounds)`` rounds) while the reflector rejects the image, then
 decompose (decompose → draw on a fresh canvas → the decompose path) if it still does. Every

@@ -31,7 +31,7 @@ class Mode(str, Enum):
     REFLECT = "reflect"
     DECOMPOSE = "decompose"
     ESCALATE = "escalate"
-    """Seed 002's data pipeline as one trajectory: direct, then reflect for up to
+    """SAIR's data pipeline as one trajectory: direct, then reflect for up to
     ``Budget.escalate_rounds`` rounds, then decompose from a fresh canvas if the reflector still
     rejects the image. ``ReasonerState.stage`` says which of the three paths runs now. A fixed
     mode (``--mode escalate``), never one the learned router samples."""
@@ -60,7 +60,7 @@ class Budget(BaseModel):
     max_images: int = Field(12, ge=1, le=256)
     """Most images one trajectory may produce (draws + edits)."""
     escalate_rounds: int = Field(3, ge=0, le=64)
-    """Escalate mode: correction rounds of its reflect stage before it decomposes (seed 002
+    """Escalate mode: correction rounds of its reflect stage before it decomposes (SAIR
     uses 3), also capped by ``max_rounds``. Its decompose stage has ``max_rounds`` of its own."""
 
 

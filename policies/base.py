@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 MODES: tuple[str, ...] = ("direct", "reflect", "decompose")
 """What a router chooses among (the learned router's actions)."""
 ESCALATE = "escalate"
-"""Seed 002's escalation pipeline as one trajectory: direct, then reflect, then decompose while
+"""SAIR's escalation pipeline as one trajectory: direct, then reflect, then decompose while
 the reflector still rejects the image. A data-collection mode a fixed policy can choose; no
 router samples it (it is a schedule over the three modes, not a fourth)."""
 FIXED_MODES: tuple[str, ...] = (*MODES, ESCALATE)

@@ -181,3 +181,19 @@ def test_sft_imitates_a_rule_based_roles_recorded_outputs(tmp_path: Path, tiny_m
     assert version.metadata["algorithm"] == "sft" and version.version == "1"
     assert (Path(version.path) / "adapter_model.safetensors").is_file()
     store.close()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--world", "shapeworld", "--sft"),
+        ("--world", "shapeworld", "--lr", "0.1"),
+        ("--run", "any", "--policy", "stop", "--model", "."),
+        ("--run", "any", "--reward", "checker"),
+    ],
+)
+def test_text_policy_options_are_refused_for_decision_policies(tmp_path: Path, args: tuple):
+    done = run_atelier("train", *args, db=tmp_path / "t.db", cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "give --policy plan, reflect or decompose" in lines[0]

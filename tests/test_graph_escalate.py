@@ -1,4 +1,4 @@
-"""Escalate mode: seed 002's data pipeline (direct → up to 3 reflect rounds → decompose while the
+"""Escalate mode: SAIR's data pipeline (direct → up to 3 reflect rounds → decompose while the
 reflector still rejects the image) as one recorded trajectory whose stages can be told apart.
 
 Scripted backends pin the paths exactly; ShapeWorld runs (recorded in a SQL store) check the

@@ -40,9 +40,12 @@ def test_sft_then_grpo_on_a_served_decomposer(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     sft_only = [seed["all"] for seed in results["eval"]["SFT only"]]
     rule = [seed["all"] for seed in results["eval"]["rule-based"]]
-    # SFT taught the language: most held-out prompts end correct (the random base: none).
-    assert min(acc for acc, _ in sft_only) >= 0.5
-    assert min(acc for acc, _ in rule) >= 0.8
+    # SFT taught the language: a good share of its plans parse (the random base's: none) and
+    # most held-out prompts end correct.
+    assert min(acc for acc, _, _ in sft_only) >= 0.5
+    assert min(formed for _, _, formed in sft_only) >= 0.2
+    assert min(acc for acc, _, _ in rule) >= 0.8
+    assert all(formed == 1.0 for _, _, formed in rule)
     for row in results["iterations"]:
         assert row["groups"] > 0
         assert row["first_ratio_mean"] == pytest.approx(1.0, abs=1e-4)

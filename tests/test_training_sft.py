@@ -1,4 +1,4 @@
-"""SFT with seed 002's selective loss masking, from a recorded escalate run in ShapeWorld.
+"""SFT with SAIR's selective loss masking, from a recorded escalate run in ShapeWorld.
 
 The text roles are ShapeWorld's, wrapped to return token ids as a served model does: one id per
 word (a stable hash into the tiny LM's vocabulary), so the stored ids are not what a tokenizer

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=MODES,
         default="random",
-        help="mode policy (default: random, for exploration); escalate = seed 002's SFT data "
+        help="mode policy (default: random, for exploration); escalate = SAIR's SFT data "
         "pipeline: direct, then up to 3 reflect rounds, then decompose while still rejected",
     )
     rollout.add_argument("--seed", type=int, default=0)

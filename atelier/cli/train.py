@@ -236,6 +236,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.image_cost < 0:
         raise CliError("--image-cost must be >= 0")
     args.reward_weights = _reward_weights(args.reward_weights)
+    if args.policy not in TEXT_POLICIES:
+        given = [name for name, value in vars(args).items() if name.startswith("lora_") and value]
+        if args.sft or args.model is not None or args.reward is not None or given:
+            raise CliError(
+                "--model, --sft, --reward and the LoRA options train a text policy: give "
+                "--policy plan, reflect or decompose"
+            )
     if args.policy in TEXT_POLICIES:
         check_text_args(args)
         board = _tensorboard(args)

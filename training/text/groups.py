@@ -140,18 +140,25 @@ def read_groups(
     return groups
 
 
+FINISHED = ("succeeded", "failed")
+"""The statuses of trajectories that ran to an end (their rewards can be computed)."""
+
+
 def read_node_groups(
     store: TrajectoryStore,
     run_ids: str | Sequence[str],
     *,
     node: str = "plan",
     reward: str,
-    status: str | None = "succeeded",
+    status: str | Sequence[str] | None = FINISHED,
     min_size: int = 2,
 ) -> list[TextGroup]:
     """GRPO groups of ``node``'s completions in whole-trajectory groups of graph runs.
 
-    Each trajectory of a stored group (``group_id``; those of ``status``, None: any) gives its
+    Each trajectory of a stored group (``group_id``; those of ``status``, one or several, None:
+    any; by default the finished ones, failed included: a trajectory that failed because of the
+    node's own output — a plan the generator cannot draw — is the sample GRPO must push down,
+    not one to leave out) gives its
     first ``node`` step's generation at position 0, with the stored completion ids, sampling
     log-probs and request, and the reward ``reward``: that step's reward if one is stored, else
     the trajectory's. A trajectory that never ran ``node`` gives nothing. Members are then split
@@ -165,9 +172,12 @@ def read_node_groups(
     (:meth:`TextMember.load_images`)."""
     groups: list[TextGroup] = []
     present: set[str] = set()  # image refs found in the store (a group's members share them)
-    for _, group_id, details in stored_groups(store, run_ids, status, 1):
+    wanted = None if status is None else {status} if isinstance(status, str) else set(status)
+    for _, group_id, details in stored_groups(store, run_ids, None, 1):
         inputs: dict[str, list[TextMember]] = {}
         for detail in details:
+            if wanted is not None and detail.status not in wanted:
+                continue
             found = _first_step(detail.steps, node)
             if found is None:
                 continue

@@ -1,6 +1,6 @@
-"""SFT of a text policy from stored trajectories, with seed 002's selective loss masking.
+"""SFT of a text policy from stored trajectories, with SAIR's selective loss masking.
 
-The Self-Adaptive Interleaved Reasoner (SAIR, seed 002) teaches the reasoning syntax by SFT on
+The Self-Adaptive Interleaved Reasoner (SAIR) teaches the reasoning syntax by SFT on
 trajectories its escalation pipeline produced (direct → up to 3 self-reflection rounds →
 multi-step), and computes the loss only on chosen outputs: failed intermediate images and texts
 are context, never targets. Here a trajectory's targets are chosen from its recorded steps,
@@ -299,7 +299,7 @@ def _example(
 
 
 def sft_loss(logprobs: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood over the target tokens (seed 002's masked AR-NLL).
+    """Mean negative log-likelihood over the target tokens (SAIR's masked AR-NLL).
 
     ``logprobs`` [B, T]: each position's log-prob of its token; ``target_mask`` [B, T]: 1 on
     target tokens, 0 on context and padding. Masked positions are selected away (not
