@@ -73,6 +73,8 @@ GRPO_LR = 5e-4
 """AdamW's learning rate for the GRPO iterations (SFT's is 3e-3). Measured: at 2e-3 with two
 epochs per iteration, one iteration pushed the shared prefix of the negative-advantage plans
 down so hard that the policy collapsed to malformed text within two iterations."""
+BETA = 0.04
+"""Weight of the k3 KL to the SFT version (DeepSeekMath's GRPO value)."""
 DRIFT = 1e-3
 """The alignment check's bound: this small, sharp model's two passes (the server's cached,
 left-padded decoding and the trainer's one teacher-forced pass) differ by up to ~1.4e-4 in
@@ -287,10 +289,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         backends = backends_file(work, server.url)
         sft_only = await evaluate(store, settings, backends, "sft")
+        trainer.set_reference()  # KL to the SFT version (not to the random base)
+        trainer.config.beta = args.beta
         trainer.config.epochs = 1  # GRPO's μ: each sample used once (on-policy)
         trainer.config.loss_type = "sequence_mean"  # GRPO's: a long bad plan weighs as one
         for group in trainer.optimizer.param_groups:
-            group["lr"] = GRPO_LR
+            group["lr"] = args.grpo_lr
         for iteration in range(settings.iterations):
             t0 = time.perf_counter()
             tasks = tasks_for(
@@ -378,6 +382,12 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="the smaller version (~3 min)")
     parser.add_argument("--iterations", type=int, help="GRPO iterations (default 6; quick 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--grpo-lr", type=float, default=GRPO_LR, help=f"GRPO's learning rate (default {GRPO_LR})"
+    )
+    parser.add_argument(
+        "--beta", type=float, default=BETA, help=f"KL weight, to the SFT version (default {BETA})"
+    )
     parser.add_argument("--out", help="working folder (default: a new temporary one)")
     parser.add_argument("--json", help="also write the results as JSON here")
     options = parser.parse_args()

@@ -317,6 +317,44 @@ def test_kl_to_the_adapter_disabled_base_is_zero_before_the_first_update_then_po
         torch.set_num_threads(threads)
 
 
+def test_the_kl_reference_can_be_the_version_training_starts_from(recorded, tiny_models):
+    """After SFT the adapter-disabled base is a policy GRPO should not be pulled towards:
+    ``set_reference`` freezes the adapter as it is now. Its log-probs are the reference's
+    (the base's differ), computing them leaves the weights as they were, and the KL starts at
+    0 against it and grows as training moves away."""
+    import torch
+
+    store, run_id = recorded
+    groups = read_node_groups(store, run_id, node="plan", reward=REWARD)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = LoRATrainer(tiny_models.lm, LoRAConfig(epochs=3, minibatch_size=8, beta=0.04))
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():  # stands in for SFT: the adapter is no longer the base
+            for param in trainer.parameters:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+        trainer.set_reference()
+        before = [p.detach().clone() for p in trainer.parameters]
+        rows = [(list(m.prompt_token_ids), m.token_ids) for m in groups[0].members]
+        with torch.no_grad():
+            mine, mask = trainer.logprobs(rows)
+        ref = trainer.reference_logprobs([(*row, (), 0.0) for row in rows])
+        assert torch.equal(ref * mask, mine * mask)
+        assert all(torch.equal(a, b) for a, b in zip(before, trainer.parameters, strict=True))
+        with torch.no_grad(), trainer.model.disable_adapter():
+            base, _ = trainer.logprobs(rows)
+        assert ((base - mine) * mask).abs().max() > 1e-3
+        # The perturbed adapter did not sample the stored completions: train off-policy.
+        trainer.config.max_logprob_drift = 10.0
+        result = trainer.train(groups)
+        kls = [step["kl"] for step in result.history]
+        assert kls[0] == pytest.approx(0.0, abs=1e-9) and kls[-1] > 1e-7
+        assert trainer.describe()["kl_reference"] == "adapter@0"
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("loss_type", ["token_mean", "sequence_mean", "dr_grpo"])
 def test_micro_batches_accumulate_the_same_update_as_one_pass(
     recorded, tiny_models: TinyModels, loss_type: str

@@ -247,6 +247,9 @@ class LoRATrainer:
         """Image/video placeholder ids: a completion holding one is skipped (see the module)."""
         self.steps = 0
         """Optimizer steps taken so far (over every ``train`` call)."""
+        self.reference_weights: list[torch.Tensor] | None = None
+        """The KL reference's adapter weights (:meth:`set_reference`); None: the base model."""
+        self.reference_version: str | None = None
 
     def _enable_checkpointing(self) -> None:
         """Checkpoint every decoder layer (non-reentrant: the frozen base's inputs need no
@@ -346,11 +349,30 @@ class LoRATrainer:
             mask[i, : len(completion)] = 1.0
         return out, mask
 
+    def set_reference(self) -> None:
+        """Make the adapter's weights now the KL reference (e.g. the SFT version GRPO starts
+        from), instead of the base model with the adapter disabled — which, after SFT of a
+        model that did not know the role, is a policy GRPO should not be pulled towards."""
+        self.reference_weights = [p.detach().clone() for p in self.parameters]
+        self.reference_version = self.version
+
     def reference_logprobs(self, batch: Sequence[Sequence[Any]]) -> torch.Tensor:
-        """The rows' log-probs under the reference: the base model, the adapter disabled."""
+        """The rows' log-probs under the reference: the adapter as :meth:`set_reference` froze
+        it, else the base model with the adapter disabled."""
         rows = [_row(r) for r in batch]
-        with torch.no_grad(), self.model.disable_adapter():
-            return self.logprobs([(r.prompt, r.completion, r.extras) for r in rows])[0]
+        inputs = [(r.prompt, r.completion, r.extras) for r in rows]
+        if self.reference_weights is None:
+            with torch.no_grad(), self.model.disable_adapter():
+                return self.logprobs(inputs)[0]
+        with torch.no_grad():
+            current = [p.detach().clone() for p in self.parameters]
+            try:
+                for param, frozen in zip(self.parameters, self.reference_weights, strict=True):
+                    param.copy_(frozen)
+                return self.logprobs(inputs)[0]
+            finally:
+                for param, now in zip(self.parameters, current, strict=True):
+                    param.copy_(now)
 
     # --- training ------------------------------------------------------------------------------
 
@@ -570,6 +592,9 @@ class LoRATrainer:
             "optimizer_steps": self.steps,
             "base_model": self.model_dir,
             "parent": self.parent,
+            "kl_reference": (
+                "base" if self.reference_version is None else f"adapter@{self.reference_version}"
+            ),
             "dtype": self.config.dtype,
             "config": self.config.model_dump(mode="json"),
         }
