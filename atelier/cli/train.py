@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import sys
 from collections import Counter
@@ -147,14 +146,14 @@ def _reward_weights(text: str) -> tuple[float, float, float]:
     return weights  # type: ignore[return-value]
 
 
-def run_analyzer(store: TrajectoryStore, runs: list[str]) -> Any:
-    """The analyzer of the runs' intermediate texts (R_s), matching their judge: ShapeWorld's
-    checker-based one where the judge is ShapeWorld's checker, the VLM judge's model where it
-    is a VLM judge."""
+def run_analyzer(store: TrajectoryStore, runs: list[str], judge: Any = None) -> Any:
+    """The analyzer of the runs' intermediate texts (R_s), matching their judge (given, else
+    rebuilt: ``run_judge``): ShapeWorld's checker-based one where the judge is ShapeWorld's
+    checker, the VLM judge's model where it is a VLM judge."""
     from atelier.cli.errors import CliError
-
-    judge = run_judge(store, runs)
     from nodes.backends.shapeworld import ShapeWorldChecker
+
+    judge = judge if judge is not None else run_judge(store, runs)
 
     if isinstance(judge, ShapeWorldChecker):
         from nodes.backends.shapeworld.analyzer import ShapeWorldAnalyzer
@@ -175,11 +174,11 @@ def run_judge(store: TrajectoryStore, runs: list[str]) -> Any:
     """The judge the runs were recorded with (ShapeWorld's checker, or a backends file's)."""
     from atelier.cli.errors import CliError
 
-    configs = {json.dumps(store.run(r).config.get("backends_config")): r for r in runs}
-    worlds = {store.run(run_id).config.get("world") for run_id in runs}
-    if len(configs) > 1 or len(worlds) > 1:
+    configs = [store.run(run_id).config for run_id in runs]
+    recorded = {(config.get("world"), config.get("backends_config")) for config in configs}
+    if len(recorded) > 1:
         raise CliError("the runs were recorded with different backends; train on one kind")
-    world, run_id = worlds.pop(), runs[0]
+    (world, _), run_id = recorded.pop(), runs[0]
     if world == "shapeworld":
         from nodes.backends.shapeworld import ShapeWorldChecker
 

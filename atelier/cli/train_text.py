@@ -145,7 +145,8 @@ def _analyzer_and_judge(store: TrajectoryStore, runs: list[str]) -> tuple[Any, A
     prompt), rebuilt from what the runs were recorded with."""
     from atelier.cli.train import run_analyzer, run_judge
 
-    return run_analyzer(store, runs), run_judge(store, runs)
+    judge = run_judge(store, runs)  # built once: a backends file's judge holds clients
+    return run_analyzer(store, runs, judge), judge
 
 
 def _version(args: argparse.Namespace, store: TrajectoryStore, name: str) -> str:
