@@ -355,6 +355,39 @@ def test_the_kl_reference_can_be_the_version_training_starts_from(recorded, tiny
         torch.set_num_threads(threads)
 
 
+def test_kl_reference_initial_is_the_adapter_given_with_init(recorded, tiny_models, tmp_path):
+    """``kl_reference="initial"`` (``atelier train --kl-reference initial``): a trainer that
+    starts from a saved adapter takes that adapter as its KL reference, not the base model;
+    "base" (the default) keeps the adapter-disabled base."""
+    import torch
+
+    store, run_id = recorded
+    groups = read_node_groups(store, run_id, node="plan", reward=REWARD)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = LoRATrainer(tiny_models.lm, LoRAConfig(), version="3")
+        generator = torch.Generator().manual_seed(6)
+        with torch.no_grad():  # stands in for SFT
+            for param in first.parameters:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+        saved = first.save(tmp_path / "plan-3")
+        rows = [(list(m.prompt_token_ids), m.token_ids) for m in groups[0].members]
+        with torch.no_grad():
+            adapted, mask = first.logprobs(rows)
+        for reference, expected in (("initial", "adapter@3"), ("base", "base")):
+            trainer = LoRATrainer(
+                tiny_models.lm, LoRAConfig(beta=0.04, kl_reference=reference), version="3",
+                adapter=saved,
+            )  # fmt: skip
+            ref = trainer.reference_logprobs([(*row, (), 0.0) for row in rows])
+            assert trainer.describe()["kl_reference"] == expected
+            gap = float(((ref - adapted) * mask).abs().max())
+            assert gap < 1e-6 if reference == "initial" else gap > 1e-3
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("loss_type", ["token_mean", "sequence_mean", "dr_grpo"])
 def test_micro_batches_accumulate_the_same_update_as_one_pass(
     recorded, tiny_models: TinyModels, loss_type: str

@@ -74,8 +74,12 @@ class LoRAConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping (global L2 norm of the LoRA parameters)."""
     beta: float = Field(0.0, ge=0)
-    """Weight of the k3 KL to the reference, the base model with the adapter disabled
-    (DeepSeekMath's GRPO: 0.04; DAPO and Dr. GRPO: 0, the default)."""
+    """Weight of the k3 KL to the reference (DeepSeekMath's GRPO: 0.04; DAPO and Dr. GRPO: 0,
+    the default)."""
+    kl_reference: Literal["base", "initial"] = "base"
+    """The KL's reference: "base", the base model with the adapter disabled (DeepSeekMath's);
+    "initial", the adapter training starts from (``--init``, e.g. the SFT version) — after SFT
+    of a model that did not know the role, the base is a policy GRPO should not be pulled to."""
     seed: int = 0
     """Seeds LoRA's random A matrices and the minibatch shuffle."""
     dtype: Dtype = "float32"

@@ -250,6 +250,8 @@ class LoRATrainer:
         self.reference_weights: list[torch.Tensor] | None = None
         """The KL reference's adapter weights (:meth:`set_reference`); None: the base model."""
         self.reference_version: str | None = None
+        if cfg.kl_reference == "initial":
+            self.set_reference()
 
     def _enable_checkpointing(self) -> None:
         """Checkpoint every decoder layer (non-reentrant: the frozen base's inputs need no
