@@ -7,10 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent_graph.presets import shapeworld_context, shapeworld_tasks
+from agent_graph.deploy import Ref, deploy, resolve
+from agent_graph.presets import shapeworld_tasks
 from agent_graph.rollout import rollout
 from agent_graph.runner import Runner, TrajectoryResult
 from nodes.state import Budget
+from storage.images import MemoryImageStore
 
 DEMO_MODES: tuple[str, ...] = ("direct", "reflect", "decompose", "auto")
 
@@ -63,17 +65,30 @@ async def run_demo(
     budget: Budget | None = None,
     progress: bool = False,
     store: Any = None,
+    router: Ref | None = None,
+    stop: Ref | None = None,
 ) -> DemoReport:
     """Run the fixed prompt set in each mode; with a ``store``, each mode is a recorded run
-    named ``demo-<mode>``."""
+    named ``demo-<mode>``. ``router``: a trained router version, run as one more column named
+    by its version (``router@3``; run ``demo-router@3``); ``stop``: a trained stop policy
+    version every column stops with (``name@version`` needs ``store``)."""
     tasks = shapeworld_tasks(per_category, 1, seed)
     categories = list(dict.fromkeys(task.category or "?" for task in tasks))
     cells: dict[tuple[str, str], Cell] = {}
     mode_mix: dict[str, dict[str, int]] = {}
+    router = resolve(router, "router", store)
+    stop = resolve(stop, "stop", store)
+    modes = [*modes, router.label] if router is not None else list(modes)
     for mode in modes:
+        chosen = {"router": router} if router is not None and mode == router.label else {}
+        chosen = chosen or {"mode": mode}
         if store is None:
+            deployment = await deploy(None, stop=stop, **chosen)
             runner = Runner(
-                shapeworld_context(mode), concurrency=concurrency, budget=budget, keep_steps=False
+                deployment.context(MemoryImageStore()),
+                concurrency=concurrency,
+                budget=budget,
+                keep_steps=False,
             )
             results = await runner.run(tasks, progress=progress, description=f"demo · {mode}")
         else:
@@ -81,11 +96,12 @@ async def run_demo(
                 await rollout(
                     store,
                     tasks,
-                    mode=mode,
+                    stop=stop,
                     budget=budget,
                     name=f"demo-{mode}",
                     concurrency=concurrency,
                     progress=progress,
+                    **chosen,
                 )
             ).results
         by_category: dict[str, list[TrajectoryResult]] = defaultdict(list)

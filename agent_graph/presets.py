@@ -27,19 +27,12 @@ def builtin_mode_policy(mode: str) -> ModePolicy:
     return FixedModePolicy(mode)
 
 
-def shapeworld_context(
-    mode: str = "auto",
-    *,
-    stop_policy: StopPolicy | None = None,
-    images: ImageStore | None = None,
-    config: Any = None,
-    settings: GraphSettings | None = None,
-    recorder: Any = None,
-) -> ReasonerContext:
+def shapeworld_backends(config: Any = None) -> Backends:
+    """Every role played by one ShapeWorld (``config``: a ``ShapeWorldConfig``)."""
     from nodes.backends.shapeworld import make_shapeworld
 
     world = make_shapeworld(config)
-    backends = Backends(
+    return Backends(
         planner=world.planner,
         reflector=world.reflector,
         decomposer=world.decomposer,
@@ -47,9 +40,23 @@ def shapeworld_context(
         editor=world.editor,
         judge=world.judge,
     )
+
+
+def shapeworld_context(
+    mode: str = "auto",
+    *,
+    mode_policy: ModePolicy | None = None,
+    stop_policy: StopPolicy | None = None,
+    images: ImageStore | None = None,
+    config: Any = None,
+    settings: GraphSettings | None = None,
+    recorder: Any = None,
+) -> ReasonerContext:
+    """ShapeWorld with the built-in router ``mode`` picks (or ``mode_policy``, e.g. a trained
+    version: ``policies.deployed.load_decision_policy``)."""
     return ReasonerContext(
-        backends=backends,
-        mode_policy=builtin_mode_policy(mode),
+        backends=shapeworld_backends(config),
+        mode_policy=mode_policy or builtin_mode_policy(mode),
         stop_policy=stop_policy or FollowReflectionStopPolicy(),
         images=images if images is not None else MemoryImageStore(),
         settings=settings or GraphSettings(),
@@ -59,19 +66,34 @@ def shapeworld_context(
 
 def config_context(
     path: Any,
-    mode: str = "auto",
+    mode: str | None = None,
     *,
+    mode_policy: ModePolicy | None = None,
     stop_policy: StopPolicy | None = None,
+    store: Any = None,
     images: ImageStore | None = None,
     settings: GraphSettings | None = None,
     recorder: Any = None,
 ) -> ReasonerContext:
-    """A context whose backends come from a config file (``examples/configs/*.toml``)."""
-    from nodes.backends.config import load_backends
+    """A context whose backends come from a config file (``examples/configs/*.toml``).
 
+    The router: ``mode_policy``, else the built-in ``mode``, else the file's ``[policies]
+    router``, else ``auto``; the stop policy: ``stop_policy``, else the file's ``[policies]
+    stop``, else ``FollowReflectionStopPolicy``. ``store`` resolves ``name@version``. Adapter
+    versions are requested, not loaded: ``await agent_graph.deploy.deploy(...)`` also loads them
+    on the servers (what ``rollout`` does)."""
+    from nodes.backends.config import configure_backends
+    from policies.deployed import load_decision_policy
+
+    configured = configure_backends(path, store)
+    versions = configured.versions
+    if mode_policy is None and mode is None and versions.router is not None:
+        mode_policy = load_decision_policy(versions.router)
+    if stop_policy is None and versions.stop is not None:
+        stop_policy = load_decision_policy(versions.stop)
     return ReasonerContext(
-        backends=Backends(**load_backends(path)),
-        mode_policy=builtin_mode_policy(mode),
+        backends=Backends(**configured.roles),
+        mode_policy=mode_policy or builtin_mode_policy(mode or "auto"),
         stop_policy=stop_policy or FollowReflectionStopPolicy(),
         images=images if images is not None else MemoryImageStore(),
         settings=settings or GraphSettings(),

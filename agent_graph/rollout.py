@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent_graph.presets import config_context, shapeworld_context
+from agent_graph.deploy import Ref, check_resume_options, deploy, redeploy
 from agent_graph.runner import Runner, TrajectoryResult
 from nodes.backends.clients.pool import pools_of, request_counters
 from nodes.context import ReasonerContext
@@ -32,27 +32,20 @@ def database_url(value: str | None) -> str:
     return value if "://" in value else f"sqlite:///{value}"
 
 
-def run_config(mode: str, budget: Budget, backends_config: Path | None = None) -> dict[str, Any]:
-    """What ``resume`` needs to rebuild a run's context: world or backends file, mode, budget."""
-    config: dict[str, Any] = {"mode": mode, "budget": budget.model_dump()}
+def run_config(
+    mode: str | None, budget: Budget, backends_config: Path | None = None
+) -> dict[str, Any]:
+    """What ``resume`` needs to rebuild a run's context: world or backends file, the built-in
+    mode (None: a trained router, recorded by :meth:`Deployment.record`), budget."""
+    config: dict[str, Any] = {"budget": budget.model_dump()}
+    if mode is not None:
+        config = {"mode": mode, **config}
     if backends_config is None:
         config["world"] = "shapeworld"
     else:
         config["world"] = "config"
         config["backends_config"] = str(Path(backends_config).resolve())
     return config
-
-
-def _context(config: dict[str, Any], store: Any, recorder: Any) -> ReasonerContext:
-    """The context a run's config names (ShapeWorld, or a backends file) with a built-in router."""
-    world = config.get("world")
-    if world == "shapeworld":
-        return shapeworld_context(config["mode"], images=store, recorder=recorder)
-    if world == "config":
-        return config_context(
-            config["backends_config"], config["mode"], images=store, recorder=recorder
-        )
-    raise ValueError(f"this run used world {world!r}, which this version cannot rebuild")
 
 
 @dataclass
@@ -108,8 +101,11 @@ async def rollout(
     graph: Any = None,
     state_factory: Callable[[Task, Budget], ReasonerState] | None = None,
     context: ReasonerContext | None = None,
-    mode: str = "auto",
+    mode: str | None = None,
+    router: Ref | None = None,
+    stop: Ref | None = None,
     backends_config: Path | None = None,
+    world: str | None = None,
     budget: Budget | None = None,
     name: str | None = None,
     run_id: str | None = None,
@@ -123,13 +119,20 @@ async def rollout(
     What runs: ``graph`` (a compiled :class:`~agent_graph.graph.AtelierGraph`; default the
     adaptive reasoner) with the initial states ``state_factory(task, budget)`` makes (default a
     plain :class:`ReasonerState`), on ``context`` — or, without one, on ShapeWorld or the
-    backends the ``backends_config`` file names, with the built-in router ``mode`` picks.
+    backends the ``backends_config`` file names, with the router ``router`` (a trained version:
+    ``name@version`` registered in ``store``, or its directory), else the built-in one ``mode``
+    picks, else the file's ``[policies] router``, else ``auto``; and the stop policy ``stop``,
+    else the file's, else following the reflection (:mod:`agent_graph.deploy`). Adapter versions
+    the file names are loaded on their servers before the run is created; a bad reference or
+    file raises (``VersionError``, ``ConfigError``) before anything is recorded.
     ``store`` becomes the context's image store and its recorder, whatever ``context`` had.
 
     A run built from a config is resumed by ``resume_run(store, run)`` alone (the run's config
-    names world, mode and budget). Parts given in code (``graph``, ``context``, e.g. with a
-    learned policy version) are named in the run's config, and ``resume_run`` asks for them
-    again rather than guess.
+    names world, mode or versions, and budget). Parts given in code (``graph``, ``context``) are
+    named in the run's config, and ``resume_run`` asks for them again rather than guess.
+    ``world="shapeworld"`` says that ``context``'s backends are ShapeWorld's defaults
+    (``agent_graph.presets.shapeworld_backends()``): the run then records that world, so that
+    readers rebuild its backends (Tree-RL forks, the judge); its policies stay code.
 
     ``run_id`` fixes the new run's id (default: a fresh one), so that a caller interrupted
     mid-run (Ctrl-C) can name the run to resume without having seen the return value.
@@ -137,15 +140,26 @@ async def rollout(
     ``keep_groups_together`` admits a group's samples together (see :class:`Runner`).
     """
     budget = budget or Budget()
-    config = run_config(mode, budget, backends_config)
-    if context is not None:  # its router and backends are named below instead
-        config.pop("backends_config", None)
-        config.pop("mode")
+    if world is not None and (context is None or world != "shapeworld"):
+        raise ValueError('world= takes "shapeworld", for a context= on ShapeWorld\'s backends')
+    deployment = None
+    if context is None:
+        deployment = await deploy(
+            store, backends_config=backends_config, mode=mode, router=router, stop=stop
+        )
+        config = run_config(deployment.mode, budget, backends_config)
+        config.update(deployment.record())
+    elif router is not None or stop is not None:
+        raise ValueError("router= and stop= build a context: give them or context=, not both")
+    else:  # its router and backends are named below instead
+        config = run_config(None, budget)
     config.update(_describe(graph, context))
+    if world is not None:
+        config["world"] = world
     run = store.create_run(name, config, run_id=run_id)
     async with SQLRecorder(store, run.id) as recorder:
-        if context is None:
-            context = _context(config, store, recorder)
+        if deployment is not None:
+            context = deployment.context(store, recorder)
         else:
             context = replace(context, images=store, recorder=recorder)
         runner = Runner(
@@ -193,7 +207,11 @@ def _check_resumable(config: dict[str, Any], graph: Any, context: Any) -> None:
         used.append(f"a graph on {config['state']}")
     in_code = config.get("world") == "context" or any(
         key in config
-        for key in ("router", "stopper", "settings")  # runs of older versions
+        for key in (
+            "mode_policy",  # a context's policies (on a recorded world too)
+            "stop_policy",  # ... and a Tree-RL fork's trained stop policy
+            *("router", "stopper", "settings"),  # runs of older versions
+        )
     )
     if in_code and context is None:
         missing.append("context=...")
@@ -220,6 +238,8 @@ async def resume_run(
     *,
     graph: Any = None,
     context: ReasonerContext | None = None,
+    router: Ref | None = None,
+    stop: Ref | None = None,
     concurrency: int = 64,
     progress: bool = False,
 ) -> RolloutResult:
@@ -227,18 +247,30 @@ async def resume_run(
 
     A run started with ``graph=`` or ``context=`` needs them again (the same graph; a context
     with the same backends and policies), since code cannot be stored; anything else is
-    rebuilt from the run's config. ``store`` becomes the context's images and recorder."""
+    rebuilt from the run's config: its world or backends file, and the router and stop policy
+    it recorded (a trained version from its recorded directory). ``router=`` / ``stop=`` may
+    name the recorded versions again; another version is refused (``VersionError``), and so is
+    a backends file whose adapter versions changed since. ``store`` becomes the context's
+    images and recorder."""
 
     run = store.run(run_id)
     _check_resumable(run.config, graph, context)
+    if context is not None and (router is not None or stop is not None):
+        raise ValueError("router= and stop= build a context: give them or context=, not both")
+    run_name = f"run {run.id[:12]}" + (f" ({run.name})" if run.name else "")
+    if context is None:
+        check_resume_options(store, run.config, router=router, stop=stop, run_name=run_name)
     state_type = _state_type(graph) if graph is not None else ReasonerState
     points = resume_points(store, run.id, state_type)
     if not points:
         return RolloutResult(run.id, [])
     budget = Budget.model_validate(run.config.get("budget", {}))
+    deployment = None
+    if context is None:
+        deployment = await redeploy(store, run.config, run_name=run_name)
     async with SQLRecorder(store, run.id) as recorder:
-        if context is None:
-            context = _context(run.config, store, recorder)
+        if deployment is not None:
+            context = deployment.context(store, recorder)
         else:
             context = replace(context, images=store, recorder=recorder)
         runner = Runner(context, graph, concurrency=concurrency, budget=budget, keep_steps=False)

@@ -1,11 +1,13 @@
 """Tree-RL on ShapeWorld: does stage-wise GRPO teach the stop policy when to stop?
 
     PYTHONPATH=. python benchmarks/tree_rl.py [--iterations 4] [--starts 32] [-G 8]
-                                              [--perfect-share 0.15]
+                                              [--perfect-share 0.15] [--weighting room]
 
 Records a reflect-mode run with a 50/50 stop policy (90 prompts × 2 samples), then trains a
 fresh learned stop policy with Tree-RL (``training.tree``): per iteration, ``--starts`` start
-states of the reflect-refine stage drawn from that run (15% perfect, the rest ∝ 1 − V̂), G
+states of the reflect-refine stage drawn from that run (``--weighting uniform``, the default:
+as R3's released code, each a perfect one with probability 0.15, else a uniform imperfect one;
+``room``: exactly 15% perfect, the rest ∝ 1 − V̂, as BENCHMARKS.md's table was made), G
 forks each with the current version, GRPO on the per-fork-point groups with reward C_j.
 Evaluates reflect-always on held-out prompts (seed 999, 108 prompts × 2 samples) with R3's rule
 (stop exactly on "No further edit needed"), the 50/50 policy, and the trained one (sampling and
@@ -68,6 +70,7 @@ async def main(args: argparse.Namespace) -> None:
         starts=args.starts,
         group_size=args.group_size,
         perfect_share=args.perfect_share,
+        weighting=args.weighting,
         settings=SETTINGS,
     )
     trained_s = time.perf_counter() - started
@@ -103,4 +106,5 @@ if __name__ == "__main__":
     parser.add_argument("--starts", type=int, default=32)
     parser.add_argument("--group-size", "-G", type=int, default=8)
     parser.add_argument("--perfect-share", type=float, default=0.15)
+    parser.add_argument("--weighting", choices=("uniform", "room"), default="uniform")
     asyncio.run(main(parser.parse_args()))

@@ -11,28 +11,70 @@ import re
 from dataclasses import dataclass
 
 STOP_PHRASE = "No further edit needed"
-"""R3's termination signal, recognised case-insensitively."""
+"""R3's termination signal, recognised case-insensitively (see :func:`says_stop` for the rule)."""
 
-_STOP_RE = re.compile(r"no\s+further\s+edits?\s+(?:is\s+)?needed", re.IGNORECASE)
+_STOP_RE = re.compile(r"no\s+further\s+edits?\s+(?:(?:is|are)\s+)?needed", re.IGNORECASE)
+"""The stop phrase's accepted wordings: case, spacing, "edit(s)", "is/are needed"."""
 _REFLECTION_RE = re.compile(r"^\s*<think>(?P<thought>.*?)</think>(?P<rest>.*)$", re.DOTALL)
+_THINK_TAG_RE = re.compile(r"</?think>")
+_WRAPPING = "*_`\"'\u201c\u201d\u2018\u2019"
+"""Markdown emphasis, code ticks and straight or curly quotes, stripped from both ends."""
+_LEADING = _WRAPPING + "#>-"
+"""Also stripped from the start: markdown heading, block-quote and bullet marks."""
+_TRAILING = _WRAPPING + ".!"
+_BOUNDARY_RE = re.compile(r"[.!?:\n]")
+"""Where a sentence ends (with or without a space after it). Commas and semicolons do not end
+one, so "Make the star red; no further edit needed" is one sentence, an instruction."""
 
 
 @dataclass(frozen=True)
 class ParsedReflection:
     thought: str
-    """The reasoning inside ``<think>…</think>`` ('' when absent)."""
+    """The reasoning before ``</think>`` ('' when there is no think block)."""
     instruction: str
-    """The edit instruction after the think block ('' when it is the stop phrase or missing)."""
+    """The edit instruction: the answer part when it is not a stop ('' when it is, or empty)."""
     stop: bool
-    """The model said R3's stop phrase."""
+    """The answer part says R3's stop phrase (:func:`says_stop`)."""
     well_formed: bool
-    """Exactly R3's format: one think block, then either the stop phrase or one instruction."""
+    """Exactly R3's format: one non-empty think block, then either the bare stop phrase (case,
+    spacing and a final ``.``/``!`` aside) or one single-line instruction."""
+
+
+def _bare(text: str) -> str:
+    """``text`` without surrounding whitespace, markdown emphasis, code ticks, quotes, heading
+    or bullet marks and trailing ``.``/``!`` (inner text and line breaks kept)."""
+    previous = None
+    while text != previous:
+        previous = text
+        text = text.strip().lstrip(_LEADING).rstrip(_TRAILING)
+    return text
 
 
 def is_stop_phrase(text: str) -> bool:
-    """True when ``text`` is (only) the stop phrase, ignoring case, spacing and punctuation."""
-    stripped = text.strip().strip(".!").strip()
-    return bool(_STOP_RE.fullmatch(stripped))
+    """True when ``text`` is only the stop phrase, ignoring case, spacing, markdown emphasis,
+    quotes, code ticks and trailing punctuation ("**No further edit needed.**" is)."""
+    return bool(_STOP_RE.fullmatch(_bare(text)))
+
+
+def says_stop(answer: str) -> bool:
+    """R3's stop rule, applied to a reflection's *answer part* (what follows the think block;
+    the whole text when there is none): it stops iff the whole answer, its first sentence or
+    its last sentence is the stop phrase (:func:`is_stop_phrase`: case, spacing, markdown
+    emphasis, quotes, code ticks and final punctuation aside). Sentences end at ``.``, ``!``,
+    ``?``, ``:`` or a line break. So "The image matches. No further edit needed." and "No
+    further edit needed: the image matches." stop, while an instruction that merely mentions
+    the phrase ("Make the star red; no further edit needed after that") does not, nor does a
+    phrase buried in a clause ("It matches, so no further edit is needed.")."""
+    if is_stop_phrase(answer):
+        return True
+    sentences = [s for s in _BOUNDARY_RE.split(_bare(answer)) if _bare(s)]
+    return bool(sentences) and (is_stop_phrase(sentences[0]) or is_stop_phrase(sentences[-1]))
+
+
+def _is_r3_stop(answer: str) -> bool:
+    """The answer is R3's stop line as R3 writes it (case, spacing and a final ``.``/``!``
+    aside): what a well-formed stop must be."""
+    return bool(_STOP_RE.fullmatch(" ".join(answer.strip().rstrip(".!").split())))
 
 
 def format_reflection(thought: str, instruction: str | None) -> str:
@@ -42,22 +84,30 @@ def format_reflection(thought: str, instruction: str | None) -> str:
 
 
 def parse_reflection(text: str) -> ParsedReflection:
+    """Split a reflection into thought and answer, and apply :func:`says_stop` to the answer.
+
+    The answer is what follows the think block. Output not in R3's format is read the same way:
+    with a ``</think>`` (duplicate blocks, or a model whose chat template opened the block in
+    the prompt) the answer is what follows the last one; with none (no think block, or one
+    never closed) it is the whole text, tags removed. Such output is never well-formed; a
+    non-stop answer is still kept as the instruction, so a forgiving editor may use it.
+    """
     match = _REFLECTION_RE.match(text)
-    if match is None or "<think>" in match["rest"] or "</think>" in match["rest"]:
-        # Not R3's format. Still honour a stop phrase anywhere in it (a model that drops the
-        # think block but clearly says stop should stop); otherwise keep the text as the
-        # instruction so a forgiving editor may still use it.
-        stop = bool(_STOP_RE.search(text))
-        cleaned = re.sub(r"</?think>", " ", text).strip()
-        return ParsedReflection("", "" if stop else cleaned, stop, well_formed=False)
-    thought, rest = match["thought"].strip(), match["rest"].strip()
-    if is_stop_phrase(rest):
-        return ParsedReflection(thought, "", stop=True, well_formed=bool(thought))
-    if not rest:
-        return ParsedReflection(thought, "", stop=False, well_formed=False)
-    # Exactly one instruction: a single line. Several lines mean several edits, not R3's format.
-    single = "\n" not in rest
-    return ParsedReflection(thought, rest, stop=False, well_formed=bool(thought) and single)
+    if match is not None and not _THINK_TAG_RE.search(match["rest"]):
+        thought, answer = match["thought"].strip(), match["rest"].strip()
+        answer = answer if _bare(answer) else ""  # only emphasis marks or quotes: no answer
+        if says_stop(answer):
+            well_formed = bool(thought) and _is_r3_stop(answer)
+            return ParsedReflection(thought, "", stop=True, well_formed=well_formed)
+        # Exactly one instruction: a single line. Several lines mean several edits.
+        well_formed = bool(thought) and bool(answer) and "\n" not in answer
+        return ParsedReflection(thought, answer, stop=False, well_formed=well_formed)
+    head, closed, tail = text.rpartition("</think>")
+    thought = _THINK_TAG_RE.sub(" ", head).strip() if closed else ""
+    answer = _THINK_TAG_RE.sub(" ", tail if closed else text).strip()
+    answer = answer if _bare(answer) else ""
+    stop = says_stop(answer)
+    return ParsedReflection(thought, "" if stop else answer, stop, well_formed=False)
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,8 @@ class Reflection(BaseModel):
     thought: str
     instruction: str
     stop_phrase: bool
-    """The model said "No further edit needed"."""
+    """The model said "No further edit needed": its answer, its first or its last sentence is
+    the stop phrase (``nodes.formats.says_stop``, the one rule for every caller)."""
     well_formed: bool
     accept: bool
     """The stop policy's decision: True = stop correcting this image."""

@@ -284,6 +284,76 @@ async def test_chat_reads_vllm_prompt_token_ids_and_reports_the_fields_it_sent()
     assert "base64" not in json.dumps(completion.sampling)
 
 
+# Qwen2.5-VL-7B-Instruct's generation_config.json sampling fields, as vLLM reads them.
+QWEN25_VL_GENERATION_CONFIG = {
+    "repetition_penalty": 1.05,
+    "temperature": 1e-06,
+    "top_k": 1,
+    "top_p": 0.001,
+}
+
+
+def vllm_effective_sampling(body: dict, generation_config: dict) -> dict:
+    """What vLLM samples with for a chat request: each field the request omits (or sends as
+    null) comes from the model's generation config, else from vLLM's own neutral default
+    (``ChatCompletionRequest.to_sampling_params`` with ``get_diff_sampling_param``)."""
+    neutral = {"repetition_penalty": 1.0, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0}
+    effective = {}
+    for key, default in neutral.items():
+        value = body.get(key)
+        effective[key] = generation_config.get(key, default) if value is None else value
+    if effective["top_k"] == -1:
+        effective["top_k"] = 0  # vLLM: -1 and 0 both mean off
+    return effective
+
+
+async def test_every_sampling_field_vllm_would_fill_from_generation_config_is_pinned():
+    from nodes.backends.clients.openai_client import PINNED_SAMPLING
+
+    log: list[dict] = []
+    with BackgroundServer(fake_vllm_app(log)) as server:
+        client = OpenAIChatClient(server.url, model="m")
+        look = (ChatMessage("user", "look", (red_image(),)),)
+        defaults = await client.chat(ChatRequest(messages=look))
+        await client.chat(ChatRequest(messages=look, sampling=SamplingParams(seed=3)))
+        await client.with_adapter("reflect-v1").chat(ChatRequest(messages=look))
+        user_set = await client.chat(
+            ChatRequest(
+                messages=look,
+                sampling=SamplingParams(temperature=0.7, top_k=4, repetition_penalty=1.2),
+            )
+        )
+        overridden = OpenAIChatClient(server.url, model="m", extra_body={"min_p": 0.05})
+        await overridden.chat(ChatRequest(messages=look, sampling=SamplingParams(top_k=4)))
+        await client.aclose()
+    assert len(log) == 5
+    for body in log:  # every chat request names every field, none null
+        assert all(body.get(key) is not None for key in PINNED_SAMPLING), body
+    neutral = {"repetition_penalty": 1.0, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0}
+    for body in log[:3]:
+        # Under Qwen2.5-VL's generation config (top_k=1, ...) the server still samples neutrally.
+        assert vllm_effective_sampling(body, QWEN25_VL_GENERATION_CONFIG) == neutral
+        assert body["top_k"] == -1 and body["min_p"] == 0.0 and body["repetition_penalty"] == 1.0
+    assert vllm_effective_sampling(log[3], QWEN25_VL_GENERATION_CONFIG) == {
+        **neutral,
+        "temperature": 0.7,
+        "top_k": 4,  # a user-set top_k is sent as set
+        "repetition_penalty": 1.2,
+    }
+    assert log[4]["min_p"] == 0.05 and log[4]["top_k"] == 4  # extra_body wins
+    # The step records what was sent, pinned fields included.
+    assert defaults.sampling is not None and user_set.sampling is not None
+    assert {k: defaults.sampling[k] for k in PINNED_SAMPLING} == {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": -1,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "max_tokens": 1024,
+    }
+    assert user_set.sampling["top_k"] == 4 and user_set.sampling["repetition_penalty"] == 1.2
+
+
 async def test_a_server_without_prompt_ids_gives_none_and_the_store_records_the_rest(tmp_path):
     from storage.store import TrajectoryStore
     from tests.fake_servers import FakeModelServer
@@ -476,6 +546,141 @@ async def test_omni_client_generates_with_json_and_edits_with_multipart():
     assert edit["prompt"] == "make it red" and edit["seed"] == "8" and edit["size"] == "48x32"
     assert edit["num_inference_steps"] == "2" and edit["image_size"] == (48, 32)
     assert edit["guidance_scale"] == "4" and edit["model"] == "qwen-image"
+
+
+def vllm_omni_lora(value):
+    """vLLM-Omni's reading of a request's ``lora`` field (``parse_lora_request`` in
+    ``vllm_omni/entrypoints/openai/utils.py``; edit forms carry it as JSON text): None, or
+    (name, path, scale); a ValueError where vLLM-Omni answers 400."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError("Invalid lora field: expected an object.")
+    name = value.get("name") or value.get("lora_name") or value.get("adapter")
+    path = value.get("local_path") or value.get("path") or value.get("lora_path")
+    if not name or not path:
+        raise ValueError("Invalid lora object: both name and path are required.")
+    scale = value.get("scale")
+    return name, path, None if scale is None else float(scale)
+
+
+def lora_checking_omni_app(log: list) -> Starlette:
+    """A fake vLLM-Omni that parses ``lora`` as vLLM-Omni does and logs what it read."""
+
+    def answer(fields: dict) -> JSONResponse:
+        try:
+            log.append((fields["kind"], vllm_omni_lora(fields.get("lora"))))
+        except (ValueError, TypeError) as error:
+            return JSONResponse({"error": {"message": str(error)}}, status_code=400)
+        png = image_to_png(Image.new("RGB", parse_size(fields["size"]), (0, 0, 255)))
+        return JSONResponse({"data": [{"b64_json": base64.b64encode(png).decode()}]})
+
+    async def generations(request: Request) -> JSONResponse:
+        return answer({"kind": "generations", **(await request.json())})
+
+    async def edits(request: Request) -> JSONResponse:
+        form = await request.form()
+        return answer({"kind": "edits", **{k: v for k, v in form.items() if isinstance(v, str)}})
+
+    return Starlette(
+        routes=[
+            Route("/v1/images/generations", generations, methods=["POST"]),
+            Route("/v1/images/edits", edits, methods=["POST"]),
+        ]
+    )
+
+
+async def test_omni_client_sends_a_per_request_lora_that_vllm_omni_reads():
+    log: list = []
+    with BackgroundServer(lora_checking_omni_app(log)) as server:
+        base = OmniImageClient(server.url, model="qwen-image")
+        tuned = base.with_adapter("draw@3", "/adapters/draw-3", scale=0.8)
+        registered = base.with_adapter("draw@4")  # a name the server registered
+        image = await tuned.generate(ImageRequest("a red circle", 16, 16, seed=1))
+        await tuned.edit(EditRequest(image, "make it blue", seed=2))
+        await base.generate(ImageRequest("a red circle", 16, 16, seed=1))
+        await base.edit(EditRequest(image, "make it blue", seed=2))
+        with pytest.raises(BackendRequestError, match="both name and path are required"):
+            await registered.generate(ImageRequest("a red circle", 16, 16))  # this vLLM-Omni
+        await base.aclose()
+    assert log == [
+        ("generations", ("draw@3", "/adapters/draw-3", 0.8)),
+        ("edits", ("draw@3", "/adapters/draw-3", 0.8)),
+        ("generations", None),  # the base client sends no lora
+        ("edits", None),
+    ]
+    # What the draw and refine steps record (``trace.models``) names the adapter and its scale.
+    assert tuned.model_id == "draw@3*0.8" and registered.model_id == "draw@4"
+    assert base.model_id == "qwen-image" and tuned.with_adapter(None).model_id == "qwen-image"
+    assert tuned.pool is base.pool  # the same servers and connections
+    with pytest.raises(ValueError, match="adapter_path needs an adapter name"):
+        OmniImageClient("http://127.0.0.1:1", adapter_path="/a")
+    with pytest.raises(ValueError, match="not in extra_body"):
+        OmniImageClient("http://127.0.0.1:1", extra_body={"lora": {"name": "x"}})
+
+
+async def test_the_recorded_draw_and_refine_steps_name_the_omni_adapter(tmp_path):
+    from agent_graph.runner import Runner
+    from nodes.context import Backends, GraphSettings, ReasonerContext
+    from nodes.state import Budget, Task
+    from policies.simple import FixedModePolicy, FollowReflectionStopPolicy
+    from storage.recorder import SQLRecorder
+    from storage.store import TrajectoryStore
+    from tests.scripted import FixedJudge, ScriptedChat
+
+    log: list = []
+    store = TrajectoryStore(f"sqlite:///{tmp_path / 'omni.db'}")
+    run = store.create_run("omni-lora", {"mode": "reflect"})
+    with BackgroundServer(lora_checking_omni_app(log)) as server:
+        painter = OmniImageClient(server.url, model="qwen-image").with_adapter(
+            "draw@3", "/adapters/draw-3"
+        )
+        edit = "<think>No star.</think>Add a star."
+        stop = "<think>Done.</think>No further edit needed."
+        async with SQLRecorder(store, run.id) as recorder:
+            context = ReasonerContext(
+                backends=Backends(
+                    planner=ScriptedChat(["a red circle"]),
+                    reflector=ScriptedChat([edit, stop]),
+                    decomposer=ScriptedChat(["{}"]),
+                    generator=painter,
+                    editor=painter,
+                    judge=FixedJudge(0.5),
+                ),
+                mode_policy=FixedModePolicy("reflect"),
+                stop_policy=FollowReflectionStopPolicy(),
+                images=store,
+                settings=GraphSettings(width=16, height=16),
+                recorder=recorder,
+            )
+            result = await Runner(context, budget=Budget(max_rounds=2)).run_one(
+                Task(prompt="a red circle", seed=4)
+            )
+        await painter.aclose()
+    assert result.status == "succeeded", result.error
+    steps = store.trajectory(result.state.trajectory_id).steps
+    image_steps = [s for s in steps if s.node in ("draw", "refine")]
+    assert [s.node for s in image_steps] == ["draw", "refine"]
+    assert all(s.models == ["draw@3"] for s in image_steps)
+    assert log == [
+        ("generations", ("draw@3", "/adapters/draw-3", 1.0)),
+        ("edits", ("draw@3", "/adapters/draw-3", 1.0)),
+    ]
+    store.close()
+
+
+async def test_asking_vllm_omni_for_transitions_fails_saying_it_is_atelier_only():
+    from nodes.backends.clients.omni_client import TracedOmniImageClient
+
+    log: list[dict] = []
+    with BackgroundServer(fake_omni_app(log)) as server:  # answers like vLLM-Omni: no transitions
+        client = TracedOmniImageClient(server.url)
+        with pytest.raises(WireFormatError, match="extension of Atelier's own image server"):
+            await client.generate_traced(ImageRequest("a red circle", 16, 16, seed=1))
+        await client.aclose()
+    assert log[0]["return_transitions"] is True  # it did ask
 
 
 # --- wire helpers -------------------------------------------------------------------------------

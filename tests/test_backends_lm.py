@@ -339,6 +339,30 @@ async def test_bad_requests_get_clear_400s(lm_server):
         assert unknown.status_code == 404
 
 
+async def test_pinned_neutral_sampling_fields_change_nothing_and_min_p_is_refused(lm_server):
+    # OpenAIChatClient pins top_k, min_p and repetition_penalty on every request (vLLM would
+    # fill omitted ones from generation_config.json): their neutral values must be accepted and
+    # sample exactly what omitting them does; a min_p this server cannot honour is a 400.
+    base = {
+        "model": "tiny-vlm",
+        "messages": [{"role": "user", "content": "Describe a red circle."}],
+        "max_tokens": 6,
+        "seed": 4,
+        "logprobs": True,
+        "return_token_ids": True,
+    }
+    neutral = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+    url = lm_server.url + "/v1/chat/completions"
+    async with httpx.AsyncClient(timeout=60) as http:
+        omitted = (await http.post(url, json=base)).json()["choices"][0]
+        pinned = (await http.post(url, json={**base, **neutral})).json()["choices"][0]
+        zero_k = (await http.post(url, json={**base, **neutral, "top_k": 0})).json()["choices"][0]
+        min_p = await http.post(url, json={**base, **neutral, "min_p": 0.1})
+    assert pinned["token_ids"] == omitted["token_ids"] == zero_k["token_ids"]
+    assert pinned["logprobs"] == omitted["logprobs"]
+    assert min_p.status_code == 400 and "min_p" in min_p.json()["error"]["message"]
+
+
 async def test_text_only_model_in_process(tiny_models: TinyModels):
     from nodes.backends.engines.lm_inprocess import InProcessChatModel
     from nodes.backends.lm_types import InvalidRequest

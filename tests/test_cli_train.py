@@ -99,7 +99,7 @@ def test_tree_rl_stage_from_a_stored_run(tmp_path):
     assert loop.returncode == 0, loop.stderr
     tree = atelier(
         "train", "--run", "grpo-0", "--tree-stage", "reflect_refine", "--iterations", "2",
-        "--starts", "6", "--perfect-share", "0.5", *common,
+        "--starts", "6", "--perfect-share", "0.5", "--start-weighting", "room", *common,
         db=db, cwd=tmp_path,
     )  # fmt: skip
     assert tree.returncode == 0, tree.stderr
@@ -117,6 +117,7 @@ def test_tree_rl_stage_from_a_stored_run(tmp_path):
     parent = store.resolve_run("grpo-0").id
     for run in forks:
         assert run.config["tree"]["parent_runs"] == [parent]
+        assert run.config["world"] == "shapeworld"  # the parent's backends
         for point, parent_step in run.config["tree"]["forks"].items():
             assert point == f"{parent_step['trajectory']}@{parent_step['step']}"
             assert len(store.trajectories(run=run.id, group=point)) % 4 == 0

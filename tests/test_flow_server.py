@@ -137,6 +137,51 @@ def test_lora_loads_at_run_time_changes_images_and_unloads(sd3_server, loras):
     assert missing.status_code == 404 and "not loaded" in missing.text
 
 
+def test_a_per_request_lora_is_honoured_only_when_it_is_the_loaded_adapter(sd3_server, loras):
+    """vLLM-Omni's ``lora`` field on ``atelier serve image``: this server applies its one loaded
+    adapter to every request, so it accepts the field naming that adapter and refuses the rest
+    with a 400, never ignoring it (the recorded step would name an adapter not used)."""
+    from nodes.backends.base import BackendRequestError, EditRequest
+    from nodes.backends.clients.omni_client import OmniImageClient, TracedOmniImageClient
+
+    good = str(loras["good"])
+    request = ImageRequest("a red circle", 32, 32, seed=5)
+
+    async def scenario() -> None:
+        base = OmniImageClient(sd3_server.url, extra_body={"guidance_scale": 3.0})
+        with pytest.raises(BackendRequestError, match="not loaded here"):
+            await base.with_adapter("draw@7", good).generate(request)
+        load = {"lora_name": "draw@7", "lora_path": good}
+        await base.pool.request("load", "POST", "/v1/load_lora_adapter", json=load)
+        try:
+            tuned = base.with_adapter("draw@7", good)
+            image = await tuned.generate(request)
+            assert image.tobytes() == (await base.generate(request)).tobytes()  # same adapter
+            by_name = await base.with_adapter("draw@7").generate(request)
+            assert by_name.tobytes() == image.tobytes()
+            edited = await tuned.edit(EditRequest(image, "make it blue", seed=2, steps=2))
+            assert edited.size == (32, 32)  # the edit form's JSON-text lora was accepted
+            for wrong, message in [
+                (base.with_adapter("draw@8"), "not loaded here"),
+                (base.with_adapter("draw@7", str(loras["shape"])), "is loaded from"),
+                (base.with_adapter("draw@7", good, scale=0.5), "scale 0.5 is not supported"),
+            ]:
+                with pytest.raises(BackendRequestError, match=message):
+                    await wrong.generate(request)
+                with pytest.raises(BackendRequestError, match=message):
+                    await wrong.edit(EditRequest(image, "make it blue", seed=2, steps=2))
+            traced = TracedOmniImageClient(sd3_server.url).with_adapter("draw@7", good)
+            result = await traced.generate_traced(request)
+            assert [t.lora for t in result.transitions] == ["draw@7"]
+            assert traced.model_id == "draw@7"
+        finally:
+            unload = {"lora_name": "draw@7"}
+            await base.pool.request("unload", "POST", "/v1/unload_lora_adapter", json=unload)
+            await base.aclose()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(
     ("kind", "message"),
     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,6 +16,7 @@ from nodes.formats import (
     is_stop_phrase,
     parse_reflection,
     parse_subtasks,
+    says_stop,
 )
 
 
@@ -58,9 +60,102 @@ def test_malformed_variants():
             assert parsed.instruction == instruction, text
 
 
-def test_stop_inside_malformed_output_is_honoured():
+def test_a_stop_phrase_merely_mentioned_without_think_block_is_not_a_stop():
+    # This test used to assert the opposite: without a think block the phrase counted anywhere
+    # in the text (the bug of issue 15). Now the rule is the same with or without the block.
     parsed = parse_reflection("I think no further edit needed here")
+    assert not parsed.stop and not parsed.well_formed
+    assert parsed.instruction == "I think no further edit needed here"
+    parsed = parse_reflection("I checked the image. No further edit needed.")
     assert parsed.stop and not parsed.well_formed and parsed.instruction == ""
+
+
+# Realistic reflector outputs -> (stop, instruction, well_formed). One rule for all of them: the
+# answer part (after the think block, else the whole text) stops iff it, its first sentence or
+# its last sentence is the stop phrase once markdown emphasis, quotes, code ticks and final
+# punctuation are stripped. Well-formed = R3's exact format (decorations are not).
+REFLECTIONS = [
+    # R3's own format
+    ("<think>It matches.</think>No further edit needed.", True, "", True),
+    ("<think>It matches.</think>no further edit needed", True, "", True),
+    ("<think>It matches.</think>  No further edits needed! \n", True, "", True),
+    ("<think>It matches.</think>No further edit is needed.", True, "", True),
+    ("<think>It matches.</think>NO FURTHER EDITS ARE NEEDED", True, "", True),
+    ("<think>One star only.</think>Add a red star.", False, "Add a red star.", True),
+    # the measured bugs: stop phrases after a think block that were read as instructions
+    ("<think>Done.</think>The image matches. No further edit needed.", True, "", False),
+    ("<think>Done.</think>**No further edit needed.**", True, "", False),
+    ('<think>Done.</think>"No further edit needed."', True, "", False),
+    ("<think>Done.</think>`No further edit needed`", True, "", False),
+    ("<think>Done.</think>\u201cNo further edit needed.\u201d", True, "", False),
+    ("<think>Done.</think>*No further edit needed*.", True, "", False),
+    ("<think>Done.</think>The image matches.No further edit needed.", True, "", False),
+    ("<think>Done.</think>Answer: No further edit needed.", True, "", False),
+    ("<think>Done.</think>No further edit needed: the image matches.", True, "", False),
+    ("<think>Done.</think>No further edit needed. It matches the prompt.", True, "", False),
+    ("<think>Done.</think>The image is correct.\n\n**No further edit needed.**", True, "", False),
+    ("<think>Done.</think>No further edit needed.\nNo further edit needed.", True, "", False),
+    # mentions of the phrase inside an instruction are instructions
+    (
+        "<think>Star is blue.</think>Make the star red; no further edit needed after that.",
+        False,
+        "Make the star red; no further edit needed after that.",
+        True,
+    ),
+    (
+        "Make the star red; no further edit needed after that",
+        False,
+        "Make the star red; no further edit needed after that",
+        False,
+    ),
+    (
+        "<think>Almost.</think>Add a circle so that no further edit is needed.",
+        False,
+        "Add a circle so that no further edit is needed.",
+        True,
+    ),
+    (
+        "<think>Hm.</think>It matches, so no further edit is needed.",
+        False,
+        "It matches, so no further edit is needed.",
+        True,
+    ),
+    # no think block: the same rule on the whole text, never well-formed
+    ("No further edit needed.", True, "", False),
+    ("**No further edit needed.**", True, "", False),
+    ("The image matches the prompt. No further edit needed.", True, "", False),
+    ("Add a blue square.", False, "Add a blue square.", False),
+    # a think block opened by the chat template (only its end is in the output)
+    ("The image matches.</think>No further edit needed.", True, "", False),
+    ("Two cats, not three.</think>Add one cat.", False, "Add one cat.", False),
+    # a think block never closed: all of it is the answer
+    ("<think>The image matches the target.No further edit needed.", True, "", False),
+    # empty answers and answers that are only a think block
+    ("", False, "", False),
+    ("   ", False, "", False),
+    ("<think>It matches.</think>", False, "", False),
+    ("<think>It matches. No further edit needed.</think>", False, "", False),
+    ("<think>It matches.</think>**  **", False, "", False),
+    ('<think>It matches.</think>""', False, "", False),
+    # several lines of instructions are not R3's one instruction
+    ("<think>x</think>Add a dog.\nRemove a cat.", False, "Add a dog.\nRemove a cat.", False),
+]
+
+
+@pytest.mark.parametrize(("text", "stop", "instruction", "well_formed"), REFLECTIONS)
+def test_realistic_reflections(text, stop, instruction, well_formed):
+    parsed = parse_reflection(text)
+    assert (parsed.stop, parsed.instruction, parsed.well_formed) == (
+        stop,
+        instruction,
+        well_formed,
+    )
+
+
+def test_says_stop_is_the_rule_parse_reflection_applies():
+    for text, stop, _, _ in REFLECTIONS:
+        answer = text.rpartition("</think>")[2] if "</think>" in text else text
+        assert says_stop(answer.replace("<think>", "")) is stop, text
 
 
 @given(st.text(max_size=300))
@@ -76,7 +171,9 @@ def test_parse_reflection_never_raises_and_is_consistent(text):
     st.one_of(
         st.none(),
         st.text(min_size=1, max_size=80).filter(
-            lambda s: s.strip() and "<" not in s and "\n" not in s and not is_stop_phrase(s)
+            lambda s: (
+                any(c.isalnum() for c in s) and "<" not in s and "\n" not in s and not says_stop(s)
+            )
         ),
     ),
 )

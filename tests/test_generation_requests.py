@@ -91,6 +91,9 @@ async def test_a_graph_run_records_each_request_as_sent_with_the_servers_prompt_
     assert generation.sampling == {
         "temperature": 1.0,
         "top_p": 0.95,
+        "top_k": -1,  # pinned neutral: vLLM would fill an omitted one from generation_config
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
         "max_tokens": MAX_TOKENS,
         "logprobs": True,
         "return_token_ids": True,

@@ -240,7 +240,7 @@ async def test_training_readers_issue_a_constant_number_of_queries(store):
         expected = [
             start
             for summary in store.trajectories(run=run_id, status="succeeded")
-            for start in _start_states(summary.id, store.steps(summary.id), None)
+            for start in _start_states(summary.id, store.steps(summary.id), None, run_id)
         ]
         assert starts and starts == sorted(expected, key=_stable_key)
     assert counts[small] == counts[large] <= 5, counts

@@ -14,17 +14,19 @@ a router that always decomposes is never penalised (no cheaper winner is in its 
 number is checked too but is not the headline.
 
 Measured with this configuration for training seeds 0-5 (this test is seed 0; the pipeline is
-deterministic given the seeds). Gain = pooled reward, trained − uniform (± paired stderr);
-P(...) = the router's mean probability over the held-out prompts of those categories
+deterministic given the seeds), with the stop-phrase rule of ``nodes.formats.says_stop`` (issue
+15: ShapeWorld's malformed reflections that repeat the stop phrase now stop; before it, seed 0
+reached P(decompose|multi_count) 0.92). Gain = pooled reward, trained − uniform (± paired
+stderr); P(...) = the router's mean probability over the held-out prompts of those categories
 (simple = single_object, colors, two_objects, attribute_binding):
 
     seed  gain            P(decompose|multi_count)  P(decompose|simple)  P(direct|simple)
-    0     +0.052 ± 0.013  0.92                      0.10                 0.49
-    1     +0.043 ± 0.013  0.95                      0.07                 0.56
-    2     +0.030 ± 0.014  0.87                      0.05                 0.61
-    3     +0.057 ± 0.013  0.69                      0.08                 0.68
-    4     +0.052 ± 0.016  0.85                      0.05                 0.68
-    5     +0.026 ± 0.016  0.83                      0.09                 0.38
+    0     +0.036 ± 0.011  0.50                      0.06                 0.61
+    1     +0.033 ± 0.014  0.92                      0.05                 0.50
+    2     +0.036 ± 0.013  0.70                      0.07                 0.61
+    3     +0.035 ± 0.014  0.80                      0.06                 0.50
+    4     +0.039 ± 0.014  0.81                      0.06                 0.63
+    5     +0.041 ± 0.014  0.88                      0.06                 0.46
     (uniform router: gain 0, every P = 1/3)
 
 Direct vs reflect on simple prompts is close to a tie under this reward (a reflect trajectory
@@ -105,7 +107,7 @@ def test_grpo_router_beats_uniform_and_learns_a_mode_mix(tmp_path):
         f" gain {gain:+.3f} ± {stderr:.3f}; own-group: uniform {result.report_a.reward:.3f}"
         f" trained {result.report_b.reward:.3f}"
     )
-    # seeds 0-5: gain 0.026-0.057 (mean 0.043, sd 0.012), 1.6-4.4 paired stderrs
+    # seeds 0-5: gain 0.033-0.041 (mean 0.037), 2.4-3.3 paired stderrs
     assert gain > 0.015 and gain > 1.5 * stderr
     assert result.report_b.reward > result.report_a.reward
 
@@ -118,6 +120,6 @@ def test_grpo_router_beats_uniform_and_learns_a_mode_mix(tmp_path):
     complex_decompose = _mean(mix[c]["decompose"] for c in COMPLEX)
     # uniform: 1/3 everywhere; thresholds sit below the worst of seeds 0-5 (table above)
     assert simple_decompose < 0.15 and simple_direct > 0.35
-    assert mix["multi_count"]["decompose"] > 0.6 and mix["multi_count"]["direct"] < 0.15
+    assert mix["multi_count"]["decompose"] > 0.45 and mix["multi_count"]["direct"] < 0.15
     assert complex_decompose > simple_decompose + 0.25
     assert simple_direct > complex_direct

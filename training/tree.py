@@ -10,16 +10,21 @@ by what *this stage* achieved, and runs GRPO on the group of one start state. He
    reflect-refine round), with its image's judge score V̂. Points inside a decomposition (the
    reflection checks a sub-task's expectation, not the prompt) are left out: V̂ is the prompt's
    score, which says nothing there.
-2. **Selection** (:func:`select_start_states`): a share (``perfect_share``, 15% as R3's released
-   code) drawn uniformly from already-perfect states (V̂ = 1: the stage should learn to stop
-   there), the rest drawn with probability ∝ 1 − V̂, the room left to improve (R3 samples
-   "larger reward differences" more often).
+2. **Selection** (:func:`select_start_states`): by default as R3's released code draws a start
+   state (``RolloutBuffer.sample`` in sen-ye/R3's ``train/online_rl.py``): each draw is an
+   already-perfect state (V̂ = 1: the stage should learn to stop there) with probability
+   ``perfect_share`` (0.15, R3's ``perfect_ratio``), else an imperfect one, uniformly within
+   either pool. ``weighting="room"`` instead weights the imperfect states by 1 − V̂, the room
+   left to improve, with a fixed perfect share (this module's earlier default; not R3's).
 3. **Forks** (:func:`fork`): G continuations of each selected state through
    ``Runner.resume((state, node))``, recorded as new trajectories of a new run: new trajectory
    ids, new task seeds (so reflections, edits and policy samples differ), group id = the fork
-   point ``<parent trajectory>@<step seq>``; the run's config lists every fork's parent. A
-   continuation runs to the end of the graph; its later rounds are later stages' results, so a
-   forked run is itself a parent run for the next stage's forks (the tree grows a level).
+   point ``<parent trajectory>@<step seq>``. They run on the backends the parent runs were
+   recorded with (ShapeWorld, or the backends file and adapter versions their config records:
+   :func:`parent_backends`), with the stop policy being trained; the run's config records those
+   backends, the stop policy and every fork's parent. A continuation runs to the end of the
+   graph; its later rounds are later stages' results, so a forked run is itself a parent run
+   for the next stage's forks (the tree grows a level).
 4. **Stage groups** (:func:`read_stage_groups`): per fork point, the G members' decision of this
    stage (the stop policy's first decision after the fork) with R3's stage rewards: the
    correction C_j, ``reflection`` = C + r_format, ``refinement`` = C
@@ -41,22 +46,24 @@ from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent_graph.deploy import redeploy
 from agent_graph.ids import time_ordered_id
+from agent_graph.presets import builtin_mode_policy
 from agent_graph.rollout import run_config
 from agent_graph.runner import Runner
 from nodes.common import derive_seed
-from nodes.context import GraphSettings
+from nodes.context import GraphSettings, ReasonerContext
 from nodes.reflect import reflection_target
 from nodes.state import Budget, ReasonerState
 from storage.recorder import SQLRecorder
 from training.decisions.groups import DecisionGroup, decision_member, trajectory_decisions
 from training.decisions.rewards import store_member_rewards, store_trained_rewards
-from training.decisions.sampling import shapeworld_policy_context
 from training.reading import batches, run_list, stored_groups
 from training.rewards import correction, reflection_format_reward, reflection_reward
 from training.versions import save_version
 
 if TYPE_CHECKING:
+    from nodes.context import Backends
     from storage.records import StepInfo, TrajectoryDetail
     from storage.store import TrajectoryStore
     from training.decisions.trainer import GRPOConfig, GRPOTrainer
@@ -92,6 +99,8 @@ class StartState:
     """V̂: the judge score of the current image."""
     rounds: int
     """Correction rounds already used (0: the stage is the first reflect-refine round)."""
+    run_id: str | None = None
+    """The run the state was recorded in: its forks run on that run's backends."""
 
     @property
     def point(self) -> str:
@@ -124,14 +133,17 @@ def stage_start_states(
         for batch in batches(summaries):
             steps_of = store.steps_many([summary.id for summary in batch])
             for summary in batch:
-                found.extend(_start_states(summary.id, steps_of[summary.id], rounds))
+                found.extend(_start_states(summary.id, steps_of[summary.id], rounds, run_id))
     # Trajectory ids and start times differ between otherwise identical runs; the tasks do not.
     found.sort(key=_stable_key)
     return found
 
 
 def _start_states(
-    trajectory_id: str, steps: Sequence[StepInfo], rounds: int | None
+    trajectory_id: str,
+    steps: Sequence[StepInfo],
+    rounds: int | None,
+    run_id: str | None = None,
 ) -> Iterator[StartState]:
     """The start states among one trajectory's stored steps."""
     for before, step in pairwise(steps):
@@ -153,6 +165,7 @@ def _start_states(
             state=step.state_before,
             score=float(current.score),
             rounds=state.rounds,
+            run_id=run_id,
         )
 
 
@@ -165,8 +178,13 @@ def _stable_key(start: StartState) -> tuple[str, int, int, int]:
 
 
 def room_to_improve(score: float) -> float:
-    """Sampling weight of an imperfect start state: 1 − V̂."""
+    """Sampling weight of an imperfect start state under ``weighting="room"``: 1 − V̂."""
     return max(0.0, 1.0 - score)
+
+
+WEIGHTINGS = ("uniform", "room")
+"""How :func:`select_start_states` draws: ``uniform`` (R3's released code, the default) or
+``room`` (imperfect states ∝ 1 − V̂, a fixed perfect share)."""
 
 
 def select_start_states(
@@ -174,29 +192,49 @@ def select_start_states(
     n: int,
     *,
     perfect_share: float = 0.15,
+    weighting: str = "uniform",
     seed: int = 0,
 ) -> list[StartState]:
-    """Draw ``n`` start states, with replacement:
+    """Draw ``n`` start states, with replacement; deterministic for a ``seed``.
 
-        n_perfect = round(perfect_share · n)      uniformly from states with V̂ = 1
-        n − n_perfect                             with P(s) ∝ 1 − V̂(s) from the others
+    ``weighting="uniform"`` (default) is R3's released code, ``RolloutBuffer.sample`` in
+    sen-ye/R3's ``train/online_rl.py`` (one call per group there, ``perfect_ratio=0.15``):
+    every draw independently is
 
-    When one pool is empty every draw comes from the other. Deterministic for a ``seed``.
+        a perfect state (V̂ = 1), uniformly,     with probability ``perfect_share``
+        an imperfect one, uniformly,             otherwise
+
+    so the number of perfect draws is Binomial(n, perfect_share).
+
+    ``weighting="room"`` (Atelier's earlier default, not R3's): exactly
+    round(perfect_share · n) draws uniformly from the perfect states, the rest with
+    P(s) ∝ 1 − V̂(s) (:func:`room_to_improve`) from the imperfect ones.
+
+    Either way, when one pool is empty every draw comes from the other (as R3's).
     """
     if n < 0:
         raise ValueError("n must be >= 0")
     if not 0.0 <= perfect_share <= 1.0:
         raise ValueError("perfect_share must be in [0, 1]")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
     perfect = [c for c in candidates if c.perfect]
     imperfect = [c for c in candidates if not c.perfect]
     if n and not candidates:
         raise ValueError("no start states to select from")
+    rng = random.Random(derive_seed(seed, "tree-select"))
+    if weighting == "uniform":
+        chosen = []
+        for _ in range(n):
+            from_perfect = rng.random() < perfect_share
+            pool = (perfect if from_perfect else imperfect) or perfect or imperfect
+            chosen.append(pool[rng.randrange(len(pool))])
+        return chosen
     n_perfect = round(perfect_share * n)
     if not perfect:
         n_perfect = 0
     elif not imperfect:
         n_perfect = n
-    rng = random.Random(derive_seed(seed, "tree-select"))
     chosen = [rng.choice(perfect) for _ in range(n_perfect)]
     if n - n_perfect:
         chosen += rng.choices(
@@ -241,6 +279,56 @@ def fork_points(
     return points
 
 
+BACKEND_KEYS = ("world", "backends_config", "adapters", "adapter_paths")
+"""The keys of a run's config that say which backends it ran on (``agent_graph.rollout``)."""
+
+
+def parent_backends(store: TrajectoryStore, run_ids: str | Sequence[str]) -> dict[str, Any]:
+    """What the runs' configs record of their backends (``BACKEND_KEYS``): ShapeWorld, or a
+    backends file and its adapter versions. One kind for all the runs, else ``ValueError``;
+    so is a run whose backends were given in code (``rollout(context=...)``: nothing to
+    rebuild them from)."""
+    run_ids = run_list(run_ids)
+    if not run_ids:
+        raise ValueError("no parent run: the start states name none (give parent_runs=)")
+    recorded = {}
+    for run_id in run_ids:
+        config = store.run(run_id).config
+        recorded[run_id] = {key: config[key] for key in BACKEND_KEYS if key in config}
+    first_id, first = next(iter(recorded.items()))
+    for run_id, backends in recorded.items():
+        if backends != first:
+            raise ValueError(
+                f"runs {first_id[:12]} ({_backends_label(first)}) and {run_id[:12]} "
+                f"({_backends_label(backends)}) were recorded on different backends; fork the "
+                "runs of one kind at a time"
+            )
+    if first.get("world") not in ("shapeworld", "config"):
+        raise ValueError(
+            f"run {first_id[:12]} was recorded with backends given in code "
+            f"(world {first.get('world')!r}), which its config cannot rebuild: fork it in "
+            "Python with fork(..., backends=...)"
+        )
+    return first
+
+
+def _backends_label(backends: Mapping[str, Any]) -> str:
+    if backends.get("world") == "config":
+        adapters = backends.get("adapters") or {}
+        with_ = ", ".join(f"{role} {label}" for role, label in sorted(adapters.items()))
+        return f"{backends['backends_config']}" + (f" with {with_}" if with_ else "")
+    return str(backends.get("world", "no recorded backends"))
+
+
+def _parent_runs(starts: Sequence[StartState], given: Sequence[str]) -> list[str]:
+    """The given parent runs, then any other run a start state names, in order."""
+    runs = list(dict.fromkeys(given))
+    for start in starts:
+        if start.run_id is not None and start.run_id not in runs:
+            runs.append(start.run_id)
+    return runs
+
+
 async def fork(
     store: TrajectoryStore,
     starts: Sequence[StartState],
@@ -253,20 +341,39 @@ async def fork(
     name: str | None = None,
     settings: GraphSettings | None = None,
     concurrency: int = 64,
+    backends: Backends | None = None,
 ) -> str:
     """Run G continuations of every start state with ``stop_policy`` as the stop policy, recorded
     into a new run of ``store`` (the store holding the start states' images); returns its id.
 
-    The run's config names the stop policy and holds ``tree``: the stage, the parent runs, and
+    The continuations run on the backends the parent runs (``parent_runs`` and the runs the
+    start states were recorded in) were recorded with (:func:`parent_backends`): ShapeWorld,
+    or the same backends file, with the adapter versions the parents recorded loaded again on
+    its servers (``agent_graph.deploy.redeploy``; a file whose adapters changed since is a
+    ``VersionError``). The router is the built-in ``auto``: it decides only in ``plan``, before
+    any fork point. ``backends`` (code) replaces them, for parents whose backends were given in
+    code.
+
+    The run's config records the backends as a rollout does (``world``, ``backends_config``,
+    ``adapters``), names the stop policy and holds ``tree``: the stage, the parent runs, and
     per group (fork point) the parent trajectory, step, node and V̂.
     """
     points = fork_points(starts, group_size, seed)
+    parents = _parent_runs(starts, parent_runs)
     budget = points[0][0].budget if points else Budget()
-    config = run_config("auto", budget)
+    deployment = None
+    if backends is None:
+        recorded = parent_backends(store, parents)
+        deployment = await redeploy(store, recorded, run_name=f"parent run {parents[0][:12]}")
+        config = run_config("auto", budget, recorded.get("backends_config"))
+        config.update(deployment.record())  # the adapter versions loaded
+    else:
+        config = run_config("auto", budget)
+        config["world"] = "context"
     config["stop_policy"] = f"{stop_policy.name}@{stop_policy.version}"
     if settings is not None:
         config["settings"] = {"width": settings.width, "height": settings.height}
-    parents = {
+    forks = {
         s.point: {
             "trajectory": s.trajectory_id,
             "step": s.step_seq,
@@ -278,17 +385,25 @@ async def fork(
     }
     config["tree"] = {
         "stage": stage,
-        "parent_runs": list(parent_runs),
+        "parent_runs": parents,
         "group_size": group_size,
         "seed": seed,
-        "forks": parents,
+        "forks": forks,
     }
     run = store.create_run(name or f"tree-{stage}", config)
     async with SQLRecorder(store, run.id) as recorder:
-        context = shapeworld_policy_context(
-            stop_policy=stop_policy, images=store, recorder=recorder, settings=settings
-        )
-
+        if deployment is not None:
+            context = deployment.context(store, recorder, settings)
+        else:
+            context = ReasonerContext(
+                backends=backends,
+                mode_policy=builtin_mode_policy("auto"),
+                stop_policy=stop_policy,
+                images=store,
+                settings=settings or GraphSettings(),
+                recorder=recorder,
+            )
+        context = dataclasses.replace(context, stop_policy=stop_policy)  # the trained one
         runner = Runner(context, concurrency=concurrency, keep_steps=False)
         store.register_trajectories(run.id, [state for state, _ in points])
         await runner.resume(points, description=f"tree {stage}")
@@ -412,13 +527,17 @@ async def tree_iterations(
     starts: int = 32,
     group_size: int = 8,
     perfect_share: float = 0.15,
+    weighting: str = "uniform",
     rounds: int | None = None,
     seed: int = 0,
     settings: GraphSettings | None = None,
     save_dir: str | Path | None = None,
+    backends: Backends | None = None,
 ) -> tuple[Any, list[StageIteration]]:
-    """Tree-RL on one stage: per iteration, draw ``starts`` start states from the runs, fork G
-    continuations with the current policy version (on-policy), train on the stage groups.
+    """Tree-RL on one stage: per iteration, draw ``starts`` start states from the runs
+    (:func:`select_start_states` with ``perfect_share`` and ``weighting``), fork G
+    continuations with the current policy version (on-policy) on the runs' own backends
+    (``backends``: given in code instead; see :func:`fork`), train on the stage groups.
     ``trainer`` is a ``GRPOTrainer`` of the stage's policy whose config is a
     :func:`stage_config`. With ``save_dir``, every version is saved under
     ``save_dir/<name>-<version>`` and registered in the store. Returns (last policy version,
@@ -426,6 +545,8 @@ async def tree_iterations(
     run_ids = run_list(run_ids)
     if trainer.config.outcome_reward != STAGE_REWARD[stage]:
         raise ValueError("train a stage with stage_config(config, stage)")
+    if backends is None:
+        parent_backends(store, run_ids)  # one kind, rebuildable: refused before any fork
     candidates = stage_start_states(store, run_ids, stage, rounds=rounds)
     if not candidates:
         raise ValueError(f"no {stage} start states in {', '.join(run_ids)}")
@@ -433,7 +554,11 @@ async def tree_iterations(
     log = []
     for index in range(iterations):
         chosen = select_start_states(
-            candidates, starts, perfect_share=perfect_share, seed=derive_seed(seed, index)
+            candidates,
+            starts,
+            perfect_share=perfect_share,
+            weighting=weighting,
+            seed=derive_seed(seed, index),
         )
         run_id = await fork(
             store,
@@ -445,6 +570,7 @@ async def tree_iterations(
             parent_runs=run_ids,
             name=f"tree-{stage}-{index}",
             settings=settings,
+            backends=backends,
         )
         groups = read_stage_groups(store, run_id, stage, policy=policy.name, version=policy.version)
         store_member_rewards(store, groups)  # the stage rewards: stored before use

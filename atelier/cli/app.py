@@ -75,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--mode",
         choices=MODES,
-        default="auto",
         help="auto = rule-based router; random = uniform router; escalate = direct, then up "
         "to 3 reflect rounds (capped by --max-rounds), then decompose if the reflector still "
-        "rejects the image, as one trajectory (default: auto)",
+        "rejects the image, as one trajectory (default: the --config file's [policies] router "
+        "if it names one, else auto)",
     )
     run.add_argument("--out", type=Path, help="save the final image here (.png)")
     run.add_argument("--seed", type=int, default=0, help="trajectory seed (default: 0)")
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="most reflect→refine correction rounds (default: 4)",
     )
     _add_config(run)
+    _add_versions(run)
     add_db(run)
     run.add_argument("--no-record", action="store_true", help="do not write to the store")
     run.set_defaults(handler=cmd_run)
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, default=64, help="trajectories in flight (default: 64)"
     )
     demo.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
+    _add_versions(demo, demo=True)
     add_db(demo)
     demo.add_argument("--no-record", action="store_true", help="do not write to the store")
     demo.set_defaults(handler=cmd_demo)
@@ -128,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument(
         "--mode",
         choices=MODES,
-        default="random",
-        help="mode policy (default: random, for exploration); escalate = SAIR's SFT data "
-        "pipeline: direct, then up to 3 reflect rounds, then decompose while still rejected",
+        help="mode policy (default: the --config file's [policies] router if it names one, "
+        "else random, for exploration); escalate = SAIR's SFT data pipeline: direct, then up "
+        "to 3 reflect rounds, then decompose while still rejected",
     )
     rollout.add_argument("--seed", type=int, default=0)
     rollout.add_argument("--max-rounds", type=int, default=4)
@@ -142,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rollout.add_argument("--name", help="run name (must be new: `resume NAME` then finds this run)")
     _add_config(rollout)
+    _add_versions(rollout)
     add_db(rollout)
     rollout.set_defaults(handler=cmd_rollout)
 
@@ -193,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume = commands.add_parser("resume", help="finish a killed run's unfinished trajectories")
     resume.add_argument("run", help="run id, id prefix or name")
     resume.add_argument("--concurrency", type=int, default=64)
+    _add_versions(resume, resume=True)
     add_db(resume)
     resume.set_defaults(handler=cmd_resume)
 
@@ -213,19 +217,95 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_config(path: Path | None) -> None:
-    if path is None:
+def _add_versions(
+    parser: argparse.ArgumentParser, *, resume: bool = False, demo: bool = False
+) -> None:
+    """``--router`` and ``--stop``: trained decision-policy versions."""
+    ref = "name@version (registered in the store by `atelier train`, e.g. {}) or a saved version's "
+    if resume:
+        parser.add_argument(
+            "--router",
+            metavar="REF",
+            help="the router version the run was recorded with (optional: resume always "
+            "continues with the recorded policies; another version is refused)",
+        )
+        parser.add_argument(
+            "--stop",
+            metavar="REF",
+            help="the stop policy version the run was recorded with (optional, as --router)",
+        )
         return
+    if demo:
+        router_help = "also run this trained router version, as one more column named by it"
+        stop_help = "every column stops with this trained stop policy version"
+    else:
+        config = "default: the --config file's [policies] {}, if any"
+        router_help = (
+            "route with this trained router (mode policy) version instead of a built-in "
+            f"--mode (not both; {config.format('router')})"
+        )
+        stop_help = (
+            "stop with this trained stop policy version instead of following the "
+            f"reflection's verdict ({config.format('stop')})"
+        )
+    for flag, text, example in (
+        ("--router", router_help, "router@3"),
+        ("--stop", stop_help, "stop@2"),
+    ):
+        parser.add_argument(flag, metavar="REF", help=f"{text}: {ref.format(example)}directory")
+
+
+def _check_versions(args: argparse.Namespace, store) -> tuple:
+    """``--router`` and ``--stop`` resolved (``store``: where ``name@version`` is looked up;
+    None: none exists); a bad reference is one ``CliError`` line, before anything runs."""
+    from policies.deployed import VersionError, resolve_version
+
+    if args.router is not None and getattr(args, "mode", None) is not None:
+        raise CliError(
+            f"--mode {args.mode} and --router {args.router} both choose the router: give one "
+            "(--router replaces the built-in mode policy)"
+        )
+    try:
+        return tuple(
+            None if ref is None else resolve_version(ref, kind, store)
+            for kind, ref in (("router", args.router), ("stop", args.stop))
+        )
+    except VersionError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _lookup_store(args: argparse.Namespace):  # -> TrajectoryStore | None
+    """For a command that records nothing: the store to look versions up in, if it exists."""
+    from agent_graph.rollout import database_url
+
+    url = database_url(args.db)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return None
+    return open_store(args)
+
+
+def _check_config(path: Path | None, mode: str | None = None):  # -> BackendsConfig | None
+    """The config at ``path``, validated (None without one); a note when ``--mode`` replaces
+    the router its ``[policies]`` names."""
+    if path is None:
+        return None
     from pydantic import ValidationError
 
     from nodes.backends.config import ConfigError, load_config
 
     try:
-        load_config(path)
+        config = load_config(path)
     except ConfigError as exc:  # already names the file and the bad key
         raise CliError(str(exc)) from None
     except (OSError, ValueError, ValidationError) as exc:
         raise CliError(f"bad config {path}: {exc}") from None
+    if mode is not None and config.policies is not None and config.policies.router is not None:
+        print(
+            f"atelier: note: --mode {mode} replaces {path}'s [policies] router "
+            f"({config.policies.router})",
+            file=sys.stderr,
+        )
+    return config
 
 
 def _check_store_failure(store, exc: BaseException, run_ref: str | None) -> None:
@@ -298,8 +378,9 @@ def _check_backend_build_failure(exc: BaseException) -> None:
     """A backend the config names could not be built (an adapter that does not load, a model
     folder that is not a model): one line, exit 2, as for a config that does not parse."""
     from nodes.backends.config import ConfigError
+    from policies.deployed import VersionError
 
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, (ConfigError, VersionError)):
         raise CliError(str(exc)) from None
 
 
@@ -328,11 +409,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError("--max-rounds must be 0 or more")
     if args.out is not None:
         _check_output_path(args.out)
-    _check_config(args.config)
+    _check_config(args.config, args.mode)
 
     from pydantic import ValidationError
 
-    from agent_graph.presets import config_context, shapeworld_context
     from agent_graph.runner import Runner
     from nodes.state import Budget, Task
 
@@ -344,25 +424,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent_graph.show import print_trajectory
 
     if args.no_record:
+        from agent_graph.deploy import deploy
+        from storage.images import MemoryImageStore
+
+        lookup = _lookup_store(args)
+        router, stop = _check_versions(args, lookup)
+        images = MemoryImageStore()
+
+        async def work():
+            deployment = await deploy(
+                lookup, backends_config=args.config, mode=args.mode, router=router, stop=stop
+            )
+            return await Runner(deployment.context(images), budget=budget).run_one(task)
+
         try:
-            if args.config is not None:
-                context = config_context(args.config, args.mode)
-            else:
-                context = shapeworld_context(args.mode)
-            result = asyncio.run(Runner(context, budget=budget).run_one(task))
+            result = asyncio.run(work())
         except Exception as exc:
             _check_backend_build_failure(exc)
             raise
-        images = context.images
     else:
         from agent_graph.rollout import rollout
 
         store = images = open_store(args, must_exist=False)
+        router, stop = _check_versions(args, store)
         run_id = uuid.uuid4().hex
         work = rollout(
             store,
             [task],
             mode=args.mode,
+            router=router,
+            stop=stop,
             budget=budget,
             name="run",
             keep_steps=True,
@@ -392,19 +483,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     console = Console()
     store = None if args.no_record else open_store(args, must_exist=False)
+    router, stop = _check_versions(args, store if store is not None else _lookup_store(args))
     freeze_startup_heap()
-    report = asyncio.run(
-        run_demo(
-            args.per_category,
-            args.seed,
-            concurrency=args.concurrency,
-            progress=console.is_terminal,
-            store=store,
+    try:
+        report = asyncio.run(
+            run_demo(
+                args.per_category,
+                args.seed,
+                concurrency=args.concurrency,
+                progress=console.is_terminal,
+                store=store,
+                router=router,
+                stop=stop,
+            )
         )
-    )
+    except Exception as exc:
+        _check_backend_build_failure(exc)
+        raise
     console.print(render_report(report))
-    mix = ", ".join(f"{mode} {count}" for mode, count in sorted(report.mode_mix["auto"].items()))
-    console.print(f"auto (rule-based router) chose: {mix}")
+    routers = [("auto", "auto (rule-based router)")]
+    if router is not None:
+        routers.append((router.label, router.label))
+    for column, label in routers:
+        mix = ", ".join(f"{m} {count}" for m, count in sorted(report.mode_mix[column].items()))
+        console.print(f"{label} chose: {mix}")
+    if stop is not None:
+        console.print(f"every column stopped with {stop.label}")
     if args.markdown:
         args.markdown.write_text(report_markdown(report) + "\n")
         console.print(f"wrote {args.markdown}")
@@ -444,15 +548,22 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         budget = Budget(max_rounds=args.max_rounds)
     except ValidationError as exc:
         raise CliError(exc.errors()[0]["msg"]) from None
-    _check_config(args.config)
+    config = _check_config(args.config, args.mode)
     store = open_store(args, must_exist=False)
     _check_run_name_free(store, args.name)
+    router, stop = _check_versions(args, store)
+    mode = args.mode
+    named = config is not None and config.policies is not None and config.policies.router
+    if mode is None and router is None and not named:
+        mode = "random"  # exploration, unless the config names a router version
     run_id = uuid.uuid4().hex
     freeze_startup_heap()
     work = rollout(
         store,
         tasks,
-        mode=args.mode,
+        mode=mode,
+        router=router,
+        stop=stop,
         budget=budget,
         name=args.name,
         concurrency=args.concurrency,
@@ -678,7 +789,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise CliError("--concurrency must be at least 1")
     freeze_startup_heap()
-    work = resume_run(store, run.id, concurrency=args.concurrency, progress=sys.stderr.isatty())
+    work = resume_run(
+        store,
+        run.id,
+        router=args.router,
+        stop=args.stop,
+        concurrency=args.concurrency,
+        progress=sys.stderr.isatty(),
+    )
     try:
         outcome = _run_recording(store, run.id, work, args.run)
     except ValueError as exc:

@@ -69,8 +69,9 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
     )
     tree = train.add_argument_group(
         "Tree-RL (R3)",
-        "with --run: fork G continuations from stored stage start states and train the stage's "
-        "policy on per-fork-point groups with R3's stage rewards",
+        "with --run: fork G continuations from stored stage start states, on the backends the "
+        "runs were recorded with, and train the stage's policy on per-fork-point groups with "
+        "R3's stage rewards",
     )
     tree.add_argument(
         "--tree-stage",
@@ -82,7 +83,13 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
         "--perfect-share",
         type=float,
         default=0.15,
-        help="share of start states drawn from already-perfect ones (R3: 0.15)",
+        help="chance that a start state is drawn from already-perfect ones (R3: 0.15)",
+    )
+    tree.add_argument(
+        "--start-weighting",
+        choices=("uniform", "room"),
+        default="uniform",
+        help="how imperfect start states are drawn: uniform (R3's released code) or room (∝ 1 − V̂)",
     )
     train.add_argument(
         "--out",
@@ -402,29 +409,39 @@ def _train_tree(
 ) -> int:
     from atelier.cli.common import resolve_run
     from atelier.cli.errors import CliError
+    from nodes.backends.config import ConfigError
+    from policies.deployed import VersionError
     from training.decisions.trainer import GRPOTrainer
-    from training.tree import stage_config, stage_start_states, tree_iterations
+    from training.tree import parent_backends, stage_config, stage_start_states, tree_iterations
 
     runs = [resolve_run(store, ref).id for ref in args.run]
+    try:  # the forks run on the runs' own backends: one kind, rebuildable from their config
+        parent_backends(store, runs)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     if not stage_start_states(store, runs, args.tree_stage):
         raise CliError(f"no {args.tree_stage} start states in {', '.join(args.run)}")
     policy = _reserved_policy(args, store, args.iterations)
     trainer = GRPOTrainer(policy, stage_config(_config(args), args.tree_stage))
     freeze_startup_heap()
-    policy, log = asyncio.run(
-        tree_iterations(
-            store,
-            trainer,
-            runs,
-            stage=args.tree_stage,
-            iterations=args.iterations,
-            starts=args.starts,
-            group_size=args.group_size,
-            perfect_share=args.perfect_share,
-            seed=args.seed,
-            save_dir=args.out,
+    try:
+        policy, log = asyncio.run(
+            tree_iterations(
+                store,
+                trainer,
+                runs,
+                stage=args.tree_stage,
+                iterations=args.iterations,
+                starts=args.starts,
+                group_size=args.group_size,
+                perfect_share=args.perfect_share,
+                weighting=args.start_weighting,
+                seed=args.seed,
+                save_dir=args.out,
+            )
         )
-    )
+    except (ConfigError, VersionError) as exc:  # the backends file or its adapters changed
+        raise CliError(str(exc)) from None
     if board is not None:
         for index, it in enumerate(log):
             board.scalars(index, {**it.metrics, "starts": it.starts}, "tree")

@@ -28,10 +28,11 @@ class SamplingParams:
     """New tokens at most. Atelier's engines clamp it to what the model's context leaves after
     the prompt; a config's ``sampling.max_tokens`` sets it per backend or role."""
     top_k: int | None = None
-    """Sample among the k most likely tokens only (-1 or 0: all; None: not sent, the server's
-    default — vLLM takes it from the model's ``generation_config.json``)."""
+    """Sample among the k most likely tokens only (-1 or 0: all; None: all — the HTTP chat
+    client then sends -1, since vLLM would take an omitted one from the model's
+    ``generation_config.json``)."""
     repetition_penalty: float | None = None
-    """Penalise tokens already seen (> 1 discourages repeats; None: not sent, i.e. off)."""
+    """Penalise tokens already seen (> 1 discourages repeats; None: off — sent as 1)."""
     seed: int | None = None
     """Per-request seed; the nodes derive it from the trajectory seed so runs are reproducible."""
     logprobs: bool = True
@@ -124,6 +125,11 @@ class ScoredText:
     logprobs: tuple[float, ...]
     """``log p(token_j | messages, image, tokens_<j)`` for each token (same length)."""
     model: str = ""
+    at_generation_start: bool | None = None
+    """True when the text's tokens follow the generation prompt's tokens exactly (the
+    conversation with only the assistant header, no token merged across the boundary): the
+    text's first token is then the first token a chat request for the same messages generates.
+    False when they do not; None when the backend does not say."""
 
     @property
     def mean_logprob(self) -> float:
@@ -145,6 +151,31 @@ class ScoringChatModel(ChatModel, Protocol):
         """Log-probs of ``text`` as the assistant's reply to ``messages``; ``image``, when
         given, is attached to the last user message (a new user turn if there is none)."""
         ...
+
+
+@dataclass(frozen=True)
+class NextTokenLogprobs:
+    """The most likely first tokens of the assistant's reply to a conversation."""
+
+    logprobs: Mapping[int, float]
+    """Token id → ``log p(token | messages)`` at the first generated position, for the k most
+    likely tokens (raw log-probs: no temperature, penalty or truncation applied)."""
+    prompt_token_ids: tuple[int, ...] | None = None
+    """The prompt's token ids as the backend encoded it, when it says."""
+    model: str = ""
+
+
+@runtime_checkable
+class NextTokenScorer(Protocol):
+    """A chat model that returns the top-k log-probs of its first generated token in one call
+    (vLLM: ``max_tokens=1``, ``logprobs``, ``top_logprobs=k``). A yes/no judge reads both
+    answers from one such call when each answer is one token (``nodes.backends.vlm_judge``)."""
+
+    model_id: str
+
+    async def next_token_logprobs(
+        self, messages: Sequence[ChatMessage], k: int
+    ) -> NextTokenLogprobs: ...
 
 
 @runtime_checkable

@@ -19,11 +19,37 @@
 
     [roles]
     planner = { backend = "vlm", sampling = { max_tokens = 256 } }   # per role, over the above
-    reflector = { backend = "vlm", adapter = "reflector-v3" }   # a LoRA adapter by name
+    reflector = { backend = "vlm", adapter = "reflect@2" }   # a trained LoRA adapter version
     decomposer = "vlm"
     generator = "painter"
     editor = "painter"
     judge = "vlm"                       # optional; a chat backend judges by P(yes)
+
+    [policies]                          # optional: trained decision-policy versions
+    router = "router@3"                 # the mode policy (instead of the built-in --mode)
+    stop = "policies/stop-2"            # the stop policy (instead of following the reflection)
+
+A role's ``adapter`` (chat roles and the judge, on ``openai`` / ``inprocess-lm`` backends) is
+one of three things:
+
+- ``name@version`` (``reflect@2``): a LoRA adapter version ``atelier train`` saved and
+  registered in the store; its directory is the one the store's registry names;
+- a directory (a value with a ``/``, or starting with ``.`` or ``~``; relative to this file's
+  folder): a saved adapter, named by the store's registry when it registers that directory
+  (else by the directory's name);
+- a plain name (``reflector-v3``): an adapter the servers already serve under that name
+  (``atelier serve lm --lora NAME=DIR``, vLLM's ``--lora-modules``); nothing is loaded.
+
+A version or directory is loaded on every server of the role's backend before anything runs
+(``POST /v1/load_lora_adapter`` with ``load_inplace``, so a server already serving it is left
+with the same weights; in-process backends load it into their model), under the name
+``name@version``, which the role's requests then ask for: each recorded generation's model
+names the version. The servers read the directory at the path given (the same machine, or a
+shared filesystem). ``[policies]`` takes ``router`` and ``stop``, each ``name@version`` or a
+saved policy directory (relative to this file's folder); the command line's ``--router``,
+``--stop`` (and ``--mode``, for the router) override them. ``name@version`` needs the store
+(``--db``): :func:`configure_backends` resolves every version and says what is wrong with one
+(not registered, its directory missing, a router where a stop policy or an adapter belongs).
 
 ``sampling`` (on ``openai`` / ``inprocess-lm`` backends, and on chat roles) takes
 ``max_tokens``, ``temperature``, ``top_p``, ``top_k`` and ``repetition_penalty``; a role's
@@ -36,11 +62,15 @@ model of the right kind. Unknown keys are errors naming the key (``extra="forbid
 
 ``build_backends(load_config(path))`` returns ``{role: backend}`` for planner, reflector,
 decomposer, generator, editor and judge (None when absent). Building connects to nothing: HTTP
-clients open connections on first use; in-process models load here.
+clients open connections on first use; in-process models load here. It requests adapters by
+name and loads none: :func:`configure_backends` resolves the versions a config names against a
+store, builds the backends, and its ``load_adapters()`` loads the adapter versions on the servers
+(what ``atelier run``/``rollout``/``resume --config`` do).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -55,6 +85,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from policies.deployed import DeployedVersion, VersionError, is_version_name, resolve_version
 
 CHAT_ROLES = ("planner", "reflector", "decomposer")
 IMAGE_ROLES = ("generator", "editor")
@@ -222,15 +254,27 @@ BackendSpec = Annotated[
 
 class RoleSpec(_Strict):
     backend: str
-    adapter: str | None = None
-    """LoRA adapter name to request (chat roles on openai / inprocess-lm backends)."""
+    adapter: str | None = Field(None, min_length=1)
+    """A LoRA adapter (chat roles on openai / inprocess-lm backends): ``name@version``, a saved
+    adapter's directory, or the name of one the servers already serve (see the module doc)."""
     sampling: SamplingSpec | None = None
     """Sampling fields for this role's requests, over its backend's ``sampling``."""
+
+
+class PoliciesSpec(_Strict):
+    """Trained decision-policy versions: ``name@version`` (registered in the store) or a saved
+    policy directory (relative to the config file's folder)."""
+
+    router: str | None = Field(None, min_length=1)
+    """The mode policy (replaces the built-in one ``--mode`` picks)."""
+    stop: str | None = Field(None, min_length=1)
+    """The stop policy (replaces following the reflection's verdict)."""
 
 
 class BackendsConfig(_Strict):
     backends: dict[str, BackendSpec] = Field(min_length=1)
     roles: dict[Role, str | RoleSpec]
+    policies: PoliciesSpec | None = None
 
     @model_validator(mode="after")
     def _check_roles(self) -> BackendsConfig:
@@ -309,6 +353,30 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             for name, path in adapters.items():
                 if isinstance(path, str) and not Path(path).expanduser().is_absolute():
                     adapters[name] = str((base / path).resolve())
+    for spec in (data.get("roles") or {}).values():
+        adapter = spec.get("adapter") if isinstance(spec, dict) else None
+        if isinstance(adapter, str) and adapter_kind(adapter) == "directory":
+            spec["adapter"] = _absolute(adapter, base)
+    policies = data.get("policies")
+    if isinstance(policies, dict):
+        for kind, ref in policies.items():
+            if isinstance(ref, str) and ref.strip() and not is_version_name(ref):
+                policies[kind] = _absolute(ref, base)
+
+
+def _absolute(path: str, base: Path) -> str:
+    expanded = Path(path).expanduser()
+    return str(expanded if expanded.is_absolute() else (base / expanded).resolve())
+
+
+def adapter_kind(adapter: str) -> Literal["version", "directory", "name"]:
+    """How a role's ``adapter`` reads: ``name@version``, a directory (a ``/``, or a leading
+    ``.`` or ``~``), or the plain name of an adapter the servers already serve."""
+    if is_version_name(adapter):
+        return "version"
+    if "/" in adapter or "\\" in adapter or adapter.startswith((".", "~")):
+        return "directory"
+    return "name"
 
 
 def _role_errors(errors: list[Any]) -> list[Any]:
@@ -567,21 +635,29 @@ def _image_settings(spec: Any) -> dict[str, Any]:
     return settings
 
 
-def _for_role(role: str, built: Any, spec: Any, role_spec: RoleSpec, shared: dict[Any, Any]) -> Any:
-    """The object serving ``role``; ``shared`` keeps one wrapper per distinct setting, so
-    roles configured alike share one object as they share the backend."""
+def _for_role(
+    role: str,
+    built: Any,
+    spec: Any,
+    role_spec: RoleSpec,
+    shared: dict[Any, Any],
+    adapter: str | None,
+) -> Any:
+    """The object serving ``role`` (requesting ``adapter``: its served name); ``shared`` keeps
+    one wrapper per distinct setting, so roles configured alike share one object as they share
+    the backend."""
     from nodes.backends.overrides import SampledChatModel, sized_image_model
 
     if isinstance(spec, ShapeWorldBackend):
         return getattr(built, role)
-    if role_spec.adapter:
-        built = built.with_adapter(role_spec.adapter)
+    if adapter:
+        built = built.with_adapter(adapter)
     if role == "judge":
         from nodes.backends.vlm_judge import VLMJudge
 
         return VLMJudge(built)
     if role in CHAT_ROLES and (sampling := _sampling(spec, role_spec)):
-        key = (role_spec.backend, role_spec.adapter, tuple(sorted(sampling.items())))
+        key = (role_spec.backend, adapter, tuple(sorted(sampling.items())))
         return shared.setdefault(key, SampledChatModel(built, sampling))
     if role in IMAGE_ROLES and (settings := _image_settings(spec)):
         key = (role_spec.backend, "image")
@@ -589,12 +665,22 @@ def _for_role(role: str, built: Any, spec: Any, role_spec: RoleSpec, shared: dic
     return built
 
 
-def build_backends(config: BackendsConfig) -> dict[str, Any]:
-    """``{role: backend}`` for every role (``judge`` is None when the config names none).
+def served_adapter(
+    role: str, role_spec: RoleSpec, versions: ConfigVersions | None = None
+) -> str | None:
+    """The adapter name a role's requests ask for: its resolved version's ``name@version``, else
+    the name as written (a directory not resolved: its name)."""
+    adapter = role_spec.adapter
+    if versions is not None and role in versions.adapters:
+        return versions.adapters[role].label
+    if adapter and adapter_kind(adapter) == "directory":
+        return Path(adapter).name
+    return adapter
 
-    Backends used by several roles are built once and shared (one connection pool, one model
-    in memory). The dict's keys match :class:`nodes.context.Backends`' fields.
-    """
+
+def _build(
+    config: BackendsConfig, versions: ConfigVersions | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     used = {spec.backend for spec in map(config.role, ROLES) if spec is not None}
     built = {name: build_backend(name, config.backends[name]) for name in sorted(used)}
     result: dict[str, Any] = {}
@@ -605,10 +691,127 @@ def build_backends(config: BackendsConfig) -> dict[str, Any]:
             result[role] = None
             continue
         spec = config.backends[role_spec.backend]
-        result[role] = _for_role(role, built[role_spec.backend], spec, role_spec, shared)
-    return result
+        adapter = served_adapter(role, role_spec, versions)
+        result[role] = _for_role(role, built[role_spec.backend], spec, role_spec, shared, adapter)
+    return result, built
 
 
-def load_backends(path: str | Path) -> dict[str, Any]:
-    """``build_backends(load_config(path))``."""
-    return build_backends(load_config(path))
+def build_backends(
+    config: BackendsConfig, versions: ConfigVersions | None = None
+) -> dict[str, Any]:
+    """``{role: backend}`` for every role (``judge`` is None when the config names none).
+
+    Backends used by several roles are built once and shared (one connection pool, one model
+    in memory). The dict's keys match :class:`nodes.context.Backends`' fields. Roles request
+    their adapters by name (``versions``: as :func:`resolve_versions` named them); nothing is
+    loaded here (see :func:`configure_backends`).
+    """
+    return _build(config, versions)[0]
+
+
+def load_backends(path: str | Path, *, store: Any = None) -> dict[str, Any]:
+    """``build_backends`` of the config at ``path`` (adapter versions resolved against
+    ``store`` when given, else requested by the name written; none is loaded)."""
+    config = load_config(path)
+    versions = resolve_versions(config, store, str(path)) if store is not None else None
+    return build_backends(config, versions)
+
+
+# --- trained versions ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigVersions:
+    """The trained versions a config names, resolved: ``[policies]`` and the roles' adapters."""
+
+    router: DeployedVersion | None = None
+    stop: DeployedVersion | None = None
+    adapters: dict[str, DeployedVersion] = dataclasses.field(default_factory=dict)
+    """role -> the adapter version it requests (roles naming a plain served name are absent)."""
+
+
+def resolve_versions(
+    config: BackendsConfig, store: Any = None, source: str = "<config>"
+) -> ConfigVersions:
+    """Every version the config names, checked (``name@version`` looked up in ``store``): a
+    :class:`ConfigError` naming the file, the key and what is wrong."""
+    from nodes.backends.model_dirs import adapter_dir_problem
+
+    try:
+        policies = config.policies or PoliciesSpec()
+        router = _policy_version(policies.router, "router", store, source)
+        stop = _policy_version(policies.stop, "stop", store, source)
+        adapters = {}
+        for role in ROLES:
+            role_spec = config.role(role)
+            if role_spec is None or not role_spec.adapter:
+                continue
+            if adapter_kind(role_spec.adapter) == "name":
+                continue  # served already under that name: nothing to load or resolve
+            where = f"{source}: roles.{role}.adapter"
+            version = resolve_version(role_spec.adapter, "adapter", store, what=where)
+            problem = adapter_dir_problem(version.path)
+            if problem:
+                raise ConfigError(f"{where} {role_spec.adapter}: {problem}")
+            adapters[role] = version
+    except VersionError as error:
+        raise ConfigError(str(error)) from None
+    return ConfigVersions(router, stop, adapters)
+
+
+def _policy_version(ref: str | None, kind: str, store: Any, source: str) -> DeployedVersion | None:
+    if ref is None:
+        return None
+    # A value that is not name@version was made absolute when loaded: a path, not a name.
+    value: str | Path = ref if is_version_name(ref) else Path(ref)
+    return resolve_version(value, kind, store, what=f"{source}: policies.{kind}")
+
+
+@dataclasses.dataclass
+class ConfiguredBackends:
+    """A config's backends, built, with the versions it names resolved
+    (:func:`configure_backends`); ``await load_adapters()`` before the first request."""
+
+    config: BackendsConfig
+    roles: dict[str, Any]
+    """``{role: backend}``, as :func:`build_backends` returns it."""
+    versions: ConfigVersions
+    built: dict[str, Any]
+    """backend name -> the built backend (what the adapters are loaded into)."""
+    source: str = "<config>"
+
+    def adapter_loads(self) -> list[tuple[str, str, DeployedVersion]]:
+        """(first role, backend name, version) for each distinct adapter to load."""
+        loads: dict[tuple[str, str, str], tuple[str, str, DeployedVersion]] = {}
+        for role, version in self.versions.adapters.items():
+            backend = self.config.role(role).backend  # type: ignore[union-attr]
+            loads.setdefault((backend, version.label, version.path), (role, backend, version))
+        return list(loads.values())
+
+    async def load_adapters(self) -> None:
+        """Load every adapter version on every server (replica) of its backend, under its
+        ``name@version``; a failure is a :class:`ConfigError` naming the role and the reason."""
+        for role, backend, version in self.adapter_loads():
+            target = self.built[backend]
+            try:
+                await target.load_adapter(version.label, version.path, inplace=True)
+            except Exception as error:  # HTTP errors, a bad adapter, a server that is down
+                reason = " ".join(str(error).split()) or type(error).__name__
+                raise ConfigError(
+                    f"{self.source}: roles.{role}.adapter: loading {version.label} "
+                    f"({version.path}) on backend {backend!r} failed: {reason[:300]}"
+                ) from None
+
+
+def configure_backends(
+    path: str | Path | BackendsConfig, store: Any = None, *, source: str | None = None
+) -> ConfiguredBackends:
+    """Load the config (a file, or one already parsed), resolve the versions it names against
+    ``store`` (checked before any model loads), and build its backends."""
+    if isinstance(path, BackendsConfig):
+        config, source = path, source or "<config>"
+    else:
+        config, source = load_config(path), source or str(path)
+    versions = resolve_versions(config, store, source)
+    roles, built = _build(config, versions)
+    return ConfiguredBackends(config, roles, versions, built, source)

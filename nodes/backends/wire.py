@@ -29,7 +29,13 @@ from typing import Any
 
 from PIL import Image
 
-from nodes.backends.base import BackendError, ChatMessage, SamplingParams, TextCompletion
+from nodes.backends.base import (
+    BackendError,
+    ChatMessage,
+    NextTokenLogprobs,
+    SamplingParams,
+    TextCompletion,
+)
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 """Largest image (width × height) a server or client decodes: a decompression-bomb guard."""
@@ -254,6 +260,34 @@ def parse_chat_completion(
         finish_reason=str(choice.get("finish_reason") or "stop"),
         prompt_token_ids=None if prompt_ids is None else tuple(int(i) for i in prompt_ids),
         sampling=sampling,
+    )
+
+
+def parse_next_token_logprobs(body: Mapping[str, Any], model: str = "") -> NextTokenLogprobs:
+    """A one-token chat completion asked with ``top_logprobs`` and
+    ``return_tokens_as_token_ids`` → token id → log-prob at the first generated position (the
+    sampled token and its top alternatives). A token not spelled ``"token_id:<id>"`` (a server
+    that ignores ``return_tokens_as_token_ids``) is a :class:`WireFormatError`."""
+    choice = _first_choice(body)
+    content = (choice.get("logprobs") or {}).get("content") or []
+    if not content:
+        raise WireFormatError("the chat response has no log-probs for its first token")
+    first = content[0]
+    entries = [first, *(first.get("top_logprobs") or ())]
+    ids = _token_ids_from_logprob_tokens(entries)
+    if ids is None:
+        raise WireFormatError(
+            "the server did not return token ids in top_logprobs "
+            '(return_tokens_as_token_ids: tokens should read "token_id:<id>")'
+        )
+    logprobs = {token: float(entry["logprob"]) for token, entry in zip(ids, entries, strict=True)}
+    prompt_ids = body.get("prompt_token_ids")
+    if prompt_ids is None:
+        prompt_ids = choice.get("prompt_token_ids")
+    return NextTokenLogprobs(
+        logprobs=logprobs,
+        prompt_token_ids=None if prompt_ids is None else tuple(int(i) for i in prompt_ids),
+        model=str(body.get("model") or model),
     )
 
 

@@ -47,12 +47,15 @@ async def collect(
     settings: GraphSettings | None = None,
 ) -> tuple[str, list[TrajectoryResult]]:
     """Run ``tasks`` on ShapeWorld with these policies, recording every step; returns
-    (run id, results). Without ``mode_policy``, ``mode`` picks a built-in one as in ``rollout``."""
+    (run id, results). Without ``mode_policy``, ``mode`` picks a built-in one as in ``rollout``.
+    The run records world ``shapeworld`` (its policies are named as code): Tree-RL forks and
+    judges rebuild its backends from that."""
     context = shapeworld_policy_context(mode_policy, stop_policy, mode=mode, settings=settings)
     outcome = await rollout(
         store,
         tasks,
         context=context,
+        world="shapeworld",
         budget=budget,
         name=name or "collect",
         concurrency=concurrency,

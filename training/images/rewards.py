@@ -1,35 +1,39 @@
 """Rewards of recorded images, stored as trajectory rewards.
 
 A reward of an image policy is any stage reward stored under a name: R3's V for the draw stage,
-C_j for a refine (``training.rewards``), or any function of the final image (``score_run``).
+C_j for a refine (``training.rewards``), or any reward of the final image (``score_run``): a
+reward source of ``training.rewards.sources`` (ShapeWorld checker, VLM judge, GvU intrinsic,
+composite; async, scored concurrently) or a plain function ``reward(pil_image, prompt)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+import asyncio
+from typing import TYPE_CHECKING
 
-from storage.store import RewardInput
+from training.rewards.sources import ImageReward, RewardFunction, score_final_images
 
 if TYPE_CHECKING:
     from storage.store import TrajectoryStore
 
-ImageReward = Callable[[Any, str], float]
-"""A reward of one image: ``reward(pil_image, prompt)``."""
+__all__ = ["ImageReward", "RewardFunction", "score_final_images", "score_run"]
 
 
 def score_run(
-    store: TrajectoryStore, run_id: str, reward: ImageReward, name: str
+    store: TrajectoryStore,
+    run_id: str,
+    reward: ImageReward | RewardFunction,
+    name: str | None = None,
+    *,
+    concurrency: int = 8,
 ) -> dict[str, float]:
     """Score every succeeded trajectory's final image with ``reward`` and store it as the
-    trajectory reward ``name``; returns trajectory id → value."""
+    trajectory reward ``name`` (default: the source's name); returns trajectory id → value.
 
-    values: dict[str, float] = {}
-    for summary in store.trajectories(run=run_id, status="succeeded"):
-        if summary.final_image is None:
-            continue
-        values[summary.id] = float(reward(store.get(summary.final_image), summary.prompt))
-    store.add_rewards(
-        RewardInput(tid, name, value, source="training.images") for tid, value in values.items()
-    )
-    return values
+    The synchronous form of :func:`training.rewards.sources.score_final_images` (await that
+    one inside an event loop); a trajectory already holding ``name`` keeps its value."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(score_final_images(store, run_id, reward, name, concurrency=concurrency))
+    raise RuntimeError("score_run runs its own event loop: inside one, await score_final_images")

@@ -5,9 +5,11 @@ image judge ``nodes.backends.vlm_judge.VLMJudge``:
 
     score = P("Yes") / (P("Yes") + P("No"))
 
-from ``score_text`` log-probs of the two answers (vLLM ``prompt_logprobs``, ``atelier serve
-lm``, or an in-process engine). A reflection is asked about together with the image it looked
-at, so the model must be a VLM for reflections; plans and decompositions are text only. SAIR
+read as the judge reads it (``nodes.backends.vlm_judge.YesNoScorer``): from one request's
+first-token top log-probs when each answer is one token, else from ``score_text`` of each
+answer (vLLM ``prompt_logprobs``, ``atelier serve lm``, or an in-process engine). A reflection
+is asked about together with the image it looked at, so the model must be a VLM for
+reflections; plans and decompositions are text only. SAIR
 used Qwen3-VL-235B as its analyzer; any model works here, and how well its yes-probability
 tracks correctness is for the user to check (ShapeWorld's checker-based analyzer,
 ``nodes.backends.shapeworld.analyzer``, is exact).
@@ -15,14 +17,13 @@ tracks correctness is for the user to check (ShapeWorld's checker-based analyzer
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 
 from PIL import Image
 
 from nodes.backends.base import ChatMessage, ScoringChatModel
 from nodes.backends.protocols import Analysis
-from training.rewards.outcome import yes_probability
+from nodes.backends.vlm_judge import TOP_LOGPROBS, YesNoScorer
 
 ANALYZER_SYSTEM = "You check the intermediate steps of an image-generation agent. Answer Yes or No."
 QUESTIONS: Mapping[str, str] = {
@@ -57,12 +58,14 @@ class VLMAnalyzer:
         questions: Mapping[str, str] = QUESTIONS,
         yes: str = "Yes",
         no: str = "No",
+        top_logprobs: int = TOP_LOGPROBS,
     ) -> None:
         self.model = model
         self.system = system
         self.questions = dict(questions)
         self.yes = yes
         self.no = no
+        self.scorer = YesNoScorer(model, yes=yes, no=no, top_logprobs=top_logprobs)
 
     @property
     def model_id(self) -> str:
@@ -82,9 +85,5 @@ class VLMAnalyzer:
         question = self.questions[node].format(prompt=prompt, text=text, target=target or prompt)
         images = (image,) if image is not None else ()
         messages = [ChatMessage("system", self.system), ChatMessage("user", question, images)]
-        yes, no = await asyncio.gather(
-            self.model.score_text(messages, self.yes), self.model.score_text(messages, self.no)
-        )
-        log_yes, log_no = sum(yes.logprobs), sum(no.logprobs)
-        score = yes_probability(log_yes, log_no)
-        return Analysis(score, f"log P(yes)={log_yes:.4f}, log P(no)={log_no:.4f}")
+        answer = await self.scorer.score(messages)
+        return Analysis(answer.p_yes, answer.detail)

@@ -2,13 +2,23 @@
 
 Works against vLLM (``vllm serve ...``) and Atelier's own ``atelier serve lm``; nothing in it is
 specific to a model family. Sampling returns token ids and their log-probs; ``score_text``
-returns the log-probs of a *given* text (vLLM's ``prompt_logprobs``); LoRA adapters are
+returns the log-probs of a *given* text (vLLM's ``prompt_logprobs``, two requests);
+``next_token_logprobs`` the top-k first tokens of the reply by id (one request: what the yes/no
+judge reads when each answer is one token); LoRA adapters are
 selected by model name and loaded or unloaded at run time on every server of the pool.
 
 vLLM notes: ``return_token_ids`` needs vLLM >= 0.10.2 (older: ``legacy_token_ids=True``, which
 reads ids from ``return_tokens_as_token_ids``); ``score_text`` uses ``prompt_logprobs`` (the old
 V0 engine refuses it with prefix caching on: serve with ``--no-enable-prefix-caching`` there);
 runtime LoRA needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and ``--enable-lora``.
+
+Every sampling field the stored log-probs depend on is sent with each chat request
+(:data:`PINNED_SAMPLING`): vLLM fills any sampling field a request omits from the model's
+``generation_config.json`` (Qwen2.5-VL-7B ships ``top_k=1``, ``repetition_penalty=1.05``: all
+samples of a group would be identical and the log-probs would not be the behaviour policy's).
+Fields the caller leaves unset go out neutral (``top_k=-1``, ``min_p=0``,
+``repetition_penalty=1``); ``extra_body`` overrides any of them. Starting vLLM with
+``--generation-config vllm`` (vLLM's neutral defaults) is still advisable for other clients.
 """
 
 from __future__ import annotations
@@ -19,18 +29,36 @@ from typing import Any
 
 from PIL import Image
 
-from nodes.backends.base import ChatMessage, ChatRequest, ScoredText, TextCompletion
+from nodes.backends.base import (
+    ChatMessage,
+    ChatRequest,
+    NextTokenLogprobs,
+    ScoredText,
+    TextCompletion,
+)
 from nodes.backends.clients.pool import RetryPolicy, ServerPool, Strategy, Timeouts
 from nodes.backends.wire import (
     WireFormatError,
+    common_prefix_length,
     messages_payload,
     parse_chat_completion,
+    parse_next_token_logprobs,
     prompt_token_logprobs,
     scoring_messages,
     text_span,
 )
 
 CHAT_PATH = "/v1/chat/completions"
+PINNED_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
+"""The fields vLLM takes from the model's ``generation_config.json`` when a request omits them
+(``ModelConfig.get_diff_sampling_param`` in ``vllm/config/model.py``: ``repetition_penalty``,
+``temperature``, ``top_k``, ``top_p``, ``min_p``, and ``max_new_tokens`` as ``max_tokens``;
+``ChatCompletionRequest.to_sampling_params`` applies them to omitted fields). Every chat request
+sends each of them."""
+NEUTRAL_SAMPLING: dict[str, Any] = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+"""What the optional ones are sent as when the caller leaves them unset: vLLM's "off" values.
+``top_k=-1`` rather than 0: every vLLM version accepts -1 as off (recent ones also take 0, old
+ones refuse it), and so does ``atelier serve lm``."""
 _NOT_SAMPLING = frozenset({"model", "messages"})
 
 
@@ -92,8 +120,16 @@ class OpenAIChatClient:
         payload: dict[str, Any] = {
             "model": await self._model_name(),
             "messages": messages_payload(request.messages),
+            # Every field vLLM would otherwise take from generation_config.json (PINNED_SAMPLING),
+            # neutral unless set; extra_body, spread last, wins over all of them.
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
+            **NEUTRAL_SAMPLING,
+            **{
+                key: value
+                for key in ("top_k", "repetition_penalty")
+                if (value := getattr(sampling, key)) is not None
+            },
             "max_tokens": sampling.max_tokens,
             "logprobs": sampling.logprobs,
             "return_token_ids": True,
@@ -101,10 +137,6 @@ class OpenAIChatClient:
         }
         if sampling.seed is not None:
             payload["seed"] = sampling.seed
-        for key in ("top_k", "repetition_penalty"):  # vLLM's extensions, sent when set
-            value = getattr(sampling, key)
-            if value is not None:
-                payload.setdefault(key, value)  # extra_body wins, as for the fields above
         if request.response_format is not None:
             payload["response_format"] = dict(request.response_format)
         if self.legacy_token_ids:
@@ -165,7 +197,34 @@ class OpenAIChatClient:
             token_ids=tuple(ids[start:]),
             logprobs=tuple(float(lp) for lp in scored),  # type: ignore[arg-type]
             model=str(full.get("model") or model),
+            at_generation_start=common_prefix_length(ids, prefix_ids) == len(prefix_ids),
         )
+
+    async def next_token_logprobs(
+        self, messages: Sequence[ChatMessage], k: int
+    ) -> NextTokenLogprobs:
+        """The ``k`` most likely first tokens of the reply to ``messages``, by token id, in one
+        request: ``max_tokens=1``, ``logprobs``, ``top_logprobs=k`` (vLLM refuses k above its
+        ``--max-logprobs``, 20 by default) and ``return_tokens_as_token_ids`` (the tokens come
+        back as ``"token_id:<id>"``, so they are matched by id, never by their text). Greedy,
+        with every field of :data:`PINNED_SAMPLING` neutral, so the log-probs are the raw ones
+        whatever the server's logprobs mode; ``extra_body`` cannot override these fields."""
+        payload: dict[str, Any] = {
+            **self.extra_body,
+            "model": await self._model_name(),
+            "messages": messages_payload(messages),
+            "temperature": 0.0,
+            "top_p": 1.0,
+            **NEUTRAL_SAMPLING,
+            "max_tokens": 1,
+            "seed": 0,
+            "logprobs": True,
+            "top_logprobs": k,
+            "return_tokens_as_token_ids": True,
+            "return_token_ids": True,
+        }
+        body = await self.pool.post_json("next_token_logprobs", CHAT_PATH, payload)
+        return parse_next_token_logprobs(body, payload["model"])
 
     # --- LoRA adapters and models ------------------------------------------------------------
 

@@ -15,10 +15,21 @@ from typing import Any
 
 from PIL import Image
 
-from nodes.backends.base import ChatMessage, ChatRequest, ScoredText, TextCompletion
+from nodes.backends.base import (
+    ChatMessage,
+    ChatRequest,
+    NextTokenLogprobs,
+    ScoredText,
+    TextCompletion,
+)
 from nodes.backends.engines.service import ModelService
 from nodes.backends.lm_types import LMRequest, LMResult, PromptMessage
-from nodes.backends.wire import sampling_payload, scoring_messages, text_span
+from nodes.backends.wire import (
+    common_prefix_length,
+    sampling_payload,
+    scoring_messages,
+    text_span,
+)
 
 
 class LMService(ModelService[LMRequest, LMResult]):
@@ -131,5 +142,30 @@ class InProcessChatModel:
         return ScoredText(
             token_ids=tuple(ids),
             logprobs=tuple(float(lp) for lp in logprobs if lp is not None),
+            model=self.model_id,
+            at_generation_start=(
+                common_prefix_length(full.prompt_token_ids, prefix_ids) == len(prefix_ids)
+            ),
+        )
+
+    async def next_token_logprobs(
+        self, messages: Sequence[ChatMessage], k: int
+    ) -> NextTokenLogprobs:
+        """The ``k`` most likely first tokens of the reply to ``messages`` (raw log-probs, one
+        greedy step), as the HTTP client's one request gets them."""
+        result = await self.service.run(
+            LMRequest(
+                messages=[PromptMessage.from_chat(m) for m in messages],
+                max_tokens=1,
+                temperature=0.0,
+                top_logprobs=k,
+                adapter=self.adapter,
+            )
+        )
+        if not result.top_logprobs:
+            raise ValueError("the model generated no token to read log-probs from")
+        return NextTokenLogprobs(
+            logprobs={token: lp.logprob for token, lp in result.top_logprobs[0].items()},
+            prompt_token_ids=tuple(result.prompt_token_ids),
             model=self.model_id,
         )

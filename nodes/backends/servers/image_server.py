@@ -13,6 +13,11 @@
   active adapter of every request;
 - ``return_transitions: true`` on a generation (SD3 pipelines): Flow-GRPO's SDE sampling, each
   image with its stochastic transitions (``nodes.backends.flow``; latents base64 safetensors).
+  An Atelier extension: vLLM-Omni has no such field;
+- ``lora`` (vLLM-Omni's per-request diffusion LoRA, ``{name, local_path, scale}``; a JSON
+  string in edit forms): this server applies its one loaded adapter to every request, so the
+  field is honoured when it names that adapter (at scale 1, with its path if one is given) and
+  is a 400 otherwise, never ignored.
 
 Uploaded images are decoded with the decompression-bomb guard (400 beyond the pixel limit or
 when the bytes are not an image); bodies beyond the size limit are answered 413.
@@ -21,8 +26,10 @@ when the bytes are not an image); bodies beyond the size limit are answered 413.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -69,6 +76,8 @@ class GenerationBody(BaseModel):
     stochastic transitions (latents as base64 safetensors) under ``data[i].transitions``."""
     noise_level: float | None = Field(None, ge=0.0, le=5.0)
     """The SDE's noise level for ``return_transitions`` (default 0.7)."""
+    lora: Any = None
+    """vLLM-Omni's per-request LoRA (an object, or its JSON text): see :func:`_check_lora`."""
 
 
 class EditBody(GenerationBody):
@@ -100,6 +109,7 @@ def create_image_app(
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> dict[str, Any]:
         body = _validate(GenerationBody, await read_json(request))
+        _check_lora(body.lora, service)
         size = _size(body.size, default_size, limits)
         jobs = [
             ImageJob(
@@ -153,6 +163,7 @@ def create_image_app(
                 raise HTTPError(400, f"image: {error}") from None
         else:
             body, image = await _edit_form(request, limits)
+        _check_lora(body.lora, service)
         if body.size in (None, "", "auto"):
             size = image.size
         else:
@@ -195,6 +206,36 @@ async def _edit_form(request: Request, limits: ServerLimits) -> tuple[EditBody, 
     except ImageDecodeError as error:
         raise HTTPError(400, f"image: {error}") from None
     return body, image
+
+
+def _check_lora(value: Any, service: ImageService) -> None:
+    """Accept vLLM-Omni's per-request ``lora`` only when it asks for what this server does
+    anyway: its one loaded adapter (``/v1/load_lora_adapter``) at scale 1 (and, when a path
+    is given, that adapter's path). Anything else is a 400 saying why."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise HTTPError(400, "lora: not a JSON object") from None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise HTTPError(400, "lora must be an object with a name")
+    name = value["name"]
+    loaded = dict(getattr(service.engine, "adapters", None) or {})
+    if name not in loaded:
+        raise HTTPError(
+            400,
+            f"lora {name!r} is not loaded here: this server applies its one loaded adapter "
+            f"({', '.join(map(repr, loaded)) or 'none'}) to every request; load it with "
+            "POST /v1/load_lora_adapter",
+        )
+    path = next((value[k] for k in ("local_path", "path", "lora_path") if value.get(k)), None)
+    if path is not None and Path(str(path)).resolve() != Path(loaded[name]).resolve():
+        raise HTTPError(400, f"lora {name!r} is loaded from {loaded[name]}, not {path}")
+    scale = value.get("scale")
+    if scale is not None and scale != 1:
+        raise HTTPError(400, f"lora scale {scale!r} is not supported here (only 1)")
 
 
 def _lora_body(data: Any) -> LoraBody:

@@ -5,10 +5,13 @@ Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``, `
 
 Chat fields honoured: ``model`` (base or LoRA adapter name), ``messages`` (text and base64
 ``image_url`` data-URL parts; remote URLs are refused), ``temperature``, ``top_p``, ``top_k``
-(-1 or 0: off), ``repetition_penalty``, ``max_tokens`` / ``max_completion_tokens`` (clamped to
+(-1 or 0: off), ``repetition_penalty``, ``min_p`` (0 only: there is no min-p filter here, so
+another value is a 400, not ignored), ``max_tokens`` / ``max_completion_tokens`` (clamped to
 what the model's context leaves after the prompt; a prompt that alone fills it is a 400),
-``seed``, ``logprobs``, ``top_logprobs``, ``prompt_logprobs``, ``return_token_ids``,
-``add_generation_prompt``, ``continue_final_message``, ``response_format``.
+``seed``, ``logprobs``, ``top_logprobs`` (at most 20, vLLM's default ``--max-logprobs``),
+``prompt_logprobs``, ``return_token_ids``, ``return_tokens_as_token_ids`` (log-prob tokens,
+the top ones included, spelled ``"token_id:<id>"``), ``add_generation_prompt``,
+``continue_final_message``, ``response_format``.
 ``response_format`` is best effort: decoding is not constrained; the model's text is returned
 as produced and ``choices[0].structured_output`` says whether it parsed as JSON. Not
 supported: ``n > 1``, streaming, tools, stop strings.
@@ -56,6 +59,7 @@ class ChatBody(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     repetition_penalty: float | None = Field(None, gt=0)
+    min_p: float | None = Field(None, ge=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     seed: int | None = None
@@ -63,6 +67,7 @@ class ChatBody(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
     return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     response_format: dict[str, Any] | None = None
@@ -163,6 +168,8 @@ def _lm_request(
         raise HTTPError(400, "only n = 1 is supported")
     if body.stream:
         raise HTTPError(400, "streaming is not supported")
+    if body.min_p:  # OpenAIChatClient always sends min_p (0 = off, accepted)
+        raise HTTPError(400, f"min_p {body.min_p} is not supported (only 0, off)")
     adapter: str | None = None
     if body.model is not None and body.model != service.name:
         if body.model not in service.engine.adapters:
@@ -237,8 +244,10 @@ def _finite(value: float) -> float:
     return max(value, -9999.0)
 
 
-def _logprob_entry(token_id: int, value: float, decoded: str) -> dict[str, Any]:
-    return {"token": decoded, "logprob": _finite(value), "bytes": list(decoded.encode("utf-8"))}
+def _logprob_entry(token_id: int, value: float, decoded: str, as_id: bool) -> dict[str, Any]:
+    """vLLM's shape; ``as_id`` (``return_tokens_as_token_ids``): the token is its id."""
+    token = f"token_id:{token_id}" if as_id else decoded
+    return {"token": token, "logprob": _finite(value), "bytes": list(token.encode("utf-8"))}
 
 
 def _chat_response(body: ChatBody, request: LMRequest, result: LMResult, engine: Any) -> dict:
@@ -254,10 +263,11 @@ def _chat_response(body: ChatBody, request: LMRequest, result: LMResult, engine:
         for position, (token, value) in enumerate(
             zip(result.token_ids, result.logprobs, strict=True)
         ):
-            entry = _logprob_entry(token, value, result.decoded_tokens[position])
+            as_id = body.return_tokens_as_token_ids
+            entry = _logprob_entry(token, value, result.decoded_tokens[position], as_id)
             tops = result.top_logprobs[position] if result.top_logprobs else {}
             entry["top_logprobs"] = [
-                _logprob_entry(t, lp.logprob, lp.decoded) for t, lp in tops.items()
+                _logprob_entry(t, lp.logprob, lp.decoded, as_id) for t, lp in tops.items()
             ]
             content.append(entry)
         choice["logprobs"] = {"content": content}
