@@ -176,6 +176,30 @@ def test_shapeworld_options_are_checked():
             ),
             r"backends\.b: traced sampling needs model",
         ),
+        (
+            {**config({"a": OPENAI, "b": OMNI}), "rewards": {"source": "clip"}},
+            r"rewards\.source: Input should be 'checker', 'judge' or 'gvu'",
+        ),
+        (
+            {**config({"a": OPENAI, "b": OMNI}), "rewards": {"source": "gvu", "backend": "c"}},
+            r"rewards\.backend: no backend named 'c' \(known: a, b\)",
+        ),
+        (
+            {**config({"a": OPENAI, "b": OMNI}), "rewards": {"source": "gvu", "backend": "b"}},
+            r"rewards\.backend: backend 'b' is of kind 'omni'; the scoring VLM needs",
+        ),
+        (
+            {**config({"a": OPENAI, "b": OMNI}), "rewards": {"source": "judge"}},
+            r"rewards\.source: 'judge' needs a VLM: set rewards\.backend",
+        ),
+        (
+            {**config({"a": OPENAI, "b": OMNI}), "rewards": {"top_logprobs": -1}},
+            r"rewards\.top_logprobs: Input should be greater than or equal to 0",
+        ),
+        (
+            {**config({"a": OPENAI, "b": OMNI}), "rewards": {"sorce": "gvu"}},
+            r"rewards\.sorce: Extra inputs",
+        ),
     ],
 )
 def test_bad_configs_name_the_bad_key(data, message):
@@ -263,3 +287,27 @@ async def test_traced_image_backends_from_config(tiny_sd3):
     traced = await generator.generate_traced(ImageRequest("a red circle", 32, 32, seed=3))
     assert traced.image.size == (32, 32) and len(traced.transitions) >= 1
     generator.close()
+
+
+def test_the_rewards_table_builds_the_judge_and_the_scoring_vlm_once():
+    from nodes.backends.config import RewardsSpec, build_reward_backends
+
+    roles = {**ROLE_TABLE, "judge": {"backend": "a", "adapter": "judge-v2"}}
+    other = {**OPENAI, "urls": ["http://127.0.0.1:10"]}
+    # No table: the judge role only; the default source is the stored judge score.
+    parsed = parse_config(config({"a": OPENAI, "b": OMNI}, roles))
+    assert parsed.rewards is None and RewardsSpec().source == "checker"
+    judge, model = build_reward_backends(parsed)
+    assert isinstance(judge, VLMJudge) and model is None
+    assert judge.model.model_id.endswith("judge-v2")  # with the role's adapter
+    # The table's backend is built once, shared with the judge when they name the same one.
+    shared = parse_config(
+        {**config({"a": OPENAI, "b": OMNI}, roles), "rewards": {"source": "gvu", "backend": "a"}}
+    )
+    judge, model = build_reward_backends(shared)
+    assert isinstance(model, OpenAIChatClient) and judge.model.pool is model.pool
+    table = {"source": "judge", "backend": "c", "top_logprobs": 5, "instruction": "Say it."}
+    apart = parse_config({**config({"a": OPENAI, "b": OMNI, "c": other}), "rewards": table})
+    judge, model = build_reward_backends(apart)
+    assert judge is None and model.pool.urls == ["http://127.0.0.1:10"]
+    assert apart.rewards == RewardsSpec(**table)

@@ -135,3 +135,52 @@ def test_tree_rl_stage_from_a_stored_run(tmp_path):
         "train", "--world", "shapeworld", "--tree-stage", "reflect_refine", db=db, cwd=tmp_path
     )
     assert no_run.returncode == 2 and "--run" in no_run.stderr
+
+
+def test_reward_sources_on_a_shapeworld_run(tmp_path):
+    """checker (the default) trains on the judge score each run stored, exactly as the library's
+    GRPO pipeline does; judge and gvu need a VLM, which a ShapeWorld run has not: one line."""
+    import torch
+
+    from policies.mode import LearnedModePolicy
+    from policies.weights import load_policy
+    from training.decisions.groups import read_groups
+    from training.decisions.trainer import GRPOConfig, GRPOTrainer
+
+    db = tmp_path / "sw.db"
+    rollout = atelier(
+        "rollout", "--per-category", "1", "-G", "3", "--name", "sw", db=db, cwd=tmp_path
+    )
+    assert rollout.returncode == 0, rollout.stderr
+    for source in ("gvu", "judge"):
+        done = atelier(
+            "train", "--run", "sw", "--reward-source", source, "--out", "bad", db=db, cwd=tmp_path
+        )
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert lines[0].startswith(f"atelier: error: --reward-source {source} scores images")
+        assert "recorded on ShapeWorld (no VLM)" in lines[0] and "--config FILE" in lines[0]
+    loop = atelier("train", "--world", "shapeworld", "--reward-source", "gvu", db=db, cwd=tmp_path)
+    assert loop.returncode == 2 and "--world shapeworld rolls out on ShapeWorld" in loop.stderr
+    assert not (tmp_path / "bad").exists()
+
+    default = atelier("train", "--run", "sw", "--out", "default", db=db, cwd=tmp_path)
+    assert default.returncode == 0, default.stderr
+    explicit = atelier(
+        "train", "--run", "sw", "--reward-source", "checker", "--out", "explicit",
+        db=db, cwd=tmp_path,
+    )  # fmt: skip
+    assert explicit.returncode == 0, explicit.stderr
+    with TrajectoryStore(f"sqlite:///{db}") as store:
+        run_id = store.resolve_run("sw").id
+        assert not store.rewards(name="gvu") and not store.rewards(name="vlm_yes")
+        reference = GRPOTrainer(LearnedModePolicy(seed=0), GRPOConfig(seed=0))
+        expected = reference.train(read_groups(store, run_id, "mode")).policy.parameters()
+        for out in ("default", "explicit"):
+            (path,) = (tmp_path / out).iterdir()  # a fresh policy: the first free version
+            (info,) = [v for v in store.policy_versions(name="router") if v.path == str(path)]
+            assert info.metadata["config"]["outcome_reward"] == "checker"
+            assert info.metadata["reward_source"]["kind"] == "checker"
+            trained = load_policy(path).parameters()
+            assert len(trained) == len(expected)
+            assert all(torch.equal(a, b) for a, b in zip(trained, expected, strict=True))

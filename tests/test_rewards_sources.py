@@ -498,6 +498,19 @@ def test_final_images_are_scored_once_and_drive_the_decision_reward(shapeworld_r
     rows = len(store.rewards())
     assert score_run(store, run_id, GvUReward(FixedScorer({}))) == gvu  # kept, not recomputed
     assert len(store.rewards()) == rows
+    # Another instruction is another reward: scored again, stored as the latest value (the
+    # trajectories' summaries, which training reads, follow it), and then kept in its turn.
+    other = FixedScorer({p: (math.log(m / 2),) * 3 for p, m in means.items()})
+    rescored = score_run(store, run_id, GvUReward(other, instruction="Describe the picture."))
+    assert rescored == {s.id: pytest.approx(means[s.prompt] / 2, abs=1e-12) for s in finals}
+    assert len(store.rewards()) == rows + len(finals)
+    for summary in finals:
+        assert store.trajectory(summary.id).rewards["gvu"] == pytest.approx(rescored[summary.id])
+    again = GvUReward(FixedScorer({}), instruction="Describe the picture.")
+    assert score_run(store, run_id, again) == rescored
+    assert len(store.rewards()) == rows + len(finals)
+    gvu = asyncio.run(score_final_images(store, run_id, GvUReward(scorer)))  # back, rescored
+    rows = len(store.rewards())
     red = score_run(store, run_id, lambda image, prompt: image.getpixel((0, 0))[0], "corner")
     assert red == {s.id: store.get(s.final_image).getpixel((0, 0))[0] for s in finals}
     stored = {r.trajectory_id: r for r in store.rewards(name="gvu")}

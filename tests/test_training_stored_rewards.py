@@ -195,3 +195,54 @@ def test_train_from_a_stored_run_stores_r_s_and_trains_on_it(tmp_path):
         expected = 0.5 * t.rewards["checker"] + by_trajectory[t.id]
         assert t.rewards["composite"] == pytest.approx(expected, abs=1e-12)
     store.close()
+
+
+def _darkness(image, prompt: str) -> float:
+    """A reward of the image alone: 1 − its mean grey level (ShapeWorld draws on white)."""
+    from PIL import ImageStat
+
+    return 1.0 - ImageStat.Stat(image.convert("L")).mean[0] / 255.0
+
+
+def test_the_loop_scores_each_run_with_a_reward_source_and_trains_on_it(tmp_path):
+    """``grpo_iterations(reward_source=...)``: every rollout's final images are scored and
+    stored under the source's name before the groups are read, R_o is that reward (the stored
+    composite equals it), and the saved version records the source."""
+    from training.decisions.loop import grpo_iterations
+    from training.rewards.sources import FunctionReward
+
+    store = TrajectoryStore(f"sqlite:///{tmp_path / 'loop.db'}")
+    source = FunctionReward(_darkness, "darkness")
+    tasks = [shapeworld_tasks(2, 3, seed=7)]
+    wrong = GRPOTrainer(LearnedModePolicy(seed=3), GRPOConfig(epochs=1))
+    with pytest.raises(ValueError, match="outcome_reward='darkness'"):
+        asyncio.run(grpo_iterations(store, wrong, tasks, reward_source=source))
+    assert not store.runs()  # refused before any rollout
+
+    config = GRPOConfig(outcome_reward="darkness", complexity_eps=None, epochs=1)
+    trainer = GRPOTrainer(LearnedModePolicy(seed=3), config)
+    _, log = asyncio.run(
+        grpo_iterations(
+            store,
+            trainer,
+            tasks,
+            budget=Budget(max_rounds=1),
+            save_dir=tmp_path / "versions",
+            reward_source=source,
+        )
+    )
+    finals = [
+        t for t in store.trajectories(run=log[0].run_id, limit=None) if t.final_image is not None
+    ]
+    dark = _values(store, "darkness")
+    assert finals and set(dark) == {t.id for t in finals}
+    for t in finals:  # recomputed from the stored image
+        assert dark[t.id] == [pytest.approx(_darkness(store.get(t.final_image), ""), abs=1e-12)]
+    composite = _values(store, "composite")
+    assert composite and all(composite[t] == pytest.approx(dark[t]) for t in composite)
+    assert not store.rewards(name="checker")  # the judge score was not what it trained on
+    (version,) = store.policy_versions(name="router")
+    assert version.metadata["reward_source"]["reward"] == "darkness"
+    assert version.metadata["reward_source"]["kind"] == "function"
+    assert version.metadata["config"]["outcome_reward"] == "darkness"
+    store.close()

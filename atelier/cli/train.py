@@ -67,6 +67,32 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
         "analyzer is checker-based, a backends file's is its VLM judge). SAIR publishes no "
         "weights; default 1,0,0",
     )
+    rewards = train.add_argument_group(
+        "reward source (router, stop)",
+        "R_o of decision-policy training; judge and gvu score every final image with the VLM "
+        "of the runs' backends file ([rewards] backend, else its judge role) and store the "
+        "values (vlm_yes, gvu) before training; the file's [rewards] table sets the defaults",
+    )
+    rewards.add_argument(
+        "--reward-source",
+        choices=("checker", "judge", "gvu"),
+        help="checker = the judge score each run stored, judge = the VLM's P(yes), gvu = "
+        "GvU's geometric-mean prompt-token probability given the image (default: [rewards] "
+        "source, else checker)",
+    )
+    rewards.add_argument(
+        "--gvu-instruction",
+        metavar="TEXT",
+        help="gvu: the user turn the prompt answers (default: [rewards] instruction, else "
+        "'Describe this image.')",
+    )
+    rewards.add_argument(
+        "--judge-top-logprobs",
+        type=int,
+        metavar="K",
+        help="judge: top-k log-probs read per answer, 0 = exact two-request path (default: "
+        "[rewards] top_logprobs, else 20)",
+    )
     tree = train.add_argument_group(
         "Tree-RL (R3)",
         "with --run: fork G continuations from stored stage start states, on the backends the "
@@ -177,37 +203,144 @@ def run_analyzer(store: TrajectoryStore, runs: list[str], judge: Any = None) -> 
     )
 
 
-def run_judge(store: TrajectoryStore, runs: list[str]) -> Any:
-    """The judge the runs were recorded with (ShapeWorld's checker, or a backends file's)."""
+def _recorded_backends(store: TrajectoryStore, runs: list[str]) -> tuple[Any, Any]:
+    """(world, backends file) the runs were recorded with: one kind for all of them."""
     from atelier.cli.errors import CliError
 
     configs = [store.run(run_id).config for run_id in runs]
     recorded = {(config.get("world"), config.get("backends_config")) for config in configs}
     if len(recorded) > 1:
         raise CliError("the runs were recorded with different backends; train on one kind")
-    (world, _), run_id = recorded.pop(), runs[0]
+    return recorded.pop()
+
+
+def _run_config(path: str, run_id: str) -> Any:
+    from atelier.cli.errors import CliError
+    from nodes.backends.config import load_config
+
+    try:
+        return load_config(path)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot rebuild the judge of run {run_id} from {path}: {exc}") from None
+
+
+def _reward_backends(config: Any, path: str, run_id: str) -> tuple[Any, Any]:
+    from atelier.cli.errors import CliError
+    from nodes.backends.config import build_reward_backends
+
+    try:
+        return build_reward_backends(config)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot rebuild the judge of run {run_id} from {path}: {exc}") from None
+
+
+def run_judge(store: TrajectoryStore, runs: list[str]) -> Any:
+    """The judge the runs were recorded with (ShapeWorld's checker, or a backends file's)."""
+    from atelier.cli.errors import CliError
+
+    world, path = _recorded_backends(store, runs)
+    run_id = runs[0]
     if world == "shapeworld":
         from nodes.backends.shapeworld import ShapeWorldChecker
 
         return ShapeWorldChecker()
     if world == "config":
-        from nodes.backends.config import load_backends
-
-        path = store.run(run_id).config["backends_config"]
-        try:
-            return load_backends(path)["judge"]
-        except (OSError, ValueError) as exc:
-            raise CliError(f"cannot rebuild the judge of run {run_id} from {path}: {exc}") from None
+        return _reward_backends(_run_config(path, run_id), path, run_id)[0]
     raise CliError(
         f"run {run_id} was recorded with backends given in code; compute and store its rewards "
         "from Python (training.rewards, training.text.rewards) and train there"
     )
 
 
-def _config(args: argparse.Namespace) -> GRPOConfig:
+def _no_vlm(kind: str, where: str) -> Any:
+    from atelier.cli.errors import CliError
+
+    return CliError(
+        f"--reward-source {kind} scores images with a VLM, and {where}: train on runs recorded "
+        "with a backends file (atelier rollout --config FILE) whose judge role, or [rewards] "
+        "backend, is an openai or inprocess-lm backend"
+    )
+
+
+def _source_kind(args: argparse.Namespace, default: str = "checker") -> str:
+    """The reward source's kind (the command line's over ``default``: the file's), its options
+    checked against it."""
+    from atelier.cli.errors import CliError
+
+    kind = args.reward_source or default
+    if args.gvu_instruction is not None and kind != "gvu":
+        raise CliError(f"--gvu-instruction applies to --reward-source gvu, not {kind}")
+    if args.judge_top_logprobs is not None and kind != "judge":
+        raise CliError(f"--judge-top-logprobs applies to --reward-source judge, not {kind}")
+    return kind
+
+
+def run_reward_source(
+    args: argparse.Namespace, store: TrajectoryStore, runs: list[str]
+) -> tuple[Any, Any]:
+    """(the source R_o is scored with, the runs' judge if it was built): the source is None
+    for ``checker`` (the judge score each run stored); ``judge`` and ``gvu`` score with the VLM
+    of the runs' backends file: its ``[rewards]`` backend, else its judge role's."""
+    from nodes.backends.config import RewardsSpec
+
+    world, path = _recorded_backends(store, runs)
+    config = _run_config(path, runs[0]) if world == "config" else None
+    spec = (config.rewards if config is not None else None) or RewardsSpec()
+    kind = _source_kind(args, spec.source)
+    if kind == "checker":
+        return None, None
+    if config is None:
+        recorded = "ShapeWorld (no VLM)" if world == "shapeworld" else "backends given in code"
+        raise _no_vlm(kind, f"run {runs[0]} was recorded on {recorded}")
+    judge, model = _reward_backends(config, path, runs[0])
+    vlm = model if model is not None else getattr(judge, "model", None)
+    if vlm is None:
+        role = "is ShapeWorld's checker" if judge is not None else "is absent"
+        raise _no_vlm(kind, f"{path} names no [rewards] backend and its judge role {role}")
+    from training.rewards.sources import build_reward_source
+
+    options: dict[str, Any] = {}
+    if kind == "gvu":
+        instruction = args.gvu_instruction or spec.instruction
+        options = {"instruction": instruction} if instruction else {}
+    else:
+        top = args.judge_top_logprobs
+        top = spec.top_logprobs if top is None else top
+        options = {"top_logprobs": top} if top is not None else {}
+        # The judge role as configured, unless another backend or option is asked for.
+        model = vlm if model is not None or options else None
+    return build_reward_source(kind, judge=judge, model=model, **options), judge
+
+
+async def _score_runs(store: TrajectoryStore, runs: list[str], source: Any, analyzer: Any) -> None:
+    """R_s (with an analyzer) and R_o under the source's name (with a source) of every run,
+    stored before the groups read their rewards."""
+    from atelier.cli.errors import CliError
+
+    if analyzer is not None:
+        from training.rewards import store_stepwise_rewards
+
+        await store_stepwise_rewards(store, runs, analyzer)
+    if source is None:
+        return
+    from training.rewards.sources import score_final_images
+
+    for run_id in runs:
+        try:
+            await score_final_images(store, run_id, source)
+        except Exception as exc:  # a server down, a model that cannot score: one line
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            model = getattr(source, "model_id", source.name)
+            raise CliError(
+                f"scoring the final images of run {run_id} with {source.name} ({model}) "
+                f"failed: {reason[:300]}"
+            ) from None
+
+
+def _config(args: argparse.Namespace, outcome: str = "checker") -> GRPOConfig:
     from training.decisions.trainer import GRPOConfig
 
-    common = {"seed": args.seed, "reward_weights": args.reward_weights}
+    common = {"seed": args.seed, "reward_weights": args.reward_weights, "outcome_reward": outcome}
     if args.penalty == "none":
         return GRPOConfig(**common, complexity_eps=None)
     return GRPOConfig(**common, complexity_form=args.penalty, complexity_cost=args.image_cost)
@@ -242,6 +375,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.image_cost < 0:
         raise CliError("--image-cost must be >= 0")
     args.reward_weights = _reward_weights(args.reward_weights)
+    if args.judge_top_logprobs is not None and args.judge_top_logprobs < 0:
+        raise CliError("--judge-top-logprobs must be >= 0")
+    sourced = [
+        f"--{name.replace('_', '-')}"
+        for name in ("reward_source", "gvu_instruction", "judge_top_logprobs")
+        if getattr(args, name) is not None
+    ]
+    if sourced and (args.policy in TEXT_POLICIES or args.tree_stage is not None):
+        raise CliError(
+            f"{', '.join(sourced)}: the reward source is R_o of router and stop training, "
+            "not of --tree-stage or a text policy"
+        )
+    if args.world is not None and (source := _source_kind(args)) != "checker":
+        raise _no_vlm(source, "--world shapeworld rolls out on ShapeWorld (no VLM)")
     if args.policy not in TEXT_POLICIES:
         given = [name for name, value in vars(args).items() if name.startswith("lora_") and value]
         if args.sft or args.model is not None or args.reward is not None or given:
@@ -321,23 +468,27 @@ def _train(
             store_member_rewards,
             store_trained_rewards,
         )
+        from training.rewards.sources import describe_source
 
         runs = [resolve_run(store, ref).id for ref in args.run]
-        if args.reward_weights[2] > 0:  # R_s stored before the groups read their rewards
-            from training.rewards import store_stepwise_rewards
-
-            asyncio.run(store_stepwise_rewards(store, runs, run_analyzer(store, runs)))
+        source, judge = run_reward_source(args, store, runs)
+        outcome = OUTCOME if source is None else source.name
+        trainer = GRPOTrainer(_reserved_policy(args, store, 1), _config(args, outcome))
+        # R_s and R_o (a source's) stored before the groups read their rewards
+        analyzer = run_analyzer(store, runs, judge) if args.reward_weights[2] > 0 else None
+        if analyzer is not None or source is not None:
+            asyncio.run(_score_runs(store, runs, source, analyzer))
         groups = read_groups(store, runs, kind)
         if not groups:
             raise CliError(f"no {kind} decision groups of 2 or more in {', '.join(args.run)}")
-        trainer = GRPOTrainer(_reserved_policy(args, store, 1), _config(args))
-        store_member_rewards(store, groups, (OUTCOME, FORMAT))  # R_o, R_f: stored before use
+        store_member_rewards(store, groups, (outcome, FORMAT))  # R_o, R_f: stored before use
         result = trainer.train(groups)
         store_trained_rewards(store, result, trainer.name, {"runs": runs})
         if board is not None:
             board.scalars(0, result.metrics, "train")
         path = args.out / f"{trainer.name}-{trainer.version}"
-        save_version(trainer, store, path, {**result.metrics, "penalty": args.penalty})
+        metadata = {"penalty": args.penalty, "reward_source": describe_source(source)}
+        save_version(trainer, store, path, {**result.metrics, **metadata})
         metrics = ", ".join(f"{k}={v:.3g}" for k, v in sorted(result.metrics.items()))
         print(f"trained {trainer.name}@{trainer.version} on {len(groups)} groups: {metrics}")
         print(f"saved {path}")

@@ -29,6 +29,12 @@
     router = "router@3"                 # the mode policy (instead of the built-in --mode)
     stop = "policies/stop-2"            # the stop policy (instead of following the reflection)
 
+    [rewards]                           # optional: what `atelier train --run` rewards with
+    source = "gvu"                      # checker (default), judge or gvu
+    backend = "vlm"                     # the scoring VLM (default: the judge role's backend)
+    instruction = "Describe this image."   # gvu: the user turn the prompt is scored against
+    top_logprobs = 20                   # judge: top-k log-probs of the one-token answer
+
 A role's ``adapter`` (chat roles and the judge, on ``openai`` / ``inprocess-lm`` backends) is
 one of three things:
 
@@ -50,6 +56,17 @@ saved policy directory (relative to this file's folder); the command line's ``--
 ``--stop`` (and ``--mode``, for the router) override them. ``name@version`` needs the store
 (``--db``): :func:`configure_backends` resolves every version and says what is wrong with one
 (not registered, its directory missing, a router where a stop policy or an adapter belongs).
+
+``[rewards]`` picks the outcome reward R_o that ``atelier train --run`` trains decision
+policies on, for runs recorded with this file (``training.rewards.sources``): ``checker``, the
+judge score each run stored (the default); ``judge``, the VLM's P(yes) / (P(yes) + P(no)),
+stored as ``vlm_yes``; ``gvu``, GvU's intrinsic reward, the geometric mean of the prompt tokens'
+probabilities given the image, stored as ``gvu``. ``backend`` names the VLM that scores (an
+``openai`` or ``inprocess-lm`` backend; default: the judge role's, with its adapter), which
+``judge`` and ``gvu`` need; ``instruction`` applies to ``gvu``, ``top_logprobs`` to ``judge``
+(without it, and without ``backend``, ``judge`` rescores with the judge role as configured).
+The command line's ``--reward-source``, ``--gvu-instruction`` and ``--judge-top-logprobs``
+override the table.
 
 ``sampling`` (on ``openai`` / ``inprocess-lm`` backends, and on chat roles) takes
 ``max_tokens``, ``temperature``, ``top_p``, ``top_k`` and ``repetition_penalty``; a role's
@@ -271,10 +288,29 @@ class PoliciesSpec(_Strict):
     """The stop policy (replaces following the reflection's verdict)."""
 
 
+REWARD_SOURCES = ("checker", "judge", "gvu")
+"""What ``[rewards] source`` (and ``atelier train --reward-source``) takes."""
+
+
+class RewardsSpec(_Strict):
+    """The outcome reward decision policies train on (``atelier train --run``)."""
+
+    source: Literal["checker", "judge", "gvu"] = "checker"
+    """checker: the stored judge score; judge: a VLM's yes-probability (``vlm_yes``); gvu: GvU's
+    intrinsic reward (``gvu``)."""
+    backend: str | None = Field(None, min_length=1)
+    """The scoring VLM, an openai or inprocess-lm backend (default: the judge role's)."""
+    top_logprobs: int | None = Field(None, ge=0)
+    """judge: top-k log-probs read from the one-token answer (0: the exact two-request path)."""
+    instruction: str | None = Field(None, min_length=1)
+    """gvu: the user turn (with the image) the prompt is scored as the answer to."""
+
+
 class BackendsConfig(_Strict):
     backends: dict[str, BackendSpec] = Field(min_length=1)
     roles: dict[Role, str | RoleSpec]
     policies: PoliciesSpec | None = None
+    rewards: RewardsSpec | None = None
 
     @model_validator(mode="after")
     def _check_roles(self) -> BackendsConfig:
@@ -302,7 +338,33 @@ class BackendsConfig(_Strict):
                     f"roles.{role}: sampling applies to chat roles ({', '.join(CHAT_ROLES)}) "
                     "on an openai or inprocess-lm backend"
                 )
+        self._check_rewards()
         return self
+
+    def _check_rewards(self) -> None:
+        rewards = self.rewards
+        if rewards is None:
+            return
+        if rewards.backend is not None:
+            backend = self.backends.get(rewards.backend)
+            if backend is None:
+                known = ", ".join(sorted(self.backends))
+                raise ValueError(
+                    f"rewards.backend: no backend named {rewards.backend!r} (known: {known})"
+                )
+            if backend.kind not in ("openai", "inprocess-lm"):
+                raise ValueError(
+                    f"rewards.backend: backend {rewards.backend!r} is of kind {backend.kind!r}; "
+                    "the scoring VLM needs an openai or inprocess-lm backend"
+                )
+        elif rewards.source in ("judge", "gvu"):
+            judge = self.role("judge")
+            kind = self.backends[judge.backend].kind if judge is not None else None
+            if kind not in ("openai", "inprocess-lm"):
+                raise ValueError(
+                    f"rewards.source: {rewards.source!r} needs a VLM: set rewards.backend, or "
+                    "put the judge role on an openai or inprocess-lm backend"
+                )
 
     def role(self, role: str) -> RoleSpec | None:
         spec = self.roles.get(role)  # type: ignore[call-overload]
@@ -707,6 +769,23 @@ def build_backends(
     loaded here (see :func:`configure_backends`).
     """
     return _build(config, versions)[0]
+
+
+def build_reward_backends(config: BackendsConfig) -> tuple[Any, Any]:
+    """(the judge role, the VLM ``[rewards] backend`` names), built as :func:`build_backends`
+    builds them (either None when not configured); a backend both use is built once, and no
+    other role's backend is built. Nothing connects here."""
+    rewards = config.rewards or RewardsSpec()
+    judge_spec = config.role("judge")
+    names = {spec.backend for spec in (judge_spec,) if spec is not None}
+    names |= {rewards.backend} if rewards.backend is not None else set()
+    built = {name: build_backend(name, config.backends[name]) for name in sorted(names)}
+    judge = None
+    if judge_spec is not None:
+        spec = config.backends[judge_spec.backend]
+        adapter = served_adapter("judge", judge_spec)
+        judge = _for_role("judge", built[judge_spec.backend], spec, judge_spec, {}, adapter)
+    return judge, built.get(rewards.backend) if rewards.backend is not None else None
 
 
 def load_backends(path: str | Path, *, store: Any = None) -> dict[str, Any]:

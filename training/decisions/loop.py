@@ -19,12 +19,12 @@ from nodes.state import Budget, Task
 from training.decisions.groups import DecisionKind, read_groups
 from training.decisions.rewards import (
     FORMAT,
-    OUTCOME,
     store_member_rewards,
     store_trained_rewards,
 )
 from training.decisions.sampling import collect
 from training.decisions.trainer import GRPOTrainer
+from training.rewards.sources import ImageReward, describe_source, score_final_images
 from training.rewards.stepwise import store_stepwise_rewards
 from training.versions import save_version
 
@@ -54,6 +54,7 @@ async def grpo_iterations(
     save_dir: str | Path | None = None,
     on_iteration: Callable[[int, Iteration], None] | None = None,
     analyzer: Analyzer | None = None,
+    reward_source: ImageReward | None = None,
 ) -> tuple[Any, list[Iteration]]:
     """One iteration per task batch; returns (the last policy version, per-iteration logs).
 
@@ -62,8 +63,18 @@ async def grpo_iterations(
     ``save_dir/<name>-<version>`` and registered in the store. ``on_iteration(index,
     iteration)`` is called as each iteration ends (e.g. to log it live). With ``analyzer``,
     every run's intermediate texts are analysed and R_s stored before its groups are read (the
-    composite's a3·R_s needs it).
+    composite's a3·R_s needs it). With ``reward_source``, every run's final images are scored
+    with it and stored under its name before its groups are read, and R_o is that reward (the
+    trainer's ``outcome_reward`` must name it); without, R_o is the stored judge score
+    (``checker``). Each saved version records the source in its metadata (``reward_source``).
     """
+    outcome = trainer.config.outcome_reward
+    if reward_source is not None and outcome != reward_source.name:
+        raise ValueError(
+            f"the trainer's outcome_reward is {outcome!r}, but the reward source stores "
+            f"{reward_source.name!r}: set GRPOConfig(outcome_reward={reward_source.name!r})"
+        )
+    source_info = {"reward_source": describe_source(reward_source)}
     policy = trainer.policy.clone()
     log: list[Iteration] = []
     for index, tasks in enumerate(task_batches):
@@ -74,14 +85,16 @@ async def grpo_iterations(
         )
         if analyzer is not None:  # before read_groups: a group keeps the rewards read with it
             await store_stepwise_rewards(store, run_id, analyzer)
+        if reward_source is not None:  # likewise: R_o stored under the source's name first
+            await score_final_images(store, run_id, reward_source)
         groups = read_groups(store, run_id, kind, policy=behaviour.name, version=behaviour.version)
-        store_member_rewards(store, groups, (OUTCOME, FORMAT))  # R_o, R_f: stored before use
+        store_member_rewards(store, groups, (outcome, FORMAT))  # R_o, R_f: stored before use
         result = trainer.train(groups)
         store_trained_rewards(store, result, trainer.name, {"run": run_id})
         policy = result.policy
         if save_dir is not None:
             directory = Path(save_dir) / f"{trainer.name}-{trainer.version}"
-            save_version(trainer, store, directory, result.metrics)
+            save_version(trainer, store, directory, {**result.metrics, **source_info})
         log.append(
             Iteration(
                 run_id,

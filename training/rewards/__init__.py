@@ -26,6 +26,7 @@ from training.rewards.sources import (
     RewardValue,
     WeightedReward,
     build_reward_source,
+    describe_source,
     score_final_images,
 )
 from training.rewards.stages import (
@@ -53,6 +54,7 @@ __all__ = [
     "complexity_penalty",
     "composite_reward",
     "correction",
+    "describe_source",
     "intrinsic_reward",
     "plan_format_reward",
     "reason_image_reward",

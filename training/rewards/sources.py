@@ -22,7 +22,7 @@ on stored rewards by name — decisions with ``GRPOConfig(outcome_reward=name)``
 a1·R_o + a2·R_f + a3·R_s and the complexity penalty then apply to it unchanged), Flow-GRPO with
 ``training.images.groups.read_groups(..., reward=name)`` — so any source drives any of them.
 :func:`build_reward_source` builds one by kind (``checker``, ``judge``, ``gvu``) from a
-config's backends.
+config's backends; :func:`describe_source` is what a trained version records of its source.
 """
 
 from __future__ import annotations
@@ -208,20 +208,31 @@ async def score_final_images(
     concurrency: int = 8,
 ) -> dict[str, float]:
     """Score every succeeded trajectory's final image of run ``run_id`` with ``reward`` (at
-    most ``concurrency`` at a time) and store each value, with its details, as the trajectory
-    reward ``name`` (default: the source's name). A trajectory already holding that reward
-    keeps it (nothing is recomputed or stored twice). Returns trajectory id → value, the kept
-    ones included."""
+    most ``concurrency`` at a time) and store each value, with its details and what scored it
+    (``details["scored_by"]``: :func:`describe_source`), as the trajectory reward ``name``
+    (default: the source's name). A trajectory whose latest stored value of that name was
+    scored by the same source, configured the same, keeps it (nothing is recomputed or stored
+    twice); one scored otherwise (another model, GvU instruction, judge ``top_logprobs``) is
+    scored again and the new value stored as the latest. Returns trajectory id → value, the
+    kept ones included."""
     source = as_image_reward(reward, name)
     name = name or source.name
     label = f"training.rewards.sources:{getattr(source, 'model_id', type(source).__name__)}"
+    scored_by = describe_source(source)
+    finals = [
+        s for s in store.trajectories(run=run_id, status="succeeded") if s.final_image is not None
+    ]
+    wanted = {s.id for s in finals}
+    latest: dict[str, Any] = {}  # trajectory id -> its latest stored row of this name
+    for row in store.rewards(name=name):
+        if row.trajectory_id in wanted and row.step_seq is None:
+            latest[row.trajectory_id] = row
     values: dict[str, float] = {}
     todo = []
-    for summary in store.trajectories(run=run_id, status="succeeded"):
-        if summary.final_image is None:
-            continue
-        if name in summary.rewards:
-            values[summary.id] = summary.rewards[name]
+    for summary in finals:
+        row = latest.get(summary.id)
+        if row is not None and (row.details or {}).get("scored_by") == scored_by:
+            values[summary.id] = row.value
         else:
             todo.append(summary)
     gate = asyncio.Semaphore(max(1, concurrency))
@@ -229,9 +240,8 @@ async def score_final_images(
     async def one(summary: Any) -> RewardInput:
         async with gate:
             result = await source.score(store.get(summary.final_image), summary.prompt)
-        return RewardInput(
-            summary.id, name, float(result.value), source=label, details=dict(result.details)
-        )
+        details = {**dict(result.details), "scored_by": scored_by}
+        return RewardInput(summary.id, name, float(result.value), source=label, details=details)
 
     rows = await asyncio.gather(*(one(s) for s in todo))
     if rows:
@@ -272,6 +282,32 @@ def build_reward_source(
             )
         return GvUReward(model, **options)
     raise ValueError(f"reward source must be one of {', '.join(KINDS)}, not {kind!r}")
+
+
+def describe_source(source: ImageReward | None) -> dict[str, Any]:
+    """What a trained version records of the source it trained on (``reward_source`` in its
+    metadata): the kind, the stored reward's name and what scored it. None: the judge score
+    each run stored (``checker``)."""
+    if source is None:
+        return {"kind": "checker", "reward": "checker", "scored_by": "the runs' stored judge score"}
+    info: dict[str, Any] = {"reward": source.name}
+    if isinstance(source, CheckerReward):
+        info["kind"] = "checker"
+    elif isinstance(source, JudgeReward):
+        info.update(kind="judge", judge=source.model_id)
+        scorer = getattr(source.judge, "scorer", None)
+        if scorer is not None:
+            info["top_logprobs"] = scorer.top_logprobs
+    elif isinstance(source, GvUReward):
+        info.update(kind="gvu", model=source.model.model_id, instruction=source.instruction)
+        if source.system:
+            info["system"] = source.system
+    elif isinstance(source, WeightedReward):
+        info["kind"] = "weighted"
+        info["parts"] = [{**describe_source(part), "weight": w} for part, w in source.parts]
+    else:
+        info.update(kind="function", function=getattr(source, "model_id", type(source).__name__))
+    return info
 
 
 def _is_shapeworld(judge: Any) -> bool:
