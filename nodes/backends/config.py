@@ -131,8 +131,9 @@ class SamplingSpec(_Strict):
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
-    """The k most likely tokens only; -1 (or 0): all. Set it, and ``repetition_penalty = 1``,
-    for vLLM servers: vLLM fills omitted fields from the model's ``generation_config.json``."""
+    """The k most likely tokens only; -1 (or 0): all. Unset, the ``openai`` client still sends
+    -1 (and ``repetition_penalty`` 1, ``min_p`` 0): vLLM would otherwise fill them from the
+    model's ``generation_config.json``."""
     repetition_penalty: float | None = Field(None, gt=0)
 
     @model_validator(mode="before")
