@@ -626,10 +626,20 @@ class TrajectoryStore(SQLImageStore):
         return self.db.write(work)
 
     def rewards(
-        self, trajectory_id: str | None = None, name: str | None = None
+        self,
+        trajectory_id: str | None = None,
+        name: str | None = None,
+        *,
+        trajectory_ids: Sequence[str] | None = None,
     ) -> list[RewardInfo]:
+        """Reward rows in the order stored: of one trajectory, of ``trajectory_ids``, or of
+        every trajectory; of the reward ``name`` only when given."""
+        if trajectory_id is not None:
+            if trajectory_ids is not None:
+                raise ValueError("give trajectory_id or trajectory_ids, not both")
+            trajectory_ids = [trajectory_id]
         with self.db.read() as conn:
-            return self._rewards(conn, None if trajectory_id is None else [trajectory_id], name)
+            return self._rewards(conn, trajectory_ids, name)
 
     def _rewards(
         self, conn: Connection, trajectory_ids: Sequence[str] | None, name: str | None

@@ -513,6 +513,9 @@ def test_final_images_are_scored_once_and_drive_the_decision_reward(shapeworld_r
     rows = len(store.rewards())
     red = score_run(store, run_id, lambda image, prompt: image.getpixel((0, 0))[0], "corner")
     assert red == {s.id: store.get(s.final_image).getpixel((0, 0))[0] for s in finals}
+    one = store.rewards(name="gvu", trajectory_ids=[finals[0].id])  # what scoring reads back
+    assert one == [r for r in store.rewards(name="gvu") if r.trajectory_id == finals[0].id]
+    assert len(one) == 3 and store.rewards(name="gvu", trajectory_ids=[]) == []
     stored = {r.trajectory_id: r for r in store.rewards(name="gvu")}
     assert stored[finals[0].id].details["tokens"] == 3
     assert ShapeWorldChecker().model_id in store.rewards(name="checker")[0].source

@@ -222,10 +222,9 @@ async def score_final_images(
     finals = [
         s for s in store.trajectories(run=run_id, status="succeeded") if s.final_image is not None
     ]
-    wanted = {s.id for s in finals}
     latest: dict[str, Any] = {}  # trajectory id -> its latest stored row of this name
-    for row in store.rewards(name=name):
-        if row.trajectory_id in wanted and row.step_seq is None:
+    for row in store.rewards(name=name, trajectory_ids=[s.id for s in finals]):
+        if row.step_seq is None:
             latest[row.trajectory_id] = row
     values: dict[str, float] = {}
     todo = []
