@@ -8,7 +8,8 @@ backends file) and its decision policies (a built-in mode policy, or trained ver
   together are refused (two routers for one run);
 - the stop policy: ``stop=`` (``--stop``), else the file's ``[policies] stop``, else
   ``FollowReflectionStopPolicy``;
-- adapters: the file's roles (loaded on every server before the run starts).
+- adapters: ``adapters=`` (``{role: version}``, a training loop deploying what it just trained),
+  else the file's roles; loaded on every server before the run starts.
 
 The run's config records each version by ``name@version`` and directory (``policies`` and
 ``policy_paths``, ``adapters`` and ``adapter_paths``). :func:`redeploy` rebuilds a recorded run's
@@ -16,7 +17,8 @@ deployment for ``resume``: the recorded versions, loaded from the recorded direc
 checked to still hold that version), never the file's ``[policies]`` again; a ``router=`` or
 ``stop=`` that differs from what the run recorded is refused, and so is a backends file whose
 adapters no longer match the recorded ones — continuing a run with another version would mix
-versions in one run silently.
+versions in one run silently. Roles whose adapter ``adapters=`` replaced are recorded
+(``adapter_overrides``), and :func:`redeploy` gives them their recorded versions again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from nodes.context import Backends, GraphSettings, ReasonerContext
 from policies.deployed import (
     DeployedVersion,
     VersionError,
+    is_version_name,
     load_decision_policy,
     resolve_version,
 )
@@ -49,6 +52,8 @@ class Deployment:
     """A :class:`~nodes.backends.config.ConfiguredBackends` (None: ShapeWorld)."""
     loaded: dict[str, Any] | None = None
     """The trained policies, once loaded (``router``, ``stop``)."""
+    overrides: tuple[str, ...] = ()
+    """Roles whose adapter was given in code (``deploy(adapters=...)``), not by the file."""
 
     def policies(self) -> dict[str, Any]:
         """The trained router and stop policies, loaded once (torch) and checked to still be
@@ -69,6 +74,8 @@ class Deployment:
         if adapters:
             record["adapters"] = {role: v.label for role, v in adapters.items()}
             record["adapter_paths"] = {role: v.path for role, v in adapters.items()}
+        if self.overrides:
+            record["adapter_overrides"] = list(self.overrides)
         return record
 
     def context(
@@ -117,10 +124,12 @@ async def deploy(
     mode: str | None = None,
     router: Ref | None = None,
     stop: Ref | None = None,
+    adapters: dict[str, Ref] | None = None,
 ) -> Deployment:
     """A new run's deployment (precedence in the module doc), versions resolved against
     ``store`` (None: paths only) and loaded, adapters loaded on their servers. A bad reference
-    is a ``VersionError``, a bad file a ``ConfigError``, both one line."""
+    is a ``VersionError``, a bad file a ``ConfigError``, both one line. ``adapters``
+    (``{role: name@version or a directory}``) replace the file's adapters of those roles."""
     if mode is not None and router is not None:
         raise VersionError(
             f"--mode {mode} and --router name two routers: give one (--router replaces the "
@@ -129,10 +138,10 @@ async def deploy(
     router_version = resolve(router, "router", store)
     stop_version = resolve(stop, "stop", store)
     backends = None
+    if adapters and backends_config is None:
+        raise VersionError("adapters= replace a backends file's role adapters: give the file")
     if backends_config is not None:
-        from nodes.backends.config import configure_backends
-
-        backends = configure_backends(backends_config, store)
+        backends = _configure(backends_config, store, adapters or {})
         if router_version is None and mode is None:
             router_version = backends.versions.router
         if stop_version is None:
@@ -142,10 +151,26 @@ async def deploy(
         router=router_version,
         stop=stop_version,
         backends=backends,
+        overrides=tuple(sorted(adapters or {})),
     )
     deployment.policies()  # loadable now, not only at the first decision
     await deployment.load_adapters()
     return deployment
+
+
+def _configure(path: str | Path, store: Any, adapters: dict[str, Ref]) -> Any:
+    """The file's backends, with ``adapters`` replacing its roles' adapters."""
+    from nodes.backends.config import configure_backends, load_config, with_role_adapters
+
+    if not adapters:
+        return configure_backends(path, store)
+    refs = {
+        role: ref.path if isinstance(ref, DeployedVersion) else str(ref)
+        for role, ref in adapters.items()
+    }
+    refs = {r: ref if is_version_name(ref) else str(Path(ref).resolve()) for r, ref in refs.items()}
+    config = with_role_adapters(load_config(path), refs, str(path))
+    return configure_backends(config, store, source=str(path))
 
 
 def recorded_versions(config: dict[str, Any], key: str, paths: str, kind: str) -> dict[str, Any]:
@@ -206,9 +231,13 @@ async def redeploy(
     backends = None
     world = run_config.get("world")
     if world == "config":
-        from nodes.backends.config import configure_backends
-
-        backends = configure_backends(run_config["backends_config"], store)
+        overridden = run_config.get("adapter_overrides") or []
+        paths = run_config.get("adapter_paths") or {}
+        missing = [role for role in overridden if role not in paths]
+        if missing:
+            raise VersionError(f"the run records no adapter directory for role {missing[0]}")
+        given: dict[str, Ref] = {role: paths[role] for role in overridden}
+        backends = _configure(run_config["backends_config"], store, given)
         _check_adapters(run_config, backends, run_name)
     elif world != "shapeworld":
         raise ValueError(f"this run used world {world!r}, which this version cannot rebuild")

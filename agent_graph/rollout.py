@@ -104,6 +104,7 @@ async def rollout(
     mode: str | None = None,
     router: Ref | None = None,
     stop: Ref | None = None,
+    adapters: dict[str, Ref] | None = None,
     backends_config: Path | None = None,
     world: str | None = None,
     budget: Budget | None = None,
@@ -113,6 +114,7 @@ async def rollout(
     progress: bool = False,
     keep_steps: bool = False,
     keep_groups_together: bool = False,
+    extra_config: dict[str, Any] | None = None,
 ) -> RolloutResult:
     """Run ``tasks`` through a graph, recording every step of every trajectory in ``store``.
 
@@ -123,7 +125,8 @@ async def rollout(
     ``name@version`` registered in ``store``, or its directory), else the built-in one ``mode``
     picks, else the file's ``[policies] router``, else ``auto``; and the stop policy ``stop``,
     else the file's, else following the reflection (:mod:`agent_graph.deploy`). Adapter versions
-    the file names are loaded on their servers before the run is created; a bad reference or
+    the file names (or ``adapters``, ``{role: version}``, names instead) are loaded on their
+    servers before the run is created; a bad reference or
     file raises (``VersionError``, ``ConfigError``) before anything is recorded.
     ``store`` becomes the context's image store and its recorder, whatever ``context`` had.
 
@@ -138,6 +141,7 @@ async def rollout(
     mid-run (Ctrl-C) can name the run to resume without having seen the return value.
     ``keep_steps`` keeps the step records in the results too (they are in the store anyway);
     ``keep_groups_together`` admits a group's samples together (see :class:`Runner`).
+    ``extra_config`` adds keys to the run's config (a training loop names itself there).
     """
     budget = budget or Budget()
     if world is not None and (context is None or world != "shapeworld"):
@@ -145,17 +149,25 @@ async def rollout(
     deployment = None
     if context is None:
         deployment = await deploy(
-            store, backends_config=backends_config, mode=mode, router=router, stop=stop
+            store,
+            backends_config=backends_config,
+            mode=mode,
+            router=router,
+            stop=stop,
+            adapters=adapters,
         )
         config = run_config(deployment.mode, budget, backends_config)
         config.update(deployment.record())
-    elif router is not None or stop is not None:
-        raise ValueError("router= and stop= build a context: give them or context=, not both")
+    elif router is not None or stop is not None or adapters:
+        raise ValueError(
+            "router=, stop= and adapters= build a context: give them or context=, not both"
+        )
     else:  # its router and backends are named below instead
         config = run_config(None, budget)
     config.update(_describe(graph, context))
     if world is not None:
         config["world"] = world
+    config.update(extra_config or {})
     run = store.create_run(name, config, run_id=run_id)
     async with SQLRecorder(store, run.id) as recorder:
         if deployment is not None:

@@ -585,45 +585,7 @@ class TrajectoryStore(SQLImageStore):
     def add_rewards(self, rewards: Iterable[RewardInput]) -> list[int]:
         """Record many rewards in one transaction; returns their ids."""
         items = list(rewards)
-
-        def work(conn: Connection) -> list[int]:
-            ids = []
-            summaries: dict[str, dict[str, Any]] = {}
-            for item in items:
-                if item.trajectory_id not in summaries:
-                    current = conn.execute(
-                        select(TrajectoryRow.rewards)
-                        .where(TrajectoryRow.id == item.trajectory_id)
-                        .with_for_update()
-                    ).first()
-                    if current is None:
-                        raise TrajectoryNotFound(item.trajectory_id)
-                    summaries[item.trajectory_id] = dict(current[0] or {})
-                ids.append(
-                    conn.execute(
-                        RewardRow.__table__.insert().returning(RewardRow.id),
-                        {
-                            "trajectory_id": item.trajectory_id,
-                            "step_seq": item.step,
-                            "name": item.name,
-                            "value": float(item.value),
-                            "source": item.source,
-                            "created_at": now(),
-                            "details": item.details,
-                        },
-                    ).scalar_one()
-                )
-                if item.step is None:
-                    summaries[item.trajectory_id][item.name] = float(item.value)
-            for trajectory_id, summary in summaries.items():
-                conn.execute(
-                    update(TrajectoryRow)
-                    .where(TrajectoryRow.id == trajectory_id)
-                    .values(rewards=summary)
-                )
-            return ids
-
-        return self.db.write(work)
+        return self.db.write(lambda conn: _insert_rewards(conn, items))
 
     def rewards(
         self,
@@ -665,9 +627,12 @@ class TrajectoryStore(SQLImageStore):
         *,
         path: str | None = None,
         metadata: dict[str, Any] | None = None,
+        rewards: Iterable[RewardInput] = (),
     ) -> PolicyVersionInfo:
         """Record a policy version (idempotent for identical data; a conflicting re-registration
-        of the same name and version raises ``ValueError``)."""
+        of the same name and version raises ``ValueError``). ``rewards`` (what the version was
+        trained with, e.g. each member's advantage) are inserted in the same transaction: a
+        process killed mid-way leaves both or neither, and registering again adds no row."""
         row = {
             "name": name,
             "version": version,
@@ -675,8 +640,14 @@ class TrajectoryStore(SQLImageStore):
             "path": path,
             "meta": dict(metadata or {}),
         }
+        items = list(rewards)
+
+        def work(conn: Connection) -> None:
+            conn.execute(PolicyVersionRow.__table__.insert(), row)
+            _insert_rewards(conn, items)
+
         with contextlib.suppress(IntegrityError):  # already registered: compared below
-            self.db.write(lambda conn: conn.execute(PolicyVersionRow.__table__.insert(), row))
+            self.db.write(work)
         info = self.policy_versions(name=name, version=version)[0]
         if info.path != path or info.metadata != row["meta"]:
             raise ValueError(
@@ -737,6 +708,44 @@ def _among(column: Any, ids: Sequence[str]) -> Any:
     """``column IN ids``; ``column = id`` for one id (a cached statement: the single-trajectory
     reads take this path)."""
     return column == ids[0] if len(ids) == 1 else column.in_(ids)
+
+
+def _insert_rewards(conn: Connection, items: Sequence[RewardInput]) -> list[int]:
+    """Insert reward rows and update their trajectories' reward summaries (one transaction:
+    the caller's)."""
+    ids = []
+    summaries: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if item.trajectory_id not in summaries:
+            current = conn.execute(
+                select(TrajectoryRow.rewards)
+                .where(TrajectoryRow.id == item.trajectory_id)
+                .with_for_update()
+            ).first()
+            if current is None:
+                raise TrajectoryNotFound(item.trajectory_id)
+            summaries[item.trajectory_id] = dict(current[0] or {})
+        ids.append(
+            conn.execute(
+                RewardRow.__table__.insert().returning(RewardRow.id),
+                {
+                    "trajectory_id": item.trajectory_id,
+                    "step_seq": item.step,
+                    "name": item.name,
+                    "value": float(item.value),
+                    "source": item.source,
+                    "created_at": now(),
+                    "details": item.details,
+                },
+            ).scalar_one()
+        )
+        if item.step is None:
+            summaries[item.trajectory_id][item.name] = float(item.value)
+    for trajectory_id, summary in summaries.items():
+        conn.execute(
+            update(TrajectoryRow).where(TrajectoryRow.id == trajectory_id).values(rewards=summary)
+        )
+    return ids
 
 
 def _insert_run(conn: Connection, row: dict[str, Any]) -> None:

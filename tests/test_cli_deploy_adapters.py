@@ -37,21 +37,9 @@ PROMPTS = "two red circles left of a blue square\nthree green triangles above a 
 
 
 @pytest.fixture(scope="module")
-def replicas(text_lm: Any, tiny_models: Any) -> Any:
+def replicas(text_lm_replicas: Any) -> Any:
     """Two ``atelier serve lm`` replicas of the tiny text LM: (servers, services)."""
-    from nodes.backends.engines.lm_inprocess import LMService
-    from nodes.backends.engines.tiny_models import TORCH_THREADS
-    from nodes.backends.servers.http_common import BackgroundServer
-    from nodes.backends.servers.lm_server import create_lm_app
-
-    first_server, first_service = text_lm
-    service = LMService.from_pretrained(
-        tiny_models.lm, name="tiny-lm", max_wait_ms=20, torch_threads=TORCH_THREADS
-    )
-    server = BackgroundServer(create_lm_app(service)).start()
-    yield [first_server, server], [first_service, service]
-    server.stop()
-    service.close()
+    return text_lm_replicas
 
 
 def peft_lora(model_dir: Path, directory: Path, targets: list[str], seed: int) -> Path:

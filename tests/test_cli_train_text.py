@@ -196,4 +196,4 @@ def test_text_policy_options_are_refused_for_decision_policies(tmp_path: Path, a
     done = run_atelier("train", *args, db=tmp_path / "t.db", cwd=tmp_path)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert "give --policy plan, reflect or decompose" in lines[0]
+    assert "give --policy plan, reflect, decompose, draw or refine" in lines[0]

@@ -85,6 +85,24 @@ def text_lm(tiny_models: TinyModels) -> Any:
     service.close()
 
 
+@pytest.fixture(scope="module")
+def text_lm_replicas(text_lm: Any, tiny_models: TinyModels) -> Any:
+    """Two ``atelier serve lm`` replicas of the tiny text LM (the module's ``text_lm`` and one
+    more): (servers, services)."""
+    from nodes.backends.engines.lm_inprocess import LMService
+    from nodes.backends.servers.http_common import BackgroundServer
+    from nodes.backends.servers.lm_server import create_lm_app
+
+    first_server, first_service = text_lm
+    service = LMService.from_pretrained(
+        tiny_models.lm, name="tiny-lm", max_wait_ms=20, torch_threads=TORCH_THREADS
+    )
+    server = BackgroundServer(create_lm_app(service)).start()
+    yield [first_server, server], [first_service, service]
+    server.stop()
+    service.close()
+
+
 SERVER_LIMITS = {"max_body_bytes": 1024 * 1024, "max_image_pixels": 256 * 256}
 
 

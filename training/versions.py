@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from policies.weights import next_version
 
 if TYPE_CHECKING:
-    from storage.store import TrajectoryStore
+    from storage.store import RewardInput, TrajectoryStore
     from training.result import Trainer
 
 
@@ -82,10 +82,13 @@ def save_version(
     store: TrajectoryStore,
     directory: str | Path,
     metadata: Mapping[str, Any] | None = None,
+    *,
+    rewards: Iterable[RewardInput] = (),
 ) -> Path:
     """Save the trainer's weights as ``trainer.name@trainer.version`` into the new
     ``directory`` and register the version in the store, with ``trainer.describe()`` and
-    ``metadata`` (e.g. the ``TrainResult.metrics``; a non-finite number is stored as null).
+    ``metadata`` (e.g. the ``TrainResult.metrics``; a non-finite number is stored as null),
+    and ``rewards`` (``training.rewards.record.trained_reward_rows``) in the same transaction.
 
     Never overwrites: a version already in the store, or an existing ``directory``, raises
     (:class:`VersionTaken`, ``FileExistsError``) before anything is written. If registering
@@ -108,6 +111,7 @@ def save_version(
             version,
             path=str(Path(path).resolve()),  # absolute: other processes read it from anywhere
             metadata=_json({**trainer.describe(), **(metadata or {})}),
+            rewards=rewards,
         )
     except Exception:
         shutil.rmtree(path, ignore_errors=True)

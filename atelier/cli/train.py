@@ -14,14 +14,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent_graph.heap import freeze_startup_heap
-from atelier.cli.train_text import TEXT_POLICIES, add_lora_options, check_text_args, train_text
+from atelier.cli.train_image import (
+    IMAGE_POLICIES,
+    add_flow_options,
+    check_image_args,
+    refuse_flow_options,
+    train_image,
+)
+from atelier.cli.train_loop import add_loop_options, check_loop_args, train_loop
+from atelier.cli.train_text import (
+    TEXT_POLICIES,
+    add_lora_options,
+    check_model_args,
+    check_text_args,
+    train_text,
+)
 
 if TYPE_CHECKING:
     from storage.store import TrajectoryStore
     from training.decisions.trainer import GRPOConfig
     from training.tensorboard import TensorBoardLog
 
-POLICIES = ("router", "stop", *TEXT_POLICIES)
+POLICIES = ("router", "stop", *TEXT_POLICIES, *IMAGE_POLICIES)
 
 
 def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
@@ -32,12 +46,19 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", action="append", help="stored run(s) to train from (repeatable)")
     source.add_argument("--world", choices=("shapeworld",), help="roll out, train, repeat")
+    source.add_argument(
+        "--config",
+        type=Path,
+        metavar="BACKENDS",
+        help="roll out through this backends file's servers, train, deploy the new version, "
+        "repeat (any policy but draw/refine; see the on-policy loop options)",
+    )
     train.add_argument(
         "--policy",
         choices=POLICIES,
-        help="policy to train: router, stop (decision policies), or the LoRA of a text/VLM "
-        "node: plan, reflect, decompose (with --run and --model; default: router; stop with "
-        "--tree-stage)",
+        help="policy to train: router, stop (decision policies), the LoRA of a text/VLM node: "
+        "plan, reflect, decompose (with --model), or the diffusion LoRA of draw, refine "
+        "(Flow-GRPO, with --run and --model); default: router; stop with --tree-stage",
     )
     train.add_argument(
         "--init", type=Path, help="start from this saved policy version (a directory)"
@@ -130,6 +151,8 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
         help="also write the training scalars as TensorBoard event files under DIR",
     )
     add_lora_options(train)
+    add_flow_options(train)
+    add_loop_options(train)
     add_db(train)
     train.set_defaults(handler=cmd_train)
     return train
@@ -389,13 +412,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if args.world is not None and (source := _source_kind(args)) != "checker":
         raise _no_vlm(source, "--world shapeworld rolls out on ShapeWorld (no VLM)")
-    if args.policy not in TEXT_POLICIES:
+    if args.policy not in (*TEXT_POLICIES, *IMAGE_POLICIES):
         given = [name for name, value in vars(args).items() if name.startswith("lora_") and value]
         if args.sft or args.model is not None or args.reward is not None or given:
             raise CliError(
-                "--model, --sft, --reward and the LoRA options train a text policy: give "
-                "--policy plan, reflect or decompose"
+                "--model, --sft, --reward and the LoRA options train a text or image policy: "
+                "give --policy plan, reflect, decompose, draw or refine"
             )
+    check_loop_args(args)
+    if args.config is not None:
+        if args.policy in TEXT_POLICIES:
+            check_model_args(args)
+        board = _tensorboard(args)
+        store = open_store(args, must_exist=False)
+        try:
+            return train_loop(args, store, board)
+        finally:
+            if board is not None:
+                board.close()
+    refuse_flow_options(args)
+    if args.policy in IMAGE_POLICIES:
+        check_image_args(args)
+        board = _tensorboard(args)
+        store = open_store(args)
+        from training.versions import VersionTaken
+
+        try:
+            return train_image(args, store, board)
+        except (VersionTaken, FileExistsError) as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            if board is not None:
+                board.close()
     if args.policy in TEXT_POLICIES:
         check_text_args(args)
         board = _tensorboard(args)

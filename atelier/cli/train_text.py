@@ -131,13 +131,21 @@ def check_text_args(args: argparse.Namespace) -> None:
         )
     if args.tree_stage is not None:
         raise CliError(f"--tree-stage trains the stop policy, not --policy {args.policy}")
+    check_model_args(args)
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """--model (the base model the servers run), --init (a saved adapter) and the LoRA options,
+    checked before the store or a model is opened."""
+    from atelier.cli.errors import CliError
+
     if args.model is None:
         raise CliError(f"--policy {args.policy} needs --model, the base model directory")
     if not args.model.is_dir():
         raise CliError(f"--model {args.model}: no such model directory")
     if args.init is not None and not (args.init / "adapter_config.json").is_file():
         raise CliError(f"--init {args.init} is not a saved adapter (no adapter_config.json)")
-    lora_config(args)  # a bad hyperparameter fails here, before the store or a model is opened
+    lora_config(args)  # a bad hyperparameter fails here
 
 
 def _analyzer_and_judge(store: TrajectoryStore, runs: list[str]) -> tuple[Any, Any]:

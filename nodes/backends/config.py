@@ -847,6 +847,28 @@ def _policy_version(ref: str | None, kind: str, store: Any, source: str) -> Depl
     return resolve_version(value, kind, store, what=f"{source}: policies.{kind}")
 
 
+def with_role_adapters(
+    config: BackendsConfig, adapters: dict[str, str], source: str = "<config>"
+) -> BackendsConfig:
+    """``config`` with these roles requesting these adapters (``{role: name@version or an
+    absolute directory}``) instead of what the file names: a training loop deploying the
+    version it just trained. A role without a chat backend that serves adapters is a
+    :class:`ConfigError`."""
+    roles = dict(config.roles)
+    for role, adapter in adapters.items():
+        spec = config.role(role)
+        if spec is None:
+            raise ConfigError(f"{source}: roles.{role} is not set, so no adapter can serve it")
+        kind = config.backends[spec.backend].kind
+        if kind not in ("openai", "inprocess-lm"):
+            raise ConfigError(
+                f"{source}: roles.{role} is served by backend {spec.backend!r} of kind {kind!r}; "
+                "a trained adapter needs an openai or inprocess-lm backend"
+            )
+        roles[role] = spec.model_copy(update={"adapter": adapter})  # type: ignore[index]
+    return config.model_copy(update={"roles": roles})
+
+
 @dataclasses.dataclass
 class ConfiguredBackends:
     """A config's backends, built, with the versions it names resolved

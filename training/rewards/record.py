@@ -68,8 +68,7 @@ def store_new_rewards(
     return len(new)
 
 
-def store_trained_rewards(
-    store: TrajectoryStore,
+def trained_reward_rows(
     result: TrainResult,
     policy: str,
     details: dict[str, Any] | None = None,
@@ -78,13 +77,14 @@ def store_trained_rewards(
     source: str = "training",
     prefix: str = "",
     steps: Mapping[str, int] | None = None,
-) -> int:
-    """Store what each member of a ``train`` call was trained with: for every (trajectory id,
-    (group id, {name: value})) of ``result.member_rewards``, one row per name (``names``, in
+) -> list[RewardInput]:
+    """The rows of what each member of a ``train`` call was trained with: for every (trajectory
+    id, (group id, {name: value})) of ``result.member_rewards``, one row per name (``names``, in
     that order; None: every name the member has) named ``prefix + name``, with the trained
     version (``policy@result.version``) and the group in the details. ``steps`` maps a
     trajectory id to the step seq the member is (a text or image member: its node's step);
-    absent, the row is the trajectory's. Returns the rows written."""
+    absent, the row is the trajectory's. Store them with the version
+    (``save_version(..., rewards=rows)``: one transaction) or with :func:`store_trained_rewards`."""
     trained = f"{policy}@{result.version}"
     rows = []
     for tid, (group, values) in result.member_rewards.items():
@@ -99,6 +99,24 @@ def store_trained_rewards(
                     {"trained": trained, "group": group, **(details or {})},
                 )
             )
+    return rows
+
+
+def store_trained_rewards(
+    store: TrajectoryStore,
+    result: TrainResult,
+    policy: str,
+    details: dict[str, Any] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    source: str = "training",
+    prefix: str = "",
+    steps: Mapping[str, int] | None = None,
+) -> int:
+    """Store :func:`trained_reward_rows` now; returns the rows written."""
+    rows = trained_reward_rows(
+        result, policy, details, names=names, source=source, prefix=prefix, steps=steps
+    )
     if rows:
         store.add_rewards(rows)
     return len(rows)

@@ -587,6 +587,53 @@ class LoRATrainer:
 
         return write_new_directory(directory, write)
 
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """What :meth:`save` leaves out and an exact continuation needs, into the new
+        ``directory`` (atomic): the AdamW moments, the step count and the KL reference's
+        weights. :meth:`restore_checkpoint` on a trainer built from the saved version
+        (``adapter=``) then trains as if it had never stopped."""
+        from policies.weights import save_weights
+
+        state = self.optimizer.state_dict()
+        tensors = {
+            f"opt.{index}.{key}": value if torch.is_tensor(value) else torch.tensor(value)
+            for index, slot in state["state"].items()
+            for key, value in slot.items()
+        }
+        for index, weight in enumerate(self.reference_weights or []):
+            tensors[f"ref.{index}"] = weight
+        meta = {
+            "class": "lora-trainer-state",
+            "steps": self.steps,
+            "param_groups": state["param_groups"],
+            "reference_version": self.reference_version,
+            "has_reference": self.reference_weights is not None,
+        }
+        return save_weights(directory, tensors, meta)
+
+    def restore_checkpoint(self, directory: str | Path) -> None:
+        """Load :meth:`save_checkpoint`'s state into this trainer (built on the same adapter)."""
+        from policies.weights import load_weights
+
+        tensors, meta = load_weights(directory)
+        if meta.get("class") != "lora-trainer-state":
+            raise ValueError(f"{directory} is not a LoRA trainer checkpoint")
+        slots: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                index, name = key.removeprefix("opt.").split(".", 1)
+                slots.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+        self.steps = int(meta["steps"])
+        if meta["has_reference"]:
+            count = sum(key.startswith("ref.") for key in tensors)
+            self.reference_weights = [
+                tensors[f"ref.{i}"].to(self.parameters[i].device) for i in range(count)
+            ]
+            self.reference_version = meta["reference_version"]
+        else:
+            self.reference_weights, self.reference_version = None, None
+
     def describe(self) -> dict[str, Any]:
         return {
             "kind": "text-lora",
