@@ -102,6 +102,11 @@ class Deployment:
             recorder=recorder,
         )
 
+    async def aclose(self) -> None:
+        """Close the backends this deployment built (a no-op on ShapeWorld)."""
+        if self.backends is not None:
+            await self.backends.aclose()
+
     async def load_adapters(self) -> None:
         """Load the adapter versions on their servers (a no-op without any)."""
         if self.backends is not None:

@@ -168,29 +168,35 @@ async def rollout(
     if world is not None:
         config["world"] = world
     config.update(extra_config or {})
-    run = store.create_run(name, config, run_id=run_id)
-    async with SQLRecorder(store, run.id) as recorder:
-        if deployment is not None:
-            context = deployment.context(store, recorder)
-        else:
-            context = replace(context, images=store, recorder=recorder)
-        runner = Runner(
-            context,
-            graph,
-            concurrency=concurrency,
-            budget=budget,
-            keep_steps=keep_steps,
-            state_factory=state_factory,
-            keep_groups_together=keep_groups_together,
-        )
-        # Every trajectory is in the store before any starts: a run killed early resumes all.
-        states = [runner.state_factory(task, budget) for task in tasks]
-        store.register_trajectories(run.id, states)
-        starts = [(state, None) for state in states]
-        try:
-            results = await runner.resume(starts, progress=progress, description=name or "rollout")
-        finally:
-            requests = _request_counts(context)
+    try:
+        run = store.create_run(name, config, run_id=run_id)
+        async with SQLRecorder(store, run.id) as recorder:
+            if deployment is not None:
+                context = deployment.context(store, recorder)
+            else:
+                context = replace(context, images=store, recorder=recorder)
+            runner = Runner(
+                context,
+                graph,
+                concurrency=concurrency,
+                budget=budget,
+                keep_steps=keep_steps,
+                state_factory=state_factory,
+                keep_groups_together=keep_groups_together,
+            )
+            # Every trajectory is in the store before any starts: a run killed early resumes
+            # all of them.
+            states = [runner.state_factory(task, budget) for task in tasks]
+            store.register_trajectories(run.id, states)
+            starts = [(state, None) for state in states]
+            try:
+                description = name or "rollout"
+                results = await runner.resume(starts, progress=progress, description=description)
+            finally:
+                requests = _request_counts(context)
+    finally:
+        if deployment is not None:  # the backends built here (a loop builds one set a run)
+            await deployment.aclose()
     return RolloutResult(run.id, results, requests)
 
 
@@ -280,16 +286,22 @@ async def resume_run(
     deployment = None
     if context is None:
         deployment = await redeploy(store, run.config, run_name=run_name)
-    async with SQLRecorder(store, run.id) as recorder:
+    try:
+        async with SQLRecorder(store, run.id) as recorder:
+            if deployment is not None:
+                context = deployment.context(store, recorder)
+            else:
+                context = replace(context, images=store, recorder=recorder)
+            runner = Runner(
+                context, graph, concurrency=concurrency, budget=budget, keep_steps=False
+            )
+            try:
+                results = await runner.resume(points, progress=progress)
+            finally:
+                requests = _request_counts(context)
+    finally:
         if deployment is not None:
-            context = deployment.context(store, recorder)
-        else:
-            context = replace(context, images=store, recorder=recorder)
-        runner = Runner(context, graph, concurrency=concurrency, budget=budget, keep_steps=False)
-        try:
-            results = await runner.resume(points, progress=progress)
-        finally:
-            requests = _request_counts(context)
+            await deployment.aclose()
     return RolloutResult(run.id, results, requests)
 
 

@@ -8,7 +8,8 @@ A reference (``--router``, ``--stop``, a backends file's ``[policies]`` table or
   (``store.policy_versions``); its directory is the one the registry names; or
 - a path to a saved version's directory (``atelier-policies/router-3``): a decision policy's
   own ``config.json`` names it (``router@3``); an adapter directory is named by the store's
-  registry when it registers that path, else by the directory's name.
+  registry when it registers that path, else by its own ``atelier_policy.json`` (a diffusion
+  LoRA, ``policies.diffusion_lora``), else by the directory's name.
 
 Every way a reference can be wrong is a :class:`VersionError` whose message names what was
 given and why it cannot be used (one line: the command line prints it as is). Loading a
@@ -24,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-Kind = Literal["router", "stop", "adapter"]
+Kind = Literal["router", "stop", "adapter", "diffusion-lora"]
 DECISION_KINDS: tuple[str, ...] = ("router", "stop")
 """Decision-policy kinds (``config.json``'s ``class``, as ``policies.weights`` saves them)."""
+ADAPTER_KINDS: tuple[str, ...] = ("adapter", "diffusion-lora")
+"""LoRA kinds: a text/VLM adapter (peft), a diffusion LoRA (peft + ``atelier_policy.json``)."""
 
 _KIND_WORDS = {
     "router": "a router (mode policy)",
@@ -69,15 +72,16 @@ def is_version_name(ref: str) -> bool:
 def resolve_version(
     ref: str | Path, kind: str, store: Any = None, *, what: str | None = None
 ) -> DeployedVersion:
-    """The saved version ``ref`` names, checked to be a ``kind`` (router, stop, adapter).
+    """The saved version ``ref`` names, checked to be a ``kind`` (router, stop, adapter,
+    diffusion-lora).
 
     ``store``: a ``TrajectoryStore`` (needed for ``name@version``; with a path, it names an
     adapter directory and cross-checks a decision policy's identity). ``what``: how the
     message names the reference (default ``--router`` / ``--stop`` / ``adapter``)."""
-    if kind not in (*DECISION_KINDS, "adapter"):
+    if kind not in (*DECISION_KINDS, *ADAPTER_KINDS):
         raise ValueError(f"unknown version kind {kind!r}")
     text = str(ref).strip()
-    where = f"{what or (f'--{kind}' if kind != 'adapter' else 'adapter')} {text}"
+    where = f"{what or (f'--{kind}' if kind in DECISION_KINDS else 'adapter')} {text}"
     if not text:
         raise VersionError(f"{where}: empty; give name@version or a saved version's directory")
     if isinstance(ref, str) and is_version_name(text):
@@ -129,6 +133,8 @@ def _checked(
     if held != kind:
         label = f"{name}@{version}" if name is not None else path
         raise VersionError(f"{where}: {label} holds {_KIND_WORDS[held]}, not {_KIND_WORDS[kind]}")
+    if kind == "diffusion-lora":
+        return _diffusion_lora(where, name, version, path, store)
     if kind == "adapter":
         if name is None:  # a directory: the registry names it if it registers that path
             name, version = _adapter_identity(path, store)
@@ -180,6 +186,39 @@ def _policy_config(where: str, path: Path) -> dict[str, Any]:
             f"{where}: {path} is not a saved Atelier policy version (format {found!r})"
         )
     return config
+
+
+def _diffusion_lora(
+    where: str, name: str | None, version: str | None, path: str, store: Any
+) -> DeployedVersion:
+    """A diffusion LoRA names itself (``atelier_policy.json``): the registry's name must be the
+    one its files hold, so the transitions sampled under it name exactly the registered version;
+    a directory the registry does not hold is named by its file."""
+    try:
+        own_meta = json.loads((Path(path) / _DIFFUSION_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise VersionError(f"{where}: cannot read {Path(path) / _DIFFUSION_FILE}: {exc}") from None
+    if not isinstance(own_meta, dict):
+        raise VersionError(f"{where}: {Path(path) / _DIFFUSION_FILE} is not a JSON object")
+    own = (str(own_meta.get("name", Path(path).name)), str(own_meta.get("version", "0")))
+    if name is None:
+        registered = _adapter_identity(path, store)
+        if registered[1] is None:
+            for info in store.policy_versions(name=own[0], version=own[1]) if store else ():
+                if info.path and Path(info.path).resolve() != Path(path):
+                    raise VersionError(
+                        f"{where}: holds {own[0]}@{own[1]}, but the store {store.url} registers "
+                        f"{own[0]}@{own[1]} at {info.path}: two different directories would "
+                        "record images under one version (give name@version)"
+                    )
+            return DeployedVersion("diffusion-lora", own[0], own[1], path)
+        name, version = registered
+    if own != (name, version):
+        raise VersionError(
+            f"{where}: its directory {path} holds {own[0]}@{own[1]}, not the registered "
+            f"{name}@{version}"
+        )
+    return DeployedVersion("diffusion-lora", name, version, path)
 
 
 def _adapter_identity(path: str, store: Any) -> tuple[str, str | None]:

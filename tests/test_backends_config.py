@@ -153,9 +153,11 @@ def test_shapeworld_options_are_checked():
         ),
         (
             config(
-                {"a": OPENAI, "b": OMNI}, {**ROLE_TABLE, "editor": {"backend": "b", "adapter": "x"}}
+                {"a": OPENAI, "b": OMNI, "w": {"kind": "shapeworld"}},
+                {**ROLE_TABLE, "editor": {"backend": "w", "adapter": "x"}},
             ),
-            r"roles\.editor: adapters need an openai or inprocess-lm backend",
+            r"roles\.editor: a diffusion LoRA adapter needs an omni backend or an "
+            r"inprocess-image backend with traced = true .* not 'w' of kind 'shapeworld'",
         ),
         ({"backends": {"a": OPENAI}, "roles": ROLE_TABLE, "extra": 1}, r"extra: Extra inputs"),
         (

@@ -114,7 +114,7 @@ def test_a_sigkilled_stop_loop_resumes_to_the_same_versions(tmp_path: Path) -> N
     [
         (("--resume",), "--resume belongs to the on-policy loop: give --config FILE"),
         (("--config", "nope.toml"), "--config nope.toml: no such file"),
-        (("--config", str(CONFIG), "--policy", "draw"), "--config trains router, stop, plan"),
+        (("--config", str(CONFIG), "--policy", "draw"), "--policy draw needs --model"),
         (("--config", str(CONFIG), "--mode", "reflect"), "--mode names a built-in router"),
         (("--config", str(CONFIG), "--policy", "decompose"), "needs --model"),
         (("--config", str(CONFIG), "--prompts", "empty.txt"), "holds no prompt"),
@@ -124,6 +124,13 @@ def test_a_sigkilled_stop_loop_resumes_to_the_same_versions(tmp_path: Path) -> N
             "trains the decomposer role's model, but",
         ),
         (("--config", str(CONFIG), "--concurrency", "0"), "--concurrency must be at least 1"),
+        (
+            ("--config", str(CONFIG), "--policy", "decompose", "--device", "cuda:99"),
+            "--device cuda:99: torch sees",
+        ),
+        (("--config", str(CONFIG), "--policy", "draw", "--device", "gpu"), "not a device"),
+        (("--config", str(CONFIG), "--tree-stage", "r3"), "r3 trains the reason stage's plan"),
+        (("--run", "x", "--tree-stage", "r3"), "alternates stages through a backends file"),
     ],
 )
 def test_bad_loop_input_is_one_line(tmp_path: Path, extra: tuple, message: str) -> None:

@@ -251,10 +251,11 @@ def test_trainer_continues_from_a_saved_version(tiny_sd3, loras, tmp_path):
     assert trainer.parameters and all(p.requires_grad for p in trainer.parameters)
     _, _, parent = read_lora(loras["good"])
     assert (trainer.name, trainer.version) == (parent.name, parent.version) == ("draw", "7")
-    # A round without signal (equal rewards) changes no weight and makes the next version.
+    # A round without signal (equal rewards) takes no step: no weight changes, no new version.
     flat = (ImageMember("a", 1, (), 0.5), ImageMember("b", 1, (), 0.5))
     result = trainer.train([ImageGroup("g", "a red circle", flat)])
-    assert result.version == next_version(parent.version) and result.metrics["steps"] == 0
+    assert result.version == parent.version and result.metrics["steps"] == 0
+    trainer.version = next_version(trainer.version)  # as a step would: the saved lineage
     _, _, info = read_lora(trainer.save(tmp_path / "v8"))
     assert (info.label, info.meta["parent"]) == ("draw@8", "7")
     saved = load_file(str(info.path / "adapter_model.safetensors"))

@@ -9,9 +9,10 @@ ShapeWorld's 256-pixel drawings on this 2-core machine, next to two LM servers i
 process, outlasted the client's 60 s timeout.
 
 The loop rolls out, stores the runs and their rewards, trains the decomposer's LoRA, saves and
-registers a version, loads it on both replicas and samples the next iteration from it. Killed with SIGKILL in the middle of its second iteration's rollout,
-``--resume`` finishes it: the same versions as a loop never killed (same weights), every run
-and version once, no reward row twice."""
+registers a version, loads it on both replicas and samples the next iteration from it. Killed
+with SIGKILL in the middle of its second iteration's rollout, ``--resume`` finishes it: the
+same versions as a loop never killed (same weights), every run and version once, no reward
+row twice."""
 
 from __future__ import annotations
 

@@ -69,6 +69,7 @@ def test_only_zero_variance_groups_means_no_update():
     router = LearnedModePolicy()
     result = GRPOTrainer(router, _config()).train([_flat_group("a"), _flat_group("b")])
     assert result.metrics["groups_zero_variance"] == 2 and result.metrics["decisions"] == 0
+    assert result.version == router.version  # no optimizer step: no new version
     for p, q in zip(router.parameters(), result.policy.parameters(), strict=True):
         assert torch.equal(p, q)
 

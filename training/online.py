@@ -166,6 +166,24 @@ def loop_versions(store: TrajectoryStore, policy: str, name: str) -> dict[int, D
     return versions
 
 
+def start_version(
+    store: TrajectoryStore, name: str, loop: str, save_dir: Path, iterations: int
+) -> str:
+    """The version a fresh adapter (no ``--init``) has before the loop's first update: the one
+    the loop's first run recorded (``--resume``), else the first whose ``iterations`` successors
+    are all free in the store and under ``save_dir`` (nothing is ever overwritten)."""
+    from training.versions import produced_versions, taken_versions
+
+    runs = loop_runs(store, loop)
+    if runs:
+        return str(runs[min(runs)].config["loop"].get("start_version", "0"))
+    taken = taken_versions(store, name, save_dir)
+    version = "0"
+    while any(v in taken for v in produced_versions(version, iterations)):
+        version = str(int(version) + 1) if version.isdigit() else version + "1"
+    return version
+
+
 def checkpoint_dir(spec: LoopSpec, version: DeployedVersion) -> Path:
     return spec.save_dir / f".loop-{spec.name}" / f"{version.name}-{version.version}"
 
@@ -252,33 +270,14 @@ async def online_iterations(
         result = policy.train(groups)
         trained = None
         if result.version != before:
-            trained = DeployedVersion(
-                behaviour.kind if behaviour is not None else "adapter",
-                policy.name,
-                result.version,
-                "",
+            metadata = {"loop": spec.name, "loop_iteration": index, "run": run_id}
+            trained = save_trained(
+                store, spec, policy, result, groups, run_id, metadata, behaviour, say
             )
-            directory = spec.save_dir / f"{policy.name}-{result.version}"
-            if directory.exists():  # files without a registration: a save that was killed
-                say(f"{directory} was never registered (a killed save): moved aside")
-                _set_aside(directory)
-            metadata = {
-                **result.metrics,
-                "loop": spec.name,
-                "loop_iteration": index,
-                "loop_kind": trained.kind,
-                "run": run_id,
-                "behaviour": _label(behaviour),
-            }
-            rows = policy.trained_rows(result, groups, run_id)
-            path = policy.save(store, directory, metadata, rows)
-            trained = DeployedVersion(
-                trained.kind, policy.name, result.version, str(path.resolve())
-            )
-            checkpoint = checkpoint_dir(spec, trained)
-            if checkpoint.exists():
-                _set_aside(checkpoint)
-            policy.save_checkpoint(checkpoint)
+            trained_state = checkpoint_dir(spec, trained)
+            if trained_state.exists():
+                _set_aside(trained_state)
+            policy.save_checkpoint(trained_state)
         entry = LoopIteration(
             index,
             run_id,
@@ -293,6 +292,36 @@ async def online_iterations(
         if trained is not None:
             behaviour = trained
     return log
+
+
+def save_trained(
+    store: TrajectoryStore,
+    spec: LoopSpec,
+    policy: LoopPolicy,
+    result: TrainResult,
+    groups: Sequence[Any],
+    run_id: str,
+    metadata: dict[str, Any],
+    behaviour: DeployedVersion | None,
+    say: Callable[[str], None] = lambda _: None,
+) -> DeployedVersion:
+    """Save and register the version ``result`` made, with what each member was trained with
+    (one transaction), under ``spec.save_dir``; returns it, ready to deploy. A directory of that
+    name left by a save that was killed before registering is moved aside first."""
+    kind = behaviour.kind if behaviour is not None else "adapter"
+    directory = spec.save_dir / f"{policy.name}-{result.version}"
+    if directory.exists():  # files without a registration: a save that was killed
+        say(f"{directory} was never registered (a killed save): moved aside")
+        _set_aside(directory)
+    metadata = {
+        **result.metrics,
+        **metadata,
+        "loop_kind": kind,
+        "behaviour": _label(behaviour),
+    }
+    rows = policy.trained_rows(result, groups, run_id)
+    path = policy.save(store, directory, metadata, rows)
+    return DeployedVersion(kind, policy.name, result.version, str(path.resolve()))
 
 
 async def _rollout(

@@ -279,7 +279,7 @@ def fork_points(
     return points
 
 
-BACKEND_KEYS = ("world", "backends_config", "adapters", "adapter_paths")
+BACKEND_KEYS = ("world", "backends_config", "adapters", "adapter_paths", "adapter_overrides")
 """The keys of a run's config that say which backends it ran on (``agent_graph.rollout``)."""
 
 
@@ -391,22 +391,26 @@ async def fork(
         "forks": forks,
     }
     run = store.create_run(name or f"tree-{stage}", config)
-    async with SQLRecorder(store, run.id) as recorder:
-        if deployment is not None:
-            context = deployment.context(store, recorder, settings)
-        else:
-            context = ReasonerContext(
-                backends=backends,
-                mode_policy=builtin_mode_policy("auto"),
-                stop_policy=stop_policy,
-                images=store,
-                settings=settings or GraphSettings(),
-                recorder=recorder,
-            )
-        context = dataclasses.replace(context, stop_policy=stop_policy)  # the trained one
-        runner = Runner(context, concurrency=concurrency, keep_steps=False)
-        store.register_trajectories(run.id, [state for state, _ in points])
-        await runner.resume(points, description=f"tree {stage}")
+    try:
+        async with SQLRecorder(store, run.id) as recorder:
+            if deployment is not None:
+                context = deployment.context(store, recorder, settings)
+            else:
+                context = ReasonerContext(
+                    backends=backends,
+                    mode_policy=builtin_mode_policy("auto"),
+                    stop_policy=stop_policy,
+                    images=store,
+                    settings=settings or GraphSettings(),
+                    recorder=recorder,
+                )
+            context = dataclasses.replace(context, stop_policy=stop_policy)  # the trained one
+            runner = Runner(context, concurrency=concurrency, keep_steps=False)
+            store.register_trajectories(run.id, [state for state, _ in points])
+            await runner.resume(points, description=f"tree {stage}")
+    finally:
+        if deployment is not None:  # the parents' backends, built again for the forks
+            await deployment.aclose()
     store.finish_run(run.id)
     return run.id
 
@@ -576,7 +580,7 @@ async def tree_iterations(
         store_member_rewards(store, groups)  # the stage rewards: stored before use
         result = trainer.train(groups)
         store_trained_rewards(store, result, trainer.name, {"run": run_id, "stage": stage})
-        if save_dir is not None:
+        if save_dir is not None and result.version != policy.version:  # else: no update
             directory = Path(save_dir) / f"{trainer.name}-{trainer.version}"
             save_version(trainer, store, directory, {**result.metrics, "fork_run": run_id})
         log.append(

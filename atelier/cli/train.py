@@ -17,6 +17,7 @@ from agent_graph.heap import freeze_startup_heap
 from atelier.cli.train_image import (
     IMAGE_POLICIES,
     add_flow_options,
+    check_flow_args,
     check_image_args,
     refuse_flow_options,
     train_image,
@@ -122,8 +123,11 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
     )
     tree.add_argument(
         "--tree-stage",
-        choices=("reflect_refine",),
-        help="train this stage (reflect_refine: the stop policy, reward C_j)",
+        choices=("reflect_refine", "r3"),
+        help="train this stage (reflect_refine: the stop policy, reward C_j, with --run); r3 "
+        "(with --config and --policy plan): R3's alternation, per round the reason stage (the "
+        "plan LoRA, G samples per prompt) then Tree-RL of the stop policy from that round's "
+        "reason-stage results",
     )
     tree.add_argument("--starts", type=int, default=32, help="start states drawn per iteration")
     tree.add_argument(
@@ -143,6 +147,12 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
         type=Path,
         default=Path("atelier-policies"),
         help="where policy versions are saved (default: atelier-policies/)",
+    )
+    train.add_argument(
+        "--device",
+        default="auto",
+        help="where a text or image policy trains: cpu, cuda, cuda:1, auto (default: cuda "
+        "when torch sees one)",
     )
     train.add_argument(
         "--tensorboard",
@@ -419,10 +429,18 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "--model, --sft, --reward and the LoRA options train a text or image policy: "
                 "give --policy plan, reflect, decompose, draw or refine"
             )
+    if args.tree_stage == "r3" and args.config is None:
+        raise CliError("--tree-stage r3 alternates stages through a backends file: give --config")
+    if args.policy in (*TEXT_POLICIES, *IMAGE_POLICIES):
+        _check_device(args.device)
     check_loop_args(args)
     if args.config is not None:
         if args.policy in TEXT_POLICIES:
             check_model_args(args)
+        if args.policy in IMAGE_POLICIES:
+            check_flow_args(args)
+        else:
+            refuse_flow_options(args)
         board = _tensorboard(args)
         store = open_store(args, must_exist=False)
         try:
@@ -485,6 +503,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             board.close()
 
 
+def _check_device(device: str) -> None:
+    """``--device`` names a device torch has here (one line otherwise, before any model)."""
+    from atelier.cli.errors import CliError
+
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        wanted = torch.device(device)
+    except RuntimeError:
+        raise CliError(f"--device {device}: not a device (cpu, cuda, cuda:1, auto)") from None
+    if wanted.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (wanted.index or 0) >= count:
+            seen = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise CliError(f"--device {device}: torch sees {seen} here (use --device cpu)")
+
+
 def _tensorboard(args: argparse.Namespace) -> TensorBoardLog | None:
     if args.tensorboard is None:
         return None
@@ -510,12 +547,8 @@ def _train(
 
     if args.run:
         from training.decisions.groups import read_groups
-        from training.decisions.rewards import (
-            FORMAT,
-            OUTCOME,
-            store_member_rewards,
-            store_trained_rewards,
-        )
+        from training.decisions.rewards import FORMAT, OUTCOME, TRAINED, store_member_rewards
+        from training.rewards.record import trained_reward_rows
         from training.rewards.sources import describe_source
 
         runs = [resolve_run(store, ref).id for ref in args.run]
@@ -531,12 +564,19 @@ def _train(
             raise CliError(f"no {kind} decision groups of 2 or more in {', '.join(args.run)}")
         store_member_rewards(store, groups, (outcome, FORMAT))  # R_o, R_f: stored before use
         result = trainer.train(groups)
-        store_trained_rewards(store, result, trainer.name, {"runs": runs})
+        if not result.history:
+            raise CliError(
+                f"no {kind} group carried a learning signal (the rewards within every group "
+                "are equal): nothing was trained or saved"
+            )
+        rows = trained_reward_rows(
+            result, trainer.name, {"runs": runs}, names=TRAINED, source="training.decisions.trainer"
+        )
         if board is not None:
             board.scalars(0, result.metrics, "train")
         path = args.out / f"{trainer.name}-{trainer.version}"
         metadata = {"penalty": args.penalty, "reward_source": describe_source(source)}
-        save_version(trainer, store, path, {**result.metrics, **metadata})
+        save_version(trainer, store, path, {**result.metrics, **metadata}, rewards=rows)
         metrics = ", ".join(f"{k}={v:.3g}" for k, v in sorted(result.metrics.items()))
         print(f"trained {trainer.name}@{trainer.version} on {len(groups)} groups: {metrics}")
         print(f"saved {path}")
@@ -593,7 +633,7 @@ def _train(
             f"| {index} | {iteration.behaviour} | {score:.3f} | {accuracy:.2f} | {images:.2f} "
             f"| {mix} | {iteration.trained} |"
         )
-    print(f"final policy {policy.name}@{policy.version} saved under {args.out}", file=sys.stderr)
+    _say_final(policy, args.out)
     return 0
 
 
@@ -654,5 +694,12 @@ def _train_tree(
             f"| {it.metrics.get('groups_used', 0):.0f} | {it.metrics['reward_mean']:.3f} "
             f"| {it.trained} |"
         )
-    print(f"final policy {policy.name}@{policy.version} saved under {args.out}", file=sys.stderr)
+    _say_final(policy, args.out)
     return 0
+
+
+def _say_final(policy: Any, out: Path) -> None:
+    """Where the last version is — or that no iteration made one (no group carried a signal)."""
+    path = out / f"{policy.name}-{policy.version}"
+    where = f"saved as {path}" if path.is_dir() else "not trained: no group carried a signal"
+    print(f"final policy {policy.name}@{policy.version} {where}", file=sys.stderr)

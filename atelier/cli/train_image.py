@@ -158,8 +158,6 @@ def refuse_flow_options(args: argparse.Namespace) -> None:
 
 def check_image_args(args: argparse.Namespace) -> None:
     """Refuse what does not apply to an image policy, before the store or a model opens."""
-    from importlib.util import find_spec
-
     from atelier.cli.errors import CliError
 
     policy = args.policy
@@ -171,6 +169,18 @@ def check_image_args(args: argparse.Namespace) -> None:
         )
     if args.tree_stage is not None:
         raise CliError(f"--tree-stage trains the stop policy, not --policy {policy}")
+    check_flow_args(args)
+
+
+def check_flow_args(args: argparse.Namespace) -> None:
+    """What any Flow-GRPO training of ``--policy draw|refine`` needs, from recorded runs or in
+    the on-policy loop: no text-policy or reward-source option, the packages, a flow-matching
+    ``--model``, a readable ``--init``, valid ``--flow-*`` values."""
+    from importlib.util import find_spec
+
+    from atelier.cli.errors import CliError
+
+    policy = args.policy
     text_only = [name for name, value in vars(args).items() if name.startswith("lora_") and value]
     text_only = [
         f"--{n.removeprefix('lora_').replace('_', '-')}" for n in text_only if n != "lora_name"
@@ -316,25 +326,31 @@ def _store_stage_rewards(args: argparse.Namespace, store: TrajectoryStore, runs:
     """R3's stage rewards of the runs, stored as the text policies' training stores them (the
     same rows, so neither stores a row the other did): V of the images from the store, or the
     runs' judge where the store holds none."""
-    from atelier.cli.errors import CliError
     from atelier.cli.train import run_analyzer, run_judge
-    from training.text.rewards import store_text_rewards
 
     judge = run_judge(store, runs)  # built once: a backends file's judge holds clients
-    analyzer = run_analyzer(store, runs, judge)
+    asyncio.run(store_stage_rewards(args, store, runs, judge, run_analyzer(store, runs, judge)))
+
+
+async def store_stage_rewards(
+    args: argparse.Namespace, store: TrajectoryStore, runs: list[str], judge: Any, analyzer: Any
+) -> None:
+    """:func:`_store_stage_rewards` with the runs' judge and analyzer given (the on-policy loop
+    builds them once), in the caller's event loop."""
+    from atelier.cli.errors import CliError
+    from training.text.rewards import store_text_rewards
+
     penalty = args.penalty != "none"
     try:
-        asyncio.run(
-            store_text_rewards(
-                store,
-                runs,
-                analyzer,
-                judge=judge,
-                weights=args.reward_weights,
-                complexity_eps=0.05 if penalty else None,
-                complexity_form=args.penalty if penalty else "scale",
-                complexity_cost=args.image_cost,
-            )
+        await store_text_rewards(
+            store,
+            runs,
+            analyzer,
+            judge=judge,
+            weights=args.reward_weights,
+            complexity_eps=0.05 if penalty else None,
+            complexity_form=args.penalty if penalty else "scale",
+            complexity_cost=args.image_cost,
         )
     except ValueError as exc:  # a V neither stored nor computable
         raise CliError(str(exc)) from None
@@ -400,24 +416,39 @@ def _trainer(
     args: argparse.Namespace, groups: list[ImageGroup], config: Any, name: str, version: str
 ) -> Any:
     """The pipeline at ``--model`` with a trainable LoRA (fresh, or ``--init``'s)."""
+    models = {t.model for g in groups for m in g.members for t in m.transitions}
+    # The name the transitions recorded, so the version's base_model says what sampled them.
+    model = models.pop() if len(models) == 1 else str(args.model)
+    return flow_trainer(args, config, model, name, version, args.init)
+
+
+def flow_trainer(
+    args: argparse.Namespace,
+    config: Any,
+    model: str,
+    name: str,
+    version: str | None,
+    init: str | Path | None,
+    init_what: str = "--init",
+) -> Any:
+    """A ``FlowGRPOTrainer`` on the pipeline at ``--model`` (``model``: the name its
+    transitions record), with a fresh LoRA or the one saved at ``init`` (named ``init_what``
+    in a message); one line on failure."""
     from atelier.cli.errors import CliError
     from nodes.backends.engines.flow_image import load_pipeline
     from policies.diffusion_lora import AdapterError
     from training.images.trainer import FlowGRPOTrainer
 
-    models = {t.model for g in groups for m in g.members for t in m.transitions}
-    # The name the transitions recorded, so the version's base_model says what sampled them.
-    model = models.pop() if len(models) == 1 else str(args.model)
     try:  # on the CPU, as the text policies: the trainer keeps the stored log-probs there
-        pipe = load_pipeline(args.model)
+        pipe = load_pipeline(args.model, device=args.device)
     except (OSError, ValueError, TypeError) as exc:
         raise CliError(f"cannot load --model {args.model}: {_one_line(exc)}") from None
     try:
         return FlowGRPOTrainer(
-            pipe, config, model=model, name=name, version=version, init_lora=args.init
+            pipe, config, model=model, name=name, version=version, init_lora=init
         )
     except AdapterError as exc:
-        raise CliError(f"--init {args.init}: {_one_line(exc)}") from None
+        raise CliError(f"{init_what} {init}: {_one_line(exc)}") from None
     except ValueError as exc:  # flow_model: not a pipeline the sampler takes
         raise CliError(f"--model {args.model}: {_one_line(exc)}") from None
 

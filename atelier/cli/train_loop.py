@@ -84,16 +84,26 @@ def check_loop_args(args: argparse.Namespace) -> None:
         if loop_only:
             raise CliError(f"{loop_only[0]} belongs to the on-policy loop: give --config FILE")
         return
+    from atelier.cli.train_image import IMAGE_POLICIES
     from atelier.cli.train_text import TEXT_POLICIES
 
     args.policy = args.policy or "router"
-    if args.policy not in ("router", "stop", *TEXT_POLICIES):
-        raise CliError(
-            f"--config trains router, stop, plan, reflect or decompose; train --policy "
-            f"{args.policy} from recorded runs (--run)"
-        )
-    if args.tree_stage is not None:
-        raise CliError("--tree-stage forks stored runs: give --run, not --config")
+    if args.policy not in ("router", "stop", *TEXT_POLICIES, *IMAGE_POLICIES):
+        raise CliError(f"--config trains no --policy {args.policy}")
+    if args.tree_stage == "reflect_refine":
+        raise CliError("--tree-stage reflect_refine forks stored runs: give --run, not --config")
+    if args.tree_stage == "r3":
+        if args.policy not in TEXT_POLICIES or args.policy != "plan":
+            raise CliError("--tree-stage r3 trains the reason stage's plan policy: --policy plan")
+        if args.resume:
+            raise CliError(
+                "--tree-stage r3 cannot --resume yet: start a new alternation (--loop) with "
+                "--init from its newest plan version"
+            )
+        if args.reward_weights != (1.0, 0.0, 0.0):
+            raise CliError("--reward-weights do not apply to --tree-stage r3 (R3's stage rewards)")
+        if args.starts < 1 or not 0.0 <= args.perfect_share <= 1.0:
+            raise CliError("--starts must be at least 1 and --perfect-share in [0, 1]")
     if args.mode is not None and args.policy == "router":
         raise CliError(
             "--mode names a built-in router; --policy router trains one (leave --mode out)"
@@ -127,6 +137,7 @@ def _signature(args: argparse.Namespace, prompts: Sequence[str]) -> dict[str, An
     """The options that define the loop (a resume must give the same; --iterations may grow)."""
     import hashlib
 
+    from atelier.cli.train_image import IMAGE_POLICIES
     from atelier.cli.train_text import TEXT_POLICIES
 
     digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
@@ -151,6 +162,10 @@ def _signature(args: argparse.Namespace, prompts: Sequence[str]) -> dict[str, An
 
         signature["model"] = str(args.model.resolve())
         signature["lora"] = lora_config(args).model_dump(mode="json")
+    if args.policy in IMAGE_POLICIES:
+        from atelier.cli.train_loop_image import flow_signature
+
+        signature.update(flow_signature(args))
     return signature
 
 
@@ -303,6 +318,7 @@ class TextLoopPolicy:
             self.trainer = LoRATrainer(
                 self.args.model,
                 lora_config(self.args),
+                device=self.args.device,
                 name=self.name,
                 version=version.version or "0" if version is not None else self.start_version,
                 adapter=version.path if version is not None else None,
@@ -397,8 +413,7 @@ class TextLoopPolicy:
         """``--init`` (a registered adapter version), else the base model; the fresh adapter's
         version numbered so that the versions the loop saves are free."""
         from policies.deployed import VersionError, resolve_version
-        from training.online import loop_runs
-        from training.versions import produced_versions, taken_versions
+        from training.online import start_version
 
         if self.args.init is not None:
             try:
@@ -411,15 +426,9 @@ class TextLoopPolicy:
                     "the store"
                 )
             return version
-        runs = loop_runs(store, loop)
-        if runs:
-            self.start_version = str(runs[min(runs)].config["loop"].get("start_version", "0"))
-            return None
-        taken = taken_versions(store, self.name, self.args.out)
-        version = "0"
-        while any(v in taken for v in produced_versions(version, self.args.iterations)):
-            version = str(int(version) + 1) if version.isdigit() else version + "1"
-        self.start_version = version
+        self.start_version = start_version(
+            store, self.name, loop, self.args.out, self.args.iterations
+        )
         return None
 
 
@@ -432,6 +441,10 @@ def _check_config(args: argparse.Namespace, policy: Any) -> None:
         config = load_config(args.config)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
+    from atelier.cli.train_loop_image import FlowLoopPolicy, check_flow_config
+
+    if isinstance(policy, FlowLoopPolicy):
+        check_flow_config(args, config, policy)
     if isinstance(policy, TextLoopPolicy):
         spec = config.role(policy.role)
         kind = config.backends[spec.backend].kind if spec is not None else None
@@ -451,6 +464,8 @@ def _check_config(args: argparse.Namespace, policy: Any) -> None:
 
 def train_loop(args: argparse.Namespace, store: TrajectoryStore, board: Any) -> int:
     from atelier.cli.train import _run_table
+    from atelier.cli.train_image import IMAGE_POLICIES
+    from atelier.cli.train_loop_image import build_flow_loop_policy
     from atelier.cli.train_text import TEXT_POLICIES
     from nodes.backends.config import ConfigError
     from nodes.state import Budget
@@ -459,13 +474,15 @@ def train_loop(args: argparse.Namespace, store: TrajectoryStore, board: Any) -> 
     from training.versions import VersionTaken
 
     prompts = _prompts(args)
-    policy: Any = (
-        TextLoopPolicy(args)
-        if args.policy in TEXT_POLICIES
-        else DecisionLoopPolicy(args, args.policy)
-    )
+    policy: Any
+    if args.policy in IMAGE_POLICIES:
+        policy = build_flow_loop_policy(args)
+    elif args.policy in TEXT_POLICIES:
+        policy = TextLoopPolicy(args)
+    else:
+        policy = DecisionLoopPolicy(args, args.policy)
     _check_config(args, policy)
-    name = args.loop or f"train-{policy.name}"
+    name = args.loop or f"{'r3' if args.tree_stage == 'r3' else 'train'}-{policy.name}"
     spec = LoopSpec(
         name=name,
         backends_config=args.config.resolve(),
@@ -483,6 +500,10 @@ def train_loop(args: argparse.Namespace, store: TrajectoryStore, board: Any) -> 
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    if args.policy in IMAGE_POLICIES:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     initial = policy.initial(store, name)
     header = ["| iteration | behaviour | run | mean V | accuracy | images | trained |"]
 
@@ -506,6 +527,8 @@ def train_loop(args: argparse.Namespace, store: TrajectoryStore, board: Any) -> 
     def say(line: str) -> None:
         print(f"atelier: {line}", file=sys.stderr)
 
+    if args.tree_stage == "r3":
+        return _alternate(args, store, spec, policy, initial, show_round)
     start_version = getattr(policy, "start_version", None)
     try:
         log = asyncio.run(
@@ -541,3 +564,75 @@ async def _iterate(
         # recorded in every run of the loop: --resume numbers a fresh adapter the same way
         extra_loop={"start_version": start_version} if start_version is not None else None,
     )
+
+
+def show_round(entry: Any) -> None:
+    reason = entry.reason_trained or "no update"
+    forks = ", ".join(run[:8] for run in entry.fork_runs)
+    print(
+        f"| {entry.index} | {entry.run_id[:8]} | {entry.reason_behaviour} → {reason} | "
+        f"{entry.stop_behaviour} → {entry.stop_trained} | {forks} |",
+        flush=True,
+    )
+
+
+def _alternate(
+    args: argparse.Namespace,
+    store: TrajectoryStore,
+    spec: Any,
+    reason: Any,
+    initial: Any,
+    show: Any,
+) -> int:
+    """``--tree-stage r3``: R3's alternation (``training.r3``), the stop policy starting fresh
+    (saved as the alternation's untrained ``stop@N``, as the loop saves a fresh router)."""
+    import copy
+
+    from nodes.backends.config import ConfigError
+    from policies.deployed import VersionError
+    from policies.weights import load_policy
+    from training.decisions.trainer import GRPOTrainer
+    from training.r3 import r3_rounds
+    from training.tree import stage_config
+    from training.versions import VersionTaken
+
+    taken = [r for r in store.runs() if (r.config.get("r3") or {}).get("name") == spec.name]
+    if taken:
+        raise CliError(
+            f"an R3 alternation named {spec.name!r} is in the store ({len(taken)} round(s)); "
+            "give another --loop"
+        )
+    stop_args = copy.copy(args)
+    stop_args.init, stop_args.policy = None, "stop"
+    stop = DecisionLoopPolicy(stop_args, "stop")
+    stop_initial = stop.initial(store, spec.name)
+    stop_trainer = GRPOTrainer(load_policy(stop_initial.path), stage_config(stop._config()))
+    print("| round | run | reason stage (plan) | reflect-refine (stop) | fork runs |")
+    print("|---|---|---|---|---|")
+    try:
+        log = asyncio.run(
+            r3_rounds(
+                store,
+                spec,
+                reason,
+                initial,
+                stop_trainer,
+                stop_initial,
+                tree_iterations_per_round=1,
+                starts=args.starts,
+                tree_group_size=args.group_size,
+                perfect_share=args.perfect_share,
+                weighting=args.start_weighting,
+                on_round=show,
+            )
+        )
+    except (ConfigError, VersionError, VersionTaken, FileExistsError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    last = log[-1] if log else None
+    if last is not None:
+        newest = last.reason_trained or last.reason_behaviour
+        print(
+            f"alternation {spec.name}: {len(log)} rounds; newest {newest} and {last.stop_trained}",
+            file=sys.stderr,
+        )
+    return 0

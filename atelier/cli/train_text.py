@@ -201,7 +201,9 @@ def train_text(
 
     transformers_logging.disable_progress_bar()  # the command prints its own progress
     try:
-        trainer = LoRATrainer(args.model, config, name=name, version=version, adapter=args.init)
+        trainer = LoRATrainer(
+            args.model, config, name=name, version=version, adapter=args.init, device=args.device
+        )
     except (OSError, ValueError) as exc:  # not a model directory, a broken adapter
         raise CliError(f"cannot load --model {args.model}: {exc}") from None
     if args.sft:
@@ -211,12 +213,17 @@ def train_text(
             result = _fit(args, trainer, data, progress, store)
         except ValueError as exc:  # the alignment check: not what the server saw
             raise CliError(str(exc)) from None
+    rows: list[Any] = []
     if not args.sft:
-        from training.rewards import store_trained_rewards
+        if not result.history:
+            raise CliError(
+                f"no {args.policy} group carried a learning signal (the rewards within every "
+                "group are equal): nothing was trained or saved"
+            )
+        from training.rewards.record import trained_reward_rows
 
         steps = {m.trajectory_id: m.step_seq for g in data for m in g.members}
-        store_trained_rewards(
-            store,
+        rows = trained_reward_rows(
             result,
             trainer.name,
             {"runs": runs},
@@ -225,7 +232,8 @@ def train_text(
             steps=steps,
         )
     path = args.out / f"{trainer.name}-{trainer.version}"
-    save_version(trainer, store, path, {**result.metrics, "runs": runs, **describe})
+    metadata = {**result.metrics, "runs": runs, **describe}
+    save_version(trainer, store, path, metadata, rewards=rows)  # one transaction
     _print_summary(result, f"{trainer.name}@{trainer.version}", describe)
     print(f"saved {path}")
     print(

@@ -16,12 +16,13 @@
     urls = ["http://10.0.0.7:8001"]
     size = "512x512"                    # optional: draw at this size, whatever the graph asks
     steps = 4                           # optional: when the graph sets no step count
+    adapter_mode = "request"            # optional: how a role's diffusion LoRA reaches it
 
     [roles]
     planner = { backend = "vlm", sampling = { max_tokens = 256 } }   # per role, over the above
     reflector = { backend = "vlm", adapter = "reflect@2" }   # a trained LoRA adapter version
     decomposer = "vlm"
-    generator = "painter"
+    generator = { backend = "painter", adapter = "draw@1" }   # a trained diffusion LoRA
     editor = "painter"
     judge = "vlm"                       # optional; a chat backend judges by P(yes)
 
@@ -51,11 +52,36 @@ A version or directory is loaded on every server of the role's backend before an
 with the same weights; in-process backends load it into their model), under the name
 ``name@version``, which the role's requests then ask for: each recorded generation's model
 names the version. The servers read the directory at the path given (the same machine, or a
-shared filesystem). ``[policies]`` takes ``router`` and ``stop``, each ``name@version`` or a
-saved policy directory (relative to this file's folder); the command line's ``--router``,
-``--stop`` (and ``--mode``, for the router) override them. ``name@version`` needs the store
-(``--db``): :func:`configure_backends` resolves every version and says what is wrong with one
-(not registered, its directory missing, a router where a stop policy or an adapter belongs).
+shared filesystem).
+
+An image role's ``adapter`` (generator, editor) is a diffusion LoRA (``policies.diffusion_lora``,
+what ``atelier train --policy draw|refine`` saves), written the same three ways, on
+
+- an ``omni`` backend. How it reaches the servers is the backend's ``adapter_mode``: ``load``
+  (Atelier's ``atelier serve image``: ``POST /v1/load_lora_adapter`` on every replica before
+  anything runs, and every request of the role names it in vLLM-Omni's ``lora`` field, which
+  that server checks against what it loaded: a replica restarted without it answers 400, never
+  an image of another policy) or ``request`` (vLLM-Omni, which has no load endpoint: only the
+  per-request ``lora`` field, ``{name, local_path, scale}``, which it loads on demand). Unset,
+  it is ``load`` on a ``traced`` backend (only Atelier's server traces) and ``request``
+  otherwise. The mode is written, not probed from the load endpoint: a 404 cannot tell
+  vLLM-Omni from a proxy, a server started without runtime LoRA loading or a wrong URL, and the
+  mode decides which policy each recorded image was sampled by;
+- an ``inprocess-image`` backend with ``traced = true`` and no ``lora`` of its own: loaded into
+  its flow model (a version or a directory; there is no server to serve a name).
+
+An in-process model and a server that loads its adapter apply their one loaded adapter to every
+request, so the image roles on such a backend name the same adapter, or none (a
+:class:`ConfigError` otherwise: the other role's images would be sampled by a policy it does not
+name). The draw and refine steps record the version's ``name@version`` as their model, and
+every denoising transition names it as its ``lora`` (what Flow-GRPO's groups check).
+
+``[policies]`` takes ``router`` and ``stop``, each ``name@version`` or a saved policy directory
+(relative to this file's folder); the command line's ``--router``, ``--stop`` (and ``--mode``,
+for the router) override them. ``name@version`` needs the store (``--db``):
+:func:`configure_backends` resolves every version and says what is wrong with one (not
+registered, its directory missing, a router where a stop policy or an adapter belongs, a text
+adapter where a diffusion LoRA belongs, a LoRA whose own file names another version).
 
 ``[rewards]`` picks the outcome reward R_o that ``atelier train --run`` trains decision
 policies on, for runs recorded with this file (``training.rewards.sources``): ``checker``, the
@@ -209,6 +235,15 @@ class OmniBackend(_Remote):
     traced: bool = False
     """Ask the server for each image's diffusion transitions (``return_transitions``), so the
     draw/refine steps record what Flow-GRPO trains on (``atelier serve image`` answers it)."""
+    adapter_mode: Literal["load", "request"] | None = None
+    """How a role's diffusion LoRA reaches the servers: ``load`` (``atelier serve image``: loaded
+    on every replica, then named per request) or ``request`` (vLLM-Omni: the per-request
+    ``lora`` field only). None: ``load`` when ``traced``, else ``request`` (see the module doc)."""
+
+    @property
+    def loads_adapters(self) -> bool:
+        """Whether a role's adapter is loaded on the servers (one active adapter each)."""
+        return self.adapter_mode == "load" or (self.adapter_mode is None and self.traced)
 
 
 class InProcessLMBackend(_Strict):
@@ -273,8 +308,9 @@ BackendSpec = Annotated[
 class RoleSpec(_Strict):
     backend: str
     adapter: str | None = Field(None, min_length=1)
-    """A LoRA adapter (chat roles on openai / inprocess-lm backends): ``name@version``, a saved
-    adapter's directory, or the name of one the servers already serve (see the module doc)."""
+    """A LoRA adapter (chat roles on openai / inprocess-lm backends; a diffusion LoRA on image
+    roles, on omni or traced inprocess-image backends): ``name@version``, a saved adapter's
+    directory, or the name of one the servers already serve (see the module doc)."""
     sampling: SamplingSpec | None = None
     """Sampling fields for this role's requests, over its backend's ``sampling``."""
 
@@ -332,13 +368,17 @@ class BackendsConfig(_Strict):
                     f"roles.{role}: backend {spec.backend!r} is of kind {backend.kind!r}; "
                     f"this role needs one of {', '.join(allowed)}"
                 )
-            if spec.adapter and backend.kind not in ("openai", "inprocess-lm"):
-                raise ValueError(f"roles.{role}: adapters need an openai or inprocess-lm backend")
+            problem = _adapter_problem(role, spec, backend)
+            if problem:
+                raise ValueError(f"roles.{role}: {problem}")
             if spec.sampling and (role not in CHAT_ROLES or backend.kind == "shapeworld"):
                 raise ValueError(
                     f"roles.{role}: sampling applies to chat roles ({', '.join(CHAT_ROLES)}) "
                     "on an openai or inprocess-lm backend"
                 )
+        problem = _shared_adapter_problem(self)
+        if problem:
+            raise ValueError(problem)
         self._check_rewards()
         return self
 
@@ -372,6 +412,60 @@ class BackendsConfig(_Strict):
         if spec is None or isinstance(spec, RoleSpec):
             return spec
         return RoleSpec(backend=spec)
+
+
+def _adapter_problem(role: str, spec: RoleSpec, backend: Any) -> str | None:
+    """Why ``role`` cannot request ``spec.adapter`` from ``backend`` (None: it can)."""
+    if not spec.adapter:
+        return None
+    if role not in IMAGE_ROLES:
+        if backend.kind in ("openai", "inprocess-lm"):
+            return None
+        return "adapters need an openai or inprocess-lm backend"
+    if isinstance(backend, OmniBackend):
+        return None
+    if isinstance(backend, InProcessImageBackend) and backend.traced:
+        if backend.lora is not None:
+            return (
+                f"backend {spec.backend!r} loads its own lora ({backend.lora}); name the "
+                "diffusion LoRA in one place (the role's adapter, or the backend's lora)"
+            )
+        if adapter_kind(spec.adapter) == "name":
+            return (
+                f"adapter {spec.adapter!r}: an in-process model loads a diffusion LoRA "
+                "version (name@version) or directory, not a served name"
+            )
+        return None
+    return (
+        f"a diffusion LoRA adapter needs an omni backend or an inprocess-image backend with "
+        f"traced = true (a flow-matching model), not {spec.backend!r} of kind {backend.kind!r}"
+    )
+
+
+def _shared_adapter_problem(config: BackendsConfig) -> str | None:
+    """Image roles on a backend with one active adapter (an in-process flow model, a server
+    that loads it) must name the same adapter: it samples every role's images."""
+    named: dict[str, tuple[str, str | None]] = {}
+    for role in IMAGE_ROLES:
+        spec = config.role(role)
+        if spec is None:
+            continue
+        backend = config.backends[spec.backend]
+        one_active = isinstance(backend, InProcessImageBackend) or (
+            isinstance(backend, OmniBackend) and backend.loads_adapters
+        )
+        if not one_active:
+            continue
+        if spec.backend in named and named[spec.backend][1] != spec.adapter:
+            other, adapter = named[spec.backend]
+            return (
+                f"roles.{role}: backend {spec.backend!r} applies its one loaded diffusion LoRA "
+                f"to every request, and roles.{other} names {adapter or 'none'} there, "
+                f"roles.{role} {spec.adapter or 'none'}: give both the same adapter, or one of "
+                "them its own backend"
+            )
+        named[spec.backend] = (role, spec.adapter)
+    return None
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -705,15 +799,19 @@ def _for_role(
     role_spec: RoleSpec,
     shared: dict[Any, Any],
     adapter: str | None,
+    adapter_path: str | None = None,
 ) -> Any:
-    """The object serving ``role`` (requesting ``adapter``: its served name); ``shared`` keeps
-    one wrapper per distinct setting, so roles configured alike share one object as they share
-    the backend."""
+    """The object serving ``role`` (requesting ``adapter``: its served name; an omni backend
+    also sends ``adapter_path``, the version's directory, in each request's ``lora``);
+    ``shared`` keeps one wrapper per distinct setting, so roles configured alike share one
+    object as they share the backend."""
     from nodes.backends.overrides import SampledChatModel, sized_image_model
 
     if isinstance(spec, ShapeWorldBackend):
         return getattr(built, role)
-    if adapter:
+    if adapter and isinstance(spec, OmniBackend):
+        built = built.with_adapter(adapter, adapter_path)
+    elif adapter:
         built = built.with_adapter(adapter)
     if role == "judge":
         from nodes.backends.vlm_judge import VLMJudge
@@ -723,7 +821,7 @@ def _for_role(
         key = (role_spec.backend, adapter, tuple(sorted(sampling.items())))
         return shared.setdefault(key, SampledChatModel(built, sampling))
     if role in IMAGE_ROLES and (settings := _image_settings(spec)):
-        key = (role_spec.backend, "image")
+        key = (role_spec.backend, "image", adapter)
         return shared.setdefault(key, sized_image_model(built, **settings))
     return built
 
@@ -755,7 +853,16 @@ def _build(
             continue
         spec = config.backends[role_spec.backend]
         adapter = served_adapter(role, role_spec, versions)
-        result[role] = _for_role(role, built[role_spec.backend], spec, role_spec, shared, adapter)
+        version = versions.adapters.get(role) if versions is not None else None
+        result[role] = _for_role(
+            role,
+            built[role_spec.backend],
+            spec,
+            role_spec,
+            shared,
+            adapter,
+            version.path if version is not None else None,
+        )
     return result, built
 
 
@@ -829,7 +936,8 @@ def resolve_versions(
             if adapter_kind(role_spec.adapter) == "name":
                 continue  # served already under that name: nothing to load or resolve
             where = f"{source}: roles.{role}.adapter"
-            version = resolve_version(role_spec.adapter, "adapter", store, what=where)
+            kind = "diffusion-lora" if role in IMAGE_ROLES else "adapter"
+            version = resolve_version(role_spec.adapter, kind, store, what=where)
             problem = adapter_dir_problem(version.path)
             if problem:
                 raise ConfigError(f"{where} {role_spec.adapter}: {problem}")
@@ -852,21 +960,29 @@ def with_role_adapters(
 ) -> BackendsConfig:
     """``config`` with these roles requesting these adapters (``{role: name@version or an
     absolute directory}``) instead of what the file names: a training loop deploying the
-    version it just trained. A role without a chat backend that serves adapters is a
+    version it just trained. A role whose backend takes no adapter of its kind (a chat role: an
+    openai or inprocess-lm backend; an image role: omni, or traced inprocess-image), or image
+    roles left naming different adapters on a backend with one active adapter, is a
     :class:`ConfigError`."""
     roles = dict(config.roles)
     for role, adapter in adapters.items():
         spec = config.role(role)
         if spec is None:
             raise ConfigError(f"{source}: roles.{role} is not set, so no adapter can serve it")
-        kind = config.backends[spec.backend].kind
-        if kind not in ("openai", "inprocess-lm"):
+        backend = config.backends[spec.backend]
+        updated = spec.model_copy(update={"adapter": adapter})
+        problem = _adapter_problem(role, updated, backend)
+        if problem:
             raise ConfigError(
-                f"{source}: roles.{role} is served by backend {spec.backend!r} of kind {kind!r}; "
-                "a trained adapter needs an openai or inprocess-lm backend"
+                f"{source}: roles.{role} is served by backend {spec.backend!r} of kind "
+                f"{backend.kind!r}, which cannot take the trained adapter: {problem}"
             )
-        roles[role] = spec.model_copy(update={"adapter": adapter})  # type: ignore[index]
-    return config.model_copy(update={"roles": roles})
+        roles[role] = updated  # type: ignore[index]
+    changed = config.model_copy(update={"roles": roles})
+    problem = _shared_adapter_problem(changed)  # model_copy runs no validator
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+    return changed
 
 
 @dataclasses.dataclass
@@ -890,10 +1006,30 @@ class ConfiguredBackends:
             loads.setdefault((backend, version.label, version.path), (role, backend, version))
         return list(loads.values())
 
+    async def aclose(self) -> None:
+        """Release what building the backends opened: HTTP connection pools, in-process models
+        (their weights and batching threads). A run that built them closes them when it ends
+        (a training loop builds one set per iteration); nothing may use them after."""
+        for backend in self.built.values():
+            closer = getattr(backend, "aclose", None)
+            if closer is not None:
+                await closer()
+                continue
+            close = getattr(backend, "close", None) or getattr(
+                getattr(backend, "service", None), "close", None
+            )
+            if close is not None:
+                close()
+
     async def load_adapters(self) -> None:
         """Load every adapter version on every server (replica) of its backend, under its
-        ``name@version``; a failure is a :class:`ConfigError` naming the role and the reason."""
+        ``name@version`` (an omni backend in ``request`` mode loads nothing: each request names
+        the version's directory); a failure is a :class:`ConfigError` naming the role and the
+        reason."""
         for role, backend, version in self.adapter_loads():
+            spec = self.config.backends[backend]
+            if isinstance(spec, OmniBackend) and not spec.loads_adapters:
+                continue
             target = self.built[backend]
             try:
                 await target.load_adapter(version.label, version.path, inplace=True)

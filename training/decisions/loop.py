@@ -92,7 +92,7 @@ async def grpo_iterations(
         result = trainer.train(groups)
         store_trained_rewards(store, result, trainer.name, {"run": run_id})
         policy = result.policy
-        if save_dir is not None:
+        if save_dir is not None and result.history:  # no optimizer step: no new version
             directory = Path(save_dir) / f"{trainer.name}-{trainer.version}"
             save_version(trainer, store, directory, {**result.metrics, **source_info})
         log.append(

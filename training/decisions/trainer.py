@@ -187,7 +187,8 @@ class GRPOTrainer:
                 history.append(self._step(batch))
         metrics.update(step_summary(history))
         self.rounds += 1
-        self.policy.version = next_version(self.policy.version)
+        if history:  # no optimizer step (every group zero-variance): the same version
+            self.policy.version = next_version(self.policy.version)
         metrics["updates"] = float(self.steps)
         return TrainResult(self.version, metrics, history, self.policy.clone(), used)
 

@@ -60,7 +60,8 @@ class FlowGRPOTrainer:
 
     ``model`` names the base model (what transitions record). ``name`` / ``version`` are the
     LoRA's identity as a policy (default ``draw@0``, or those of ``init_lora``, the saved
-    version training continues from); every ``train`` call with groups makes the next version.
+    version training continues from); every ``train`` call that takes an optimizer step makes
+    the next version.
     """
 
     ADAPTER = "policy"
@@ -153,7 +154,7 @@ class FlowGRPOTrainer:
             "transitions": float(len(items)),
             **step_summary(history),
         }
-        if groups:
+        if history:  # no optimizer step (every group zero-variance): the same version
             self.version = next_version(self.version)
         metrics["seconds"] = time.perf_counter() - started
         return TrainResult(self.version, metrics, history)
@@ -162,12 +163,13 @@ class FlowGRPOTrainer:
         cfg = self.config
         ref_mean = self.reference_means(transitions) if cfg.beta else None
         current = self.sampler.recompute(transitions)
-        old = torch.tensor([t.logprob for t in transitions], dtype=torch.float32)
+        device = current.logprob.device  # the transformer's: a GPU when trained on one
+        old = torch.tensor([t.logprob for t in transitions], dtype=torch.float32, device=device)
         drift = float((current.logprob.detach() - old).abs().max())
         loss, metrics = flow_grpo_loss(
             current.logprob,
             old,
-            torch.tensor(advantages, dtype=torch.float32),
+            torch.tensor(advantages, dtype=torch.float32, device=device),
             clip_range=cfg.clip_range,
             beta=cfg.beta,
             mean=current.mean,
@@ -197,6 +199,54 @@ class FlowGRPOTrainer:
             )  # fmt: skip
 
         return write_new_directory(directory, write)
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """What :meth:`save` leaves out and an exact continuation needs, into the new
+        ``directory`` (atomic): the AdamW moments, the step count, the minibatch order's random
+        state and the parent. :meth:`restore_checkpoint` on a trainer built from the saved
+        version (``init_lora=``) then trains as if it had never stopped. The KL reference is
+        the base model (the LoRA disabled): nothing to keep."""
+        from policies.weights import save_weights
+
+        state = self.optimizer.state_dict()
+        tensors = {
+            f"opt.{index}.{key}": value if torch.is_tensor(value) else torch.tensor(value)
+            for index, slot in state["state"].items()
+            for key, value in slot.items()
+        }
+        version, internal, gauss = self.rng.getstate()
+        meta = {
+            "class": "flow-grpo-trainer-state",
+            "version": self.version,
+            "steps": self.steps,
+            "param_groups": state["param_groups"],
+            "parent": self.parent,
+            "rng": [version, list(internal), gauss],
+        }
+        return save_weights(directory, tensors, meta)
+
+    def restore_checkpoint(self, directory: str | Path) -> None:
+        """Load :meth:`save_checkpoint`'s state into this trainer (built on the LoRA version
+        the checkpoint was written after: a ``ValueError`` otherwise)."""
+        from policies.weights import load_weights
+
+        tensors, meta = load_weights(directory)
+        if meta.get("class") != "flow-grpo-trainer-state":
+            raise ValueError(f"{directory} is not a Flow-GRPO trainer checkpoint")
+        if meta["version"] != self.version:
+            raise ValueError(
+                f"{directory} holds the trainer state after {self.name}@{meta['version']}, not "
+                f"{self.name}@{self.version}"
+            )
+        slots: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            index, name = key.removeprefix("opt.").split(".", 1)
+            slots.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+        self.steps = int(meta["steps"])
+        self.parent = meta["parent"]
+        version, internal, gauss = meta["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
 
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {

@@ -71,5 +71,10 @@ async def grpo_round(
     score_run(store, run_id, reward)
     groups = read_groups(store, run_id)
     result = trainer.train(groups)  # CPU/GPU-bound; blocks this event loop while it runs
+    if not result.history:
+        raise ValueError(
+            "no group carried a learning signal (the rewards within every group are equal): "
+            "nothing was trained or saved"
+        )
     path = save_version(trainer, store, adapter_dir, {**result.metrics, "run": run_id})
     return RoundResult(run_id, groups, result, path)

@@ -189,9 +189,10 @@ def _with_completion(prompt: Encoded, completion: Sequence[int]) -> Encoded:
 class LoRATrainer:
     """The base model (frozen) + a trainable peft LoRA adapter, on its own copy of the model.
 
-    ``name`` / ``version`` are the adapter's identity as a policy; every ``train`` call with
-    groups makes the next version. ``adapter``: a saved version's directory (peft layout,
-    safetensors) to go on training from, with its own rank, scale and target modules."""
+    ``name`` / ``version`` are the adapter's identity as a policy; every ``train`` call that
+    takes an optimizer step makes the next version. ``adapter``: a saved version's directory
+    (peft layout, safetensors) to go on training from, with its own rank, scale and target
+    modules."""
 
     def __init__(
         self,
@@ -465,9 +466,9 @@ class LoRATrainer:
                 if on_step is not None:
                     on_step(len(history), total, history[-1])
         metrics.update(step_summary(history))
-        if history:
+        if history:  # no optimizer step (every group zero-variance): the same version
             metrics["first_ratio_mean"] = history[0]["ratio_mean"]
-        self.version = next_version(self.version)
+            self.version = next_version(self.version)
         return TrainResult(self.version, metrics, history, member_rewards=used)
 
     def check_alignment(self, rows: Sequence[Sequence[Any]], owners: Sequence[TextMember]) -> float:

@@ -9,7 +9,10 @@ A diffusion LoRA is chosen per request (:meth:`OmniImageClient.with_adapter`): v
 loads ``local_path`` (as the *server* sees it) on demand; newer releases refuse request-level
 paths and take only the name of an adapter registered at start-up (``--dynamic-lora``), so the
 path is optional. ``atelier serve image`` honours the field when it names the adapter it has
-loaded (``/v1/load_lora_adapter``) at scale 1, and refuses it otherwise.
+loaded (``/v1/load_lora_adapter``, :meth:`OmniImageClient.load_adapter` on every replica) at
+scale 1, and refuses it otherwise. A backends file says which of the two a server is (an
+``omni`` backend's ``adapter_mode``, ``nodes.backends.config``): ``load`` loads the version on
+every replica first and then names it per request; ``request`` only names it per request.
 
 :class:`TracedOmniImageClient` also asks for each generation's Flow-GRPO transitions
 (``return_transitions``). That is **an extension of Atelier's own image server only**
@@ -134,6 +137,23 @@ class OmniImageClient:
             edit_size=self.edit_size,
             max_pixels=self.max_pixels,
             pool=self.pool,
+        )
+
+    async def load_adapter(self, name: str, path: str, *, inplace: bool = False) -> None:
+        """Load diffusion LoRA ``name`` from ``path`` (as the *server* sees it) on every server
+        of the pool, as the one adapter each applies (``atelier serve image``'s
+        ``/v1/load_lora_adapter``; vLLM-Omni has no such endpoint: it takes the per-request
+        field alone). ``inplace`` replaces an adapter already loaded under that name."""
+        payload: dict[str, Any] = {"lora_name": name, "lora_path": path}
+        if inplace:
+            payload["load_inplace"] = True
+        await self.pool.broadcast(
+            "load_lora_adapter", "POST", "/v1/load_lora_adapter", json=payload
+        )
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.pool.broadcast(
+            "unload_lora_adapter", "POST", "/v1/unload_lora_adapter", json={"lora_name": name}
         )
 
     async def aclose(self) -> None:

@@ -11,6 +11,12 @@ as prompt), which is what a flow-matching edit policy samples.
 diffusers engine behind ``atelier serve image`` hands it the ``return_transitions`` requests.
 Both fill what a request leaves open with the same defaults (:data:`TRACED_STEPS`,
 :data:`TRACED_GUIDANCE`, :data:`EDIT_STRENGTH`).
+
+A diffusion LoRA (``policies.diffusion_lora``) is loaded at start (``lora_dir``) or at run time
+(:meth:`FlowImageModel.load_adapter`, what a backends file's image-role ``adapter`` does): one
+active adapter, applied to every image, whose name each transition records.
+:meth:`FlowImageModel.with_adapter` is the role's view, whose ``model_id`` (what the draw and
+refine steps record) names that adapter and which refuses to sample when another is active.
 """
 
 from __future__ import annotations
@@ -182,6 +188,49 @@ class FlowImageEngine:
         self.name = name
         self.sampler = FlowSampler(flow_model(pipe, name), sde_config)
         self.sampler.lora = lora
+        self.adapters: dict[str, str] = {}
+        """The LoRA loaded at run time (name -> path; one at most), as ``load_adapter`` put it."""
+        self._peft_names: dict[str, str] = {}
+        self._loads = 0
+
+    def load_adapter(self, name: str, path: str, *, inplace: bool = False) -> None:
+        """Load a diffusion LoRA into the transformer as the one active adapter, recorded as
+        ``name`` by every transition from now on. The new adapter loads beside the old one,
+        dropped only once the new one is in: a failed load (a ``ValueError`` saying why)
+        leaves the model as it was. Runs on the service's thread (between batches)."""
+        import warnings
+
+        from policies.diffusion_lora import AdapterError, load_lora
+
+        if name in self.adapters and not inplace:
+            raise ValueError(f"the LoRA adapter {name!r} has already been loaded")
+        model = self.pipe.transformer
+        self._loads += 1
+        peft_name = f"served{self._loads}"  # peft names must be valid module keys
+        previous = list(getattr(model, "peft_config", None) or {})
+        try:
+            with warnings.catch_warnings():  # loading beside the active adapter is the point
+                warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
+                warnings.filterwarnings("ignore", "Adapter .* was active", UserWarning)
+                load_lora(model, path, adapter_name=peft_name)
+        except AdapterError as error:  # load_lora removed what it added
+            if previous:
+                model.set_adapter(previous[-1])
+            raise ValueError(str(error)) from None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Adapter .* was active", UserWarning)
+            for old in previous:  # one active diffusion LoRA: the start-up one too
+                model.delete_adapters(old)
+        self.adapters = {name: path}
+        self._peft_names = {name: peft_name}
+        self.sampler.lora = name
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise KeyError(f"the LoRA adapter {name!r} is not loaded")
+        self.pipe.transformer.delete_adapters(self._peft_names.pop(name))
+        del self.adapters[name]
+        self.sampler.lora = None
 
     def run_batch(self, jobs: Sequence[FlowJob]) -> list[TracedImage | BaseException]:
         results: list[TracedImage | BaseException | None] = [None] * len(jobs)
@@ -258,6 +307,24 @@ class FlowImageModel:
     def model_id(self) -> str:
         return self.engine.name
 
+    @property
+    def active_lora(self) -> str | None:
+        """The name the transitions record now (the loaded LoRA; None: the base model)."""
+        return self.engine.sampler.lora
+
+    async def load_adapter(self, name: str, path: str, *, inplace: bool = False) -> None:
+        """Load the diffusion LoRA at ``path`` as the active adapter, named ``name``."""
+        await self.service.load_adapter(name, path, inplace=inplace)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.service.unload_adapter(name)
+
+    def with_adapter(self, adapter: str | None) -> Any:
+        """This model, sampling as diffusion LoRA ``adapter`` (loaded with :meth:`load_adapter`;
+        None: this model as is): its ``model_id`` names the adapter, and a request while another
+        one is active fails rather than record images under the wrong name."""
+        return self if adapter is None else FlowAdapterView(self, adapter)
+
     def _job(self, kind: str, prompt: str, size: tuple[int, int], seed: int, steps: int | None,
              image: Image.Image | None = None) -> FlowJob:  # fmt: skip
         return FlowJob.of(
@@ -293,6 +360,41 @@ class FlowImageModel:
 
     def close(self) -> None:
         self.service.close()
+
+
+class FlowAdapterView:
+    """A :class:`FlowImageModel` as one role sees it when its backends file names a diffusion
+    LoRA: the same model and batches, named by the adapter."""
+
+    def __init__(self, model: FlowImageModel, adapter: str) -> None:
+        self.model = model
+        self.adapter = adapter
+
+    @property
+    def model_id(self) -> str:
+        return self.adapter
+
+    def _check(self) -> None:
+        active = self.model.active_lora
+        if active != self.adapter:
+            raise RuntimeError(
+                f"diffusion LoRA {self.adapter!r} is not the one loaded in {self.model.model_id} "
+                f"({active or 'none'}): load it first (ConfiguredBackends.load_adapters)"
+            )
+
+    async def generate_traced(self, request: ImageRequest) -> TracedImage:
+        self._check()
+        return await self.model.generate_traced(request)
+
+    async def edit_traced(self, request: EditRequest) -> TracedImage:
+        self._check()
+        return await self.model.edit_traced(request)
+
+    async def generate(self, request: ImageRequest) -> Image.Image:
+        return (await self.generate_traced(request)).image  # type: ignore[return-value]
+
+    async def edit(self, request: EditRequest) -> Image.Image:
+        return (await self.edit_traced(request)).image  # type: ignore[return-value]
 
 
 def _round_up(value: int, multiple: int) -> int:
