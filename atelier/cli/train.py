@@ -90,7 +90,7 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
         "weights; default 1,0,0",
     )
     rewards = train.add_argument_group(
-        "reward source (router, stop)",
+        "reward source (router, stop, draw)",
         "R_o of decision-policy training; judge and gvu score every final image with the VLM "
         "of the runs' backends file ([rewards] backend, else its judge role) and store the "
         "values (vlm_yes, gvu) before training; the file's [rewards] table sets the defaults",

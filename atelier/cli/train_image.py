@@ -193,10 +193,13 @@ def check_flow_args(args: argparse.Namespace) -> None:
             "--flow-* options"
         )
     sourced = [args.reward_source, args.gvu_instruction, args.judge_top_logprobs]
-    if any(value is not None for value in sourced):
+    if any(value is not None for value in sourced) and (
+        policy != "draw" or args.run is None or args.reward is not None
+    ):
         raise CliError(
-            f"the reward source options are R_o of router and stop training; --policy {policy} "
-            f"trains on R3's stage reward ({STAGE_REWARDS[policy]}) or --reward NAME"
+            f"the reward source options score the final images of recorded runs: they apply "
+            f"to --policy draw with --run and without --reward (--policy {policy} trains on "
+            f"R3's stage reward {STAGE_REWARDS[policy]}, or --reward NAME)"
         )
     missing = [name for name in ("torch", "diffusers", "peft") if find_spec(name) is None]
     if missing:
@@ -263,7 +266,10 @@ def train_image(
     name = args.lora_name or args.policy
     version = _version(args, store, name)
     reward = args.reward or STAGE_REWARDS[args.policy]
-    if reward in STAGE_REWARDS.values():  # computed and stored before the groups read it
+    source = _final_image_source(args, store, runs)
+    if source is not None:  # R_o of the final image (GvU, the VLM judge), stored first
+        reward = source.name
+    elif reward in STAGE_REWARDS.values():  # computed and stored before the groups read it
         _store_stage_rewards(args, store, runs)
     groups = _groups(args, store, runs, reward)
     config = _config(args)
@@ -278,6 +284,10 @@ def train_image(
     _log_steps(result, board)
     path = args.out / f"{trainer.name}-{trainer.version}"
     describe = {"reward": reward, "policy_node": args.policy, "sampled_by": sampled_by}
+    if source is not None:
+        from training.rewards.sources import describe_source
+
+        describe["reward_source"] = describe_source(source)
     metadata = {**result.metrics, "runs": runs, **describe, "config": vars(config)}
     from training.versions import save_version
 
@@ -354,6 +364,21 @@ async def store_stage_rewards(
         )
     except ValueError as exc:  # a V neither stored nor computable
         raise CliError(str(exc)) from None
+
+
+def _final_image_source(args: argparse.Namespace, store: TrajectoryStore, runs: list[str]) -> Any:
+    """With ``--reward-source judge|gvu`` (``--policy draw``): the source, after every run's
+    final images were scored with it and stored (``training.rewards.sources``; what was scored
+    the same way before is kept). A draw member then gets its trajectory's value: the draw's
+    own image in direct mode, the refined final image otherwise. None: the stage reward."""
+    if args.reward_source is None:
+        return None
+    from atelier.cli.train import _score_runs, run_reward_source
+
+    source, _ = run_reward_source(args, store, runs)
+    if source is not None:
+        asyncio.run(_score_runs(store, runs, source, None))
+    return source
 
 
 def _groups(
