@@ -93,8 +93,11 @@ def check_loop_args(args: argparse.Namespace) -> None:
     if args.tree_stage == "reflect_refine":
         raise CliError("--tree-stage reflect_refine forks stored runs: give --run, not --config")
     if args.tree_stage == "r3":
-        if args.policy not in TEXT_POLICIES or args.policy != "plan":
-            raise CliError("--tree-stage r3 trains the reason stage's plan policy: --policy plan")
+        if args.policy not in ("plan", "draw"):
+            raise CliError(
+                "--tree-stage r3 trains a reason-stage policy: --policy plan (its LoRA) or "
+                "draw (Flow-GRPO)"
+            )
         if args.resume:
             raise CliError(
                 "--tree-stage r3 cannot --resume yet: start a new alternation (--loop) with "
@@ -607,7 +610,7 @@ def _alternate(
     stop = DecisionLoopPolicy(stop_args, "stop")
     stop_initial = stop.initial(store, spec.name)
     stop_trainer = GRPOTrainer(load_policy(stop_initial.path), stage_config(stop._config()))
-    print("| round | run | reason stage (plan) | reflect-refine (stop) | fork runs |")
+    print(f"| round | run | reason stage ({args.policy}) | reflect-refine (stop) | fork runs |")
     print("|---|---|---|---|---|")
     try:
         log = asyncio.run(
