@@ -125,3 +125,59 @@ def test_tree_rl_stops_with_one_line_when_the_runs_backends_file_is_gone(recorde
     with TrajectoryStore(f"sqlite:///{db}") as store:
         assert len(store.runs()) == runs_before  # no fork run was recorded
     assert not (tmp / "gone").exists()
+
+
+def test_the_reflect_lora_trains_on_the_forks_groups(
+    recorded: Any, tiny_models: Any, vlm_service: Any
+) -> None:
+    """Tree-RL's reflect-refine stage for the reflector's own LoRA: from a forked run, ``atelier
+    train --policy reflect`` reads one group per fork point (the G members' first reflection,
+    all of one input) and trains on R3's reflection reward C + r_format, stored first and
+    recomputed here from the fork point's V̂, the first image the stage made and the text."""
+    from nodes.formats import parse_reflection  # R3's format and stop rule (own table tests)
+
+    tmp, db, _ = recorded
+    forked = run_atelier(
+        *("train", "--run", "served", "--tree-stage", "reflect_refine", "--iterations", "1"),
+        *("--starts", "6", "-G", "3", "--perfect-share", "0", "--seed", "5", "--out", "v2"),
+        db=db,
+        cwd=tmp,
+        timeout=600,
+    )
+    assert forked.returncode == 0, forked.stderr
+    with TrajectoryStore(f"sqlite:///{db}") as store:
+        fork_run = [r for r in store.runs() if r.config.get("tree", {}).get("seed") is not None][-1]
+    done = run_atelier(
+        *("train", "--run", fork_run.id, "--policy", "reflect", "--model", str(tiny_models.vlm)),
+        *("--epochs", "1", "--out", "adapters"),
+        db=db,
+        cwd=tmp,
+        timeout=600,
+    )
+    with TrajectoryStore(f"sqlite:///{db}") as store:
+        forks = fork_run.config["tree"]["forks"]
+        checked = 0
+        for summary in store.trajectories(run=fork_run.id, status="succeeded", limit=None):
+            detail = store.trajectory(summary.id)
+            first = detail.steps[0]
+            assert first.node == "reflect"
+            text = first.generations[0].text
+            v_prev = forks[summary.group_id]["score"]
+            before = len(first.state_before["images"])
+            after = (detail.final_state or {}).get("images") or []
+            v_new = after[before]["score"] if len(after) > before else v_prev
+            stop = parse_reflection(text).stop
+            c = (v_new - v_prev) if v_prev < 1 else float(stop)
+            expected = c + (1.0 if parse_reflection(text).well_formed else 0.0)
+            (stored,) = [
+                r for r in store.rewards(summary.id, "reflection") if r.step_seq == first.seq
+            ]
+            assert stored.value == pytest.approx(expected, abs=1e-12)
+            checked += 1
+        assert checked >= 6
+        # The groups were read (one per fork point, else "no reflect groups of 2 or more"), and
+        # trained on: the tiny VLM's reflections are noise (never well-formed, never the stop
+        # phrase, edits the ShapeWorld editor cannot apply), so every member of a point gets the
+        # same reward and nothing is saved — said in one line.
+        assert done.returncode == 2
+        assert "no reflect group carried a learning signal" in done.stderr, done.stderr
