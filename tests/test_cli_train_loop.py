@@ -150,3 +150,29 @@ def test_resume_with_other_options_is_refused(tmp_path: Path) -> None:
     changed = run_atelier(*args, "--resume", "--max-rounds", "2", db=db, cwd=tmp_path)
     assert changed.returncode == 2
     assert "the loop was started with max_rounds = 1, not 2" in changed.stderr
+
+
+def test_a_server_down_is_one_line_and_resume_rolls_the_iteration_out_again(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "dead.toml"
+    config.write_text(
+        '[backends.world]\nkind = "shapeworld"\n\n'
+        '[backends.dead]\nkind = "openai"\nurls = ["http://127.0.0.1:9"]\nretries = 0\n'
+        "timeout_s = 2\n\n"
+        '[roles]\nplanner = "dead"\nreflector = "world"\ndecomposer = "world"\n'
+        'generator = "world"\neditor = "world"\njudge = "world"\n'
+    )
+    db = tmp_path / "a.db"
+    args = ("train", "--config", str(config), "--iterations", "1", "--per-category", "1")
+    done = run_atelier(*args, "-G", "2", db=db, cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("atelier: error: iteration 0 of loop"), lines
+    assert "trajectories failed; the first:" in lines[0] and "127.0.0.1:9" in lines[0]
+    again = run_atelier(*args, "-G", "2", "--resume", db=db, cwd=tmp_path)
+    assert again.returncode == 2 and "iteration 0 of loop" in again.stderr
+    with TrajectoryStore(f"sqlite:///{db}") as store:
+        runs = [r for r in store.runs() if "loop" in r.config]
+        assert len(runs) == 2  # the failed run kept, the iteration rolled out again
+        assert [v.version for v in store.policy_versions(name="router")] == ["0"]

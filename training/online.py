@@ -144,13 +144,24 @@ class LoopIteration:
 
 
 def loop_runs(store: TrajectoryStore, name: str) -> dict[int, RunInfo]:
-    """The loop's recorded runs by iteration."""
+    """The loop's recorded runs by iteration (the newest, where an iteration whose every
+    trajectory failed was rolled out again)."""
     runs: dict[int, RunInfo] = {}
-    for run in store.runs():
+    for run in store.runs():  # oldest first
         loop = run.config.get("loop")
         if isinstance(loop, dict) and loop.get("name") == name:
             runs[int(loop["iteration"])] = run
     return runs
+
+
+def _all_failed(store: TrajectoryStore, run_id: str) -> str | None:
+    """The first error when every trajectory of the run failed (a server down, a bad config:
+    nothing to learn from), else None."""
+    summaries = store.trajectories(run=run_id, limit=None)
+    if not summaries or any(t.status != "failed" for t in summaries):
+        return None
+    first = next((t.error for t in summaries if t.error), None) or "unknown error"
+    return f"all {len(summaries)} trajectories failed; the first: {' '.join(first.split())[:300]}"
 
 
 def loop_versions(store: TrajectoryStore, policy: str, name: str) -> dict[int, DeployedVersion]:
@@ -235,6 +246,8 @@ async def online_iterations(
     keys to each run's ``config["loop"]``."""
     runs = loop_runs(store, spec.name)
     check_signature(spec, runs, resume)
+    if resume and not runs:
+        say(f"no loop named {spec.name!r} is recorded in this store: starting it")
     produced = loop_versions(store, policy.name, spec.name)
     behaviour = initial
     done = [i for i in produced if i >= 0]
@@ -261,9 +274,18 @@ async def online_iterations(
             if on_iteration is not None:
                 on_iteration(entry)
             continue
+        run = runs.get(index)
+        if run is not None and _all_failed(store, run.id):
+            run = None  # kept, as recorded; the iteration is rolled out again
         run_id, resumed = await _rollout(
-            store, spec, policy, index, runs.get(index), behaviour, extra_loop or {}
+            store, spec, policy, index, run, behaviour, extra_loop or {}
         )
+        failed = _all_failed(store, run_id)
+        if failed:
+            raise LoopError(
+                f"iteration {index} of loop {spec.name!r}: {failed} (run {run_id[:12]}; fix the "
+                "cause and --resume: the iteration is rolled out again)"
+            )
         await policy.score(store, run_id)
         groups = policy.groups(store, run_id, behaviour)
         before = policy.version
