@@ -129,7 +129,7 @@ def test_a_sigkilled_stop_loop_resumes_to_the_same_versions(tmp_path: Path) -> N
             "--device cuda:99: torch sees",
         ),
         (("--config", str(CONFIG), "--policy", "draw", "--device", "gpu"), "not a device"),
-        (("--config", str(CONFIG), "--tree-stage", "r3"), "r3 trains the reason stage's plan"),
+        (("--config", str(CONFIG), "--tree-stage", "r3"), "r3 trains a reason-stage policy"),
         (("--run", "x", "--tree-stage", "r3"), "alternates stages through a backends file"),
     ],
 )
