@@ -273,7 +273,8 @@ BAD = [
     (("--flow-minibatch", "0"), "--flow-minibatch must be an integer >= 1, not 0"),
     (("--init", "{empty}"), "is not a saved diffusion LoRA (no adapter_config.json)"),
     (("--lr", "0.1"), "--lr: text-policy options; --policy draw takes the --flow-* options"),
-    (("--reward-source", "judge"), "the reward source options are R_o of router and stop"),
+    (("--reward-source", "judge"), "--reward-source judge scores images with a VLM, and"),
+    (("--policy", "refine", "--reward-source", "gvu"), "apply to --policy draw with --run"),
     (("--policy", "stop", "--model", "{empty}"), "train a text or image policy"),
     (("--policy", "plan", "--flow-beta", "0"), "--flow-beta: the Flow-GRPO options train"),
 ]

@@ -417,7 +417,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     ]
     if sourced and (args.policy in TEXT_POLICIES or args.tree_stage is not None):
         raise CliError(
-            f"{', '.join(sourced)}: the reward source is R_o of router and stop training, "
+            f"{', '.join(sourced)}: the reward source is R_o of router, stop and draw training, "
             "not of --tree-stage or a text policy"
         )
     if args.world is not None and (source := _source_kind(args)) != "checker":
