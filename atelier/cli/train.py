@@ -52,14 +52,14 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
         type=Path,
         metavar="BACKENDS",
         help="roll out through this backends file's servers, train, deploy the new version, "
-        "repeat (any policy but draw/refine; see the on-policy loop options)",
+        "repeat (see the on-policy loop options)",
     )
     train.add_argument(
         "--policy",
         choices=POLICIES,
         help="policy to train: router, stop (decision policies), the LoRA of a text/VLM node: "
-        "plan, reflect, decompose (with --model), or the diffusion LoRA of draw, refine "
-        "(Flow-GRPO, with --run and --model); default: router; stop with --tree-stage",
+        "plan, reflect, decompose, or the diffusion LoRA of draw, refine (Flow-GRPO); the "
+        "LoRAs need --model; default: router; stop with --tree-stage reflect_refine",
     )
     train.add_argument(
         "--init", type=Path, help="start from this saved policy version (a directory)"
