@@ -81,6 +81,7 @@ class Database:
         self.url = normalise_url(url)
         self.dialect = self.url.get_backend_name()
         self.lock_retry_s = lock_retry_s
+        self._busy_ms = int(busy_timeout_s * 1000)
         self.retries = 0
         """Write transactions retried because the database was locked (or deadlocked)."""
         if synchronous.upper() not in SYNCHRONOUS:
@@ -186,6 +187,39 @@ class Database:
                 delay = min(delay * 2, 0.5)
 
     def dispose(self) -> None:
+        """Close every pooled connection; on SQLite, first fold the WAL back into the database.
+
+        SQLite checkpoints and deletes the ``-wal`` file when its last connection closes, but
+        not while another process (a viewer, a second command) still has the database open:
+        the committed data would then stay in ``-wal`` and a copy of the ``.db`` file alone
+        would miss it. The explicit checkpoint makes the ``.db`` file self-contained."""
+        if self.dialect == "sqlite":
+            self.checkpoint()
         self.writer.dispose()
         if self.reader is not self.writer:
             self.reader.dispose()
+
+    def checkpoint(self, busy_timeout_ms: int = 2000) -> bool:
+        """``PRAGMA wal_checkpoint(TRUNCATE)`` (SQLite): copy every committed page into the
+        database file and empty the WAL. Returns whether it completed; never raises (a store
+        that is read-only, or a reader that holds an old snapshot for longer than
+        ``busy_timeout_ms``, leaves the WAL to the next checkpoint: nothing is lost)."""
+        if self.dialect != "sqlite":
+            return True
+        try:
+            raw = self.writer.raw_connection()
+        except Exception:  # the file is gone or unreadable: nothing to fold back
+            return False
+        try:
+            # On the driver's connection: no BEGIN (a checkpoint cannot run in a transaction),
+            # and a short busy timeout, so closing never waits 30 s behind another process.
+            driver = raw.driver_connection
+            driver.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            busy, _, _ = driver.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            driver.execute(f"PRAGMA busy_timeout={self._busy_ms}")  # back in the pool as it was
+            return busy == 0
+        except sqlite3.Error:
+            raw.invalidate()  # not back in the pool with the short timeout
+            return False
+        finally:
+            raw.close()

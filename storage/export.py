@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from storage.images import ImageNotFound, InvalidImageRef
+from storage.images import ImageNotFound, InvalidImageRef, check_ref
 from storage.records import StepInfo, StoredImage, TrajectoryDetail
 
 __all__ = [
@@ -114,6 +114,15 @@ class _Images:
         """The PNG file of ``ref`` (written on first use), relative to the output's folder."""
         if ref in self.paths:
             return self.paths[ref]
+        try:
+            # The file name comes from the database: only a sha256 may name a file, so that
+            # a crafted reference ("../x", "/abs/x") can neither place a file nor be reported
+            # as one outside the image folder.
+            check_ref(ref)
+        except InvalidImageRef:
+            log.warning("image reference %.80r is not a sha256; exported without a file", ref)
+            self.paths[ref] = None
+            return None
         target = self.image_dir / f"{ref}.png"
         raw = None if target.exists() else self.data(ref)
         if raw is not None:

@@ -166,9 +166,13 @@ class TrajectoryStore(SQLImageStore):
     # --- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Write any buffered images and release the connections."""
-        self.flush_images()
-        self.db.dispose()
+        """Write any buffered images and release the connections; on SQLite the WAL is
+        checkpointed into the database file first, so the ``.db`` file alone holds every
+        committed row (see :meth:`~storage.engine.Database.dispose`)."""
+        try:
+            self.flush_images()
+        finally:
+            self.db.dispose()
 
     def __enter__(self) -> TrajectoryStore:
         return self

@@ -9,7 +9,7 @@ user-facing names and the command line).
 
 Inside ``nodes.backends`` the parts are layered the same way:
 
-    protocols (base, *_types, wire, noop, model_dirs, overrides, vlm_judge)
+    protocols (base, *_types, wire, noop, model_dirs, overrides, vlm_judge, abandon)
       <-  flow, shapeworld  <-  clients, engines  <-  servers  <-  config
 
 so a reader knows where retries (clients), torch code (engines, flow) and HTTP servers live,

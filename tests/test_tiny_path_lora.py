@@ -129,8 +129,8 @@ def lm_before(lora_lm_server) -> dict[str, list[float]]:
         ("shape", "have the wrong shape for this model"),
         ("other-model", "weights do not match this model"),
         ("target", "no_such_proj"),
-        ("empty", "has no adapter_config.json"),
-        ("nowhere", "does not exist"),
+        ("empty", "is not a LoRA adapter this server can read"),
+        ("nowhere", "is not a LoRA adapter this server can read"),
     ],
 )
 def test_a_failed_lm_lora_load_changes_nothing(
@@ -245,7 +245,7 @@ def adapters(server: Any) -> list[str]:
     [
         ("corrupt", "not a readable safetensors file"),
         ("target", "does not fit this model"),
-        ("nowhere", "is not a directory"),
+        ("nowhere", "is not a LoRA adapter this server can read"),
     ],
 )
 def test_a_failed_image_lora_load_keeps_the_active_adapter(

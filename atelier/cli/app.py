@@ -11,12 +11,22 @@ import asyncio
 import os
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from agent_graph.heap import freeze_startup_heap
 from agent_graph.ids import short_id
 from agent_graph.logs import install_cli_logging
-from atelier.cli.common import add_db, open_store, resolve_run, when
+from atelier.cli.common import (
+    add_db,
+    close_stores,
+    is_read_only,
+    open_store,
+    resolve_run,
+    store_url,
+    when,
+)
 from atelier.cli.errors import CliError, Interrupted, StoreUnavailable
 from atelier.cli.serve import add_serve_parser  # argparse only: models load when serving
 from atelier.cli.train import add_train_parser  # argparse only: torch loads when training
@@ -29,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     install_cli_logging()
     try:
-        return int(args.handler(args) or 0)
+        status = int(args.handler(args) or 0)
+        # Every store the command opened, closed before exiting: SQLite's WAL is checkpointed,
+        # so the .db file alone holds the data (a copy of it is a complete store).
+        close_stores()
+        return status
     except StoreUnavailable as exc:
         print(f"atelier: error: {exc}", file=sys.stderr)
         return 1
@@ -42,6 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("atelier: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.filename is None:  # not a path problem (a socket, a driver): not ours to word
+            raise
+        # A file the command reads or writes (a name too long, a full disk, a folder that is
+        # not one): one line naming the path, never a traceback.
+        print(f"atelier: error: {_path_problem(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        close_stores(quietly=True)  # after an error: connections released, nothing raised
+
+
+def _path_problem(exc: OSError) -> str:
+    """``cannot access PATH: File name too long``, from an ``OSError`` naming a file (read or
+    written: the error does not say which)."""
+    reason = exc.strerror or type(exc).__name__
+    return f"cannot access {exc.filename}: {reason}"
 
 
 def _interrupted_message(run_id: str | None) -> str:
@@ -276,9 +306,7 @@ def _check_versions(args: argparse.Namespace, store) -> tuple:
 
 def _lookup_store(args: argparse.Namespace):  # -> TrajectoryStore | None
     """For a command that records nothing: the store to look versions up in, if it exists."""
-    from agent_graph.rollout import database_url
-
-    url = database_url(args.db)
+    url = store_url(args)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return None
     return open_store(args)
@@ -308,8 +336,51 @@ def _check_config(path: Path | None, mode: str | None = None):  # -> BackendsCon
     return config
 
 
-def _check_store_failure(store, exc: BaseException, run_ref: str | None) -> None:
-    """Raise :class:`StoreUnavailable` naming the store if ``exc`` is the store failing."""
+def _check_store_failure(
+    store, exc: BaseException, run_ref: str | None, run_id: str | None = None
+) -> None:
+    """Raise :class:`StoreUnavailable` naming the store if ``exc`` is the store failing; a
+    store that cannot be written at all (read-only) is a :class:`CliError`. ``run_id``: the
+    run being recorded, so that nobody is told to resume a run that was never created."""
+    cause = _store_cause(exc)
+    if cause is None:
+        return
+    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    created = True if run_id is None else _run_state(store, run_id)
+    resume = f"atelier resume {run_ref}" if run_ref else "atelier resume RUN"
+    if is_read_only(cause):
+        kept = (
+            f" — every step recorded before is kept; once it can be written, `{resume}` "
+            "finishes the run"
+            if created
+            else " — nothing was recorded"
+        )
+        raise CliError(f"the store {store.url} is read-only (cannot be written): {reason}{kept}")
+    if created is False:  # it failed before the run row was written: nothing to resume
+        raise StoreUnavailable(
+            f"the store {store.url} became unavailable: {reason} — the run was not created, "
+            "nothing was recorded; run the command again once the store is back"
+        ) from None
+    raise StoreUnavailable(
+        f"the store {store.url} became unavailable: {reason} — every step recorded before "
+        f"it went away is kept; once it is back, `{resume}` finishes the run"
+    ) from None
+
+
+def _check_read_only_store(store, exc: BaseException) -> None:
+    """A :class:`CliError` if ``exc`` is the store refusing every write (``demo``: its runs are
+    created as it starts, so a read-only store fails before anything is recorded)."""
+    cause = _store_cause(exc)
+    if cause is not None and is_read_only(cause):
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise CliError(
+            f"the store {store.url} is read-only (cannot be written): {reason} — nothing was "
+            "recorded; pass --no-record, or a --db that can be written"
+        )
+
+
+def _store_cause(exc: BaseException) -> BaseException | None:
+    """The driver's error if ``exc`` is the store failing (else None)."""
     from sqlalchemy.exc import DBAPIError
 
     from agent_graph.recording import RecordingFailed
@@ -319,14 +390,19 @@ def _check_store_failure(store, exc: BaseException, run_ref: str | None) -> None
     if isinstance(exc, RecordingFailed) and exc.__cause__ is not None:
         exc = exc.__cause__
     if not isinstance(exc, (DBAPIError, DatabaseLocked, RecorderBroken)):
-        return
-    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-    resume = f"atelier resume {run_ref}" if run_ref else "atelier resume RUN"
-    raise StoreUnavailable(
-        f"the store {store.url} became unavailable: {reason} — every step recorded before "
-        f"it went away is kept; once it is back, `{resume}` finishes the run"
-    ) from None
+        return None
+    return exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+
+
+def _run_state(store, run_id: str) -> bool | None:
+    """Whether run ``run_id`` exists in the store; None when the store cannot say (down)."""
+    try:
+        store.run(run_id)
+    except KeyError:
+        return False
+    except Exception:  # the store itself is gone: the run may well exist
+        return None
+    return True
 
 
 def _check_run_name_free(store, name: str | None) -> None:
@@ -369,7 +445,7 @@ def _run_recording(store, run_id: str, work, run_ref: str | None = None):
     except KeyboardInterrupt:
         raise Interrupted(run_id if _run_exists(store, run_id) else None) from None
     except Exception as exc:
-        _check_store_failure(store, exc, run_ref or run_id)
+        _check_store_failure(store, exc, run_ref or run_id, run_id)
         _check_backend_build_failure(exc)
         raise
 
@@ -392,14 +468,27 @@ def _run_exists(store, run_id: str) -> bool:
     return True
 
 
-def _check_output_path(path: Path, suffix: str = ".png") -> None:
-    if path.suffix.lower() != suffix:
-        raise CliError(f"--out must end in {suffix}: {path}")
+def _check_output_path(path: Path, suffix: str | None = ".png", option: str = "--out") -> None:
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise CliError(f"{option} must end in {suffix}: {path}")
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CliError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise CliError(f"cannot write {path}: permission denied")
+    try:  # a name the file system refuses (too long, …) raises here rather than answering
+        if not parent.is_dir():
+            raise CliError(f"cannot write {path}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise CliError(f"cannot write {path}: permission denied")
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Around writing an output file: an ``OSError`` (a full disk, a name the file system
+    refuses) is one ``CliError`` line naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -467,7 +556,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.status != "succeeded":
         return 1
     if args.out is not None and result.state and result.state.final_image:
-        images.get(result.state.final_image).save(args.out)
+        with _writing(args.out):
+            images.get(result.state.final_image).save(args.out)
         print(f"saved {args.out}")
     return 0
 
@@ -477,6 +567,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CliError("--per-category must be at least 1")
     if args.concurrency < 1:
         raise CliError("--concurrency must be at least 1")
+    if args.markdown is not None:  # before the demo runs, not after
+        _check_output_path(args.markdown, None, "--markdown")
     from rich.console import Console
 
     from agent_graph.demo import render_report, report_markdown, run_demo
@@ -498,6 +590,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
         )
     except Exception as exc:
+        if store is not None:
+            _check_read_only_store(store, exc)
         _check_backend_build_failure(exc)
         raise
     console.print(render_report(report))
@@ -510,7 +604,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if stop is not None:
         console.print(f"every column stopped with {stop.label}")
     if args.markdown:
-        args.markdown.write_text(report_markdown(report) + "\n")
+        with _writing(args.markdown):
+            args.markdown.write_text(report_markdown(report) + "\n")
         console.print(f"wrote {args.markdown}")
     if store is not None:
         console.print(
@@ -754,14 +849,15 @@ def cmd_view(args: argparse.Namespace) -> int:
     except TrajectoryNotFound:
         trajectory_ids, run = None, resolve_run(store, args.ref).id
     # The trajectory asked for opens expanded (a run's page opens as a grid of cards).
-    write_html(
-        store,
-        out,
-        run=run,
-        trajectory_ids=trajectory_ids,
-        expanded=trajectory_ids or (),
-        limit=args.limit,
-    )
+    with _writing(out):
+        write_html(
+            store,
+            out,
+            run=run,
+            trajectory_ids=trajectory_ids,
+            expanded=trajectory_ids or (),
+            limit=args.limit,
+        )
     print(f"wrote {out}")
     return 0
 
@@ -774,8 +870,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_output_path(args.out, f".{args.format}")
     write = export.export_jsonl if args.format == "jsonl" else export.export_parquet
     try:
-        count = write(store, args.out, run=run, images=args.images)
-    except ImportError as exc:
+        with _writing(args.out):
+            count = write(store, args.out, run=run, images=args.images)
+    except (ImportError, ValueError) as exc:  # no pyarrow; stored bytes that fail their hash
         raise CliError(str(exc)) from None
     print(f"wrote {count} {'trajectories' if args.format == 'jsonl' else 'steps'} to {args.out}")
     return 0

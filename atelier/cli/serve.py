@@ -76,6 +76,46 @@ def _common(parser: argparse.ArgumentParser, default_port: int) -> None:
         default=None,
         help="intra-op torch threads of the model's worker thread (default: torch's choice)",
     )
+    parser.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=4096 * 4096,
+        help="most decoded input pixels over all images of one request (default: 16777216)",
+    )
+    parser.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=None,
+        help="most prompt characters per request, checked before tokenising (default: lm, "
+        "32 per token of the model's context; image, 16384)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a request's model work may take; then it is cancelled and answered 504 "
+        "(default: 300; 0: no deadline)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests waiting or running beyond which new ones get 503 + Retry-After "
+        "(default: 64; 0: unbounded)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=int,
+        default=30,
+        help="on SIGTERM, seconds running requests may finish before they are cancelled "
+        "(default: 30)",
+    )
+    parser.add_argument(
+        "--no-runtime-lora",
+        action="store_true",
+        help="no /v1/load_lora_adapter or /v1/unload_lora_adapter (always off when the server "
+        "binds beyond loopback without a token)",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
 
 
@@ -101,6 +141,19 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edit-model", default=None, help="separate editing pipeline directory")
     parser.add_argument("--steps", type=int, default=None, help="default num_inference_steps")
     parser.add_argument("--size", default="512x512", help="default image size (default: 512x512)")
+    parser.add_argument(
+        "--max-size",
+        default=None,
+        metavar="WxH",
+        help="largest image a request may ask for, as its pixel count W*H (default: the model's "
+        "native size on CPU, e.g. 512x512 for SD 1.5; twice its side on a GPU)",
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=100, help="most num_inference_steps (default: 100)"
+    )
+    parser.add_argument(
+        "--max-images", type=int, default=4, help="largest n in one request (default: 4)"
+    )
     parser.add_argument(
         "--lora",
         default=None,
@@ -139,12 +192,67 @@ def add_tiny_models_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def _limits(args: argparse.Namespace) -> Any:
+    """The flags as :class:`ServerLimits`; a limit that is not positive is one error line."""
     from nodes.backends.servers.http_common import ServerLimits
+    from nodes.backends.wire import parse_size
 
+    positive = {
+        "--max-batch": args.max_batch,
+        "--max-body-mb": args.max_body_mb,
+        "--max-image-pixels": args.max_image_pixels,
+        "--max-request-pixels": args.max_request_pixels,
+        "--max-prompt-chars": 1 if args.max_prompt_chars is None else args.max_prompt_chars,
+        "--max-steps": getattr(args, "max_steps", 1),
+        "--max-images": getattr(args, "max_images", 1),
+    }
+    for flag, value in positive.items():
+        if not value > 0:
+            raise _cli_error(f"{flag} must be positive, got {value:g}")
+    at_least_zero = {
+        "--request-timeout": args.request_timeout,
+        "--max-queue": args.max_queue,
+        "--drain-timeout": args.drain_timeout,
+    }
+    for flag, value in at_least_zero.items():
+        if value < 0:
+            raise _cli_error(f"{flag} must be 0 (off) or positive, got {value:g}")
+    output_pixels = None
+    if getattr(args, "max_size", None):
+        try:
+            width, height = parse_size(args.max_size)
+        except ValueError as error:
+            raise _cli_error(f"--max-size: {error}") from None
+        output_pixels = width * height
     return ServerLimits(
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
+        max_prompt_chars=args.max_prompt_chars,
+        request_timeout_s=args.request_timeout or None,
+        max_queue=args.max_queue or None,
+        max_output_pixels=output_pixels,
+        max_steps=getattr(args, "max_steps", 100),
+        max_images_per_generation=getattr(args, "max_images", 4),
     )
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def _runtime_lora(args: argparse.Namespace) -> bool:
+    """Whether the LoRA endpoints are on: not with --no-runtime-lora, and not on a bind beyond
+    loopback without a token (anyone who reaches the port could load files from this
+    machine's disk into the model)."""
+    if args.no_runtime_lora:
+        return False
+    if args.host not in LOOPBACK_HOSTS and not _token(args):
+        log.warning(
+            "runtime LoRA loading is off: --host %s is reachable beyond this machine and no "
+            "--token is set",
+            args.host,
+        )
+        return False
+    return True
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -193,6 +301,7 @@ def build_lm_app(args: argparse.Namespace) -> Any:
     from nodes.backends.model_dirs import lm_dir_problem
 
     _check_model("--model", args.model, lm_dir_problem)
+    limits = _limits(args)
     loras = [_lora_spec(spec) for spec in args.lora]
     from nodes.backends.engines.lm_inprocess import LMService
     from nodes.backends.servers.lm_server import create_lm_app
@@ -217,9 +326,10 @@ def build_lm_app(args: argparse.Namespace) -> Any:
     return create_lm_app(
         service,
         token=_token(args),
-        limits=_limits(args),
+        limits=limits,
         default_max_tokens=args.max_tokens,
         max_tokens_limit=args.max_tokens_limit,
+        runtime_lora=_runtime_lora(args),
     )
 
 
@@ -233,6 +343,7 @@ def build_image_app(args: argparse.Namespace) -> Any:
         default_size = parse_size(args.size)
     except ValueError as error:
         raise _cli_error(f"--size: {error}") from None
+    limits = _limits(args)
     lora = _lora_spec(args.lora) if args.lora else None
     from nodes.backends.engines.image_inprocess import ImageService
     from nodes.backends.servers.image_server import create_image_app
@@ -257,21 +368,26 @@ def build_image_app(args: argparse.Namespace) -> Any:
         except ValueError as error:
             raise _cli_error(f"--lora: {error}") from None
     return create_image_app(
-        service, token=_token(args), limits=_limits(args), default_size=default_size
+        service,
+        token=_token(args),
+        limits=limits,
+        default_size=default_size,
+        runtime_lora=_runtime_lora(args),
     )
 
 
 def run_lm(args: argparse.Namespace) -> int:
     from nodes.backends.servers.http_common import serve_forever
 
-    serve_forever(build_lm_app(args), args.host, args.port, args.log_level)
+    serve_forever(build_lm_app(args), args.host, args.port, args.log_level, args.drain_timeout)
     return 0
 
 
 def run_image(args: argparse.Namespace) -> int:
     from nodes.backends.servers.http_common import serve_forever
 
-    serve_forever(build_image_app(args), args.host, args.port, args.log_level)
+    app = build_image_app(args)
+    serve_forever(app, args.host, args.port, args.log_level, args.drain_timeout)
     return 0
 
 

@@ -121,6 +121,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -190,9 +191,27 @@ class ShapeWorldBackend(_Strict):
     """Fields of :class:`~nodes.backends.shapeworld.ShapeWorldConfig` (checked when built)."""
 
 
+def _check_url(value: str) -> str:
+    """A server's base URL: ``http://`` or ``https://`` with a host (anything else would only
+    fail at the first request, as a connection error far from the config's key)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        shown = value if parts is None or "@" not in parts.netloc else "(a URL with credentials)"
+        raise ValueError(
+            f"{shown[:80]!r} is not a server URL (http:// or https://, a host, an optional port)"
+        )
+    return value
+
+
 class _Remote(_Strict):
-    urls: list[str] = Field(min_length=1)
-    """Base URLs of equivalent servers (load balanced)."""
+    urls: list[Annotated[str, AfterValidator(_check_url)]] = Field(min_length=1)
+    """Base URLs of equivalent servers (load balanced): ``http://`` or ``https://``."""
     model: str | None = None
     """Served model name (None: the first one ``/v1/models`` lists; omni: not sent)."""
     token: str | None = None

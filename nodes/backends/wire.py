@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -112,11 +113,15 @@ def decode_b64_image(text: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.I
     return decode_image(data, max_pixels)
 
 
+_SIZE_NUMBER = re.compile("[0-9]{1,6}")
+
+
 def parse_size(size: str) -> tuple[int, int]:
-    """``"WxH"`` → ``(W, H)``; a :class:`ValueError` naming the bad value otherwise."""
+    """``"WxH"`` → ``(W, H)``; a :class:`ValueError` naming the bad value otherwise. Only
+    ASCII digits, at most 6 of them (``str.isdigit`` would also take "٣" and "²")."""
     width, sep, height = size.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
-        raise ValueError(f"invalid size {size!r}: expected 'WIDTHxHEIGHT', e.g. '512x512'")
+    if not sep or not _SIZE_NUMBER.fullmatch(width) or not _SIZE_NUMBER.fullmatch(height):
+        raise ValueError(f"invalid size {size[:40]!r}: expected 'WIDTHxHEIGHT', e.g. '512x512'")
     w, h = int(width), int(height)
     if w < 1 or h < 1:
         raise ValueError(f"invalid size {size!r}: width and height must be positive")

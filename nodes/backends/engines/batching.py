@@ -10,20 +10,41 @@ Every call into the model goes through the same single worker thread (``run_excl
 non-batch work such as loading a LoRA adapter), so the model never sees two threads at once.
 ``initializer`` runs once on that thread (e.g. ``torch.set_num_threads``, which is per thread).
 A model is served behind one through :class:`~nodes.backends.engines.service.ModelService`.
+
+Bounded work: with ``max_queue`` set, a request arriving while that many are already waiting
+or running is refused at once with :class:`Overloaded` (the servers answer 503 with
+``Retry-After``) instead of queueing without end. A caller that stops waiting (its task is
+cancelled: a deadline, a client that disconnected, a server shutting down) cancels its future;
+a batch whose every caller has gone is abandoned between model steps: the engine's step loop
+calls :func:`~nodes.backends.abandon.raise_if_abandoned`, which raises
+:class:`~nodes.backends.abandon.Abandoned`.
+A batch with one caller still waiting runs to the end, for that caller.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from nodes.backends.abandon import Abandoned, running_batch
+
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class Overloaded(Exception):
+    """The batcher already holds ``max_queue`` requests; try again in ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -42,15 +63,24 @@ class DynamicBatcher(Generic[T, R]):
         name: str = "atelier-batcher",
         history: int = 10_000,
         initializer: Callable[[], None] | None = None,
+        max_queue: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if max_queue is not None and max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.name = name
         self.batch_sizes: deque[int] = deque(maxlen=history)
         self.requests = 0
+        self.max_queue = max_queue
+        self.pending = 0
+        """Requests submitted and not yet answered (waiting or in the running batch)."""
+        self.refused = 0
+        self.abandoned = 0
+        self._batch_seconds: deque[float] = deque(maxlen=32)
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=name, initializer=initializer
         )
@@ -66,14 +96,39 @@ class DynamicBatcher(Generic[T, R]):
             "max_batch_size": max(sizes, default=0),
             "mean_batch_size": sum(sizes) / len(sizes) if sizes else 0.0,
             "max_batch": self.max_batch,
+            "pending": self.pending,
+            "max_queue": self.max_queue,
+            "refused": self.refused,
+            "abandoned_batches": self.abandoned,
         }
 
     async def submit(self, item: T) -> R:
+        """``item``'s result. Raises :class:`Overloaded` at once when ``max_queue`` requests
+        are already pending; cancelling the caller cancels the request (see the module)."""
+        if self.max_queue is not None and self.pending >= self.max_queue:
+            self.refused += 1
+            raise Overloaded(
+                f"the server is busy: {self.pending} requests are already waiting or running "
+                f"(limit {self.max_queue})",
+                self.retry_after_s(),
+            )
         queue = self._ensure_worker()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self.requests += 1
-        await queue.put((item, future))
-        return await future
+        self.pending += 1
+        try:
+            await queue.put((item, future))
+            return await future
+        finally:
+            self.pending -= 1
+
+    def retry_after_s(self) -> int:
+        """Whole seconds until the queue has likely drained: the pending batches times the
+        recent mean batch duration (at least 1)."""
+        if not self._batch_seconds:
+            return 1
+        mean = sum(self._batch_seconds) / len(self._batch_seconds)
+        return max(1, math.ceil(mean * math.ceil(self.pending / self.max_batch)))
 
     async def run_exclusive(self, fn: Callable[..., R], *args: Any) -> R:
         """Run ``fn(*args)`` on the model's worker thread, between batches."""
@@ -88,6 +143,15 @@ class DynamicBatcher(Generic[T, R]):
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- internals -----------------------------------------------------------------------------
+
+    def _run_tracked(self, live: list[tuple[T, asyncio.Future[R]]]) -> Sequence[R | BaseException]:
+        """``run_batch`` on the worker thread, with the batch's futures where
+        :func:`~nodes.backends.abandon.raise_if_abandoned` finds them."""
+        with running_batch([future for _, future in live]):
+            results = self.run_batch([item for item, _ in live])
+        if any(isinstance(r, Abandoned) for r in results):
+            raise Abandoned("every request of this batch was cancelled")
+        return results
 
     def _ensure_worker(self) -> asyncio.Queue[tuple[T, asyncio.Future[R]]]:
         """The calling event loop's queue (one collecting worker per loop: a server's loop and
@@ -123,17 +187,20 @@ class DynamicBatcher(Generic[T, R]):
             if not live:
                 continue
             self.batch_sizes.append(len(live))
+            started = time.monotonic()
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self.run_batch, [item for item, _ in live]
-                )
+                results = await loop.run_in_executor(self._executor, self._run_tracked, live)
                 if len(results) != len(live):
                     raise RuntimeError(
                         f"{self.name}: run_batch returned {len(results)} results "
                         f"for {len(live)} items"
                     )
+            except Abandoned as error:
+                self.abandoned += 1
+                results = [error] * len(live)
             except Exception as error:  # the whole batch failed: every caller gets the error
                 results = [error] * len(live)
+            self._batch_seconds.append(time.monotonic() - started)
             for (_, future), result in zip(live, results, strict=True):
                 if future.done():
                     continue

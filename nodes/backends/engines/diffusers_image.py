@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from nodes.backends.abandon import Abandoned, raise_if_abandoned
 from nodes.backends.engines.transformers_lm import resolve_device, resolve_dtype
 from nodes.backends.image_types import ImageJob, ImageUnsupported
 
@@ -182,6 +183,8 @@ class DiffusersImageEngine:
             batch = [jobs[i] for i in indices]
             try:
                 images = self._run_traced(batch) if batch[0].traced else self._run(batch)
+            except Abandoned:
+                raise  # nobody waits for any of this batch: stop now
             except Exception as error:
                 log.exception("image batch of %d failed", len(batch))
                 images = [error] * len(batch)
@@ -235,6 +238,8 @@ class DiffusersImageEngine:
         steps = first.steps or self.default_steps
         if steps is not None:
             kwargs["num_inference_steps"] = steps
+        if "callback_on_step_end" in params:  # stop between denoising steps when abandoned
+            kwargs["callback_on_step_end"] = _stop_if_abandoned
         if first.guidance_scale is not None and "guidance_scale" in params:
             kwargs["guidance_scale"] = first.guidance_scale
         if first.negative_prompt is not None and "negative_prompt" in params:
@@ -258,6 +263,14 @@ class DiffusersImageEngine:
             else img.resize((width, height), Image.Resampling.LANCZOS)
             for img in images
         ]
+
+
+def _stop_if_abandoned(
+    pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """diffusers' ``callback_on_step_end``: raising here leaves the denoising loop."""
+    raise_if_abandoned()
+    return callback_kwargs
 
 
 def _size_multiple(pipe: Any) -> int:

@@ -28,6 +28,7 @@ from typing import Any
 
 from PIL import Image
 
+from nodes.backends.abandon import Abandoned
 from nodes.backends.base import EditRequest, ImageRequest
 from nodes.backends.engines.service import ModelService
 from nodes.backends.flow.transitions import TracedImage
@@ -242,6 +243,8 @@ class FlowImageEngine:
                 outputs: Sequence[TracedImage | BaseException] = run_traced(
                     self.sampler, [jobs[i] for i in indices]
                 )
+            except Abandoned:
+                raise  # nobody waits for any of this batch: stop now
             except Exception as error:
                 outputs = [error] * len(indices)
             for index, output in zip(indices, outputs, strict=True):

@@ -33,7 +33,9 @@ class ModelService(Generic[J, R]):
     """``engine`` behind a :class:`DynamicBatcher`: concurrent :meth:`run` calls become batches.
 
     ``max_batch`` / ``max_wait_ms``: the batcher's limits (as the services and backends TOML
-    spell them; None: the class's defaults); ``torch_threads``: intra-op torch threads of the
+    spell them; None: the class's defaults); ``max_queue``: requests waiting or running beyond
+    which :meth:`run` raises :class:`~nodes.backends.engines.batching.Overloaded` (None: no
+    bound); ``torch_threads``: intra-op torch threads of the
     worker thread (None: torch's default); ``thread_name``: the worker thread's name (what a
     profiler shows). Subclasses set the defaults as class attributes.
     """
@@ -50,6 +52,7 @@ class ModelService(Generic[J, R]):
         max_wait_ms: float | None = None,
         torch_threads: int | None = None,
         thread_name: str | None = None,
+        max_queue: int | None = None,
     ) -> None:
         max_batch = self.MAX_BATCH if max_batch is None else max_batch
         max_wait_ms = self.MAX_WAIT_MS if max_wait_ms is None else max_wait_ms
@@ -60,6 +63,7 @@ class ModelService(Generic[J, R]):
             max_wait_s=max_wait_ms / 1000.0,
             name=thread_name or self.THREAD_NAME,
             initializer=torch_threads_initializer(torch_threads),
+            max_queue=max_queue,
         )
 
     @property

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from nodes.backends.abandon import Abandoned, raise_if_abandoned
 from nodes.backends.lm_types import (
     InvalidRequest,
     LMRequest,
@@ -401,6 +402,8 @@ class TransformersLM:
                     outputs = self._generate(
                         [requests[i] for i, _ in items], [enc for _, enc in items]
                     )
+            except Abandoned:
+                raise  # nobody waits for any of this batch: stop now
             except Exception as error:
                 log.exception("batch of %d failed", len(items))
                 outputs = [error] * len(items)
@@ -446,6 +449,7 @@ class TransformersLM:
                 results[row].finish_reason = "length"
         steps = max(limits, default=0)
         for _step in range(steps):
+            raise_if_abandoned()
             if all(finished):
                 break
             raw = torch.log_softmax(last.float(), dim=-1)

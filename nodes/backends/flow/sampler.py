@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
+from nodes.backends.abandon import raise_if_abandoned
 from nodes.backends.flow import sde
 from nodes.backends.flow.transitions import (
     LATENTS_KEY,
@@ -330,6 +331,7 @@ class FlowSampler:
         cond = Conditioning.stack([self.conditioning(j.prompt, negative_prompt) for j in jobs])
         transitions: list[list[DiffusionTransition]] = [[] for _ in jobs]
         for index in range(start, steps):
+            raise_if_abandoned()  # a served batch whose callers all left stops here
             sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
             t = timesteps[index].expand(len(jobs)).to(model.device)
             velocity = model.velocity(latents, t, cond, guidance)

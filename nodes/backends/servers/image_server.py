@@ -21,6 +21,14 @@
 
 Uploaded images are decoded with the decompression-bomb guard (400 beyond the pixel limit or
 when the bytes are not an image); bodies beyond the size limit are answered 413.
+
+Bounded work (:class:`~nodes.backends.servers.http_common.ServerLimits`): the output size
+(by default the model's native resolution on CPU and twice its side on an accelerator:
+see :func:`default_output_pixels`),
+``num_inference_steps`` (≤ 100 and the scheduler's training steps), ``n``, the prompt's
+characters, and the deadline; a full queue is a 503 with ``Retry-After``; a request whose
+client disconnects or whose deadline passes stops between denoising steps.
+``runtime_lora=False`` (``--no-runtime-lora``) leaves out the LoRA endpoints.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from fastapi import Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nodes.backends.engines.batching import Overloaded
 from nodes.backends.engines.image_inprocess import ImageService
 from nodes.backends.image_types import ImageJob, ImageUnsupported
 from nodes.backends.servers.http_common import (
@@ -43,8 +52,13 @@ from nodes.backends.servers.http_common import (
     LoraBody,
     ServerLimits,
     base_app,
+    check_adapter_path,
+    gather_all_or_none,
     guard,
+    prompt_chars_check,
     read_json,
+    run_bounded,
+    without_path,
 )
 from nodes.backends.wire import (
     ImageDecodeError,
@@ -55,7 +69,14 @@ from nodes.backends.wire import (
     parse_size,
 )
 
-MAX_N = 4
+MAX_N = 16
+"""The largest ``n`` the request model takes; the server's own limit is
+``ServerLimits.max_images_per_generation`` (default 4)."""
+MAX_PROMPT_CHARS = 16_384
+"""Default prompt limit (characters): text encoders truncate far sooner (CLIP at 77 tokens,
+T5 at 256 or 512), so more is only tokenising cost."""
+DEFAULT_NATIVE_SIDE = 512
+"""The native side assumed for a pipeline that does not say (SD 1.x)."""
 
 
 class GenerationBody(BaseModel):
@@ -66,7 +87,7 @@ class GenerationBody(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     size: str | None = None
     seed: int | None = None
-    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    num_inference_steps: int | None = Field(None, ge=1, le=100_000)
     guidance_scale: float | None = None
     negative_prompt: str | None = None
     response_format: str = "b64_json"
@@ -85,16 +106,64 @@ class EditBody(GenerationBody):
     """JSON edits only: base64 PNG/JPEG, or a data URL."""
 
 
+def default_output_pixels(service: ImageService) -> int:
+    """The output limit when the deployer sets none: the model's native resolution squared on
+    CPU (a tiny SD at its native 256² already takes minutes per 20 steps on one core), twice it
+    per side on an accelerator (1024² → 2048² for SD3, SDXL and Flux)."""
+    engine = service.engine
+    device = getattr(engine, "device", None)
+    on_cpu = getattr(device, "type", str(device or "cpu")) == "cpu"
+    side = native_side(engine) or DEFAULT_NATIVE_SIDE
+    return side * side if on_cpu else 4 * side * side
+
+
+def native_side(engine: Any) -> int | None:
+    """The side of the image the pipeline draws by default (``default_sample_size`` or the
+    denoiser's ``sample_size``, times the VAE's scale factor), or None when it says nothing."""
+    pipe = getattr(engine, "generator_pipe", None) or getattr(engine, "edit_pipe", None)
+    if pipe is None:
+        return None
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    sample = getattr(pipe, "default_sample_size", None) or getattr(
+        getattr(denoiser, "config", None), "sample_size", None
+    )
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if isinstance(sample, (list, tuple)):
+        sample = max(sample)
+    if not isinstance(sample, int) or not isinstance(scale, int):
+        return None
+    return sample * scale
+
+
 def create_image_app(
     service: ImageService,
     *,
     token: str | None = None,
     limits: ServerLimits | None = None,
     default_size: tuple[int, int] = (512, 512),
+    runtime_lora: bool = True,
 ) -> Any:
-    """The ASGI app (guarded by the token and size limits) serving ``service``."""
+    """The ASGI app (guarded by the token and size limits) serving ``service``.
+    ``limits.max_queue`` bounds the service's queue; ``runtime_lora=False`` leaves out
+    ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (404)."""
     limits = limits or ServerLimits()
+    service.batcher.max_queue = limits.max_queue
+    output_pixels = limits.max_output_pixels or default_output_pixels(service)
+    prompt_limit = limits.max_prompt_chars or MAX_PROMPT_CHARS
+    max_steps = min(limits.max_steps, _scheduler_steps(service.engine))
     app = base_app("Atelier image server", service)
+
+    def check(body: GenerationBody) -> None:
+        prompt_chars_check(len(body.prompt) + len(body.negative_prompt or ""), prompt_limit)
+        if body.n > limits.max_images_per_generation:
+            raise HTTPError(
+                400, f"n {body.n} exceeds this server's limit of {limits.max_images_per_generation}"
+            )
+        steps = body.num_inference_steps
+        if steps is not None and steps > max_steps:
+            raise HTTPError(
+                400, f"num_inference_steps {steps} exceeds this server's limit of {max_steps}"
+            )
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -109,8 +178,9 @@ def create_image_app(
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> dict[str, Any]:
         body = _validate(GenerationBody, await read_json(request))
+        check(body)
         _check_lora(body.lora, service)
-        size = _size(body.size, default_size, limits)
+        size = _size(body.size, default_size, output_pixels)
         jobs = [
             ImageJob(
                 "generate",
@@ -126,22 +196,22 @@ def create_image_app(
             for seed in _seeds(body.seed, body.n)
         ]
         if body.return_transitions:
-            return await _answer_traced(service, jobs, size)
-        return await _answer(service, jobs, body, size)
+            return await run_bounded(request, _answer_traced(service, jobs, size), limits)
+        return await run_bounded(request, _answer(service, jobs, body, size), limits)
 
-    @app.post("/v1/load_lora_adapter")
     async def load_lora(request: Request) -> PlainTextResponse:
-        """A diffusion LoRA (peft layout) becomes the active adapter of every request."""
+        """A diffusion LoRA (peft layout) becomes the active adapter of every request; a load
+        that fails leaves the active adapter as it was."""
         body = _lora_body(await read_json(request))
         if not body.lora_path:
             raise HTTPError(400, "lora_path is required")
+        check_adapter_path(body.lora_path)
         try:
             await service.load_adapter(body.lora_name, body.lora_path, inplace=body.load_inplace)
         except ValueError as error:
-            raise HTTPError(400, str(error)) from None
+            raise HTTPError(400, without_path(str(error), body.lora_path)) from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
     async def unload_lora(request: Request) -> PlainTextResponse:
         body = _lora_body(await read_json(request))
         try:
@@ -149,6 +219,10 @@ def create_image_app(
         except KeyError as error:
             raise HTTPError(404, str(error.args[0]), "not_found_error") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    if runtime_lora:
+        app.post("/v1/load_lora_adapter")(load_lora)
+        app.post("/v1/unload_lora_adapter")(unload_lora)
 
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> dict[str, Any]:
@@ -158,16 +232,25 @@ def create_image_app(
             if not body.image:
                 raise HTTPError(400, "field 'image' is required")
             try:
-                image = decode_b64_image(body.image, limits.max_image_pixels)
+                image = decode_b64_image(
+                    body.image, min(limits.max_image_pixels, limits.max_request_pixels)
+                )
             except ImageDecodeError as error:
                 raise HTTPError(400, f"image: {error}") from None
         else:
             body, image = await _edit_form(request, limits)
+        check(body)
         _check_lora(body.lora, service)
         if body.size in (None, "", "auto"):
             size = image.size
+            if size[0] * size[1] > output_pixels:
+                raise HTTPError(
+                    400,
+                    f"size 'auto' would edit at the input's {format_size(*size)}, beyond this "
+                    f"server's output limit of {output_pixels} pixels: give a smaller size",
+                )
         else:
-            size = _size(body.size, default_size, limits)
+            size = _size(body.size, default_size, output_pixels)
         jobs = [
             ImageJob(
                 "edit",
@@ -181,9 +264,21 @@ def create_image_app(
             )
             for seed in _seeds(body.seed, body.n)
         ]
-        return await _answer(service, jobs, body, size)
+        return await run_bounded(request, _answer(service, jobs, body, size), limits)
 
     return guard(app, token, limits)
+
+
+def _scheduler_steps(engine: Any) -> int:
+    """The most inference steps the pipelines' schedulers can take: their training steps less
+    ``steps_offset`` (DDIM with offset 1 asked for 1000 of 1000 steps indexes timestep 1000 of
+    0..999, an IndexError deep inside diffusers)."""
+    limits = []
+    for pipe in (getattr(engine, "generator_pipe", None), getattr(engine, "edit_pipe", None)):
+        config = getattr(getattr(pipe, "scheduler", None), "config", None) or {}
+        if config.get("num_train_timesteps"):
+            limits.append(int(config["num_train_timesteps"]) - int(config.get("steps_offset") or 0))
+    return min(limits, default=1000)
 
 
 async def _edit_form(request: Request, limits: ServerLimits) -> tuple[EditBody, Any]:
@@ -202,7 +297,7 @@ async def _edit_form(request: Request, limits: ServerLimits) -> tuple[EditBody, 
     data = await uploads[0].read()
     body = _validate(EditBody, fields)
     try:
-        image = decode_image(data, limits.max_image_pixels)
+        image = decode_image(data, min(limits.max_image_pixels, limits.max_request_pixels))
     except ImageDecodeError as error:
         raise HTTPError(400, f"image: {error}") from None
     return body, image
@@ -231,11 +326,18 @@ def _check_lora(value: Any, service: ImageService) -> None:
             "POST /v1/load_lora_adapter",
         )
     path = next((value[k] for k in ("local_path", "path", "lora_path") if value.get(k)), None)
-    if path is not None and Path(str(path)).resolve() != Path(loaded[name]).resolve():
-        raise HTTPError(400, f"lora {name!r} is loaded from {loaded[name]}, not {path}")
+    if path is not None and not _same_path(str(path), loaded[name]):
+        raise HTTPError(400, f"lora {name!r} is loaded here from another path than {path!r}")
     scale = value.get("scale")
     if scale is not None and scale != 1:
         raise HTTPError(400, f"lora scale {scale!r} is not supported here (only 1)")
+
+
+def _same_path(given: str, loaded: str) -> bool:
+    try:
+        return Path(given).resolve() == Path(loaded).resolve()
+    except (OSError, ValueError):  # a NUL byte, a name too long: not the loaded adapter
+        return False
 
 
 def _lora_body(data: Any) -> LoraBody:
@@ -251,7 +353,9 @@ async def _answer_traced(
     from nodes.backends.flow.transitions import transition_to_json
 
     try:
-        traced = await asyncio.gather(*(service.run(job) for job in jobs))
+        traced = await gather_all_or_none(*(service.run(job) for job in jobs))
+    except Overloaded:
+        raise
     except (ImageUnsupported, ValueError) as error:
         raise HTTPError(400, str(error)) from None
     except Exception as error:
@@ -283,15 +387,19 @@ def _validate(model: type[BaseModel], data: Any) -> Any:
     return body
 
 
-def _size(value: str | None, default: tuple[int, int], limits: ServerLimits) -> tuple[int, int]:
+def _size(value: str | None, default: tuple[int, int], max_pixels: int) -> tuple[int, int]:
     if value in (None, "", "auto"):
-        return default
-    try:
-        width, height = parse_size(value)
-    except ValueError as error:
-        raise HTTPError(400, str(error)) from None
-    if width * height > limits.max_image_pixels:
-        raise HTTPError(400, f"size {value} exceeds the limit of {limits.max_image_pixels} pixels")
+        width, height = default
+    else:
+        try:
+            width, height = parse_size(value)
+        except ValueError as error:
+            raise HTTPError(400, str(error)) from None
+    if width * height > max_pixels:
+        raise HTTPError(
+            400,
+            f"size {format_size(width, height)} exceeds this server's limit of {max_pixels} pixels",
+        )
     return width, height
 
 
@@ -304,7 +412,9 @@ async def _answer(
     service: ImageService, jobs: list[ImageJob], body: GenerationBody, size: tuple[int, int]
 ) -> dict[str, Any]:
     try:
-        images = await asyncio.gather(*(service.run(job) for job in jobs))
+        images = await gather_all_or_none(*(service.run(job) for job in jobs))
+    except Overloaded:
+        raise
     except ImageUnsupported as error:
         raise HTTPError(400, str(error)) from None
     except Exception as error:

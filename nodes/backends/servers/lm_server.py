@@ -18,6 +18,13 @@ supported: ``n > 1``, streaming, tools, stop strings.
 
 A LoRA load that fails is a 400 with the reason and changes nothing (the base model and the
 other adapters answer as before); unloading an adapter that is not loaded is a 404.
+``runtime_lora=False`` (``--no-runtime-lora``) leaves both endpoints out, as vLLM does without
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING``.
+
+Bounded work (:class:`~nodes.backends.servers.http_common.ServerLimits`): prompt characters
+(checked before tokenising; by default 32 per token of the model's context), images and decoded
+pixels per request, ``max_tokens``, the deadline (504); a full queue is a 503 with
+``Retry-After``; a request whose client disconnects stops between generated tokens.
 """
 
 from __future__ import annotations
@@ -44,10 +51,18 @@ from nodes.backends.servers.http_common import (
     LoraBody,
     ServerLimits,
     base_app,
+    check_adapter_path,
     guard,
+    prompt_chars_check,
     read_json,
+    run_bounded,
+    without_path,
 )
 from nodes.backends.wire import ImageDecodeError, decode_b64_image
+
+CHARS_PER_TOKEN = 32
+"""The default prompt limit is this many characters per token of the model's context: far
+above what any tokeniser packs into one token, so a prompt that fits is never refused."""
 
 
 class ChatBody(BaseModel):
@@ -82,9 +97,15 @@ def create_lm_app(
     limits: ServerLimits | None = None,
     default_max_tokens: int = 256,
     max_tokens_limit: int = 4096,
+    runtime_lora: bool = True,
 ) -> Any:
-    """The ASGI app (guarded by the token and size limits) serving ``service``."""
+    """The ASGI app (guarded by the token and size limits) serving ``service``.
+    ``limits.max_queue`` bounds the service's queue; ``runtime_lora=False`` leaves out
+    ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (404)."""
     limits = limits or ServerLimits()
+    service.batcher.max_queue = limits.max_queue
+    context = int(getattr(service.engine, "max_model_len", 0) or 0)
+    prompt_limit = limits.max_prompt_chars or (CHARS_PER_TOKEN * context if context else None)
     app = base_app("Atelier lm server", service)
 
     @app.get("/v1/models")
@@ -100,9 +121,13 @@ def create_lm_app(
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> dict[str, Any]:
         body = _validate(ChatBody, await read_json(request))
-        lm_request = _lm_request(body, service, limits, default_max_tokens, max_tokens_limit)
+        lm_request = _lm_request(
+            body, service, limits, default_max_tokens, max_tokens_limit, prompt_limit
+        )
         try:
-            result = await service.run(lm_request)
+            result = await run_bounded(request, service.run(lm_request), limits)
+        except HTTPError:
+            raise
         except UnknownModel as error:
             raise HTTPError(404, str(error), "not_found_error") from None
         except (InvalidRequest, ValueError) as error:
@@ -111,20 +136,20 @@ def create_lm_app(
             raise HTTPError(500, f"{type(error).__name__}: {error}", "internal_error") from None
         return _chat_response(body, lm_request, result, service.engine)
 
-    @app.post("/v1/load_lora_adapter")
     async def load_lora(request: Request) -> PlainTextResponse:
         body = _validate(LoraBody, await read_json(request))
         if not body.lora_path:
             raise HTTPError(400, "lora_path is required")
+        check_adapter_path(body.lora_path)
         try:
             await service.load_adapter(body.lora_name, body.lora_path, inplace=body.load_inplace)
         except (InvalidRequest, ValueError) as error:
-            raise HTTPError(400, str(error)) from None
+            raise HTTPError(400, without_path(str(error), body.lora_path)) from None
         except Exception as error:  # the engine rolled the model back; say what happened
-            raise HTTPError(500, f"{type(error).__name__}: {error}", "internal_error") from None
+            message = without_path(f"{type(error).__name__}: {error}", body.lora_path)
+            raise HTTPError(500, message, "internal_error") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
     async def unload_lora(request: Request) -> PlainTextResponse:
         body = _validate(LoraBody, await read_json(request))
         try:
@@ -133,6 +158,9 @@ def create_lm_app(
             raise HTTPError(404, str(error), "not_found_error") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
+    if runtime_lora:
+        app.post("/v1/load_lora_adapter")(load_lora)
+        app.post("/v1/unload_lora_adapter")(unload_lora)
     return guard(app, token, limits)
 
 
@@ -163,6 +191,7 @@ def _lm_request(
     limits: ServerLimits,
     default_max_tokens: int,
     max_tokens_limit: int,
+    prompt_limit: int | None = None,
 ) -> LMRequest:
     if body.n != 1:
         raise HTTPError(400, "only n = 1 is supported")
@@ -178,8 +207,13 @@ def _lm_request(
     max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
     if max_tokens > max_tokens_limit:
         raise HTTPError(400, f"max_tokens {max_tokens} exceeds this server's {max_tokens_limit}")
+    messages = _messages(body.messages, limits)
+    prompt_chars_check(
+        sum(len(part) for m in messages for part in m.parts if isinstance(part, str)),
+        prompt_limit,
+    )
     return LMRequest(
-        messages=_messages(body.messages, limits),
+        messages=messages,
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
         max_tokens=max_tokens,
@@ -198,6 +232,7 @@ def _lm_request(
 def _messages(raw: list[dict[str, Any]], limits: ServerLimits) -> list[PromptMessage]:
     messages: list[PromptMessage] = []
     images = 0
+    pixels_left = limits.max_request_pixels
     for index, message in enumerate(raw):
         role = message.get("role")
         if not isinstance(role, str):
@@ -220,7 +255,9 @@ def _messages(raw: list[dict[str, Any]], limits: ServerLimits) -> list[PromptMes
                         raise HTTPError(
                             400, f"more than {limits.max_images_per_request} images in a request"
                         )
-                    parts.append(_image(part.get("image_url"), where, limits))
+                    image = _image(part.get("image_url"), where, limits, pixels_left)
+                    pixels_left -= image.size[0] * image.size[1]
+                    parts.append(image)
                 else:
                     raise HTTPError(400, f"{where}: unsupported content part type {kind!r}")
         else:
@@ -229,13 +266,22 @@ def _messages(raw: list[dict[str, Any]], limits: ServerLimits) -> list[PromptMes
     return messages
 
 
-def _image(value: Any, where: str, limits: ServerLimits) -> Any:
+def _image(value: Any, where: str, limits: ServerLimits, pixels_left: int) -> Any:
+    """The part's image, decoded only if it fits the per-image limit and what is left of the
+    request's pixel budget (checked from the header, before the pixels are decoded)."""
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str) or not url.startswith("data:"):
         raise HTTPError(400, f"{where}: images must be base64 data URLs (no remote fetching)")
+    limit = min(limits.max_image_pixels, pixels_left)
     try:
-        return decode_b64_image(url, limits.max_image_pixels)
+        return decode_b64_image(url, max(limit, 0))
     except ImageDecodeError as error:
+        if limit < limits.max_image_pixels and str(error).startswith("image is "):
+            raise HTTPError(
+                400,
+                f"{where}: the request's images exceed this server's limit of "
+                f"{limits.max_request_pixels} decoded pixels per request ({error})",
+            ) from None
         raise HTTPError(400, f"{where}: {error}") from None
 
 
