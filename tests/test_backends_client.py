@@ -13,6 +13,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -414,6 +415,25 @@ async def test_503_twice_then_200_is_retried_and_succeeds():
         await pool.aclose()
     assert body == {"server": "a"}
     assert hits == ["a", "a", "a"]
+
+
+async def test_a_busy_servers_retry_after_is_waited_for_up_to_the_backoff_cap():
+    stamps: list[float] = []
+
+    async def busy_once(request: Request) -> JSONResponse:
+        stamps.append(time.monotonic())
+        if len(stamps) == 1:
+            return JSONResponse({"error": {}}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/x", busy_once, methods=["POST"])])
+    with BackgroundServer(app) as server:
+        waits = RetryPolicy(retries=2, backoff_s=0.01, max_backoff_s=0.6, cooldown_s=0.0)
+        pool = ServerPool(server.url, retry=waits)
+        assert await pool.post_json("probe", "/x", {}) == {"ok": True}
+        await pool.aclose()
+    # 1 s asked, 0.6 s cap: far above the 0.01 s backoff, and not the full second
+    assert 0.55 < stamps[1] - stamps[0] < 0.95
 
 
 async def test_a_down_server_gives_a_backend_error_naming_the_url():

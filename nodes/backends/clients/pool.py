@@ -277,10 +277,13 @@ class ServerPool:
         tried: set[str] = set()
         last: BackendUnavailable | None = None
         last_server: ServerState | None = None
+        retry_after = 0.0
         for attempt in range(attempts):
             if attempt:
                 delay = min(self.retry.max_backoff_s, self.retry.backoff_s * 2 ** (attempt - 1))
-                await asyncio.sleep(delay * random.uniform(0.75, 1.25))
+                delay *= random.uniform(0.75, 1.25)
+                # A busy server's 503 says when to come back (capped like the backoff).
+                await asyncio.sleep(max(delay, min(retry_after, self.retry.max_backoff_s)))
             target = await self._acquire(server, tried)
             tried.add(target.url)
             if len(tried) == len(self.servers):
@@ -303,6 +306,7 @@ class ServerPool:
             finally:
                 self._release(target)
             if response.status_code >= 500:
+                retry_after = _retry_after_s(response)
                 detail = f"HTTP {response.status_code}: {_snippet(response)}"
                 self._mark_down(target, detail)
                 last = BackendUnavailable(
@@ -407,6 +411,12 @@ def _normalise(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
     return url
+
+
+def _retry_after_s(response: httpx.Response) -> float:
+    """``Retry-After`` in seconds (the delta-seconds form; an HTTP date or nothing: 0)."""
+    value = response.headers.get("retry-after", "").strip()
+    return float(value) if value.isascii() and value.isdigit() else 0.0
 
 
 def _snippet(response: httpx.Response, limit: int = 300) -> str:
