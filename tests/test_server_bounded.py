@@ -178,6 +178,38 @@ def test_a_batch_runs_on_while_one_of_its_callers_still_waits():
         service.close()
 
 
+class KeyedSlowEngine(SlowEngine):
+    """Like the real engines: jobs with different steps never share a model call."""
+
+    @staticmethod
+    def batch_key(job: Any) -> Any:
+        return job.steps
+
+
+def test_a_small_request_does_not_wait_inside_a_long_ones_batch():
+    engine = KeyedSlowEngine()
+    service = ImageService(engine, max_batch=4, max_wait_ms=300)
+    server = BackgroundServer(create_image_app(service, limits=ServerLimits(max_steps=1000)))
+    server.start()
+    try:
+        long = in_background(generate, server.url, 300, timeout=1.5)  # 6 s; leaves at 1.5 s
+        time.sleep(0.05)  # both arrive within one 0.3 s collection window
+        started = time.monotonic()
+        small = generate(server.url, 2)
+        waited = time.monotonic() - started
+        long["thread"].join(30)
+        assert small.status_code == 200
+        assert isinstance(long.get("error"), httpx.ReadTimeout)
+        wait_for(lambda: stats(server)["abandoned_batches"] == 1)
+        # Two model calls: the long one ran first (it came first) and was abandoned when its
+        # client left; the small one then ran alone, not to the end of the long one's 300 steps.
+        assert stats(server)["batch_sizes"] == [1, 1]
+        assert waited < 4.0 and engine.steps_run < 150
+    finally:
+        server.stop()
+        service.close()
+
+
 def test_a_refused_image_of_n_cancels_the_images_already_queued():
     server, engine, service = slow_server(max_queue=2, request_timeout_s=30)
     try:
@@ -374,11 +406,14 @@ def test_parse_size_takes_ascii_digits_only():
 # --- the real models stop between their steps ---------------------------------------------------
 
 
-def count_calls(module: Any) -> tuple[list[int], Any]:
+def count_calls(module: Any, pause_s: float = 0.0) -> tuple[list[int], Any]:
+    """Count ``module``'s forward passes; ``pause_s`` makes each one that much slower, so a
+    tiny model's work outlasts a deadline whatever the machine's speed."""
     calls = [0]
 
     def hook(*_: Any) -> None:
         calls[0] += 1
+        time.sleep(pause_s)
 
     return calls, module.register_forward_hook(hook)
 
@@ -401,12 +436,39 @@ def test_diffusers_denoising_stops_when_the_client_leaves(tiny_models):
 
 
 @pytest.mark.models
+def test_a_generation_row_whose_caller_left_stops_while_the_others_go_on(tiny_models):
+    from nodes.backends.abandon import running_batch
+    from nodes.backends.engines.transformers_lm import TransformersLM
+    from nodes.backends.lm_types import LMRequest, PromptMessage
+
+    engine = TransformersLM(tiny_models.lm)
+    engine.stop_ids.clear()  # random weights could stop early; never here
+
+    class Caller:
+        def __init__(self, gone: bool) -> None:
+            self.gone = gone
+
+        def cancelled(self) -> bool:
+            return self.gone
+
+    requests = [
+        LMRequest([PromptMessage("user", ("hi",))], max_tokens=12, seed=i) for i in range(3)
+    ]
+    with running_batch([Caller(False), Caller(True), Caller(False)]):
+        results = engine.run_batch(requests)
+    assert [r.finish_reason for r in results] == ["length", "abort", "length"]
+    assert [len(r.token_ids) for r in results] == [12, 0, 12]
+    alone = engine.run_batch([requests[0]])[0]  # the others' tokens are what they would be
+    assert alone.token_ids == results[0].token_ids
+
+
+@pytest.mark.models
 def test_generation_stops_between_tokens_at_the_deadline(tiny_models):
     from nodes.backends.engines.lm_inprocess import LMService
     from nodes.backends.servers.lm_server import create_lm_app
 
     service = LMService.from_pretrained(tiny_models.lm, name="tiny-lm", torch_threads=1)
-    calls, handle = count_calls(service.engine.model)
+    calls, handle = count_calls(service.engine.model, pause_s=0.01)  # 512 tokens: > 5 s
     limits = ServerLimits(request_timeout_s=0.5)
     app = create_lm_app(service, limits=limits, max_tokens_limit=100_000)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000}

@@ -16,11 +16,17 @@ How requests are made: strategies are derived from each request model's
 :class:`EditBody`): per property mostly values of the declared type, with the boundary values
 (min/max ± 1, 0, negative, 10**30, NaN and ±inf written as raw JSON text, empty and very long
 strings, lone surrogates written as ``\\ud800`` escapes, NUL, right-to-left and non-ASCII
-digits), sometimes a value of the wrong type, a missing required field or extra fields. A few
-fields get semantic strategies on top (chat messages with tiny PNG data URLs and broken
-images, image sizes, per-request LoRA). Raw-body mutations cover what a schema cannot say:
-invalid JSON, JSON nested 1000+ deep, non-UTF-8 bytes, wrong content types, empty bodies and
-JSON that is not an object; edits are also sent as hand-built multipart forms.
+digits), sometimes a value of the wrong type, a missing required field or extra fields. Each
+body is drawn in one of three modes: every field valid (so the request reaches the model with
+boundary values: a 1e-300 temperature, a 10**30 seed), exactly one field hostile (so the
+refusal of that one field is what is tested), or chaos. A few fields get semantic strategies
+on top (chat messages with tiny PNG data URLs and broken images, image sizes, per-request
+LoRA, and what the server supports beyond its schema, such as ``n`` 1 for chat).
+
+Raw-body mutations cover what a schema cannot say: invalid JSON, JSON nested 1000+ deep,
+non-UTF-8 bytes, wrong content types, empty bodies, oversized bodies and JSON that is not an
+object; edits are also sent as hand-built multipart forms. Plain regression tests pin the
+server errors found so far (see the last section).
 
 Cost: a request that would be *valid* stays cheap for the tiny models (at most 4 new tokens,
 images at most 64×64, ``n`` ≤ 2, at most 2 inference steps): hostile values of those fields are
@@ -39,7 +45,7 @@ import io
 import json
 import math
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +113,9 @@ class Call:
     headers: tuple[tuple[str, str], ...] = ()
 
     def describe(self) -> str:
-        body = self.body if len(self.body) <= 600 else self.body[:600] + b"...(truncated)"
+        body = self.body
+        if len(body) > 2000:  # keep both ends: the sampling fields often follow the images
+            body = body[:1400] + f"...({len(body) - 1900} bytes)...".encode() + body[-500:]
         headers = "".join(f"\n  {k}: {v}" for k, v in self.headers)
         return f"{self.method} {self.path} ({len(self.body)} bytes){headers}\n  body: {body!r}"
 
@@ -992,7 +1000,7 @@ def servers(lm_server: Any, image_server: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def locked_servers(vlm_service: Any, image_service: Any) -> Any:
+def locked_servers(vlm_service: Any, image_service: Any) -> Iterator[dict[str, Any]]:
     """Both servers again, each with the bearer token ``t``."""
     from nodes.backends.servers.http_common import BackgroundServer, ServerLimits
     from nodes.backends.servers.image_server import create_image_app
@@ -1106,13 +1114,14 @@ def test_lone_surrogate_in_chat_role_is_not_a_server_error(servers: dict[str, An
         {"temperature": 1e-45},
         {"repetition_penalty": 5e-324},
         {"repetition_penalty": 1e-300},
+        {"temperature": 1e308, "repetition_penalty": 1e308},
     ],
     ids=lambda sampling: "-".join(f"{k}={v}" for k, v in sampling.items()),
 )
-def test_tiny_positive_sampling_values_are_not_a_server_error(
+def test_extreme_sampling_values_are_not_a_server_error(
     servers: dict[str, Any], sampling: dict[str, float]
 ) -> None:
-    """Valid by the schema (> 0), but dividing the logits by them overflows to inf / NaN."""
+    """Valid by the schema (> 0), but scaling the logits by them overflows to inf / NaN."""
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "seed": 1, **sampling}
     exercise(servers["lm"], json_call("/v1/chat/completions", body))
 

@@ -40,6 +40,13 @@ def batch_abandoned() -> bool:
     return bool(futures) and all(future.cancelled() for future in futures)
 
 
+def cancelled_items() -> list[bool]:
+    """Per item of the running batch (in the order ``run_batch`` got them), whether its caller
+    has gone; empty outside a batch. Lets an engine drop one row of a batch that goes on for
+    the others (a generation loop marks that row finished)."""
+    return [future.cancelled() for future in getattr(_batch, "futures", None) or ()]
+
+
 def raise_if_abandoned() -> None:
     """For step loops: stop a batch nobody waits for. One attribute read per step."""
     if batch_abandoned():

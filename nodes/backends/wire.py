@@ -102,15 +102,34 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
 
 def decode_b64_image(text: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode base64 (optionally a ``data:`` URL) into an image, with the bomb guard."""
+    return decode_image(decode_b64_bytes(text), max_pixels)
+
+
+def decode_b64_bytes(text: str) -> bytes:
+    """The bytes of base64 text or a base64 ``data:`` URL (:class:`ImageDecodeError` if not)."""
     if text.startswith("data:"):
         header, _, text = text.partition(",")
         if ";base64" not in header:
             raise ImageDecodeError("only base64 data URLs are supported for images")
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
         raise ImageDecodeError(f"image is not valid base64: {error}") from None
-    return decode_image(data, max_pixels)
+
+
+def peek_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` from the image's header, without decoding its pixels."""
+    if not data:
+        raise ImageDecodeError("empty image data")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Image.DecompressionBombError as error:
+        raise ImageDecodeError(f"image rejected by the decompression-bomb guard: {error}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageDecodeError(f"could not decode image: {error}") from None
 
 
 _SIZE_NUMBER = re.compile("[0-9]{1,6}")

@@ -64,6 +64,7 @@ class DynamicBatcher(Generic[T, R]):
         history: int = 10_000,
         initializer: Callable[[], None] | None = None,
         max_queue: int | None = None,
+        batch_key: Callable[[T], Any] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -76,6 +77,8 @@ class DynamicBatcher(Generic[T, R]):
         self.batch_sizes: deque[int] = deque(maxlen=history)
         self.requests = 0
         self.max_queue = max_queue
+        self.batch_key = batch_key
+        """Items with different keys never share a ``run_batch`` call (None: any may)."""
         self.pending = 0
         """Requests submitted and not yet answered (waiting or in the running batch)."""
         self.refused = 0
@@ -183,28 +186,46 @@ class DynamicBatcher(Generic[T, R]):
                     batch.append(await asyncio.wait_for(queue.get(), remaining))
                 except (asyncio.TimeoutError, TimeoutError):
                     break
-            live = [(item, fut) for item, fut in batch if not fut.done()]
-            if not live:
+            for part in self._partition(batch):
+                await self._run_part(loop, part)
+
+    def _partition(
+        self, batch: list[tuple[T, asyncio.Future[R]]]
+    ) -> list[list[tuple[T, asyncio.Future[R]]]]:
+        """``batch`` split by ``batch_key`` (first arrival first): each part is one model call,
+        so a small image never waits inside a long one's call, and a part is abandoned as soon
+        as its own callers have gone."""
+        if self.batch_key is None:
+            return [batch]
+        parts: dict[Any, list[tuple[T, asyncio.Future[R]]]] = {}
+        for item, future in batch:
+            parts.setdefault(self.batch_key(item), []).append((item, future))
+        return list(parts.values())
+
+    async def _run_part(
+        self, loop: asyncio.AbstractEventLoop, part: list[tuple[T, asyncio.Future[R]]]
+    ) -> None:
+        live = [(item, fut) for item, fut in part if not fut.done()]
+        if not live:
+            return
+        self.batch_sizes.append(len(live))
+        started = time.monotonic()
+        try:
+            results = await loop.run_in_executor(self._executor, self._run_tracked, live)
+            if len(results) != len(live):
+                raise RuntimeError(
+                    f"{self.name}: run_batch returned {len(results)} results for {len(live)} items"
+                )
+        except Abandoned as error:
+            self.abandoned += 1
+            results = [error] * len(live)
+        except Exception as error:  # the whole batch failed: every caller gets the error
+            results = [error] * len(live)
+        self._batch_seconds.append(time.monotonic() - started)
+        for (_, future), result in zip(live, results, strict=True):
+            if future.done():
                 continue
-            self.batch_sizes.append(len(live))
-            started = time.monotonic()
-            try:
-                results = await loop.run_in_executor(self._executor, self._run_tracked, live)
-                if len(results) != len(live):
-                    raise RuntimeError(
-                        f"{self.name}: run_batch returned {len(results)} results "
-                        f"for {len(live)} items"
-                    )
-            except Abandoned as error:
-                self.abandoned += 1
-                results = [error] * len(live)
-            except Exception as error:  # the whole batch failed: every caller gets the error
-                results = [error] * len(live)
-            self._batch_seconds.append(time.monotonic() - started)
-            for (_, future), result in zip(live, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)

@@ -160,6 +160,11 @@ class DiffusersImageEngine:
         for traced in self._traced.values():
             traced.sampler.lora = None
 
+    @staticmethod
+    def batch_key(job: ImageJob) -> tuple[object, ...]:
+        """Jobs that share a pipeline call (:class:`ModelService` batches them apart)."""
+        return job.group_key()
+
     @property
     def can_generate(self) -> bool:
         return self.generator_pipe is not None

@@ -233,6 +233,11 @@ class FlowImageEngine:
         del self.adapters[name]
         self.sampler.lora = None
 
+    @staticmethod
+    def batch_key(job: FlowJob) -> tuple[object, ...]:
+        """Jobs that share a sampler call (:class:`ModelService` batches them apart)."""
+        return job.group_key()
+
     def run_batch(self, jobs: Sequence[FlowJob]) -> list[TracedImage | BaseException]:
         results: list[TracedImage | BaseException | None] = [None] * len(jobs)
         groups: dict[tuple[object, ...], list[int]] = {}

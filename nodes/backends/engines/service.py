@@ -11,7 +11,9 @@ An engine is a synchronous object with
 - ``name``: the served model's name;
 - ``run_batch(jobs)``: one result (or exception) per job, run on the service's worker thread;
 
-and, when it serves LoRA adapters, ``adapters`` (name -> path), ``load_adapter(name, path, *,
+optionally ``batch_key(job)`` (jobs with different keys never share a ``run_batch`` call: the
+engine would run them one after the other anyway, and a caller would wait for both); and, when
+it serves LoRA adapters, ``adapters`` (name -> path), ``load_adapter(name, path, *,
 inplace)`` and ``unload_adapter(name)``. The service runs every call into the engine on the
 same worker thread (batches, adapter loads, :meth:`ModelService.call`), so the model never
 sees two threads at once. torch is imported only when ``torch_threads`` is set.
@@ -64,6 +66,7 @@ class ModelService(Generic[J, R]):
             name=thread_name or self.THREAD_NAME,
             initializer=torch_threads_initializer(torch_threads),
             max_queue=max_queue,
+            batch_key=getattr(engine, "batch_key", None),
         )
 
     @property

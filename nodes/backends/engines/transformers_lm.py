@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from nodes.backends.abandon import Abandoned, raise_if_abandoned
+from nodes.backends.abandon import Abandoned, cancelled_items, raise_if_abandoned
 from nodes.backends.lm_types import (
     InvalidRequest,
     LMRequest,
@@ -383,6 +383,11 @@ class TransformersLM:
 
     # --- batches -------------------------------------------------------------------------------
 
+    @staticmethod
+    def batch_key(request: LMRequest) -> str | None:
+        """Requests that share a forward pass: one adapter (or the base model) per batch."""
+        return request.adapter
+
     def run_batch(self, requests: Sequence[LMRequest]) -> list[LMResult | BaseException]:
         """Serve ``requests`` together; a request's own error is returned in its place."""
         results: list[LMResult | BaseException | None] = [None] * len(requests)
@@ -400,7 +405,9 @@ class TransformersLM:
             try:
                 with self.using(adapter):
                     outputs = self._generate(
-                        [requests[i] for i, _ in items], [enc for _, enc in items]
+                        [requests[i] for i, _ in items],
+                        [enc for _, enc in items],
+                        batch_rows=[i for i, _ in items],
                     )
             except Abandoned:
                 raise  # nobody waits for any of this batch: stop now
@@ -413,8 +420,14 @@ class TransformersLM:
 
     @torch.inference_mode()
     def _generate(
-        self, requests: Sequence[LMRequest], encoded: Sequence[Encoded]
+        self,
+        requests: Sequence[LMRequest],
+        encoded: Sequence[Encoded],
+        batch_rows: Sequence[int] = (),
     ) -> list[LMResult | BaseException]:
+        """``batch_rows``: each request's position in the served batch, so that a request whose
+        caller has gone stops generating (finish reason ``abort``, as vLLM) while the others go
+        on (:func:`~nodes.backends.abandon.cancelled_items`)."""
         device = self.device
         rows = len(requests)
         lengths = [len(e.input_ids) for e in encoded]
@@ -450,6 +463,11 @@ class TransformersLM:
         steps = max(limits, default=0)
         for _step in range(steps):
             raise_if_abandoned()
+            gone = cancelled_items()
+            for row, position in enumerate(batch_rows):
+                if not finished[row] and position < len(gone) and gone[position]:
+                    finished[row] = True
+                    results[row].finish_reason = "abort"
             if all(finished):
                 break
             raw = torch.log_softmax(last.float(), dim=-1)
@@ -677,6 +695,10 @@ def _penalised(logits: torch.Tensor, penalty: float | None, seen_ids: set[int]) 
     return logits
 
 
+SAMPLING_EPS = 1e-5
+"""A temperature below this samples greedily, as in vLLM (dividing by 1e-300 overflows)."""
+
+
 def _sample(
     logits: torch.Tensor,
     temperature: float,
@@ -684,7 +706,7 @@ def _sample(
     gen: torch.Generator,
     top_k: int | None = None,
 ) -> int:
-    if temperature <= 0:
+    if temperature < SAMPLING_EPS:
         return int(torch.argmax(logits))
     logits = logits.float()
     if top_k is not None and 0 < top_k < logits.shape[-1]:

@@ -62,11 +62,12 @@ from nodes.backends.servers.http_common import (
 )
 from nodes.backends.wire import (
     ImageDecodeError,
-    decode_b64_image,
+    decode_b64_bytes,
     decode_image,
     format_size,
     image_to_b64,
     parse_size,
+    peek_size,
 )
 
 MAX_N = 16
@@ -88,14 +89,14 @@ class GenerationBody(BaseModel):
     size: str | None = None
     seed: int | None = None
     num_inference_steps: int | None = Field(None, ge=1, le=100_000)
-    guidance_scale: float | None = None
+    guidance_scale: float | None = Field(None, ge=-100, le=100, allow_inf_nan=False)
     negative_prompt: str | None = None
     response_format: str = "b64_json"
     output_format: str = "png"
     return_transitions: bool = False
     """Atelier extension: sample with the Flow-GRPO SDE step and return each image's
     stochastic transitions (latents as base64 safetensors) under ``data[i].transitions``."""
-    noise_level: float | None = Field(None, ge=0.0, le=5.0)
+    noise_level: float | None = Field(None, ge=0.0, le=5.0, allow_inf_nan=False)
     """The SDE's noise level for ``return_transitions`` (default 0.7)."""
     lora: Any = None
     """vLLM-Omni's per-request LoRA (an object, or its JSON text): see :func:`_check_lora`."""
@@ -232,25 +233,31 @@ def create_image_app(
             if not body.image:
                 raise HTTPError(400, "field 'image' is required")
             try:
-                image = decode_b64_image(
-                    body.image, min(limits.max_image_pixels, limits.max_request_pixels)
-                )
+                data = decode_b64_bytes(body.image)
             except ImageDecodeError as error:
                 raise HTTPError(400, f"image: {error}") from None
         else:
-            body, image = await _edit_form(request, limits)
+            body, data = await _edit_form(request, limits)
         check(body)
         _check_lora(body.lora, service)
-        if body.size in (None, "", "auto"):
-            size = image.size
-            if size[0] * size[1] > output_pixels:
+        auto = body.size in (None, "", "auto")
+        if not auto:
+            size = _size(body.size, default_size, output_pixels)
+        limit = min(limits.max_image_pixels, limits.max_request_pixels)
+        try:
+            width, height = peek_size(data)  # from the header: nothing decoded yet
+            if auto and output_pixels < width * height <= limit:  # beyond: the bomb guard
                 raise HTTPError(
                     400,
-                    f"size 'auto' would edit at the input's {format_size(*size)}, beyond this "
-                    f"server's output limit of {output_pixels} pixels: give a smaller size",
+                    f"size 'auto' would edit at the input's {format_size(width, height)}, "
+                    f"beyond this server's output limit of {output_pixels} pixels: give a "
+                    "smaller size",
                 )
-        else:
-            size = _size(body.size, default_size, output_pixels)
+            image = decode_image(data, limit)
+        except ImageDecodeError as error:
+            raise HTTPError(400, f"image: {error}") from None
+        if auto:
+            size = image.size
         jobs = [
             ImageJob(
                 "edit",
@@ -281,7 +288,9 @@ def _scheduler_steps(engine: Any) -> int:
     return min(limits, default=1000)
 
 
-async def _edit_form(request: Request, limits: ServerLimits) -> tuple[EditBody, Any]:
+async def _edit_form(request: Request, limits: ServerLimits) -> tuple[EditBody, bytes]:
+    """The edit's fields and its one image's bytes (decoded by the caller, once the limits that
+    apply to it are known)."""
     try:
         form = await request.form(max_files=limits.max_images_per_request, max_fields=64)
     except HTTPError:
@@ -295,12 +304,7 @@ async def _edit_form(request: Request, limits: ServerLimits) -> tuple[EditBody, 
     if len(uploads) > 1:
         raise HTTPError(400, "this server edits one image per request")
     data = await uploads[0].read()
-    body = _validate(EditBody, fields)
-    try:
-        image = decode_image(data, min(limits.max_image_pixels, limits.max_request_pixels))
-    except ImageDecodeError as error:
-        raise HTTPError(400, f"image: {error}") from None
-    return body, image
+    return _validate(EditBody, fields), data
 
 
 def _check_lora(value: Any, service: ImageService) -> None:
@@ -401,6 +405,11 @@ def _size(value: str | None, default: tuple[int, int], max_pixels: int) -> tuple
             f"size {format_size(width, height)} exceeds this server's limit of {max_pixels} pixels",
         )
     return width, height
+
+
+def _square(pixels: int) -> str:
+    side = int(pixels**0.5)
+    return format_size(side, side)
 
 
 def _seeds(seed: int | None, n: int) -> list[int]:

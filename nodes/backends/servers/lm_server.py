@@ -70,11 +70,13 @@ class ChatBody(BaseModel):
 
     model: str | None = None
     messages: list[dict[str, Any]] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100, allow_inf_nan=False)
+    """vLLM takes any positive value; beyond [0.01, 100] the penalised logits overflow to inf
+    and sampling fails for the whole batch, so such values are refused here."""
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     seed: int | None = None
