@@ -141,9 +141,31 @@ def test_a_deadline_is_a_504_and_stops_the_work_between_steps():
         reply = generate(server.url, 500)  # 10 s of work
         assert reply.status_code == 504, reply.text
         assert "deadline of 0.3 s" in reply.json()["error"]["message"]
+        assert reply.json()["error"]["type"] == "timeout"
         wait_for(lambda: stats(server)["abandoned_batches"] == 1)
         assert engine.steps_run < 100  # stopped long before its 500 steps
         assert generate(server.url, 2).status_code == 200  # the model is free again
+    finally:
+        server.stop()
+        service.close()
+
+
+def test_the_deadline_counts_from_the_batchs_start_not_the_queue():
+    """A small request queued behind a long one that hits the deadline is still served: the
+    deadline bounds how long one request holds the model, and the wait in the queue is
+    bounded by the queue's size (and the client's own patience)."""
+    engine = KeyedSlowEngine()
+    service = ImageService(engine, max_batch=4, max_wait_ms=1)
+    limits = ServerLimits(max_steps=1000, request_timeout_s=0.5)
+    server = BackgroundServer(create_image_app(service, limits=limits)).start()
+    try:
+        long = in_background(generate, server.url, 500)  # 10 s of work
+        wait_for(engine.started.is_set)
+        time.sleep(0.3)
+        small = generate(server.url, 5)  # queued for ~0.2 s, then 0.1 s of work
+        long["thread"].join(30)
+        assert long["result"].status_code == 504
+        assert small.status_code == 200, small.text
     finally:
         server.stop()
         service.close()
@@ -444,11 +466,11 @@ def test_a_generation_row_whose_caller_left_stops_while_the_others_go_on(tiny_mo
     engine = TransformersLM(tiny_models.lm)
     engine.stop_ids.clear()  # random weights could stop early; never here
 
-    class Caller:
+    class Caller:  # a batch future: done before its batch ends = its caller has gone
         def __init__(self, gone: bool) -> None:
             self.gone = gone
 
-        def cancelled(self) -> bool:
+        def done(self) -> bool:
             return self.gone
 
     requests = [

@@ -18,7 +18,9 @@ cancelled: a deadline, a client that disconnected, a server shutting down) cance
 a batch whose every caller has gone is abandoned between model steps: the engine's step loop
 calls :func:`~nodes.backends.abandon.raise_if_abandoned`, which raises
 :class:`~nodes.backends.abandon.Abandoned`.
-A batch with one caller still waiting runs to the end, for that caller.
+A batch with one caller still waiting runs to the end, for that caller. With ``max_run_s``, a
+batch that runs longer answers its callers :class:`DeadlineExceeded` and is abandoned the same
+way.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ from nodes.backends.abandon import Abandoned, running_batch
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class DeadlineExceeded(Exception):
+    """A request's batch ran longer than ``max_run_s``: its caller gets this, and the batch
+    stops at its next step once no caller is left."""
 
 
 class Overloaded(Exception):
@@ -65,6 +72,7 @@ class DynamicBatcher(Generic[T, R]):
         initializer: Callable[[], None] | None = None,
         max_queue: int | None = None,
         batch_key: Callable[[T], Any] | None = None,
+        max_run_s: float | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -78,6 +86,10 @@ class DynamicBatcher(Generic[T, R]):
         self.requests = 0
         self.max_queue = max_queue
         self.batch_key = batch_key
+        self.max_run_s = max_run_s
+        """Seconds a batch may run before its callers get :class:`DeadlineExceeded` (None:
+        no limit). Counted from the batch's start: time spent waiting in the queue is bounded
+        by ``max_queue`` (and by the caller, who may give up)."""
         """Items with different keys never share a ``run_batch`` call (None: any may)."""
         self.pending = 0
         """Requests submitted and not yet answered (waiting or in the running batch)."""
@@ -147,6 +159,17 @@ class DynamicBatcher(Generic[T, R]):
 
     # --- internals -----------------------------------------------------------------------------
 
+    @staticmethod
+    def _expire(live: list[tuple[T, asyncio.Future[R]]], seconds: float) -> None:
+        for _, future in live:
+            if not future.done():
+                future.set_exception(
+                    DeadlineExceeded(
+                        f"the request's model work ran past this server's deadline of "
+                        f"{seconds:g} s and was cancelled"
+                    )
+                )
+
     def _run_tracked(self, live: list[tuple[T, asyncio.Future[R]]]) -> Sequence[R | BaseException]:
         """``run_batch`` on the worker thread, with the batch's futures where
         :func:`~nodes.backends.abandon.raise_if_abandoned` finds them."""
@@ -210,6 +233,9 @@ class DynamicBatcher(Generic[T, R]):
             return
         self.batch_sizes.append(len(live))
         started = time.monotonic()
+        expiry = None
+        if self.max_run_s is not None:
+            expiry = loop.call_later(self.max_run_s, self._expire, live, self.max_run_s)
         try:
             results = await loop.run_in_executor(self._executor, self._run_tracked, live)
             if len(results) != len(live):
@@ -221,6 +247,9 @@ class DynamicBatcher(Generic[T, R]):
             results = [error] * len(live)
         except Exception as error:  # the whole batch failed: every caller gets the error
             results = [error] * len(live)
+        finally:
+            if expiry is not None:
+                expiry.cancel()
         self._batch_seconds.append(time.monotonic() - started)
         for (_, future), result in zip(live, results, strict=True):
             if future.done():

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nodes.backends.engines.batching import Overloaded
+from nodes.backends.engines.batching import DeadlineExceeded, Overloaded
 from nodes.backends.wire import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,9 @@ class ServerLimits:
     """Most characters of prompt text in one request, checked before tokenising (None: the
     server's default, from the model's context for the lm server)."""
     request_timeout_s: float | None = 300.0
-    """Deadline of one request's model work; past it the work is cancelled and the answer is
-    504 (None: no deadline)."""
+    """Deadline of one request's model work, from the start of its batch (waiting in the queue
+    is bounded by ``max_queue``); past it the work is cancelled and the answer is 504 (None: no
+    deadline)."""
     max_queue: int | None = 64
     """Requests waiting or running in the model's queue beyond which a new one is answered 503
     with ``Retry-After`` (None: unbounded)."""
@@ -284,38 +285,39 @@ def prompt_chars_check(chars: int, limit: int | None) -> None:
 
 
 async def run_bounded(request: Any, work: Awaitable[T], limits: ServerLimits) -> T:
-    """``work`` (a request's model work), cancelled when the client disconnects or the
-    deadline passes (a 504), refused with a 503 and ``Retry-After`` when the model's queue is
-    full. Cancelling the work cancels its queued jobs and abandons its running batch
-    (:mod:`nodes.backends.abandon`). Call it after the body has been read."""
+    """``work`` (a request's model work), cancelled when the client disconnects; a 503 with
+    ``Retry-After`` when the model's queue is full, a 504 when its batch ran past the deadline
+    (:func:`bound_service`). Cancelling the work cancels its queued jobs and abandons its
+    running batch (:mod:`nodes.backends.abandon`). Call it after the body has been read."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
-        done, _ = await asyncio.wait(
-            {task, watcher}, timeout=limits.request_timeout_s, return_when="FIRST_COMPLETED"
-        )
+        await asyncio.wait({task, watcher}, return_when="FIRST_COMPLETED")
     except BaseException:  # this handler was cancelled (server shutting down): so is the work
         task.cancel()
         raise
     finally:
         watcher.cancel()
-    if task in done:
-        try:
-            return task.result()
-        except Overloaded as error:
-            raise HTTPError(
-                503, str(error), "server_busy", {"Retry-After": str(error.retry_after_s)}
-            ) from None
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    if watcher in done:
+    if not task.done():  # the client disconnected
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         raise HTTPError(499, "the client closed the request", "client_closed")
-    raise HTTPError(
-        504,
-        f"the request did not finish within this server's deadline of "
-        f"{limits.request_timeout_s:g} s (its work was cancelled)",
-        "timeout",
-    )
+    try:
+        return task.result()
+    except Overloaded as error:
+        raise HTTPError(
+            503, str(error), "server_busy", {"Retry-After": str(error.retry_after_s)}
+        ) from None
+    except DeadlineExceeded as error:
+        raise HTTPError(504, str(error), "timeout") from None
+
+
+def bound_service(service: Any, limits: ServerLimits) -> None:
+    """Apply ``limits`` to the model service a server fronts: its queue bound and the deadline
+    of each batch (counted from the batch's start, so a request queued behind a long one is
+    not timed out by the wait)."""
+    service.batcher.max_queue = limits.max_queue
+    service.batcher.max_run_s = limits.request_timeout_s
 
 
 async def _disconnected(request: Any) -> None:

@@ -44,7 +44,7 @@ from fastapi import Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nodes.backends.engines.batching import Overloaded
+from nodes.backends.engines.batching import DeadlineExceeded, Overloaded
 from nodes.backends.engines.image_inprocess import ImageService
 from nodes.backends.image_types import ImageJob, ImageUnsupported
 from nodes.backends.servers.http_common import (
@@ -52,6 +52,7 @@ from nodes.backends.servers.http_common import (
     LoraBody,
     ServerLimits,
     base_app,
+    bound_service,
     check_adapter_path,
     gather_all_or_none,
     guard,
@@ -145,10 +146,10 @@ def create_image_app(
     runtime_lora: bool = True,
 ) -> Any:
     """The ASGI app (guarded by the token and size limits) serving ``service``.
-    ``limits.max_queue`` bounds the service's queue; ``runtime_lora=False`` leaves out
-    ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (404)."""
+    ``limits`` bound the service's queue and each batch's run time; ``runtime_lora=False``
+    leaves out ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (404)."""
     limits = limits or ServerLimits()
-    service.batcher.max_queue = limits.max_queue
+    bound_service(service, limits)
     output_pixels = limits.max_output_pixels or default_output_pixels(service)
     prompt_limit = limits.max_prompt_chars or MAX_PROMPT_CHARS
     max_steps = min(limits.max_steps, _scheduler_steps(service.engine))
@@ -358,8 +359,8 @@ async def _answer_traced(
 
     try:
         traced = await gather_all_or_none(*(service.run(job) for job in jobs))
-    except Overloaded:
-        raise
+    except (Overloaded, DeadlineExceeded):
+        raise  # run_bounded answers them (503, 504)
     except (ImageUnsupported, ValueError) as error:
         raise HTTPError(400, str(error)) from None
     except Exception as error:
@@ -422,8 +423,8 @@ async def _answer(
 ) -> dict[str, Any]:
     try:
         images = await gather_all_or_none(*(service.run(job) for job in jobs))
-    except Overloaded:
-        raise
+    except (Overloaded, DeadlineExceeded):
+        raise  # run_bounded answers them (503, 504)
     except ImageUnsupported as error:
         raise HTTPError(400, str(error)) from None
     except Exception as error:

@@ -51,6 +51,7 @@ from nodes.backends.servers.http_common import (
     LoraBody,
     ServerLimits,
     base_app,
+    bound_service,
     check_adapter_path,
     guard,
     prompt_chars_check,
@@ -70,12 +71,13 @@ class ChatBody(BaseModel):
 
     model: str | None = None
     messages: list[dict[str, Any]] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    temperature: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1)
-    repetition_penalty: float | None = Field(None, ge=0.01, le=100, allow_inf_nan=False)
-    """vLLM takes any positive value; beyond [0.01, 100] the penalised logits overflow to inf
-    and sampling fails for the whole batch, so such values are refused here."""
+    repetition_penalty: float | None = Field(None, ge=0.01, le=1e6, allow_inf_nan=False)
+    """vLLM takes any positive value (and any temperature); far outside these bounds the
+    scaled float32 logits overflow to inf or NaN and sampling fails for the whole batch, so
+    such values are refused here."""
     min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -102,10 +104,10 @@ def create_lm_app(
     runtime_lora: bool = True,
 ) -> Any:
     """The ASGI app (guarded by the token and size limits) serving ``service``.
-    ``limits.max_queue`` bounds the service's queue; ``runtime_lora=False`` leaves out
-    ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (404)."""
+    ``limits`` bound the service's queue and each batch's run time; ``runtime_lora=False``
+    leaves out ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (404)."""
     limits = limits or ServerLimits()
-    service.batcher.max_queue = limits.max_queue
+    bound_service(service, limits)
     context = int(getattr(service.engine, "max_model_len", 0) or 0)
     prompt_limit = limits.max_prompt_chars or (CHARS_PER_TOKEN * context if context else None)
     app = base_app("Atelier lm server", service)
