@@ -24,9 +24,8 @@ image|lm`` on free loopback ports, ``--torch-threads 1``, ``--log-level warning`
     e. bursts of 3 × ``--max-queue`` concurrent small requests against ``--max-queue 4``:
        the 503s, whether each carries ``Retry-After``, and the latency of the accepted ones;
     c′, d′. c and d again against servers with ``--max-batch 1`` (``--skip-unbatched``: not):
-       with batching, a small request collected into the same batch as a long one gets its
-       image only when the whole batch ends, and keeps the long one running after its own
-       client has gone.
+       the check that batching does not make a small request wait inside a long one's model
+       call (jobs with different steps or sizes never share a batch), so the rows match.
 
     A scenario stops starting small requests after ``--scenario-cap`` seconds, and a small
     request the client gave up on (``--client-timeout``) is counted as "timeout"; both are
