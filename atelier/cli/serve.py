@@ -140,7 +140,12 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     _common(parser, 8001)
     parser.add_argument("--edit-model", default=None, help="separate editing pipeline directory")
     parser.add_argument("--steps", type=int, default=None, help="default num_inference_steps")
-    parser.add_argument("--size", default="512x512", help="default image size (default: 512x512)")
+    parser.add_argument(
+        "--size",
+        default=None,
+        help="image size of a request that gives none (default: the model's native size, e.g. "
+        "512x512 for SD 1.5, 1024x1024 for SD3)",
+    )
     parser.add_argument(
         "--max-size",
         default=None,
@@ -340,7 +345,7 @@ def build_image_app(args: argparse.Namespace) -> Any:
     _check_model("--model", args.model, image_dir_problem)
     _check_model("--edit-model", args.edit_model, image_dir_problem)
     try:
-        default_size = parse_size(args.size)
+        default_size = None if args.size is None else parse_size(args.size)
     except ValueError as error:
         raise _cli_error(f"--size: {error}") from None
     limits = _limits(args)
@@ -367,13 +372,16 @@ def build_image_app(args: argparse.Namespace) -> Any:
             service.engine.load_adapter(*lora)
         except ValueError as error:
             raise _cli_error(f"--lora: {error}") from None
-    return create_image_app(
-        service,
-        token=_token(args),
-        limits=limits,
-        default_size=default_size,
-        runtime_lora=_runtime_lora(args),
-    )
+    try:
+        return create_image_app(
+            service,
+            token=_token(args),
+            limits=limits,
+            default_size=default_size,
+            runtime_lora=_runtime_lora(args),
+        )
+    except ValueError as error:  # --size beyond the output limit
+        raise _cli_error(f"--size: {error}; raise --max-size or give a smaller --size") from None
 
 
 def run_lm(args: argparse.Namespace) -> int:

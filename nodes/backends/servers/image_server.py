@@ -142,15 +142,26 @@ def create_image_app(
     *,
     token: str | None = None,
     limits: ServerLimits | None = None,
-    default_size: tuple[int, int] = (512, 512),
+    default_size: tuple[int, int] | None = None,
     runtime_lora: bool = True,
 ) -> Any:
     """The ASGI app (guarded by the token and size limits) serving ``service``.
     ``limits`` bound the service's queue and each batch's run time; ``runtime_lora=False``
-    leaves out ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (404)."""
+    leaves out ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (404).
+    ``default_size``: the size of a request that gives none (None: the model's native size,
+    512x512 when it says none); a ``ValueError`` when it is beyond the output limit (every
+    such request would be refused)."""
     limits = limits or ServerLimits()
     bound_service(service, limits)
     output_pixels = limits.max_output_pixels or default_output_pixels(service)
+    if default_size is None:
+        side = native_side(service.engine) or DEFAULT_NATIVE_SIDE
+        default_size = (side, side)
+    if default_size[0] * default_size[1] > output_pixels:
+        raise ValueError(
+            f"the default size {format_size(*default_size)} is beyond the output limit of "
+            f"{output_pixels} pixels (e.g. {_square(output_pixels)})"
+        )
     prompt_limit = limits.max_prompt_chars or MAX_PROMPT_CHARS
     max_steps = min(limits.max_steps, _scheduler_steps(service.engine))
     app = base_app("Atelier image server", service)
@@ -403,7 +414,8 @@ def _size(value: str | None, default: tuple[int, int], max_pixels: int) -> tuple
     if width * height > max_pixels:
         raise HTTPError(
             400,
-            f"size {format_size(width, height)} exceeds this server's limit of {max_pixels} pixels",
+            f"size {format_size(width, height)} exceeds this server's limit of {max_pixels} "
+            f"pixels (width × height, e.g. {_square(max_pixels)})",
         )
     return width, height
 
