@@ -436,6 +436,23 @@ async def test_a_busy_servers_retry_after_is_waited_for_up_to_the_backoff_cap():
     assert 0.55 < stamps[1] - stamps[0] < 0.95
 
 
+async def test_a_request_that_ran_past_the_servers_deadline_is_not_retried():
+    hits: list[str] = []
+
+    async def slow_work(request: Request) -> JSONResponse:
+        hits.append("x")
+        error = {"message": "ran past this server's deadline of 300 s", "type": "timeout"}
+        return JSONResponse({"error": {**error, "code": 504}}, status_code=504)
+
+    app = Starlette(routes=[Route("/x", slow_work, methods=["POST"])])
+    with BackgroundServer(app) as server:
+        pool = ServerPool(server.url, retry=FAST_RETRY)
+        with pytest.raises(BackendUnavailable, match="gave up after 1 attempt;"):
+            await pool.post_json("probe", "/x", {})
+        await pool.aclose()
+    assert hits == ["x"]  # a proxy's 504 (no "timeout" type) is retried like any 5xx
+
+
 async def test_a_down_server_gives_a_backend_error_naming_the_url():
     url = dead_url()
     pool = ServerPool(url, retry=RetryPolicy(retries=2, backoff_s=0.01))

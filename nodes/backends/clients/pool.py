@@ -308,7 +308,6 @@ class ServerPool:
             if response.status_code >= 500:
                 retry_after = _retry_after_s(response)
                 detail = f"HTTP {response.status_code}: {_snippet(response)}"
-                self._mark_down(target, detail)
                 last = BackendUnavailable(
                     f"{kind} request to {url} failed: {detail}",
                     url=url,
@@ -316,6 +315,9 @@ class ServerPool:
                     status=response.status_code,
                 )
                 last_server = target
+                if _ran_past_deadline(response):
+                    break  # the same work would run past the same deadline again
+                self._mark_down(target, detail)
                 continue
             if response.status_code >= 400:
                 raise BackendRequestError(
@@ -329,8 +331,9 @@ class ServerPool:
             return response
         assert last is not None and last_server is not None
         last_server.gave_up += 1
+        made = attempt + 1  # fewer than ``attempts`` when a retry could not help
         raise BackendUnavailable(
-            f"{last} (gave up after {attempts} attempt{'s' * (attempts > 1)}; "
+            f"{last} (gave up after {made} attempt{'s' * (made > 1)}; "
             f"servers: {', '.join(self.urls)})",
             url=last.url,
             kind=kind,
@@ -411,6 +414,17 @@ def _normalise(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
     return url
+
+
+def _ran_past_deadline(response: httpx.Response) -> bool:
+    """An Atelier server's 504: the request's own work ran past the server's deadline (type
+    ``timeout``), unlike a proxy's 504, which a retry may well get past."""
+    if response.status_code != 504:
+        return False
+    try:
+        return response.json()["error"]["type"] == "timeout"
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _retry_after_s(response: httpx.Response) -> float:
