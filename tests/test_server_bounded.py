@@ -72,7 +72,11 @@ def slow_server(
 ) -> tuple[BackgroundServer, SlowEngine, ImageService]:
     engine = SlowEngine()
     service = ImageService(engine, max_batch=4, max_wait_ms=max_wait_ms)
-    app = create_image_app(service, limits=ServerLimits(**{"max_steps": 1000, **limits}))
+    # The fake engine has no native size: requests without one are 8x8 (the default, 512x512,
+    # would be beyond the small output limits some tests set, refused at start-up).
+    app = create_image_app(
+        service, limits=ServerLimits(**{"max_steps": 1000, **limits}), default_size=(8, 8)
+    )
     return BackgroundServer(app).start(), engine, service
 
 
