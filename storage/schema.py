@@ -3,6 +3,8 @@
 The Alembic migrations in ``storage/migrations`` must produce exactly this schema (a test
 compares them); change a table here, then add a revision (``alembic -c
 storage/migrations/alembic.ini revision --autogenerate -m "..."``) and bump ``SCHEMA_VERSION``.
+One exception: SQLite's full-text index (``SQLITE_SEARCH_TABLES``, FTS5 kept by triggers) has
+no ORM form; autogenerate on SQLite proposes to drop it, which must be deleted from the revision.
 
 Each ORM class is named ``<What>Row`` (one row of its table), so it never shares a name with a
 record the store hands out (``storage.records``, ``storage.transitions``), the graph's
@@ -43,14 +45,16 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
+    literal_column,
 )
 from sqlalchemy.dialects.postgresql import BYTEA, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bumped with every migration; recorded in the ``schema_version`` table."""
 
-HEAD_REVISION = "0004_generation_requests"
+HEAD_REVISION = "0005_full_text_search"
 """The Alembic revision this code's schema corresponds to (a test checks it is the head)."""
 
 TRAJECTORY_STATUSES = ("running", "succeeded", "failed", "incomplete")
@@ -118,7 +122,9 @@ class TrajectoryRow(Base):
         Index("ix_trajectories_group", "group_id", "sample_index"),
         Index("ix_trajectories_status_run", "status", "run_id"),
         Index("ix_trajectories_score", "score"),
-        Index("ix_trajectories_started", "started_at"),
+        # Pages in start order (``store.trajectories``, ``storage.search``): of one run, of all.
+        Index("ix_trajectories_run_started", "run_id", "started_at", "id"),
+        Index("ix_trajectories_started", "started_at", "id"),
     )
 
 
@@ -149,6 +155,10 @@ class StepRow(Base):
     __table_args__ = (
         # (trajectory_id, seq) is the primary key, hence unique together.
         Index("ix_steps_stage_node", "stage", "node"),
+        # Which policy versions a trajectory's steps were recorded with, without reading the
+        # steps' wide rows (a policy column sits after the state JSON, often in overflow
+        # pages): the search's policy filter and its drop-down for a run (``storage.search``).
+        Index("ix_steps_trajectory_policy", "trajectory_id", "policy", "policy_version"),
     )
 
 
@@ -313,6 +323,63 @@ class DiffusionTransitionRow(Base):
         ),
         Index("ix_diffusion_transitions_latents", "latents"),
     )
+
+
+# --- full-text search (``storage.search``) ------------------------------------------------
+
+WORD_SEPARATORS = "[[:punct:][:space:][:cntrl:]]+"
+"""PostgreSQL: a regular expression of what separates words. Each run of it becomes a space
+before ``to_tsvector`` parses the text, so that PostgreSQL splits words where SQLite's
+``unicode61`` tokenizer does: its own parser would keep ``0.75``, ``example.com`` or
+``/tmp/x.png`` as single tokens, and drop ``<think>`` as an XML tag."""
+
+
+def words_vector(text: Any) -> Any:
+    """PostgreSQL: the words of a text expression as a ``tsvector`` (``simple`` configuration:
+    lowercased, no stemming, no stop words). The GIN indexes below and the search's queries
+    build this same expression (with SQL literals, no bound parameters): PostgreSQL uses an
+    expression index only for an identical expression."""
+    return func.to_tsvector(
+        literal_column("'simple'"),
+        func.regexp_replace(
+            text,
+            literal_column(f"'{WORD_SEPARATORS}'"),
+            literal_column("' '"),
+            literal_column("'g'"),
+        ),
+    )
+
+
+def step_words_vector(text: Any) -> Any:
+    """:func:`words_vector` of a step's text (NULL for a step without generations)."""
+    return words_vector(func.coalesce(text, literal_column("''")))
+
+
+# Appended explicitly: an index finds its table from its first column, here a literal.
+TrajectoryRow.__table__.append_constraint(
+    Index(
+        "ix_trajectories_prompt_words", words_vector(TrajectoryRow.prompt), postgresql_using="gin"
+    ).ddl_if(dialect="postgresql")
+)
+StepRow.__table__.append_constraint(
+    Index("ix_steps_text_words", step_words_vector(StepRow.text), postgresql_using="gin").ddl_if(
+        dialect="postgresql"
+    )
+)
+
+SQLITE_SEARCH_TABLES = (
+    "search_documents",
+    "search_text",
+    "search_text_data",
+    "search_text_idx",
+    "search_text_docsize",
+    "search_text_config",
+)
+"""SQLite: the full-text index, kept outside the ORM (SQLite only) and by triggers, not by the
+store's code (see migration 0005): ``search_documents`` numbers the indexed texts (a
+trajectory's prompt, ``seq`` -1, or one step's text) and ``search_text`` is a contentless FTS5
+table over them, with its shadow tables. A later migration that rebuilds ``trajectories`` or
+``steps`` on SQLite (``batch_alter_table``) drops their triggers and must create them again."""
 
 
 class SchemaVersionRow(Base):

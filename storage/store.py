@@ -74,7 +74,8 @@ from storage.writes import insert_ignore
 
 M = TypeVar("M", bound=BaseModel)
 
-_SUMMARY = (
+SUMMARY_COLUMNS = (
+    # What a TrajectorySummary is built from, in summary_from_row's order (storage.search too).
     TrajectoryRow.id,
     TrajectoryRow.run_id,
     TrajectoryRow.prompt,
@@ -332,15 +333,15 @@ class TrajectoryStore(SQLImageStore):
     ) -> list[TrajectorySummary]:
         """Trajectories by start time. ``min_reward`` filters on the final judge score, or on
         the trajectory-level reward named ``reward`` (its latest value) when given."""
-        query = select(*_SUMMARY).order_by(TrajectoryRow.started_at, TrajectoryRow.id)
-        query = query.where(*_trajectory_filters(run, status, mode, min_reward, reward, group))
+        query = select(*SUMMARY_COLUMNS).order_by(TrajectoryRow.started_at, TrajectoryRow.id)
+        query = query.where(*trajectory_filters(run, status, mode, min_reward, reward, group))
         if limit is not None:
             query = query.limit(limit)
         if offset:
             query = query.offset(offset)
         with self.db.read() as conn:
             rows = conn.execute(query).all()
-        return [_summary(row) for row in rows]
+        return [summary_from_row(row) for row in rows]
 
     def count_trajectories(
         self,
@@ -354,7 +355,7 @@ class TrajectoryStore(SQLImageStore):
     ) -> int:
         """How many trajectories :meth:`trajectories` would return with no limit (one
         ``COUNT``, on the same filters)."""
-        filters = _trajectory_filters(run, status, mode, min_reward, reward, group)
+        filters = trajectory_filters(run, status, mode, min_reward, reward, group)
         query = select(func.count()).select_from(TrajectoryRow).where(*filters)
         with self.db.read() as conn:
             return int(conn.scalar(query) or 0)
@@ -364,7 +365,7 @@ class TrajectoryStore(SQLImageStore):
     ) -> dict[str, list[TrajectorySummary]]:
         """GRPO groups: group id -> its trajectories by sample index (ungrouped ones left out)."""
         query = (
-            select(*_SUMMARY)
+            select(*SUMMARY_COLUMNS)
             .where(TrajectoryRow.group_id != "")
             .order_by(TrajectoryRow.group_id, TrajectoryRow.sample_index, TrajectoryRow.id)
         )
@@ -376,7 +377,7 @@ class TrajectoryStore(SQLImageStore):
             rows = conn.execute(query).all()
         groups: dict[str, list[TrajectorySummary]] = {}
         for row in rows:
-            summary = _summary(row)
+            summary = summary_from_row(row)
             groups.setdefault(summary.group_id, []).append(summary)
         return groups
 
@@ -393,9 +394,9 @@ class TrajectoryStore(SQLImageStore):
                 row.id: row
                 for chunk in _chunks(ids)
                 for row in conn.execute(
-                    select(*_SUMMARY, TrajectoryRow.initial_state, TrajectoryRow.final_state).where(
-                        _among(TrajectoryRow.id, chunk)
-                    )
+                    select(
+                        *SUMMARY_COLUMNS, TrajectoryRow.initial_state, TrajectoryRow.final_state
+                    ).where(_among(TrajectoryRow.id, chunk))
                 )
             }
             missing = [tid for tid in ids if tid not in rows]
@@ -410,7 +411,7 @@ class TrajectoryStore(SQLImageStore):
         details = {}
         for tid in ids:
             row = rows[tid]
-            summary = _summary(row)
+            summary = summary_from_row(row)
             details[tid] = TrajectoryDetail(
                 **{f.name: getattr(summary, f.name) for f in fields(TrajectorySummary)},
                 initial_state=row.initial_state,
@@ -677,7 +678,7 @@ class TrajectoryStore(SQLImageStore):
             ]
 
 
-def _trajectory_filters(
+def trajectory_filters(
     run: str | None,
     status: str | None,
     mode: str | None,
@@ -685,7 +686,8 @@ def _trajectory_filters(
     reward: str | None,
     group: str | None,
 ) -> list[Any]:
-    """The WHERE clauses shared by :meth:`TrajectoryStore.trajectories` and its count."""
+    """The WHERE clauses shared by :meth:`TrajectoryStore.trajectories`, its count and
+    :func:`storage.search.search_trajectories`."""
     if status is not None and status not in TRAJECTORY_STATUSES:
         raise ValueError(f"status must be one of {TRAJECTORY_STATUSES}")
     filters: list[Any] = []
@@ -756,8 +758,8 @@ def _insert_run(conn: Connection, row: dict[str, Any]) -> None:
     insert_ignore(conn, RunRow.__table__, [row], ["id"])
 
 
-def _summary(row: Row[Any] | tuple[Any, ...]) -> TrajectorySummary:
-    # Positional (the order of _SUMMARY): with 100k rows, named Row access dominates otherwise.
+def summary_from_row(row: Row[Any] | tuple[Any, ...]) -> TrajectorySummary:
+    # Positional (SUMMARY_COLUMNS' order): with 100k rows, named Row access dominates otherwise.
     (
         id_,
         run_id,

@@ -22,6 +22,10 @@ Self-contained and safe to open:
   one shared ``blob:`` URL; images larger than ``max_image_side`` are downscaled (JPEG) so that
   pages of big model outputs stay small.
 
+The same parts render the pages of ``atelier ui`` (``atelier.ui``), which serves them over the
+live store: :func:`trajectory_card` with an image table whose ``src`` links each image to the
+server (instead of the inline map) and :class:`Links` to its other pages.
+
 Stable hooks (used by the tests): ``.trajectory`` with ``data-id``, ``data-mode``,
 ``data-status``, ``data-score``, ``data-correct``; ``.step`` with ``data-node`` and
 ``data-seq``; ``img.step-image`` with ``data-ref`` and ``data-direction`` (``in``/``out``);
@@ -47,7 +51,7 @@ from storage.images import ImageNotFound, InvalidImageRef
 from storage.records import StepInfo, StoredImage, TrajectoryDetail
 from storage.viewer_assets import CSS, JS
 
-__all__ = ["render_html", "write_html"]
+__all__ = ["ImageTable", "Links", "render_html", "trajectory_card", "write_html"]
 
 DEFAULT_LIMIT = 500
 
@@ -81,11 +85,14 @@ def render_html(
     if limit < 0:
         raise ValueError("limit must be >= 0")
     details, total = _load(store, run, trajectory_ids, limit)
-    images = _ImageTable(store, max_image_side)
+    images = ImageTable(store, max_image_side)
     run_ids = sorted({d.run_id for d in details} | ({run} if run else set()))
     runs = {info.id: info for info in store.runs(ids=run_ids)} if run_ids else {}
     opened = set(trajectory_ids or ()) if expanded is None else set(expanded)
-    cards = [_card(d, i, images, runs, d.id in opened) for i, d in enumerate(details)]
+    cards = [
+        trajectory_card(d, images, runs, index=i, opened=d.id in opened)
+        for i, d in enumerate(details)
+    ]
     nonce = secrets.token_urlsafe(18)
     heading = title or _heading(run, trajectory_ids, runs)
     notice = ""
@@ -151,8 +158,23 @@ def _load(
     return [store.trajectory(s.id) for s in summaries], max(total, len(summaries))
 
 
-class _ImageTable:
-    """The page's images: each distinct reference once, as ``[mime, base64]``."""
+class Links:
+    """Where a page's parts link to: nowhere on the self-contained page (these defaults); the
+    served pages of ``atelier ui`` override them."""
+
+    def run(self, run_id: str) -> str | None:
+        return None
+
+    def group(self, run_id: str, group_id: str) -> str | None:
+        return None
+
+    def generation(self, trajectory_id: str, step_seq: int, position: int) -> str | None:
+        return None
+
+
+class ImageTable:
+    """The page's images: each distinct reference once, as ``[mime, base64]``, shown by the
+    page's script through ``blob:`` URLs (``src`` is None: no URL in the markup)."""
 
     def __init__(self, store: Any, max_side: int | None) -> None:
         self.store = store
@@ -164,6 +186,9 @@ class _ImageTable:
             self.data[ref] = self._encode(ref)
         return ref
 
+    def src(self, ref: str) -> str | None:
+        return None
+
     def _encode(self, ref: str) -> list[str] | None:
         try:
             raw = self.store.image_bytes(ref)
@@ -171,7 +196,7 @@ class _ImageTable:
             return None
         mime = "image/png"
         if self.max_side:
-            raw, mime = _downscaled(raw, self.max_side)
+            raw, mime = downscaled(raw, self.max_side)
         return [mime, base64.b64encode(raw).decode("ascii")]
 
     def json(self) -> str:
@@ -180,7 +205,7 @@ class _ImageTable:
         return json.dumps(present, separators=(",", ":")).replace("</", "<\\/")
 
 
-def _downscaled(raw: bytes, max_side: int) -> tuple[bytes, str]:
+def downscaled(raw: bytes, max_side: int) -> tuple[bytes, str]:
     from PIL import Image
 
     with Image.open(io.BytesIO(raw)) as image:
@@ -341,8 +366,11 @@ def _bool_attr(value: bool | None) -> str:
     return "" if value is None else ("true" if value else "false")
 
 
-def _img(images: _ImageTable, ref: str, cls: str, alt: str, extra: str = "") -> str:
+def _img(images: ImageTable, ref: str, cls: str, alt: str, extra: str = "") -> str:
     images.use(ref)
+    src = images.src(ref)
+    if src is not None:
+        extra += f' src="{_e(src)}" loading="lazy"'
     return f'<img class="{cls}" data-ref="{_e(ref)}" alt="{_e(alt)}" decoding="async"{extra}>'
 
 
@@ -362,13 +390,18 @@ def _pill(score: float | None) -> str:
     return f'<span class="score-pill {_score_class(score)}">V {_e(_num(score))}</span>'
 
 
-def _card(
+def trajectory_card(
     detail: TrajectoryDetail,
-    index: int,
-    images: _ImageTable,
+    images: ImageTable,
     runs: dict[str, Any],
+    *,
+    index: int = 0,
     opened: bool = False,
+    links: Links | None = None,
 ) -> str:
+    """One trajectory: its card (final image, prompt, badges, score trail) opening into its
+    facts, images and step timeline. ``runs``: run id -> ``RunInfo`` (for the run's name)."""
+    links = links or Links()
     state_images = _state_images(detail)
     final = detail.final_image or (state_images[-1]["ref"] if state_images else None)
     if final:
@@ -428,11 +461,11 @@ def _card(
 <span class="trail">{trail}</span>
 </span></span></summary>
 <div class="detail">
-{_facts(detail, runs)}
+{_facts(detail, runs, links)}
 {_film(state_images, final, images)}
 <h3 class="section">Steps</h3>
 <ol class="timeline">
-{"".join(_step(s, images) for s in detail.steps)}
+{"".join(_step(s, images, links) for s in detail.steps)}
 </ol>
 </div>
 </details>"""
@@ -444,22 +477,22 @@ def _trail_class(score: Any) -> str:
     return f"b{min(10, max(0, round(float(score) * 10)))}"
 
 
-def _facts(detail: TrajectoryDetail, runs: dict[str, Any]) -> str:
+def _linked(text: str, href: str | None) -> str:
+    """``text`` (already escaped markup) as a link to ``href`` when there is one."""
+    return f'<a href="{_e(href)}">{text}</a>' if href else text
+
+
+def _facts(detail: TrajectoryDetail, runs: dict[str, Any], links: Links) -> str:
     run = runs.get(detail.run_id)
+    run_text = f"{_e(run.name) if run else ''} <span class='mono'>{_e(detail.run_id)}</span>"
     rows: list[tuple[str, str]] = [
         ("trajectory", f"<span class='mono'>{_e(detail.id)}</span>"),
-        (
-            "run",
-            f"{_e(run.name) if run else ''} <span class='mono'>{_e(detail.run_id)}</span>",
-        ),
+        ("run", _linked(run_text, links.run(detail.run_id))),
     ]
     if detail.group_id:
-        rows.append(
-            (
-                "group",
-                f"<span class='mono'>{_e(detail.group_id)}</span> · sample {detail.sample_index}",
-            )
-        )
+        group_text = f"<span class='mono'>{_e(detail.group_id)}</span>"
+        group_href = links.group(detail.run_id, detail.group_id)
+        rows.append(("group", f"{_linked(group_text, group_href)} · sample {detail.sample_index}"))
     rows.append(("seed", f"<span class='mono'>{detail.seed}</span>"))
     rows.append(("started", _e(_when(detail.started_at))))
     if detail.duration_s is not None:
@@ -483,7 +516,7 @@ def _facts(detail: TrajectoryDetail, runs: dict[str, Any]) -> str:
     return f'<dl class="facts">{out}</dl>{error}'
 
 
-def _film(state_images: list[dict[str, Any]], final: str | None, images: _ImageTable) -> str:
+def _film(state_images: list[dict[str, Any]], final: str | None, images: ImageTable) -> str:
     if not state_images:
         return ""
     figures = []
@@ -501,7 +534,7 @@ def _film(state_images: list[dict[str, Any]], final: str | None, images: _ImageT
     return f'<h3 class="section">Images</h3><div class="film">{"".join(figures)}</div>'
 
 
-def _step(step: StepInfo, images: _ImageTable) -> str:
+def _step(step: StepInfo, images: ImageTable, links: Links) -> str:
     update = step.update or {}
     body: list[str] = []
     if step.error:
@@ -542,7 +575,7 @@ def _step(step: StepInfo, images: _ImageTable) -> str:
             f'<div class="muted">{"updated " + _e(", ".join(other)) if other else "no change"}'
             "</div>"
         )
-    body.append(_generations(step))
+    body.append(_generations(step, links))
     models = ", ".join(step.models)
     policy = f"policy {step.policy}" + (f" v{step.policy_version}" if step.policy_version else "")
     head = (
@@ -624,7 +657,7 @@ def _reflection(reflection: dict[str, Any]) -> str:
 
 
 def _images_out(
-    stored: list[StoredImage], records: list[dict[str, Any]], images: _ImageTable
+    stored: list[StoredImage], records: list[dict[str, Any]], images: ImageTable
 ) -> str:
     figures = []
     for i, img in enumerate(stored):
@@ -677,7 +710,7 @@ def _judgement(judgement: dict[str, Any]) -> str:
     )
 
 
-def _generations(step: StepInfo) -> str:
+def _generations(step: StepInfo, links: Links) -> str:
     if not step.generations:
         if step.text:
             return (
@@ -690,9 +723,12 @@ def _generations(step: StepInfo) -> str:
     head = f"{len(step.generations)} generation{'s' if len(step.generations) != 1 else ''}"
     if tokens:
         head += f" · {tokens} tokens · Σ log p {logprob:.2f}"
-    blocks = "".join(
-        f'<div class="muted">{_e(g.role)} · {_e(g.model)} · {_e(_latency(g.latency_s))}'
-        f" · {len(g.token_ids)} tokens</div><pre>{_e(g.text)}</pre>"
-        for g in step.generations
-    )
-    return f'<details class="gens"><summary>{_e(head)}</summary>{blocks}</details>'
+    blocks: list[str] = []
+    for g in step.generations:
+        href = links.generation(step.trajectory_id, step.seq, g.position)
+        tokens_text = _linked(f"{len(g.token_ids)} tokens", href if g.token_ids else None)
+        blocks.append(
+            f'<div class="muted">{_e(g.role)} · {_e(g.model)} · {_e(_latency(g.latency_s))}'
+            f" · {tokens_text}</div><pre>{_e(g.text)}</pre>"
+        )
+    return f'<details class="gens"><summary>{_e(head)}</summary>{"".join(blocks)}</details>'

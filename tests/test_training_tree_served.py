@@ -76,7 +76,8 @@ def test_tree_rl_forks_continue_on_the_runs_own_model_server(recorded: Any, vlm_
     )
     assert done.returncode == 0, done.stderr
     served = vlm_service.batcher.requests - before
-    row = done.stdout.strip().splitlines()[-1].split("|")
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    row = table[-1].split("|")  # the last iteration's row (the training curves follow it)
     assert row[2].strip() == "stop@0"  # the behaviour: the fresh policy being trained
     # A version is made when some fork group carried a signal (C differing between members):
     # the tiny VLM's noisy reflections may give none, and then nothing is saved.

@@ -129,6 +129,7 @@ async def r3_rounds(
             rounds=0,
             seed=spec.seed + index,
             save_dir=spec.save_dir,
+            series=f"r3-{spec.name}",  # the stop policy's versions: one series across rounds
         )
         if policy.version != stop_version.version:  # else no group carried a signal
             path = spec.save_dir / f"{policy.name}-{policy.version}"

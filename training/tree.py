@@ -537,6 +537,7 @@ async def tree_iterations(
     settings: GraphSettings | None = None,
     save_dir: str | Path | None = None,
     backends: Backends | None = None,
+    series: str | None = None,
 ) -> tuple[Any, list[StageIteration]]:
     """Tree-RL on one stage: per iteration, draw ``starts`` start states from the runs
     (:func:`select_start_states` with ``perfect_share`` and ``weighting``), fork G
@@ -544,8 +545,11 @@ async def tree_iterations(
     (``backends``: given in code instead; see :func:`fork`), train on the stage groups.
     ``trainer`` is a ``GRPOTrainer`` of the stage's policy whose config is a
     :func:`stage_config`. With ``save_dir``, every version is saved under
-    ``save_dir/<name>-<version>`` and registered in the store. Returns (last policy version,
-    per-iteration logs)."""
+    ``save_dir/<name>-<version>`` and registered in the store, with the forked run it was
+    trained from (``run``, also ``fork_run``) and its place in a series of versions
+    (``series``: given, e.g. by R3's alternation, whose rounds call this once each; else
+    ``tree-<stage>-<first fork run id>``; ``series_iteration``: the index within this call).
+    Returns (last policy version, per-iteration logs)."""
     run_ids = run_list(run_ids)
     if trainer.config.outcome_reward != STAGE_REWARD[stage]:
         raise ValueError("train a stage with stage_config(config, stage)")
@@ -576,13 +580,16 @@ async def tree_iterations(
             settings=settings,
             backends=backends,
         )
+        series = series or f"tree-{stage}-{run_id}"
         groups = read_stage_groups(store, run_id, stage, policy=policy.name, version=policy.version)
         store_member_rewards(store, groups)  # the stage rewards: stored before use
         result = trainer.train(groups)
         store_trained_rewards(store, result, trainer.name, {"run": run_id, "stage": stage})
         if save_dir is not None and result.version != policy.version:  # else: no update
             directory = Path(save_dir) / f"{trainer.name}-{trainer.version}"
-            save_version(trainer, store, directory, {**result.metrics, "fork_run": run_id})
+            where = {"run": run_id, "fork_run": run_id, "series": series}
+            where["series_iteration"] = index
+            save_version(trainer, store, directory, {**result.metrics, **where})
         log.append(
             StageIteration(
                 run_id,

@@ -30,6 +30,7 @@ from atelier.cli.common import (
 from atelier.cli.errors import CliError, Interrupted, StoreUnavailable
 from atelier.cli.serve import add_serve_parser  # argparse only: models load when serving
 from atelier.cli.train import add_train_parser  # argparse only: torch loads when training
+from atelier.cli.ui import add_ui_parser  # argparse only: the web app loads when it serves
 
 MODES = ("auto", "direct", "reflect", "decompose", "escalate", "random")
 
@@ -179,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.set_defaults(handler=cmd_rollout)
 
     runs = commands.add_parser("runs", help="list recorded runs")
+    runs.add_argument(
+        "--curves",
+        action="store_true",
+        help="also print every training series' curves (reward, accuracy, images, loss, kl, "
+        "clip fraction per iteration)",
+    )
     add_db(runs)
     runs.set_defaults(handler=cmd_runs)
 
@@ -233,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
 
     add_train_parser(commands, add_db)
+
+    add_ui_parser(commands, add_db)
 
     graph = commands.add_parser("graph", help="print the reasoner graph as Mermaid")
     graph.set_defaults(handler=cmd_graph)
@@ -715,6 +724,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
     shared = _shared_names(runs)
     if shared:
         console.print(shared, soft_wrap=True, highlight=False, markup=False)
+    if args.curves:
+        from atelier.cli.curves import print_series
+        from storage.analysis import training_series
+
+        print(flush=True)
+        print_series(training_series(store))
     return 0
 
 

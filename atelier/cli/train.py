@@ -633,6 +633,9 @@ def _train(
             f"| {index} | {iteration.behaviour} | {score:.3f} | {accuracy:.2f} | {images:.2f} "
             f"| {mix} | {iteration.trained} |"
         )
+    from atelier.cli.curves import print_iterations
+
+    print_iterations(store, [(it.run_id, it.trained, it.metrics) for it in log])
     _say_final(policy, args.out)
     return 0
 
@@ -694,6 +697,9 @@ def _train_tree(
             f"| {it.metrics.get('groups_used', 0):.0f} | {it.metrics['reward_mean']:.3f} "
             f"| {it.trained} |"
         )
+    from atelier.cli.curves import print_iterations
+
+    print_iterations(store, [(it.run_id, it.trained, it.metrics) for it in log])
     _say_final(policy, args.out)
     return 0
 

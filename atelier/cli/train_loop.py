@@ -539,6 +539,9 @@ def train_loop(args: argparse.Namespace, store: TrajectoryStore, board: Any) -> 
         )
     except (LoopError, ConfigError, VersionError, VersionTaken, FileExistsError) as exc:
         raise CliError(str(exc)) from None
+    from atelier.cli.curves import print_iterations
+
+    print_iterations(store, [(e.run_id, e.trained, e.metrics) for e in log])
     last = next((e.trained for e in reversed(log) if e.trained), None)
     print(f"loop {name}: {len(log)} iterations; newest version {last or 'none'}", file=sys.stderr)
     return 0

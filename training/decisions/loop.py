@@ -66,7 +66,10 @@ async def grpo_iterations(
     composite's a3·R_s needs it). With ``reward_source``, every run's final images are scored
     with it and stored under its name before its groups are read, and R_o is that reward (the
     trainer's ``outcome_reward`` must name it); without, R_o is the stored judge score
-    (``checker``). Each saved version records the source in its metadata (``reward_source``).
+    (``checker``). Each saved version records the source in its metadata (``reward_source``),
+    the run it was trained from (``run``) and its place in this call's series of versions
+    (``series``: ``grpo-<first run id>``, ``series_iteration``: the index; see
+    ``storage.analysis.training_series``).
     """
     outcome = trainer.config.outcome_reward
     if reward_source is not None and outcome != reward_source.name:
@@ -77,12 +80,14 @@ async def grpo_iterations(
     source_info = {"reward_source": describe_source(reward_source)}
     policy = trainer.policy.clone()
     log: list[Iteration] = []
+    series = ""
     for index, tasks in enumerate(task_batches):
         behaviour = first_behaviour if index == 0 and first_behaviour is not None else policy
         role = {"mode_policy": behaviour} if kind == "mode" else {"stop_policy": behaviour}
         run_id, _ = await collect(
             store, tasks, budget=budget, settings=settings, name=f"grpo-{index}", **role
         )
+        series = series or f"grpo-{run_id}"  # names this call's versions: one training series
         if analyzer is not None:  # before read_groups: a group keeps the rewards read with it
             await store_stepwise_rewards(store, run_id, analyzer)
         if reward_source is not None:  # likewise: R_o stored under the source's name first
@@ -94,7 +99,8 @@ async def grpo_iterations(
         policy = result.policy
         if save_dir is not None and result.history:  # no optimizer step: no new version
             directory = Path(save_dir) / f"{trainer.name}-{trainer.version}"
-            save_version(trainer, store, directory, {**result.metrics, **source_info})
+            where = {"run": run_id, "series": series, "series_iteration": index}
+            save_version(trainer, store, directory, {**result.metrics, **source_info, **where})
         log.append(
             Iteration(
                 run_id,
