@@ -59,7 +59,7 @@ lock:
 	$(PYTHON) -m venv $(VENV)-lock
 	$(VENV)-lock/bin/python -m pip install -q --disable-pip-version-check $(PIP_TOOLS)
 	$(COMPILE) --upgrade --extra dev -o $(DEV_LOCK) pyproject.toml
-	$(COMPILE) --upgrade -c $(DEV_LOCK) -o $(DEMO_LOCK) pyproject.toml
+	$(COMPILE) --upgrade -c $(DEV_LOCK) --extra ui -o $(DEMO_LOCK) pyproject.toml
 
 clean:
 	rm -rf $(VENV) $(VENV)-lock .pytest_cache .ruff_cache *.egg-info

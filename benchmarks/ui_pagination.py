@@ -16,6 +16,13 @@ first call and the median of ``--repeats``: the first, a middle and the last pag
 trajectories; the last page of one run; filtered pages (mode + correct); full-text pages for a
 rare and a common word, and one combined with a run and a policy version; ``filter_choices``
 for one run and for all. "matches" is the page's ``total`` (for the choices: how many values).
+
+Then serves ``atelier ui``'s app (uvicorn on loopback, in this process) and times whole pages
+over HTTP as a browser asks for them (``--http-pages`` evenly spaced pages of the largest run,
+48 trajectories each, every one from a cold start of the request: summary, drop-down choices,
+the page and its HTML), plus filtered and full-text pages, a trajectory, and the runs,
+training and versions pages. ``--runs 1`` puts every trajectory in one run (the worst case
+for a run's page).
 """
 
 from __future__ import annotations
@@ -39,7 +46,12 @@ sys.path.insert(0, str(ROOT))
 
 from storage.bulk import bulk_insert  # noqa: E402
 from storage.schema import StepRow, TrajectoryRow  # noqa: E402
-from storage.search import TrajectoryFilter, filter_choices, search_trajectories  # noqa: E402
+from storage.search import (  # noqa: E402
+    TrajectoryFilter,
+    catch_up_search_index,
+    filter_choices,
+    search_trajectories,
+)
 from storage.store import TrajectoryStore  # noqa: E402
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -140,12 +152,65 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
     return times[0], statistics.median(times), result
 
 
+def http_pages(store: TrajectoryStore, walked: int, repeats: int) -> None:
+    """Whole pages of the UI over HTTP: a walk across the largest run, then other views."""
+    import httpx
+
+    from atelier.ui.app import create_app
+    from tests.ui_server import serving
+
+    run = max(store.runs(), key=lambda r: r.trajectory_count)
+    per = 48
+    pages = max(1, -(-run.trajectory_count // per))
+    numbers = sorted(
+        {1, pages, *(1 + i * (pages - 1) // max(1, walked - 1) for i in range(walked))}
+    )
+    one = store.trajectories(run=run.id, limit=1)[0].id
+    with serving(create_app(store)) as base, httpx.Client(base_url=base, timeout=60) as client:
+
+        def get(url: str) -> float:
+            started = time.perf_counter()
+            reply = client.get(url)
+            elapsed = time.perf_counter() - started
+            if reply.status_code != 200:
+                raise SystemExit(f"{url}: HTTP {reply.status_code}")
+            return elapsed
+
+        walk = [get(f"/runs/{run.id}?per={per}&page={n}") for n in numbers]
+        print(
+            f"\nover HTTP: run {run.name} ({run.trajectory_count:,} trajectories, {pages:,} pages "
+            f"of {per}): walked {len(walk)} pages from 1 to {pages:,}: median "
+            f"{statistics.median(walk) * 1000:.0f} ms, slowest {max(walk) * 1000:.0f} ms"
+        )
+        views = [
+            ("run page, filtered (mode + correct)", f"/runs/{run.id}?mode=reflect&correct=yes"),
+            (f"run page, full text ({RARE!r})", f"/runs/{run.id}?q={RARE}"),
+            (f"run page, full text ({COMMON!r} + think)", f"/runs/{run.id}?q=think+{COMMON}"),
+            ("run page, last page, filtered", f"/runs/{run.id}?mode=reflect&page=1000000"),
+            ("trajectory page", f"/trajectories/{one}"),
+            ("runs page", "/"),
+            ("groups page", f"/runs/{run.id}/groups"),
+            ("training page", "/training"),
+            ("versions page", "/versions"),
+        ]
+        print(f"{'page':<44} {'first ms':>9} {'median ms':>10}")
+        for name, url in views:
+            if "page=1000000" in url:  # the last page of the filtered list
+                total = search_trajectories(
+                    store, TrajectoryFilter(run=run.id, mode="reflect"), limit=1
+                ).total
+                url = url.replace("1000000", str(max(1, -(-total // per))))
+            times = [get(url) for _ in range(repeats)]
+            print(f"{name:<44} {times[0] * 1000:>9.1f} {statistics.median(times) * 1000:>10.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trajectories", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--db", type=Path, help="SQLite file to build, or to reuse if it exists")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--http-pages", type=int, default=40, help="pages walked over HTTP")
     args = parser.parse_args()
 
     tmp = None
@@ -163,6 +228,13 @@ def main() -> None:
             print(
                 f"built {args.trajectories:,} trajectories ({args.runs} runs, 3 steps each) in "
                 f"{time.perf_counter() - started:.1f} s: {path}"
+            )
+        started = time.perf_counter()
+        indexed = catch_up_search_index(store)
+        if indexed:
+            print(
+                f"search index caught up: {indexed:,} texts in "
+                f"{time.perf_counter() - started:.1f} s (once, after recording)"
             )
         with store.db.read() as conn:
             total = int(conn.scalar(select(func.count()).select_from(TrajectoryRow)) or 0)
@@ -224,6 +296,7 @@ def main() -> None:
             first, median, result = timed(fn, args.repeats)
             matches = result.total if hasattr(result, "total") else sum(map(len, result.values()))
             print(f"{name:<44} {first * 1000:>9.1f} {median * 1000:>10.1f} {matches:>9,}")
+        http_pages(store, args.http_pages, args.repeats)
         store.close()
     finally:
         if tmp is not None:

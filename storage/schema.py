@@ -125,6 +125,12 @@ class TrajectoryRow(Base):
         # Pages in start order (``store.trajectories``, ``storage.search``): of one run, of all.
         Index("ix_trajectories_run_started", "run_id", "started_at", "id"),
         Index("ix_trajectories_started", "started_at", "id"),
+        # A run's summary and filter choices read this index, not the wide rows (0005).
+        Index(
+            "ix_trajectories_run_summary",
+            *("run_id", "mode", "category", "status", "correct", "score"),
+            *("image_count", "duration_s"),
+        ),
     )
 
 
@@ -369,6 +375,7 @@ StepRow.__table__.append_constraint(
 
 SQLITE_SEARCH_TABLES = (
     "search_documents",
+    "search_state",
     "search_text",
     "search_text_data",
     "search_text_idx",
@@ -377,9 +384,11 @@ SQLITE_SEARCH_TABLES = (
 )
 """SQLite: the full-text index, kept outside the ORM (SQLite only) and by triggers, not by the
 store's code (see migration 0005): ``search_documents`` numbers the indexed texts (a
-trajectory's prompt, ``seq`` -1, or one step's text) and ``search_text`` is a contentless FTS5
-table over them, with its shadow tables. A later migration that rebuilds ``trajectories`` or
-``steps`` on SQLite (``batch_alter_table``) drops their triggers and must create them again."""
+trajectory's prompt, ``seq`` -1, or one step's text), ``search_text`` is a contentless FTS5
+table over them, with its shadow tables, and ``search_state`` holds the id up to which the
+documents are indexed (``storage.search.catch_up_search_index`` indexes the rest). A later
+migration that rebuilds ``trajectories`` or ``steps`` on SQLite (``batch_alter_table``) drops
+their triggers and must create them again."""
 
 
 class SchemaVersionRow(Base):

@@ -29,7 +29,10 @@ Full text (``text``), with the same results on SQLite and PostgreSQL:
   search box (no text filter).
 
 How: on SQLite, an FTS5 index (tokenizer ``unicode61 remove_diacritics 0``) over the prompts and
-step texts, kept by triggers (migration 0005), queried with each word as a quoted FTS5 string;
+step texts (migration 0005), queried with each word as a quoted FTS5 string. Triggers number each
+new text as a pending document and a text search first indexes the pending ones
+(:func:`catch_up_search_index`, a short write transaction): the recorder's path stays free of
+tokenising, and a search always sees every committed text;
 on PostgreSQL, GIN indexes on ``to_tsvector('simple', ...)`` of the same texts with punctuation
 replaced by spaces (``storage.schema.words_vector``), queried with ``plainto_tsquery('simple',
 words)``. The words always travel as a bound parameter, never inside the SQL text.
@@ -43,11 +46,25 @@ locale such as ``C.UTF-8`` or ``en_US.UTF-8`` behaves like SQLite).
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, column, false, func, literal_column, or_, select, table, union
+from sqlalchemy import (
+    Connection,
+    and_,
+    column,
+    false,
+    func,
+    literal_column,
+    or_,
+    select,
+    table,
+    text,
+    union,
+)
+from sqlalchemy.exc import OperationalError
 
 from storage.records import TrajectorySummary
 from storage.schema import (
@@ -63,6 +80,8 @@ from storage.store import (
     summary_from_row,
     trajectory_filters,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_LIMIT = 500
 """The most trajectories one page may hold."""
@@ -120,6 +139,8 @@ def search_trajectories(
         raise ValueError(f"limit must be from 1 to {MAX_LIMIT}, not {limit}")
     if offset < 0:
         raise ValueError(f"offset must be 0 or more, not {offset}")
+    if where.text is not None and store.db.dialect == "sqlite":
+        catch_up_search_index(store)
     filters = _filters(where, store.db.dialect)
     order = (TrajectoryRow.started_at, TrajectoryRow.id)
     page = select(*SUMMARY_COLUMNS).where(*filters).order_by(*order).offset(offset).limit(limit)
@@ -131,6 +152,50 @@ def search_trajectories(
             count = select(func.count()).select_from(TrajectoryRow).where(*filters)
             total = int(conn.scalar(count) or 0)
     return TrajectoryPage(items, total, offset, limit)
+
+
+def catch_up_search_index(store: TrajectoryStore) -> int:
+    """SQLite: index the texts recorded since the last call (numbered by the triggers as pending
+    documents); returns how many. A no-op read when none is pending, and on PostgreSQL (its GIN
+    indexes are kept by the database). A store that cannot be written (a read-only file) is
+    searched as far as it is indexed."""
+    if store.db.dialect != "sqlite":
+        return 0
+    pending = text(
+        "SELECT (SELECT max(id) FROM search_documents), (SELECT indexed_through FROM search_state)"
+    )
+    with store.db.read() as conn:
+        top, mark = conn.execute(pending).one()
+    if top is None or top <= mark:
+        return 0
+
+    def work(conn: Connection) -> int:
+        top, mark = conn.execute(pending).one()  # again: another process may have done it
+        if top is None or top <= mark:
+            return 0
+        bounds = {"mark": mark, "top": top}
+        conn.execute(_INDEX_PROMPTS, bounds)
+        conn.execute(_INDEX_STEPS, bounds)
+        conn.execute(text("UPDATE search_state SET indexed_through = :top"), bounds)
+        return int(top - mark)
+
+    try:
+        return store.db.write(work)
+    except OperationalError as exc:  # read-only: search what is indexed
+        log.warning("the search index cannot catch up (%s): recent texts are not searched", exc)
+        return 0
+
+
+_INDEX_PROMPTS = text(
+    "INSERT INTO search_text (rowid, body) SELECT d.id, t.prompt FROM search_documents d "
+    "JOIN trajectories t ON t.id = d.trajectory_id "
+    "WHERE d.seq = -1 AND d.id > :mark AND d.id <= :top"
+)
+_INDEX_STEPS = text(
+    "INSERT INTO search_text (rowid, body) SELECT d.id, s.text FROM search_documents d "
+    "JOIN steps s ON s.trajectory_id = d.trajectory_id AND s.seq = d.seq "
+    "WHERE d.seq >= 0 AND d.id > :mark AND d.id <= :top"
+)
 
 
 def filter_choices(store: TrajectoryStore, run: str | None) -> dict[str, list[str]]:

@@ -37,7 +37,7 @@ def filled(request, tmp_path_factory):
         url = f"sqlite:///{root / 'ui.db'}"
     else:
         url = request.getfixturevalue("pg_server").create_database()
-    ids = build_ui_store(url, root / "versions")
+    ids = build_ui_store(url, root / "versions", with_model=False)  # ShapeWorld only: fast
     store = TrajectoryStore(url)
     yield store, ids
     store.close()

@@ -18,9 +18,11 @@ from PIL import Image
 
 from atelier.ui.app import create_app
 from storage.analysis import group_view
+from storage.store import TrajectoryStore
 from tests.ui_server import serving
-from tests.ui_store import XSS_PROMPT
+from tests.ui_store import XSS_PROMPT, build_ui_store
 
+pytestmark = pytest.mark.models  # the store holds a run sampled from a tiny transformers LM
 pytest_plugins = ("tests.ui_fixtures",)  # ui_built, ui_store, ui_base: one store a session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -354,3 +356,26 @@ def test_token_pages_show_each_tokens_text_with_the_models_tokenizer(ui_store, u
     assert [html.unescape(s) for s in spans] == [
         tokenizer.decode([t]) for t in generation.token_ids
     ]
+
+
+@pytest.mark.postgres
+def test_the_app_over_postgresql(pg_server, tmp_path):
+    """The same pages over a PostgreSQL store: search (its full-text indexes), groups, a
+    training run."""
+    url = pg_server.create_database()
+    ids = build_ui_store(url, tmp_path / "versions", with_model=False)
+    store = TrajectoryStore(url)
+    try:
+        with serving(create_app(store)) as base, httpx.Client(base_url=base, timeout=30) as client:
+            found = []
+            for run in ids.run_ids:
+                reply = client.get(f"/runs/{run}", params={"q": ids.step_word, "per": 200})
+                assert reply.status_code == 200
+                found += tile_ids(reply.text)
+            assert found
+            group = client.get(f"/runs/{ids.trained_run}/groups/{ids.trained_group}")
+            assert group.status_code == 200 and 'data-advantage="' in group.text
+            assert client.get("/training").status_code == 200
+            assert client.get("/versions").status_code == 200
+    finally:
+        store.close()

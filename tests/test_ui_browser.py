@@ -19,10 +19,13 @@ pytest_plugins = ("tests.ui_fixtures",)  # ui_built, ui_store, ui_base: one stor
 
 CHROMIUM = Path("/usr/bin/chromium")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists() and shutil.which("chromium") is None,
-    reason="needs Chromium (apt install chromium; .ci/run installs it)",
-)
+pytestmark = [
+    pytest.mark.models,  # the store holds a run sampled from a tiny transformers LM
+    pytest.mark.skipif(
+        not CHROMIUM.exists() and shutil.which("chromium") is None,
+        reason="needs Chromium (apt install chromium; .ci/run installs it)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

@@ -49,17 +49,19 @@ class UIStoreIds:
     """A word in some reflection's step text and in no prompt (for text search)."""
     versions: list[str]
     """The router versions trained, ``name@version`` in order."""
-    model_run: str
-    """``tiny-lm-reflect``: reflections sampled from a tiny transformers LM."""
-    tokenizer_dir: Path
+    model_run: str | None
+    """``tiny-lm-reflect``: plans and reflections sampled from a tiny transformers LM (None
+    when built ``with_model=False``)."""
+    tokenizer_dir: Path | None
     """That LM's folder (its tokenizer decodes the stored token ids)."""
 
     @property
     def run_ids(self) -> list[str]:
-        return [*self.demo_runs.values(), *self.trained_runs, self.model_run]
+        model = [self.model_run] if self.model_run else []
+        return [*self.demo_runs.values(), *self.trained_runs, *model]
 
 
-def build_ui_store(url: str, save_dir: Path) -> UIStoreIds:
+def build_ui_store(url: str, save_dir: Path, *, with_model: bool = True) -> UIStoreIds:
     """Fill the store at ``url`` (new or empty) as the module docstring says; policy versions
     go under ``save_dir``. Takes a few seconds."""
     from storage.store import TrajectoryStore
@@ -70,8 +72,8 @@ def build_ui_store(url: str, save_dir: Path) -> UIStoreIds:
         trained_runs, versions = asyncio.run(_train(store, save_dir))
         trained_run, group = _advantage_group(store, trained_runs)
         word = _step_word(store, [*demo_runs.values(), *trained_runs])
-        lm_dir = save_dir / "tiny-lm"
-        model_run = asyncio.run(_model_run(store, lm_dir))
+        lm_dir = save_dir / "tiny-lm" if with_model else None
+        model_run = asyncio.run(_model_run(store, lm_dir)) if lm_dir else None
     finally:
         store.close()
     return UIStoreIds(

@@ -103,6 +103,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         raise CliError(f"atelier ui needs {exc.name}: pip install 'atelier[ui]'") from None
     tokenizer = _load_tokenizer(args.tokenizer)
     store = open_store(args)
+    _catch_up(store)
     hosts = [*LOOPBACK_HOSTS] if is_loopback(args.host) else None
     app = create_app(store, token=token, tokenizer=tokenizer, allowed_hosts=hosts)
     sock = _bind(args.host, args.port)  # here, so a taken port is one error line
@@ -119,6 +120,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _catch_up(store: Any) -> None:
+    """Index the texts recorded since the last search now, not on the first search (SQLite)."""
+    from storage.search import catch_up_search_index
+
+    try:
+        count = catch_up_search_index(store)
+    except Exception as exc:  # a store the search cannot read: the pages say so later
+        raise CliError(f"cannot index the store's texts for search: {exc}") from None
+    if count:
+        print(f"atelier ui: indexed {count:,} new texts for search", flush=True)
 
 
 def _bind(host: str, port: int):  # -> socket.socket

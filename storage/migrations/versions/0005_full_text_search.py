@@ -9,27 +9,34 @@ are indexed word by word:
 
 * SQLite: a contentless FTS5 table ``search_text`` (tokenizer ``unicode61 remove_diacritics 0``,
   like PostgreSQL's ``simple`` configuration) over the texts numbered in ``search_documents``
-  (``trajectory_id``, ``seq``: -1 for the prompt, else the step's). Triggers on INSERT, DELETE
-  and UPDATE of the indexed columns of ``trajectories`` and ``steps`` keep both (they fire for
-  the recorder's ``executemany`` batches and for cascaded deletes alike). Why not an FTS5 table
-  with the texts' rowids as external content: ``trajectories`` and ``steps`` have no INTEGER
-  PRIMARY KEY, and VACUUM or a table rebuild may renumber their rowids. Why not a trajectory id
-  column in the FTS table: it cannot be indexed there, so deleting a run would scan the whole
-  index once per deleted row. Each delete finds its index row through the unique
-  ``(trajectory_id, seq)`` index instead, and hands FTS5 the deleted text to unindex.
+  (``trajectory_id``, ``seq``: -1 for the prompt, else the step's). Indexing is deferred: the
+  triggers on INSERT of ``trajectories`` and ``steps`` only number the new text (one small row),
+  and ``storage.search.catch_up_search_index`` tokenises the texts numbered after
+  ``search_state.indexed_through`` when a search needs them. Indexing in the triggers cost the
+  recorder 39% of its steps/s (BENCHMARKS.md, issue 17) — the writer's path is the hot one.
+  Triggers on DELETE and UPDATE unindex an indexed text at once (they fire for cascaded
+  deletes too). Why not an FTS5 table with the texts' rowids as external content:
+  ``trajectories`` and ``steps`` have no INTEGER PRIMARY KEY, and VACUUM or a table rebuild may
+  renumber their rowids. Why not a trajectory id column in the FTS table: it cannot be indexed
+  there, so deleting a run would scan the whole index once per deleted row. Each delete finds
+  its document through the unique ``(trajectory_id, seq)`` index instead, and hands FTS5 the
+  deleted text to unindex.
 * PostgreSQL: GIN expression indexes on the ``tsvector`` of the prompt and of the step text,
   after replacing each run of punctuation, spaces and control characters by a space (see
   ``storage.schema.WORD_SEPARATORS``). They need nothing from the writers (COPY included).
 
-Existing rows are indexed on upgrade: PostgreSQL's CREATE INDEX reads them; on SQLite the
-texts are copied into the index before the triggers are created (the migration holds the write
-lock). Either reads every step once: minutes for a database of millions of steps.
+Existing rows are indexed on upgrade on PostgreSQL (CREATE INDEX reads every step once: minutes
+for a database of millions of steps); on SQLite they are numbered as pending documents, and the
+first search indexes them.
 
 For pages in start order, ``trajectories`` gets ``(run_id, started_at, id)`` and its
 ``(started_at)`` index becomes ``(started_at, id)`` (the order ``store.trajectories()``
 returns); ``steps`` gets ``(trajectory_id, policy, policy_version)``, so that the policy
 versions of a run's trajectories, or the trajectories of a policy version, are found without
-reading the steps' wide rows.
+reading the steps' wide rows; and ``trajectories`` gets a covering index of the columns a
+run's summary and its filter choices aggregate (``storage.analysis.run_summary``,
+``storage.search.filter_choices``), so that they read the index, not the wide rows (at 100,000
+trajectories in one run: 290 → 120 ms and 130 → 70 ms).
 
 A later migration that rebuilds ``trajectories`` or ``steps`` on SQLite (``batch_alter_table``
 copies the table and drops the old one) drops their triggers: it must create them again.
@@ -51,6 +58,16 @@ depends_on: str | Sequence[str] | None = None
 
 _WORDS = "to_tsvector('simple', regexp_replace({text}, '[[:punct:][:space:][:cntrl:]]+', ' ', 'g'))"
 
+_SUMMARY_COLUMNS = (
+    "run_id",
+    "mode",
+    "category",
+    "status",
+    "correct",
+    "score",
+    "image_count",
+    "duration_s",
+)
 _STEP_TEXT = "coalesce(text, '')"
 _PG_CREATE = (
     "CREATE INDEX ix_trajectories_prompt_words ON trajectories USING gin "
@@ -60,60 +77,51 @@ _PG_CREATE = (
 _PG_DROP = ("DROP INDEX ix_steps_text_words", "DROP INDEX ix_trajectories_prompt_words")
 
 # The trajectory's prompt is indexed as seq -1; empty texts (and steps without text) are not.
+# Ids never go back (AUTOINCREMENT): a document is indexed exactly when its id is at most
+# search_state.indexed_through, the mark storage.search.catch_up_search_index moves.
 _SQLITE_CREATE_TABLES = (
     "CREATE TABLE search_documents ("
-    " id INTEGER NOT NULL PRIMARY KEY,"
+    " id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,"
     " trajectory_id VARCHAR(64) NOT NULL,"
     " seq INTEGER NOT NULL)",
     "CREATE UNIQUE INDEX ix_search_documents_key ON search_documents (trajectory_id, seq)",
     "CREATE VIRTUAL TABLE search_text USING fts5("
     "body, content='', tokenize='unicode61 remove_diacritics 0')",
+    "CREATE TABLE search_state (indexed_through INTEGER NOT NULL)",
+    "INSERT INTO search_state (indexed_through) VALUES (0)",
 )
+# Existing texts become pending documents: the first search indexes them (not this migration).
 _SQLITE_BACKFILL = (
     "INSERT INTO search_documents (trajectory_id, seq) "
-    "SELECT id, -1 FROM trajectories WHERE prompt <> ''",
+    "SELECT id, -1 FROM trajectories WHERE prompt <> '' ORDER BY started_at, id",
     "INSERT INTO search_documents (trajectory_id, seq) "
-    "SELECT trajectory_id, seq FROM steps WHERE text <> ''",
-    "INSERT INTO search_text (rowid, body) SELECT d.id, t.prompt FROM search_documents d "
-    "JOIN trajectories t ON t.id = d.trajectory_id WHERE d.seq = -1",
-    "INSERT INTO search_text (rowid, body) SELECT d.id, s.text FROM search_documents d "
-    "JOIN steps s ON s.trajectory_id = d.trajectory_id AND s.seq = d.seq",
+    "SELECT trajectory_id, seq FROM steps WHERE text <> '' ORDER BY trajectory_id, seq",
 )
+_INDEXED = "id <= (SELECT indexed_through FROM search_state)"
 
 
-def _index_new(key: str, seq: str, body: str) -> str:
-    """Trigger statements indexing ``body`` as the new document (``key``, ``seq``), for a
-    trigger that runs only when ``body`` is not empty (``last_insert_rowid()`` is, inside a
-    trigger, the id of the trigger's own last insert)."""
-    return (
-        f"INSERT INTO search_documents (trajectory_id, seq) VALUES ({key}, {seq});\n"
-        f"  INSERT INTO search_text (rowid, body) VALUES (last_insert_rowid(), {body});"
-    )
-
-
-def _reindex(key: str, seq: str, body: str) -> str:
-    """Trigger statements indexing ``body`` as the document (``key``, ``seq``) if not empty."""
-    return (
-        f"INSERT INTO search_documents (trajectory_id, seq) SELECT {key}, {seq} "
-        f"WHERE {body} <> '';\n"
-        f"  INSERT INTO search_text (rowid, body) SELECT id, {body} FROM search_documents "
-        f"WHERE trajectory_id = {key} AND seq = {seq};"
-    )
+def _pending(key: str, seq: str, body: str | None = None) -> str:
+    """Trigger statement recording the document (``key``, ``seq``) as pending (if ``body``, only
+    when it is not empty): one row, no tokenising on the writer's path."""
+    where = f" WHERE {body} <> ''" if body else ""
+    return f"INSERT INTO search_documents (trajectory_id, seq) SELECT {key}, {seq}{where};"
 
 
 def _unindex(key: str, seq: str, body: str) -> str:
-    """Trigger statements removing the document (``key``, ``seq``) whose text was ``body``, if
-    indexed (a contentless FTS5 table unindexes the words it is given)."""
+    """Trigger statements removing the document (``key``, ``seq``) whose text was ``body``:
+    unindexed from FTS5 if it was indexed (a contentless table unindexes the words it is
+    given), then forgotten."""
     return (
         "INSERT INTO search_text (search_text, rowid, body) SELECT 'delete', id, "
-        f"{body} FROM search_documents WHERE trajectory_id = {key} AND seq = {seq};\n"
+        f"{body} FROM search_documents WHERE trajectory_id = {key} AND seq = {seq} "
+        f"AND {_INDEXED};\n"
         f"  DELETE FROM search_documents WHERE trajectory_id = {key} AND seq = {seq};"
     )
 
 
 _SQLITE_TRIGGERS = {
     "search_trajectories_insert": "AFTER INSERT ON trajectories WHEN new.prompt <> '' BEGIN\n  "
-    + _index_new("new.id", "-1", "new.prompt")
+    + _pending("new.id", "-1")
     + "\nEND",
     "search_trajectories_delete": "AFTER DELETE ON trajectories BEGIN\n  "
     + _unindex("old.id", "-1", "old.prompt")
@@ -121,10 +129,10 @@ _SQLITE_TRIGGERS = {
     "search_trajectories_update": "AFTER UPDATE OF id, prompt ON trajectories BEGIN\n  "
     + _unindex("old.id", "-1", "old.prompt")
     + "\n  "
-    + _reindex("new.id", "-1", "new.prompt")
+    + _pending("new.id", "-1", "new.prompt")
     + "\nEND",
     "search_steps_insert": "AFTER INSERT ON steps WHEN new.text <> '' BEGIN\n  "
-    + _index_new("new.trajectory_id", "new.seq", "new.text")
+    + _pending("new.trajectory_id", "new.seq")
     + "\nEND",
     "search_steps_delete": "AFTER DELETE ON steps BEGIN\n  "
     + _unindex("old.trajectory_id", "old.seq", "old.text")
@@ -132,7 +140,7 @@ _SQLITE_TRIGGERS = {
     "search_steps_update": "AFTER UPDATE OF trajectory_id, seq, text ON steps BEGIN\n  "
     + _unindex("old.trajectory_id", "old.seq", "old.text")
     + "\n  "
-    + _reindex("new.trajectory_id", "new.seq", "new.text")
+    + _pending("new.trajectory_id", "new.seq", "new.text")
     + "\nEND",
 }
 
@@ -158,6 +166,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_steps_trajectory_policy", "steps", ["trajectory_id", "policy", "policy_version"]
     )
+    op.create_index("ix_trajectories_run_summary", "trajectories", list(_SUMMARY_COLUMNS))
     dialect = op.get_bind().dialect.name
     if dialect == "postgresql":
         _execute(_PG_CREATE)
@@ -175,6 +184,8 @@ def downgrade() -> None:
     elif dialect == "sqlite":
         _execute([f"DROP TRIGGER {name}" for name in _SQLITE_TRIGGERS])
         _execute(["DROP TABLE search_text", "DROP TABLE search_documents"])
+        _execute(["DROP TABLE search_state"])
+    op.drop_index("ix_trajectories_run_summary", table_name="trajectories")
     op.drop_index("ix_steps_trajectory_policy", table_name="steps")
     op.drop_index("ix_trajectories_started", table_name="trajectories")
     op.create_index("ix_trajectories_started", "trajectories", ["started_at"])
