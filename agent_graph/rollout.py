@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent_graph.deploy import Ref, check_resume_options, deploy, redeploy
-from agent_graph.runner import Runner, TrajectoryResult
+from agent_graph.runner import Runner, TrajectoryResult, _initial_state
 from nodes.backends.clients.pool import pools_of, request_counters
 from nodes.context import ReasonerContext
 from nodes.state import Budget, ReasonerState, Task
@@ -115,6 +115,7 @@ async def rollout(
     keep_steps: bool = False,
     keep_groups_together: bool = False,
     extra_config: dict[str, Any] | None = None,
+    register_only: bool = False,
 ) -> RolloutResult:
     """Run ``tasks`` through a graph, recording every step of every trajectory in ``store``.
 
@@ -142,6 +143,9 @@ async def rollout(
     ``keep_steps`` keeps the step records in the results too (they are in the store anyway);
     ``keep_groups_together`` admits a group's samples together (see :class:`Runner`).
     ``extra_config`` adds keys to the run's config (a training loop names itself there).
+    ``register_only`` creates the run and registers its trajectories (``incomplete``) without
+    running any (no results): rollout workers (:func:`agent_graph.workers.work_run`, ``atelier
+    worker``) on one or many machines then sample it, or ``resume_run`` in this process.
     """
     budget = budget or Budget()
     if world is not None and (context is None or world != "shapeworld"):
@@ -170,6 +174,11 @@ async def rollout(
     config.update(extra_config or {})
     try:
         run = store.create_run(name, config, run_id=run_id)
+        if register_only:
+            factory = state_factory or _initial_state
+            store.register_trajectories(run.id, [factory(task, budget) for task in tasks])
+            store.finish_run(run.id, "incomplete")  # until workers finish it
+            return RolloutResult(run.id, [])
         async with SQLRecorder(store, run.id) as recorder:
             if deployment is not None:
                 context = deployment.context(store, recorder)
@@ -206,15 +215,33 @@ def resume_points(
     """(state after the last recorded step, that step's node) for each unfinished trajectory,
     as ``state_type`` (the state class of the graph that made the run)."""
     store.mark_incomplete(run_id)
-    points: list[tuple[ReasonerState, str | None]] = []
-    for summary in store.trajectories(run=run_id, status="incomplete"):
-        steps = store.steps(summary.id)
-        if steps:
-            points.append((store.last_state(summary.id, state_type), steps[-1].node))
-        else:
-            detail = store.trajectory(summary.id)
-            points.append((state_type.model_validate(detail.initial_state), None))
-    return points
+    summaries = store.trajectories(run=run_id, status="incomplete")
+    return [resume_point(store, summary.id, state_type) for summary in summaries]
+
+
+def resume_point(
+    store: TrajectoryStore, trajectory_id: str, state_type: type[ReasonerState] = ReasonerState
+) -> tuple[ReasonerState, str | None]:
+    """(state after the trajectory's last recorded step, that step's node; None: none yet, the
+    initial state) — where ``Runner.resume`` continues it."""
+    state = state_type.model_validate(store.last_state_dict(trajectory_id, state_type))
+    return state, store.last_step_node(trajectory_id)
+
+
+def resume_points_of(
+    store: TrajectoryStore,
+    trajectory_ids: Sequence[str],
+    state_type: type[ReasonerState] = ReasonerState,
+) -> list[tuple[ReasonerState, str | None]]:
+    """:func:`resume_point` of each of ``trajectory_ids``, in order: the ones with no step
+    recorded (a fresh claim, the common case) from one read of their initial states."""
+    fresh = store.initial_states_if_unstarted(trajectory_ids)
+    return [
+        (state_type.model_validate(fresh[tid]), None)
+        if tid in fresh
+        else resume_point(store, tid, state_type)
+        for tid in trajectory_ids
+    ]
 
 
 def _check_resumable(config: dict[str, Any], graph: Any, context: Any) -> None:
@@ -276,6 +303,13 @@ async def resume_run(
     if context is not None and (router is not None or stop is not None):
         raise ValueError("router= and stop= build a context: give them or context=, not both")
     run_name = f"run {run.id[:12]}" + (f" ({run.name})" if run.name else "")
+    leased = store.claim_counts(run.id).leased
+    if leased:
+        raise ValueError(
+            f"{run_name} is being sampled by rollout workers ({leased} trajectories under a "
+            "live lease): start another `atelier worker` on it instead, or resume it once "
+            "their leases have passed"
+        )
     if context is None:
         check_resume_options(store, run.config, router=router, stop=stop, run_name=run_name)
     state_type = _state_type(graph) if graph is not None else ReasonerState

@@ -19,6 +19,7 @@ from agent_graph.recording import MemoryRecorder, RecordingFailed, StepRecord
 from nodes.common import derive_seed
 from nodes.context import ReasonerContext
 from nodes.state import Budget, ReasonerState, Task
+from storage.claims import ClaimLost
 
 Status = Literal["succeeded", "failed"]
 
@@ -91,7 +92,9 @@ class Runner:
     ``keep_steps`` keeps every step record in the results (and still forwards them to the
     context's recorder, if any). A :class:`~agent_graph.recording.RecordingFailed` (the store
     is gone) stops the run: the trajectories in flight are cancelled, left unfinished in the
-    store for ``resume``, and the error is raised.
+    store for ``resume``, and the error is raised. A trajectory whose recorder says it is no
+    longer this process's (:class:`~storage.claims.ClaimLost`: a rollout worker whose lease
+    passed) is dropped: no result, nothing more recorded, the rest go on.
     """
 
     def __init__(
@@ -171,6 +174,9 @@ class Runner:
                 return
             finally:
                 slots.release()
+            if result is None:  # another worker holds the trajectory now
+                bar.advance()
+                return
             if collector is not None:
                 result.steps = collector.steps.pop(result.trajectory_id, [])
             results[index] = result
@@ -217,6 +223,19 @@ class Runner:
         ]
 
     async def _run_one(
+        self, state: ReasonerState, after_node: str | None, context: ReasonerContext
+    ) -> TrajectoryResult | None:
+        """The trajectory's result; None when its claim was lost (see the class doc)."""
+        try:
+            return await self._run_claimed(state, after_node, context)
+        except ClaimLost:
+            return None
+        except RecordingFailed as exc:
+            if isinstance(exc.__cause__, ClaimLost):
+                return None
+            raise
+
+    async def _run_claimed(
         self, state: ReasonerState, after_node: str | None, context: ReasonerContext
     ) -> TrajectoryResult:
         recorder = context.recorder

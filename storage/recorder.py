@@ -16,6 +16,13 @@ buffered images first, in the same transaction as its steps. A step whose image 
 buffered nor stored is refused (its caller gets :class:`~storage.images.ImageNotFound`), unless
 ``images=`` names another image store to copy it from (e.g. the graph's ``MemoryImageStore``).
 
+Claims (many rollout workers on one run, :mod:`storage.claims`): with ``claimant=`` (the
+worker's id), every batch first locks the rows of the trajectories it writes and writes only
+those the worker still holds; the callers of the others get :class:`~storage.claims.ClaimLost`
+and nothing of them is written (a worker whose lease passed cannot add a step to, or finish, a
+trajectory another worker took over). Closing then releases what the worker left unfinished
+and leaves the run's status to the worker (other workers may still be sampling it).
+
 ::
 
     async with SQLRecorder(store, run_id) as recorder:
@@ -31,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from storage.claims import ClaimLost, held
 from storage.engine import DatabaseLocked
 from storage.images import ImageNotFound, ImageStore, check_ref
 from storage.rows import (
@@ -104,6 +112,7 @@ class SQLRecorder:
         state_snapshot_every: int = 16,
         run_name: str | None = None,
         run_config: dict[str, Any] | None = None,
+        claimant: str | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -116,6 +125,8 @@ class SQLRecorder:
         alone decides (see :meth:`stored_state`)."""
         self.store = store
         self.run_id = run_id
+        self.claimant = claimant
+        """The worker whose claims fence every write (see the module doc); None: no fence."""
         self.images = images
         self.max_batch = max_batch
         self.stats = RecorderStats()
@@ -310,7 +321,11 @@ class SQLRecorder:
 
     def _write(self, items: list[_Item], outcomes: list[BaseException | None]) -> None:
         images = self.store._pending_images()
-        batch = BatchRows(run=None if self._run_ready else self._run_row, images=list(images))
+        batch = BatchRows(
+            run=None if self._run_ready else self._run_row,
+            images=list(images),
+            claimant=self.claimant,
+        )
         buffered = {row["sha256"] for row in images}
         staged = _Staged()
         owners: list[tuple[int, _Item]] = []
@@ -321,10 +336,16 @@ class SQLRecorder:
             except Exception as exc:  # a bad record: only its caller fails
                 outcomes[index] = exc
         refused: dict[int, BaseException] = {}
+        lost: set[str] = set()
 
         def work(conn: Any) -> None:
             refused.clear()
-            steps = [(n, i) for n, i in owners if i.kind == "step"]
+            lost.clear()
+            rows = batch
+            if self.claimant is not None:
+                lost.update(self._lost_claims(conn, owners, refused))
+                rows = _without(batch, lost)
+            steps = [(n, i) for n, i in owners if i.kind == "step" and n not in refused]
             wanted = {ref for _, i in steps for ref in i.rows.refs} - buffered
             wanted = {ref for ref in wanted if not self.store._is_known(ref)}
             missing = wanted - existing_images(conn, wanted) if wanted else set()
@@ -341,8 +362,8 @@ class SQLRecorder:
             write_batch(
                 conn,
                 replace(
-                    batch,
-                    images=[*batch.images, *copied.values()],
+                    rows,
+                    images=[*rows.images, *copied.values()],
                     steps=[i.rows for n, i in steps if n not in refused],
                 ),
             )
@@ -352,7 +373,7 @@ class SQLRecorder:
         self._run_ready = True
         self.store._images_committed(images)
         self._open.update(staged.opened)
-        for trajectory_id in staged.finished:
+        for trajectory_id in staged.finished | lost:
             self._open.pop(trajectory_id, None)
         if batch.close is not None:
             self._open.clear()
@@ -361,6 +382,24 @@ class SQLRecorder:
         self.stats.commits += 1
         self.stats.records += len(items)
         self.stats.steps += sum(1 for n, i in owners if i.kind == "step" and n not in refused)
+
+    def _lost_claims(
+        self, conn: Any, owners: list[tuple[int, _Item]], refused: dict[int, BaseException]
+    ) -> set[str]:
+        """The trajectories of this batch the claimant no longer holds (the rows of those it
+        holds stay locked until the commit); their items are refused with :class:`ClaimLost`."""
+        assert self.claimant is not None
+        kinds = ("start", "step", "finish")
+        wanted = {i.trajectory_id for _, i in owners if i.kind in kinds}
+        lost = wanted - held(conn, self.claimant, wanted) if wanted else set()
+        for index, item in owners:
+            if item.kind in kinds and item.trajectory_id in lost:
+                refused[index] = ClaimLost(
+                    f"worker {self.claimant} no longer holds trajectory {item.trajectory_id} "
+                    f"(its lease passed and another worker took it over, or it was released): "
+                    f"its {item.kind} was not written"
+                )
+        return lost
 
     def _prepare(self, item: _Item, batch: BatchRows, staged: _Staged) -> None:
         tid = item.trajectory_id
@@ -421,6 +460,18 @@ def _trajectory_id(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("a recorded trajectory needs a non-empty trajectory_id")
     return value
+
+
+def _without(batch: BatchRows, lost: set[str]) -> BatchRows:
+    """``batch`` less every record of the trajectories in ``lost``."""
+    if not lost:
+        return batch
+    return replace(
+        batch,
+        starts=[row for row in batch.starts if row["id"] not in lost],
+        implicit=[row for row in batch.implicit if row["id"] not in lost],
+        finishes=[(tid, values) for tid, values in batch.finishes if tid not in lost],
+    )
 
 
 def _drain(queue: asyncio.Queue[_Item]) -> list[_Item]:

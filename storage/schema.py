@@ -51,10 +51,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import BYTEA, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Bumped with every migration; recorded in the ``schema_version`` table."""
 
-HEAD_REVISION = "0005_full_text_search"
+HEAD_REVISION = "0006_trajectory_claims"
 """The Alembic revision this code's schema corresponds to (a test checks it is the head)."""
 
 TRAJECTORY_STATUSES = ("running", "succeeded", "failed", "incomplete")
@@ -116,6 +116,11 @@ class TrajectoryRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     initial_state: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
     final_state: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
+    """The rollout worker holding the trajectory, or the one that finished it (``storage.
+    claims``); NULL for trajectories no worker claimed (a single-process ``rollout``)."""
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    """When the holder's claim runs out unless renewed; NULL once finished or released."""
 
     __table_args__ = (
         Index("ix_trajectories_run_group", "run_id", "group_id", "sample_index"),

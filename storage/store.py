@@ -12,6 +12,9 @@ Opening a store brings the database to this code's schema (Alembic, see
 (:mod:`storage.records`); every write is one transaction, retried while another process holds
 the SQLite write lock.
 
+Many rollout workers (``atelier worker``) sample one run by claiming its trajectories:
+:meth:`TrajectoryStore.claim`, ``renew``, ``release`` (:mod:`storage.claims`).
+
 The store is also an :class:`~storage.images.ImageStore` (pass it as the graph's image store):
 PNGs are deduplicated by sha256 and kept in the ``images`` table, or as files under
 ``image_dir`` with only their metadata in the table. While an :class:`SQLRecorder` is attached,
@@ -32,6 +35,7 @@ from pydantic import BaseModel
 from sqlalchemy import Connection, Row, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from storage import claims
 from storage.blobs import SQLImageStore
 from storage.codec import unpack_ids, unpack_logprobs
 from storage.engine import Database
@@ -300,13 +304,24 @@ class TrajectoryStore(SQLImageStore):
 
         Only for runs whose writer is gone (a killed process): a live recorder's trajectories
         would be marked too. Resume one with ``last_state`` and ``start_trajectory`` again.
+        Rollout workers' leases on the run's unfinished trajectories end too (the caller takes
+        them over; ``resume_run`` refuses a run whose leases are live).
         """
 
         def work(conn: Connection) -> int:
             result = conn.execute(
                 update(TrajectoryRow)
                 .where(TrajectoryRow.run_id == run, TrajectoryRow.status == "running")
-                .values(status="incomplete")
+                .values(status="incomplete", lease_until=None)
+            )
+            conn.execute(
+                update(TrajectoryRow)
+                .where(
+                    TrajectoryRow.run_id == run,
+                    TrajectoryRow.status == "incomplete",
+                    TrajectoryRow.lease_until.is_not(None),
+                )
+                .values(lease_until=None)
             )
             conn.execute(
                 update(RunRow)
@@ -316,6 +331,65 @@ class TrajectoryStore(SQLImageStore):
             return int(result.rowcount)
 
         return self.db.write(work)
+
+    # --- claims: many rollout workers on one run (storage.claims) ----------------------------
+
+    def claim(self, run_id: str, worker: str, n: int, lease_s: float) -> list[str]:
+        """Claim up to ``n`` trajectories of ``run_id`` for ``worker``, each under a lease of
+        ``lease_s`` seconds: registered ones no worker holds, or ones whose lease has passed (their
+        worker presumed dead). Their ids, oldest first; ``[]`` when none is free now. PostgreSQL
+        ``FOR UPDATE SKIP LOCKED``: concurrent claimers get disjoint sets without waiting."""
+        return self.db.write(lambda conn: claims.claim(conn, run_id, worker, n, lease_s))
+
+    def renew(self, worker: str, ids: Sequence[str], lease_s: float) -> list[str]:
+        """Extend ``worker``'s leases on ``ids`` to ``lease_s`` seconds from now; the ids that
+        are still its own, held or finished by it (the rest were taken over after their lease
+        passed, or released: stop working on them)."""
+        return self.db.write(lambda conn: claims.renew(conn, worker, list(ids), lease_s))
+
+    def release(
+        self, worker: str, run_id: str | None = None, *, ids: Sequence[str] | None = None
+    ) -> int:
+        """Give back ``worker``'s unfinished claims (all of ``run_id``'s, or ``ids``), free for
+        any worker at once; how many. Finishing is the recorder's (``SQLRecorder(claimant=)``),
+        which writes nothing of a trajectory the worker no longer holds."""
+        return self.db.write(lambda conn: claims.release(conn, worker, run_id=run_id, ids=ids))
+
+    def claim_counts(self, run_id: str) -> claims.ClaimCounts:
+        """How many of the run's trajectories are unfinished, free to claim now, and leased."""
+        with self.db.read() as conn:
+            return claims.counts(conn, run_id)
+
+    def settle_run(self, run_id: str) -> str:
+        """The run's status set from its trajectories (a worker leaving it): ``finished``,
+        ``running`` (other workers hold leases) or ``incomplete``."""
+        return self.db.write(lambda conn: claims.settle_run(conn, run_id))
+
+    def initial_states_if_unstarted(self, trajectory_ids: Sequence[str]) -> dict[str, Any]:
+        """``{id: initial state}`` of those of ``trajectory_ids`` with no step recorded (one
+        read: what a worker needs to start its fresh claims)."""
+        found: dict[str, Any] = {}
+        ids = list(trajectory_ids)
+        with self.db.read() as conn:
+            for chunk in _chunks(ids):
+                started = select(StepRow.trajectory_id).where(
+                    StepRow.trajectory_id == TrajectoryRow.id
+                )
+                query = select(TrajectoryRow.id, TrajectoryRow.initial_state).where(
+                    _among(TrajectoryRow.id, chunk), ~started.exists()
+                )
+                found.update((row.id, row.initial_state) for row in conn.execute(query))
+        return found
+
+    def last_step_node(self, trajectory_id: str) -> str | None:
+        """The node of the trajectory's last recorded step (None: no step yet)."""
+        with self.db.read() as conn:
+            return conn.scalar(
+                select(StepRow.node)
+                .where(StepRow.trajectory_id == trajectory_id)
+                .order_by(StepRow.seq.desc())
+                .limit(1)
+            )
 
     # --- trajectories --------------------------------------------------------------------------
 

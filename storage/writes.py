@@ -17,6 +17,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from storage.bulk import bulk_insert, bulk_update, select_text_column
+from storage.claims import release
 from storage.rows import StepRows, as_utc
 from storage.schema import (
     BlobRow,
@@ -83,6 +84,9 @@ class BatchRows:
     finishes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     close: tuple[str, list[str]] | None = None
     """(run id, trajectory ids left unfinished): mark them incomplete and end the run."""
+    claimant: str | None = None
+    """A rollout worker's recorder (``storage.claims``): finishes end the lease, and a close
+    releases only this worker's claims and leaves the run's status to the worker."""
 
 
 def write_batch(conn: Connection, rows: BatchRows) -> None:
@@ -112,8 +116,13 @@ def write_batch(conn: Connection, rows: BatchRows) -> None:
                 modes,
             )
     if rows.finishes:
-        _finish(conn, rows.finishes)
-    if rows.close is not None:
+        finishes = rows.finishes
+        if rows.claimant is not None:
+            finishes = [(tid, {**values, "lease_until": None}) for tid, values in finishes]
+        _finish(conn, finishes)
+    if rows.close is not None and rows.claimant is not None:
+        release(conn, rows.claimant, ids=rows.close[1])
+    elif rows.close is not None:
         run_id, unfinished = rows.close
         for start in range(0, len(unfinished), 500):
             conn.execute(

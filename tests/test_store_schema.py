@@ -207,7 +207,7 @@ def test_a_version_2_database_with_data_upgrades_in_place_and_downgrades(db_url)
         )
         assert not _has_ref_index(store.db)
         with store.db.read() as conn:
-            assert conn.execute(select(SchemaVersionRow.version)).scalar() == SCHEMA_VERSION == 5
+            assert conn.execute(select(SchemaVersionRow.version)).scalar() == SCHEMA_VERSION == 6
         _migrate(store.db, "0002_diffusion_transitions", downgrade=True)
         assert _has_ref_index(store.db)
         with store.db.read() as conn:

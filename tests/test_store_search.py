@@ -540,7 +540,7 @@ def _migrate(db, revision: str) -> None:
 
 def test_a_version_4_database_is_indexed_on_upgrade(db_url):
     """Rows written before migration 0005 are found after it (the backfill), and rows written
-    after it too; the schema version is 5."""
+    after it too; the store is then at this code's schema version (6: 0006 added claims)."""
     from storage.engine import Database
     from storage.schema import SCHEMA_VERSION, SchemaVersionRow
 
@@ -580,7 +580,7 @@ def test_a_version_4_database_is_indexed_on_upgrade(db_url):
     db.dispose()
     with TrajectoryStore(db_url) as store:  # opening it upgrades it to head
         with store.db.read() as conn:
-            assert conn.execute(select(SchemaVersionRow.version)).scalar() == SCHEMA_VERSION == 5
+            assert conn.execute(select(SchemaVersionRow.version)).scalar() == SCHEMA_VERSION == 6
         assert sorted(searched_ids(store, TrajectoryFilter(text="MAMMOTH"))) == ["old-1", "old-2"]
         assert searched_ids(store, TrajectoryFilter(text="ancient mammoth")) == ["old-1"]
         assert searched_ids(store, TrajectoryFilter(text="think")) == ["old-2"]

@@ -93,7 +93,27 @@ def save_version(
     Never overwrites: a version already in the store, or an existing ``directory``, raises
     (:class:`VersionTaken`, ``FileExistsError``) before anything is written. If registering
     fails, the files are removed again.
+
+    In a data-parallel job (``training.distributed``) rank 0 alone saves and registers; the
+    other ranks write nothing, wait for it, and get the same path (or its exception's
+    ``PeerFailed``).
     """
+    from training.distributed import DataParallel
+
+    parallel = DataParallel.current()
+    with parallel.together():  # a failure on rank 0 raises on every rank
+        if parallel.is_main:
+            return _save_version(trainer, store, directory, metadata, rewards)
+    return Path(directory)  # another rank of a data-parallel job: rank 0 saved it
+
+
+def _save_version(
+    trainer: Trainer[Any],
+    store: TrajectoryStore,
+    directory: str | Path,
+    metadata: Mapping[str, Any] | None,
+    rewards: Iterable[RewardInput],
+) -> Path:
     name, version = trainer.name, trainer.version
     if store.policy_versions(name=name, version=version):
         raise VersionTaken(

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from agent_graph.heap import freeze_startup_heap
 from agent_graph.ids import short_id
@@ -31,6 +32,7 @@ from atelier.cli.errors import CliError, Interrupted, StoreUnavailable
 from atelier.cli.serve import add_serve_parser  # argparse only: models load when serving
 from atelier.cli.train import add_train_parser  # argparse only: torch loads when training
 from atelier.cli.ui import add_ui_parser  # argparse only: the web app loads when it serves
+from atelier.cli.worker import add_worker_parser  # argparse only: the graph loads when it runs
 
 MODES = ("auto", "direct", "reflect", "decompose", "escalate", "random")
 
@@ -242,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands, add_db)
 
     add_ui_parser(commands, add_db)
+
+    add_worker_parser(commands, add_db)  # also adds rollout's --register-only
 
     graph = commands.add_parser("graph", help="print the reasoner graph as Mermaid")
     graph.set_defaults(handler=cmd_graph)
@@ -624,13 +628,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_rollout(args: argparse.Namespace) -> int:
+def rollout_plan(args: argparse.Namespace) -> tuple[list, Any, Any, Any, Any, str | None]:
+    """What ``rollout`` (and ``rollout --register-only``) will record, checked before anything
+    is: (tasks, budget, store, router, stop, mode)."""
     for name in ("per_category", "group_size", "concurrency"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1")
     from pydantic import ValidationError
 
-    from agent_graph.rollout import rollout
     from agent_graph.runner import make_group_tasks
     from nodes.state import Budget
 
@@ -660,6 +665,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     named = config is not None and config.policies is not None and config.policies.router
     if mode is None and router is None and not named:
         mode = "random"  # exploration, unless the config names a router version
+    return tasks, budget, store, router, stop, mode
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from agent_graph.rollout import rollout
+
+    tasks, budget, store, router, stop, mode = rollout_plan(args)
     run_id = uuid.uuid4().hex
     freeze_startup_heap()
     work = rollout(

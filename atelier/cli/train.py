@@ -1,6 +1,14 @@
 """``atelier train``: GRPO on node policies, from stored runs or on-policy in ShapeWorld.
 
 argparse only at import; torch and the trainer load when the command runs.
+
+Training from stored runs (``--run``, GRPO of router, stop or a text/VLM LoRA) is data-parallel
+under ``torchrun`` (``training.distributed``)::
+
+    torchrun --nproc_per_node 8 -m atelier.cli train --run RUN --policy reflect --model M ...
+
+Every rank reads the same groups; rank 0 alone stores the rewards (the others wait), prints,
+writes TensorBoard, and saves and registers the version; the other ranks are quiet.
 """
 
 from __future__ import annotations
@@ -399,6 +407,47 @@ def _mode_shares(store: TrajectoryStore, run_id: str) -> dict[str, float]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _cmd_train(args)
+    _check_data_parallel(args)
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from training.distributed import init_from_env, shutdown
+
+    try:
+        if init_from_env().is_main:
+            return _cmd_train(args)
+        with open(os.devnull, "w") as quiet, redirect_stdout(quiet), redirect_stderr(quiet):
+            return _cmd_train(args)
+    finally:
+        shutdown()
+
+
+def _check_data_parallel(args: argparse.Namespace) -> None:
+    """Under torchrun: only what trains data-parallel (GRPO from stored runs) is accepted."""
+    from atelier.cli.errors import CliError
+
+    given = [
+        flag
+        for flag, on in (
+            ("--world", args.world is not None),
+            ("--config", args.config is not None),
+            ("--tree-stage", args.tree_stage is not None),
+            ("--sft", args.sft),
+            (f"--policy {args.policy}", args.policy in IMAGE_POLICIES),
+        )
+        if on
+    ]
+    if given:
+        raise CliError(
+            f"{', '.join(given)}: not data-parallel yet; under torchrun, atelier train trains "
+            "router, stop or a text policy with GRPO from stored runs (--run)"
+        )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
     from atelier.cli.common import open_store
     from atelier.cli.errors import CliError
 
@@ -523,7 +572,9 @@ def _check_device(device: str) -> None:
 
 
 def _tensorboard(args: argparse.Namespace) -> TensorBoardLog | None:
-    if args.tensorboard is None:
+    from training.distributed import is_main
+
+    if args.tensorboard is None or not is_main():  # rank 0 alone writes (torchrun)
         return None
     from atelier.cli.errors import CliError
     from training.tensorboard import TensorBoardLog, TensorBoardUnavailable
@@ -548,8 +599,11 @@ def _train(
     if args.run:
         from training.decisions.groups import read_groups
         from training.decisions.rewards import FORMAT, OUTCOME, TRAINED, store_member_rewards
+        from training.distributed import DataParallel
         from training.rewards.record import trained_reward_rows
         from training.rewards.sources import describe_source
+
+        parallel = DataParallel.current()  # torchrun: rank 0 stores, every rank reads
 
         runs = [resolve_run(store, ref).id for ref in args.run]
         source, judge = run_reward_source(args, store, runs)
@@ -557,12 +611,15 @@ def _train(
         trainer = GRPOTrainer(_reserved_policy(args, store, 1), _config(args, outcome))
         # R_s and R_o (a source's) stored before the groups read their rewards
         analyzer = run_analyzer(store, runs, judge) if args.reward_weights[2] > 0 else None
-        if analyzer is not None or source is not None:
-            asyncio.run(_score_runs(store, runs, source, analyzer))
+        with parallel.together():
+            if parallel.is_main and (analyzer is not None or source is not None):
+                asyncio.run(_score_runs(store, runs, source, analyzer))
         groups = read_groups(store, runs, kind)
         if not groups:
             raise CliError(f"no {kind} decision groups of 2 or more in {', '.join(args.run)}")
-        store_member_rewards(store, groups, (outcome, FORMAT))  # R_o, R_f: stored before use
+        with parallel.together():
+            if parallel.is_main:  # R_o, R_f: stored before use
+                store_member_rewards(store, groups, (outcome, FORMAT))
         result = trainer.train(groups)
         if not result.history:
             raise CliError(

@@ -188,6 +188,7 @@ def train_text(
 ) -> int:
     from atelier.cli.common import resolve_run
     from atelier.cli.errors import CliError
+    from training.distributed import local_device
     from training.text.trainer import LoRATrainer
     from training.versions import save_version
 
@@ -202,7 +203,12 @@ def train_text(
     transformers_logging.disable_progress_bar()  # the command prints its own progress
     try:
         trainer = LoRATrainer(
-            args.model, config, name=name, version=version, adapter=args.init, device=args.device
+            args.model,
+            config,
+            name=name,
+            version=version,
+            adapter=args.init,
+            device=local_device(args.device),  # torchrun: each rank its own GPU
         )
     except (OSError, ValueError) as exc:  # not a model directory, a broken adapter
         raise CliError(f"cannot load --model {args.model}: {exc}") from None
@@ -247,23 +253,27 @@ def _grpo_groups(
     args: argparse.Namespace, store: TrajectoryStore, runs: list[str]
 ) -> tuple[list[Any], dict[str, Any]]:
     from atelier.cli.errors import CliError
+    from training.distributed import DataParallel
     from training.text.groups import read_node_groups
     from training.text.rewards import node_reward, store_text_rewards
 
     analyzer, judge = _analyzer_and_judge(store, runs)
     penalty = args.penalty != "none"
-    asyncio.run(
-        store_text_rewards(
-            store,
-            runs,
-            analyzer,
-            judge=judge,
-            weights=args.reward_weights,
-            complexity_eps=0.05 if penalty else None,
-            complexity_form=args.penalty if penalty else "scale",
-            complexity_cost=args.image_cost,
-        )
-    )
+    parallel = DataParallel.current()
+    with parallel.together():  # torchrun: rank 0 stores the rewards, every rank reads them
+        if parallel.is_main:
+            asyncio.run(
+                store_text_rewards(
+                    store,
+                    runs,
+                    analyzer,
+                    judge=judge,
+                    weights=args.reward_weights,
+                    complexity_eps=0.05 if penalty else None,
+                    complexity_form=args.penalty if penalty else "scale",
+                    complexity_cost=args.image_cost,
+                )
+            )
     reward = args.reward or node_reward(args.policy, penalty=penalty)
     try:
         groups = read_node_groups(store, runs, node=args.policy, reward=reward)

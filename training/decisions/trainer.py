@@ -6,6 +6,11 @@ Reasoner (SAIR)) gives its group-relative advantage, shared by its decisions; th
 ``training.grpo.grpo_loss`` on the policy's current log-probs against the log-probs recorded at
 sampling time.
 
+Under a process group (``torchrun``, ``training.distributed``) every rank builds the same rows
+and minibatches from all groups, computes the loss of its own groups' rows only, weighted by
+their share of the global minibatch, and the gradients are summed over the ranks: the update
+is the single-process one.
+
 The trainer owns a working copy of the policy and its AdamW state; ``train`` returns a frozen
 snapshot with the next version, ready to roll out; ``training.versions.save_version`` saves it
 and registers it in the store.
@@ -23,7 +28,14 @@ import torch
 
 from policies.weights import load_policy, load_weights, next_version, save_weights
 from training.decisions.groups import DecisionGroup, DecisionRecord
-from training.grpo import AdvantageScale, LossType, grpo_loss, ragged_group_advantages
+from training.distributed import STEP_SUMS, DataParallel
+from training.grpo import (
+    AdvantageScale,
+    LossType,
+    grpo_loss,
+    microbatch_weight,
+    ragged_group_advantages,
+)
 from training.result import FIRST_STEP_KEY, TrainResult, step_summary
 from training.rewards import composite_reward
 from training.rewards.composite import ComplexityForm, apply_complexity_penalty
@@ -168,11 +180,15 @@ class GRPOTrainer:
                 values = {"composite": c, "penalised": r, "advantage": a}
                 used[member.trajectory_id] = (group.group_id, values)
         rows = []  # one per member with decisions: (decisions, advantage)
-        for group, adv, is_zero in zip(groups, advantages, zero, strict=True):
+        parallel = DataParallel.current()
+        mine: set[int] = set()  # the rows this rank computes (every row on one process)
+        for index, (group, adv, is_zero) in enumerate(zip(groups, advantages, zero, strict=True)):
             if is_zero:
                 continue  # every advantage is 0: no signal, only noise in the loss's mean
             for member, a in zip(group.members, adv.tolist(), strict=True):
                 if member.decisions:
+                    if parallel.owns(index):
+                        mine.add(len(rows))
                     rows.append((member.decisions, a))
         metrics["groups_zero_variance"] = float(sum(zero))
         metrics["groups_used"] = float(len(groups) - sum(zero))
@@ -183,8 +199,9 @@ class GRPOTrainer:
             order = list(range(len(rows)))
             shuffler.shuffle(order)
             for start in range(0, len(order), cfg.minibatch_size):
-                batch = [rows[i] for i in order[start : start + cfg.minibatch_size]]
-                history.append(self._step(batch))
+                picked = order[start : start + cfg.minibatch_size]
+                batch = [rows[i] for i in picked]
+                history.append(self._step(batch, [rows[i] for i in picked if i in mine], parallel))
         metrics.update(step_summary(history))
         self.rounds += 1
         if history:  # no optimizer step (every group zero-variance): the same version
@@ -192,9 +209,49 @@ class GRPOTrainer:
         metrics["updates"] = float(self.steps)
         return TrainResult(self.version, metrics, history, self.policy.clone(), used)
 
-    def _step(self, batch: list[tuple[Sequence[DecisionRecord], float]]) -> dict[str, float]:
+    def _step(
+        self,
+        batch: list[tuple[Sequence[DecisionRecord], float]],
+        local: list[tuple[Sequence[DecisionRecord], float]] | None = None,
+        parallel: DataParallel | None = None,
+    ) -> dict[str, float]:
+        """One optimizer step on the minibatch ``batch``, of which this rank computes the
+        ``local`` rows (default: all), weighted by their share of ``batch``; the gradients and
+        metrics are summed over ``parallel``'s ranks before the update."""
         cfg = self.config
-        width = max(len(decisions) for decisions, _ in batch)
+        parallel = parallel or DataParallel()
+        local = batch if local is None else local
+        width = max(len(decisions) for decisions, _ in batch)  # the global padded length
+        total_tokens = sum(len(decisions) for decisions, _ in batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        drift = 0.0
+        if local:
+            totals, drift = self._local_loss(local, width, len(batch), total_tokens)
+        totals = parallel.sum(totals, STEP_SUMS)
+        parallel.all_reduce_gradients(self.policy.parameters())
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.steps += 1
+        drift = parallel.max(drift)
+        return {
+            "loss": totals.pop("loss"),
+            "grad_norm": norm.item(),
+            **totals,
+            FIRST_STEP_KEY: drift,
+        }
+
+    def _local_loss(
+        self,
+        batch: list[tuple[Sequence[DecisionRecord], float]],
+        width: int,
+        total_rows: int,
+        total_tokens: int,
+    ) -> tuple[dict[str, float], float]:
+        """Backward of ``batch``'s loss as its share of a minibatch of ``total_rows`` rows,
+        ``total_tokens`` decisions and padded length ``width``; its loss and metrics so
+        weighted, and its max |log ratio|."""
+        cfg = self.config
         obs = [d.observation for decisions, _ in batch for d in decisions]
         actions = [d.action for decisions, _ in batch for d in decisions]
         # Members' decisions laid out as padded rows: [B, T] with a mask, like token sequences.
@@ -226,14 +283,16 @@ class GRPOTrainer:
             beta=cfg.beta,
             ref_logprobs=ref,
             loss_type=cfg.loss_type,
+            max_completion_length=width,
         )
         drift = float(((logp.detach() - old).abs() * mask).max())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
-        self.steps += 1
-        return {"loss": loss.item(), "grad_norm": norm.item(), **metrics, FIRST_STEP_KEY: drift}
+        tokens = sum(len(decisions) for decisions, _ in batch)
+        weight = microbatch_weight(cfg.loss_type, len(batch), tokens, total_rows, total_tokens)
+        (loss * weight).backward()
+        totals = {"loss": loss.item() * weight}
+        for key, value in metrics.items():  # token means: weighted by the tokens
+            totals[key] = value * (tokens / total_tokens)
+        return totals, drift
 
     # --- versions and checkpoints -------------------------------------------------------------
 

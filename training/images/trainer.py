@@ -6,6 +6,11 @@ LoRA disabled, and minimises ``training.flow_grpo.flow_grpo_loss``. Before the f
 ratio is 1 (``first_max_abs_log_ratio`` in the metrics): the check that the recomputation
 matches the sampler. ``save`` writes the LoRA in peft's layout with Atelier's version file
 (``policies.diffusion_lora``), which the image server and ``FlowImageModel`` load at run time.
+
+Under a process group (``torchrun``, ``training.distributed``) every rank reads the same groups
+and shuffles the same minibatches of transitions; each rank recomputes only its own groups'
+transitions, weighted by their share of the minibatch (the loss is a mean over transitions),
+and the LoRA gradients are summed over the ranks: the single-process update and metrics.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import torch
 
 from policies.weights import next_version, write_new_directory
+from training.distributed import STEP_SUMS, DataParallel
 from training.flow_grpo import flow_advantages, flow_grpo_loss
 from training.grpo import AdvantageScale
 from training.images.groups import ImageGroup
@@ -128,7 +134,9 @@ class FlowGRPOTrainer:
         started = time.perf_counter()
         items: list[tuple[Any, float]] = []
         zero_variance = 0
-        for group in groups:
+        parallel = DataParallel.current()
+        mine: set[int] = set()  # the transitions this rank recomputes (all on one process)
+        for index, group in enumerate(groups):
             rewards = torch.tensor([m.reward for m in group.members], dtype=torch.float32)
             advantages, zero = flow_advantages(
                 rewards, scale=cfg.advantage_scale, clip=cfg.adv_clip
@@ -137,14 +145,21 @@ class FlowGRPOTrainer:
                 zero_variance += 1
                 continue
             for member, advantage in zip(group.members, advantages.tolist(), strict=True):
-                items.extend((t, advantage) for t in member.transitions)
+                for transition in member.transitions:
+                    if parallel.owns(index):
+                        mine.add(len(items))
+                    items.append((transition, advantage))
         history: list[dict[str, float]] = []
         for _ in range(cfg.epochs):
             order = list(range(len(items)))
             self.rng.shuffle(order)
             for start in range(0, len(order), cfg.minibatch_size):
-                batch = [items[i] for i in order[start : start + cfg.minibatch_size]]
-                history.append(self._step([t for t, _ in batch], [a for _, a in batch]))
+                picked = order[start : start + cfg.minibatch_size]
+                batch = [items[i] for i in picked if i in mine]
+                step = self._step(
+                    [t for t, _ in batch], [a for _, a in batch], len(picked), parallel
+                )
+                history.append(step)
         rewards_all = [m.reward for g in groups for m in g.members]
         metrics = {
             "groups": float(len(groups)),
@@ -159,7 +174,39 @@ class FlowGRPOTrainer:
         metrics["seconds"] = time.perf_counter() - started
         return TrainResult(self.version, metrics, history)
 
-    def _step(self, transitions: list[Any], advantages: list[float]) -> dict[str, float]:
+    def _step(
+        self,
+        transitions: list[Any],
+        advantages: list[float],
+        total: int | None = None,
+        parallel: DataParallel | None = None,
+    ) -> dict[str, float]:
+        """One optimizer step on a minibatch of ``total`` transitions (default: these), of
+        which this rank computes ``transitions``; gradients and metrics summed over
+        ``parallel``'s ranks before the update."""
+        parallel = parallel or DataParallel()
+        total = len(transitions) if total is None else total
+        self.optimizer.zero_grad(set_to_none=True)
+        row: dict[str, float] = {}
+        drift = 0.0
+        if transitions:
+            row, drift = self._local_loss(transitions, advantages, len(transitions) / total)
+        row = parallel.sum(row, STEP_SUMS)
+        parallel.all_reduce_gradients(self.parameters)
+        row["clip_fraction"] = row["clip_low"] + row["clip_high"]
+        cfg = self.config
+        if cfg.max_grad_norm and math.isfinite(cfg.max_grad_norm):
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters, cfg.max_grad_norm)
+            row["grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.steps += 1
+        return {**row, FIRST_STEP_KEY: parallel.max(drift)}
+
+    def _local_loss(
+        self, transitions: list[Any], advantages: list[float], weight: float
+    ) -> tuple[dict[str, float], float]:
+        """Backward of the transitions' loss times ``weight`` (their share of the minibatch);
+        their weighted loss and metrics, and their max |log ratio|."""
         cfg = self.config
         ref_mean = self.reference_means(transitions) if cfg.beta else None
         current = self.sampler.recompute(transitions)
@@ -176,16 +223,10 @@ class FlowGRPOTrainer:
             ref_mean=ref_mean,
             std=current.std,
         )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        row = {"loss": float(loss.detach()), **metrics}
-        row["clip_fraction"] = metrics["clip_low"] + metrics["clip_high"]
-        if cfg.max_grad_norm and math.isfinite(cfg.max_grad_norm):
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters, cfg.max_grad_norm)
-            row["grad_norm"] = float(norm)
-        self.optimizer.step()
-        self.steps += 1
-        return {**row, FIRST_STEP_KEY: drift}
+        (loss * weight).backward()
+        row = {"loss": float(loss.detach()) * weight}
+        row.update({key: value * weight for key, value in metrics.items()})  # means: weighted
+        return row, drift
 
     def save(self, directory: str | Path) -> Path:
         """The LoRA as the new ``directory``, atomically: peft's layout plus Atelier's version

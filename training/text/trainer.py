@@ -45,6 +45,11 @@ accumulated. ``save`` writes ``adapter_model.safetensors`` + ``adapter_config.js
 layout), which the ``lm`` server and vLLM load by path. In a vision-language model only the
 language model's layers (and top-level heads such as ``lm_head`` when named) get a LoRA:
 vLLM serves LoRA on the language backbone of multimodal models, not on the vision tower.
+
+Under a process group (``torchrun``, ``training.distributed``) every rank reads the same groups
+and builds the same minibatches; each rank encodes, checks and forwards only its own groups'
+rows, weighted by their share of the global minibatch, and the LoRA gradients are summed over
+the ranks before the update: the update, and the step metrics, are the single-process ones.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ import torch
 from nodes.backends.lm_types import LMRequest, PromptMessage
 from nodes.backends.wire import IMAGE_REF_PART
 from policies.weights import next_version, write_new_directory
+from training.distributed import STEP_SUMS, DataParallel
 from training.grpo import (
     grpo_loss,
     microbatch_weight,
@@ -416,53 +422,68 @@ class LoRATrainer:
         rows: list[Row] = []
         owners: list[TextMember] = []  # the member of each row, for errors
         skipped = 0
-        for group, adv, is_zero in zip(groups, advantages, zero, strict=True):
-            for member, a in zip(group.members, adv.tolist(), strict=True):
-                used[member.trajectory_id] = (
-                    group.group_id,
-                    {"reward": float(member.reward), "advantage": float(a)},
-                )
-            if is_zero:
-                continue
-            # One encoding per distinct stored input (a group's members usually share it).
-            encoded: dict[str, tuple[list[int], dict[str, torch.Tensor]]] = {}
-            for member, a in zip(group.members, adv.tolist(), strict=True):
-                if not member.token_ids:
-                    continue
-                if cfg.require_raw_sampling:
-                    check_raw_sampling(member)
-                if self.placeholders.intersection(member.token_ids):
-                    skipped += 1
-                    log.warning(
-                        "trajectory %s (step %d): the completion holds an image placeholder id "
-                        "(embedded as text by the server, as an image by a training forward "
-                        "pass): skipped",
-                        member.trajectory_id,
-                        member.step_seq,
+        parallel = DataParallel.current()
+        mine: list[int] = []  # the rows this rank encodes and computes (all on one process)
+        # An unreadable image or a drift on one rank's rows stops every rank.
+        with parallel.together():
+            for index, (group, adv, is_zero) in enumerate(
+                zip(groups, advantages, zero, strict=True)
+            ):
+                for member, a in zip(group.members, adv.tolist(), strict=True):
+                    used[member.trajectory_id] = (
+                        group.group_id,
+                        {"reward": float(member.reward), "advantage": float(a)},
                     )
+                if is_zero:
                     continue
-                key = json.dumps([member.messages, member.prompt_token_ids], default=str)
-                if key not in encoded:
-                    encoded[key] = self.member_inputs(group, member)
-                prompt, extras = encoded[key]
-                rows.append(Row(prompt, member.token_ids, member.logprobs, a, extras))
-                owners.append(member)
-        self.check_alignment(rows, owners)
-        if cfg.beta and rows:
-            rows = self.with_reference(rows)
+                # One encoding per distinct stored input (a group's members usually share it).
+                encoded: dict[str, tuple[list[int], dict[str, torch.Tensor]]] = {}
+                for member, a in zip(group.members, adv.tolist(), strict=True):
+                    if not member.token_ids:
+                        continue
+                    if cfg.require_raw_sampling:
+                        check_raw_sampling(member)
+                    if self.placeholders.intersection(member.token_ids):
+                        skipped += 1
+                        log.warning(
+                            "trajectory %s (step %d): the completion holds an image placeholder id "
+                            "(embedded as text by the server, as an image by a training forward "
+                            "pass): skipped",
+                            member.trajectory_id,
+                            member.step_seq,
+                        )
+                        continue
+                    if not parallel.owns(index):  # another rank's: its completion's length counts
+                        rows.append(Row((), member.token_ids, member.logprobs, a))
+                        owners.append(member)
+                        continue
+                    key = json.dumps([member.messages, member.prompt_token_ids], default=str)
+                    if key not in encoded:
+                        encoded[key] = self.member_inputs(group, member)
+                    prompt, extras = encoded[key]
+                    mine.append(len(rows))
+                    rows.append(Row(prompt, member.token_ids, member.logprobs, a, extras))
+                    owners.append(member)
+            self.check_alignment([rows[i] for i in mine], [owners[i] for i in mine])
+            if cfg.beta and mine:
+                for i, row in zip(mine, self.with_reference([rows[i] for i in mine]), strict=True):
+                    rows[i] = row
         metrics["groups_zero_variance"] = float(sum(zero))
         metrics["groups_used"] = float(len(groups) - sum(zero))
         metrics["members_skipped"] = float(skipped)
         metrics["reward_mean"] = math.fsum(r for rs in rewards for r in rs) / sum(map(len, rewards))
         history: list[dict[str, float]] = []
         shuffler = torch.Generator().manual_seed(cfg.seed + self.steps)
+        owned = set(mine)
         per_epoch = math.ceil(len(rows) / cfg.minibatch_size)
         total = per_epoch * cfg.epochs
         for _ in range(cfg.epochs if rows else 0):
             order = torch.randperm(len(rows), generator=shuffler).tolist()
             for start in range(0, len(order), cfg.minibatch_size):
-                batch = [rows[i] for i in order[start : start + cfg.minibatch_size]]
-                history.append(self._step(batch))
+                picked = order[start : start + cfg.minibatch_size]
+                batch = [rows[i] for i in picked]
+                local = [rows[i] for i in picked if i in owned]
+                history.append(self._step(batch, local, parallel))
                 if on_step is not None:
                     on_step(len(history), total, history[-1])
         metrics.update(step_summary(history))
@@ -524,16 +545,26 @@ class LoRATrainer:
             width = max(width, length)
         return parts
 
-    def _step(self, batch: Sequence[Sequence[Any]]) -> dict[str, float]:
+    def _step(
+        self,
+        batch: Sequence[Sequence[Any]],
+        local: Sequence[Sequence[Any]] | None = None,
+        parallel: DataParallel | None = None,
+    ) -> dict[str, float]:
+        """One optimizer step on the minibatch ``batch``, of which this rank computes the
+        ``local`` rows (default: all), weighted by their share of ``batch``; the gradients and
+        metrics are summed over ``parallel``'s ranks before the update."""
         cfg = self.config
+        parallel = parallel or DataParallel()
         started = time.perf_counter()
         full = [_row(r) for r in batch]
+        mine = full if local is None else [_row(r) for r in local]
         longest = max(len(r.completion) for r in full)
         total_tokens = sum(len(r.completion) for r in full)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         drift = 0.0
-        for rows in self.microbatches(full):
+        for rows in self.microbatches(mine) if mine else []:
             logp, mask = self.logprobs([(r.prompt, r.completion, r.extras) for r in rows])
             old = torch.zeros_like(logp)
             for i, row in enumerate(rows):
@@ -558,11 +589,14 @@ class LoRATrainer:
             for key, value in metrics.items():  # token means: weighted by the tokens
                 totals[key] = totals.get(key, 0.0) + value * tokens / total_tokens
             drift = max(drift, float(((logp - old).abs() * mask).max().detach()))
+        seen = sum(len(r.prompt) + len(r.completion) for r in mine)
+        totals = parallel.sum({**totals, "seen": seen}, STEP_SUMS)
+        parallel.all_reduce_gradients(self.parameters)
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, cfg.max_grad_norm)
         self.optimizer.step()
         self.steps += 1
-        seen = sum(len(r.prompt) + len(r.completion) for r in full)
-        speed = seen / (time.perf_counter() - started)
+        drift = parallel.max(drift)
+        speed = totals.pop("seen") / (time.perf_counter() - started)
         return {**totals, "grad_norm": norm.item(), "tokens_per_s": speed, FIRST_STEP_KEY: drift}
 
     def _reference(self, rows: Sequence[Row], logp: torch.Tensor) -> torch.Tensor:
