@@ -73,6 +73,14 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
         "--init", type=Path, help="start from this saved policy version (a directory)"
     )
     train.add_argument("--iterations", type=int, default=4, help="on-policy iterations")
+    train.add_argument(
+        "--max-staleness",
+        type=int,
+        metavar="K",
+        help="--world shapeworld --policy router: asynchronous GRPO, sampling the newest "
+        "version while the trainer trains on groups at most K versions old (AReaL's bound; "
+        "0 = synchronous); samples only the learned router (no uniform first iteration)",
+    )
     train.add_argument("--per-category", type=int, default=6, help="prompts per category")
     train.add_argument("--group-size", "-G", type=int, default=8, help="samples per prompt")
     train.add_argument("--max-rounds", type=int, default=2, help="correction rounds in rollouts")
@@ -538,6 +546,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.init is not None and not args.init.is_dir():
         raise CliError(f"--init {args.init}: no such policy directory")
     args.policy = args.policy or "router"
+    if args.max_staleness is not None:
+        if args.world is None or args.policy != "router" or args.init is not None:
+            raise CliError(
+                "--max-staleness: asynchronous GRPO trains a fresh router in ShapeWorld "
+                "(--world shapeworld --policy router, without --init)"
+            )
+        if args.max_staleness < 0 or args.reward_weights[2] > 0:
+            raise CliError("--max-staleness must be >= 0 (and a3 of --reward-weights 0)")
     kind = "mode" if args.policy == "router" else "stop"
     board = _tensorboard(args)
     store = open_store(args, must_exist=args.world is None)
@@ -656,6 +672,8 @@ def _train(
                 categories=[i.category for i in items],
             )
         )
+    if args.max_staleness is not None:
+        return _train_async(args, store, batches)
     explore = UniformModePolicy() if kind == "mode" else UniformStopPolicy()
     trainer = GRPOTrainer(_reserved_policy(args, store, args.iterations), _config(args))
 
@@ -693,6 +711,43 @@ def _train(
     from atelier.cli.curves import print_iterations
 
     print_iterations(store, [(it.run_id, it.trained, it.metrics) for it in log])
+    _say_final(policy, args.out)
+    return 0
+
+
+def _train_async(args: argparse.Namespace, store: TrajectoryStore, batches: list) -> int:
+    """``--max-staleness K``: the router's asynchronous loop, one batch per trainer step."""
+    from nodes.state import Budget
+    from training.decisions.async_loop import AsyncConfig, async_grpo
+    from training.decisions.trainer import GRPOTrainer
+
+    trainer = GRPOTrainer(_reserved_policy(args, store, args.iterations), _config(args))
+    config = AsyncConfig(
+        max_staleness=args.max_staleness,
+        groups_per_step=len({t.group_id for t in batches[0]}),
+        iterations=args.iterations,
+        name=f"async-{trainer.name}-{trainer.version}",  # its own runs only: versions are free
+    )
+    freeze_startup_heap()
+    policy, log = asyncio.run(
+        async_grpo(
+            store,
+            trainer,
+            batches,
+            args.out,
+            config,
+            group_size=args.group_size,
+            budget=Budget(max_rounds=args.max_rounds),
+        )
+    )
+    print("| iteration | trained from | staleness: groups | skipped | wall s | trained |")
+    print("|---|---|---|---|---|---|")
+    for it in log:
+        stale = " ".join(f"{k}: {n}" for k, n in it.staleness.items())
+        print(
+            f"| {it.index} | {it.start} | {stale} | {len(it.skipped)} | {it.wall_s:.2f} "
+            f"| {it.trained} |"
+        )
     _say_final(policy, args.out)
     return 0
 
