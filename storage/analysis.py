@@ -47,7 +47,15 @@ from sqlalchemy import Connection, case, distinct, func, select
 
 from storage.records import PolicyVersionInfo, RewardInfo, RunInfo, TrajectorySummary
 from storage.rows import as_utc
-from storage.schema import RewardRow, RunRow, StepImageRow, StepRow, TrajectoryRow
+from storage.schema import (
+    DiffusionTransitionRow,
+    GenerationRow,
+    RewardRow,
+    RunRow,
+    StepImageRow,
+    StepRow,
+    TrajectoryRow,
+)
 from storage.store import TrajectoryStore
 
 UNKNOWN = "?"
@@ -434,8 +442,11 @@ def training_series(store: TrajectoryStore) -> list[TrainingSeries]:
 
 
 def version_usage(store: TrajectoryStore) -> list[VersionUsage]:
-    """Every registered version: the runs it was trained from, and the runs whose steps
-    recorded a decision it took (one grouped query over the steps)."""
+    """Every registered version: the runs it was trained from, and the runs that used it — a
+    decision policy's by the steps that recorded a decision it took, an adapter's (text/VLM
+    LoRA, diffusion LoRA) by the generations requested from it (their ``model`` is the
+    adapter's name ``name@version``) or the diffusion transitions sampled with it (``lora``).
+    One grouped query per table."""
     versions = store.policy_versions()
     _, series_of = _series(store, versions, summaries=False)
     s, t = StepRow, TrajectoryRow
@@ -456,9 +467,15 @@ def version_usage(store: TrajectoryStore) -> list[VersionUsage]:
         .order_by(RunRow.created_at, t.run_id)
     )
     used: dict[tuple[str, str | None], list[tuple[str, str, int]]] = {}
+    labels = {f"{info.name}@{info.version}": (info.name, info.version) for info in versions}
     with store.db.read() as conn:
         for policy, version, run_id, name, n, _created in conn.execute(query):
             used.setdefault((policy, version), []).append((run_id, name, int(n)))
+        for key, runs in _adapter_users(conn, list(labels)).items():
+            merged = dict(((r, name), n) for r, name, n in used.get(labels[key], []))
+            for run_id, name, n in runs:
+                merged[(run_id, name)] = max(n, merged.get((run_id, name), 0))
+            used[labels[key]] = [(r, name, n) for (r, name), n in merged.items()]
     return [
         VersionUsage(
             info,
@@ -468,6 +485,34 @@ def version_usage(store: TrajectoryStore) -> list[VersionUsage]:
         )
         for info in versions
     ]
+
+
+def _adapter_users(conn: Connection, labels: list[str]) -> dict[str, list[tuple[str, str, int]]]:
+    """``name@version`` -> (run id, run name, trajectories) of the runs whose generations were
+    requested from that adapter, or whose diffusion transitions were sampled with it."""
+    found: dict[str, dict[tuple[str, str], int]] = {}
+    if not labels:
+        return {}
+    t = TrajectoryRow
+    for row, column in (
+        (GenerationRow, GenerationRow.model),
+        (DiffusionTransitionRow, DiffusionTransitionRow.lora),
+    ):
+        query = (
+            select(column, t.run_id, RunRow.name, func.count(distinct(row.trajectory_id)))
+            .select_from(row)
+            .join(t, t.id == row.trajectory_id)
+            .join(RunRow, RunRow.id == t.run_id)
+            .where(column.in_(labels))
+            .group_by(column, t.run_id, RunRow.name)
+        )
+        for label, run_id, name, n in conn.execute(query):
+            runs = found.setdefault(label, {})
+            runs[(run_id, name)] = max(int(n), runs.get((run_id, name), 0))
+    return {
+        label: [(run_id, name, n) for (run_id, name), n in runs.items()]
+        for label, runs in found.items()
+    }
 
 
 def _series(

@@ -308,6 +308,45 @@ def test_version_usage_counts_the_trajectories_each_version_decided(filled):
     assert usage[ids.versions[1]].used_by == []
 
 
+def test_version_usage_finds_the_runs_that_sampled_an_adapter(tmp_path):
+    """An adapter writes no ``steps.policy``: the runs that used ``reflect@1`` are found by the
+    model their generations were requested from (vLLM and ``atelier serve lm`` name a loaded
+    adapter ``name@version``)."""
+    import asyncio
+
+    from agent_graph.runner import Runner, make_group_tasks
+    from storage.recorder import SQLRecorder
+    from tests.pg import CyclingChat, graph_context
+
+    store = TrajectoryStore(f"sqlite:///{tmp_path / 'a.db'}")
+    store.register_policy_version("reflect", "1", path="/adapters/reflect-1")
+    store.register_policy_version("reflect", "2", path="/adapters/reflect-2")
+
+    async def record(name: str, model_id: str, prompts: list[str]) -> str:
+        run = store.create_run(name)
+        async with SQLRecorder(store, run.id) as recorder:
+            context = graph_context(store, recorder, mode="reflect")
+            chat = CyclingChat(["EDIT: add a circle", "STOP"], model_id=model_id)
+            backends = dataclasses.replace(context.backends, reflector=chat)
+            context = dataclasses.replace(context, backends=backends)
+            await Runner(context).run(make_group_tasks(prompts, 1, seed=0))
+        return run.id
+
+    adapted = asyncio.run(record("adapted", "reflect@1", ["a red circle", "a blue square"]))
+    asyncio.run(record("base", "base-model", ["a green star"]))
+    usage = {f"{u.info.name}@{u.info.version}": u.used_by for u in version_usage(store)}
+    reflected = {
+        t.id
+        for t in store.trajectories(run=adapted)
+        for s in store.steps(t.id)
+        for g in s.generations
+        if g.model == "reflect@1"
+    }
+    assert usage == {"reflect@1": [(adapted, "adapted", len(reflected))], "reflect@2": []}
+    assert len(reflected) == 2
+    store.close()
+
+
 def test_versions_are_grouped_by_what_their_metadata_records(tmp_path):
     store = TrajectoryStore(f"sqlite:///{tmp_path / 'v.db'}")
     run = store.create_run("explore").id

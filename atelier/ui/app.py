@@ -145,7 +145,8 @@ class Pages:
         return _html(request, insight_pages.training_page, found)
 
     def versions(self, request: Request) -> Response:
-        return _html(request, insight_pages.versions_page, version_usage(self.store))
+        decided = set(filter_choices(self.store, None).get("policy_version", []))
+        return _html(request, insight_pages.versions_page, version_usage(self.store), decided)
 
     def compare(self, request: Request) -> Response:
         runs = self.store.runs()[::-1]

@@ -131,7 +131,10 @@ def training_page(one: Any, *, nonce: str) -> str:
     return page(one.label, body, nonce=nonce, active="training", subtitle=one.policy)
 
 
-def versions_page(usages: Sequence[Any], *, nonce: str) -> str:
+def versions_page(usages: Sequence[Any], decided: set[str], *, nonce: str) -> str:
+    """Every version, the runs it was trained from and those that used it; ``decided``: the
+    ``name@version`` labels steps recorded decisions of (their runs link to the run's page
+    filtered by that version; an adapter's to the run's page)."""
     rows = []
     for usage in usages:
         info = usage.info
@@ -140,9 +143,9 @@ def versions_page(usages: Sequence[Any], *, nonce: str) -> str:
             for run_id in usage.trained_from
         )
         label = f"{info.name}@{info.version}"
+        query = {"policy_version": label} if label in decided else {}
         used = " ".join(
-            f'<a href="{e(with_query(path("runs", run_id), {"policy_version": label}))}">'
-            f"{e(name)}</a> ({count})"
+            f'<a href="{e(with_query(path("runs", run_id), query))}">{e(name)}</a> ({count})'
             for run_id, name, count in usage.used_by
         )
         rows.append(
