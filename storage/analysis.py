@@ -177,6 +177,16 @@ class TrainingPoint:
     rollout: RunSummary | None
     """The summary of ``run_id`` (None: no run recorded, or no longer in the store)."""
 
+    @property
+    def clip_fraction(self) -> float | None:
+        """The fraction of ratios clipped: ``clip_fraction`` as the LoRA trainers report it,
+        else the decision trainer's two sides, ``clip_low`` + ``clip_high``."""
+        if "clip_fraction" in self.metrics:
+            return self.metrics["clip_fraction"]
+        if "clip_low" in self.metrics and "clip_high" in self.metrics:
+            return self.metrics["clip_low"] + self.metrics["clip_high"]
+        return None
+
 
 @dataclass(slots=True)
 class TrainingSeries:

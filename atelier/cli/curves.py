@@ -47,22 +47,13 @@ def sparkline(values: Sequence[float | None]) -> str:
     return "".join(line)
 
 
-def _clip_fraction(point: TrainingPoint) -> float | None:
-    metrics = point.metrics
-    if "clip_fraction" in metrics:
-        return metrics["clip_fraction"]
-    if "clip_low" in metrics and "clip_high" in metrics:
-        return metrics["clip_low"] + metrics["clip_high"]
-    return None
-
-
 CURVES: tuple[tuple[str, Callable[[TrainingPoint], float | None]], ...] = (
     ("reward", lambda p: p.rollout.mean_score if p.rollout else None),
     ("accuracy", lambda p: p.rollout.accuracy if p.rollout else None),
     ("images", lambda p: p.rollout.mean_images if p.rollout else None),
     ("loss", lambda p: p.metrics.get("loss")),
     ("kl", lambda p: p.metrics.get("kl")),
-    ("clip fraction", _clip_fraction),
+    ("clip fraction", lambda p: p.clip_fraction),
 )
 """The curves shown, in order: a curve with no finite value is left out."""
 

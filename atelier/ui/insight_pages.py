@@ -7,11 +7,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from atelier.ui.layout import e, num, page, path, percent, table, with_query
+from atelier.ui.layout import e, num, page, path, percent, run_options, table, with_query
 from atelier.ui.plots import Series, line_chart
-
-CLIP_KEYS = ("clip_fraction", "clip_frac", "clipfrac")
-"""The trainers' names for the fraction of ratios clipped (the first present is plotted)."""
 
 
 def _metric(point: Any, *names: str) -> float | None:
@@ -20,16 +17,6 @@ def _metric(point: Any, *names: str) -> float | None:
         if isinstance(value, (int, float)) and math.isfinite(value):
             return float(value)
     return None
-
-
-def _clip_fraction(point: Any) -> float | None:
-    """The fraction of ratios clipped: as the trainer named it, else the decision trainer's
-    two sides (``clip_low`` + ``clip_high``)."""
-    value = _metric(point, *CLIP_KEYS)
-    if value is not None:
-        return value
-    low, high = _metric(point, "clip_low"), _metric(point, "clip_high")
-    return None if low is None and high is None else (low or 0.0) + (high or 0.0)
 
 
 def _rollout(point: Any, field: str) -> float | None:
@@ -102,7 +89,7 @@ def training_page(one: Any, *, nonce: str) -> str:
         ),
         line_chart("loss", [series("loss", [_metric(p, "loss") for p in points])]),
         line_chart("KL", [series("kl", [_metric(p, "kl") for p in points])]),
-        line_chart("clip fraction", [series("clip fraction", [_clip_fraction(p) for p in points])]),
+        line_chart("clip fraction", [series("clip fraction", [p.clip_fraction for p in points])]),
     ]
     rows = []
     for p in points:
@@ -121,7 +108,7 @@ def training_page(one: Any, *, nonce: str) -> str:
                 num(_rollout(p, "mean_images"), 2),
                 num(_metric(p, "loss"), 4),
                 num(_metric(p, "kl"), 4),
-                num(_clip_fraction(p), 3),
+                num(p.clip_fraction, 3),
             )
         )
     listing = table(
@@ -228,21 +215,13 @@ def compare_page(a: Any, b: Any, runs: Sequence[Any], *, nonce: str) -> str:
     )
     form = (
         '<form class="inline" method="get" action="/compare">'
-        f'<label>run A<select name="a">{_run_options(runs, a.run.id)}</select></label>'
-        f'<label>run B<select name="b">{_run_options(runs, b.run.id)}</select></label>'
+        f'<label>run A<select name="a">{run_options(runs, a.run.id)}</select></label>'
+        f'<label>run B<select name="b">{run_options(runs, b.run.id)}</select></label>'
         "<button type=submit>compare</button></form>"
     )
     body = form + f"<p>{head_a} · {head_b}</p>" + overall + per_category
     return page(
         "Compare runs", body, nonce=nonce, active="runs", subtitle=f"{a.run.name} vs {b.run.name}"
-    )
-
-
-def _run_options(runs: Sequence[Any], selected: str) -> str:
-    return "".join(
-        f'<option value="{e(r.id)}"{" selected" if r.id == selected else ""}>'
-        f"{e(r.name)} · {e(r.id[:8])}</option>"
-        for r in runs
     )
 
 

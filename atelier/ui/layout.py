@@ -45,6 +45,15 @@ def percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
+def run_options(runs: Sequence[Any], selected: str | None = None) -> str:
+    """``<option>``s of a run picker (name and id prefix), ``selected`` pre-selected."""
+    return "".join(
+        f'<option value="{e(r.id)}"{" selected" if r.id == selected else ""}>'
+        f"{e(r.name)} · {e(r.id[:8])}</option>"
+        for r in runs
+    )
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, cls: str = "data") -> str:
     """A table; ``headers`` are text (escaped here), ``rows`` are markup (escaped by callers)."""
     head = "".join(f"<th>{e(h)}</th>" for h in headers)

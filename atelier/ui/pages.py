@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from atelier.ui.layout import e, num, page, path, percent, table, with_query
+from atelier.ui.layout import e, num, page, path, percent, run_options, table, with_query
 from storage.viewer import ImageTable, Links, trajectory_card
 
 PAGE_SIZES = (10, 24, 48, 96, 200)
@@ -30,9 +30,6 @@ class ServedImages(ImageTable):
 
     def src(self, ref: str) -> str | None:
         return image_url(ref, self.max_side)
-
-    def json(self) -> str:
-        return "{}"
 
 
 def image_url(ref: str, max_side: int | None = None) -> str:
@@ -99,9 +96,7 @@ def runs_page(runs: Sequence[Any], describe: Any, *, nonce: str) -> str:
         else '<p class="empty">No runs in this store yet: <code>atelier demo</code> or '
         "<code>atelier rollout</code> records some.</p>"
     )
-    options = "".join(
-        f'<option value="{e(r.id)}">{e(r.name)} · {e(r.id[:8])}</option>' for r in runs
-    )
+    options = run_options(runs)
     compare = ""
     if len(runs) >= 2:
         compare = (
