@@ -9,7 +9,8 @@ Security, as for the model servers: bind 127.0.0.1 by default; an optional token
 redirects to the same page without it, as Jupyter does); on a loopback bind only loopback
 ``Host`` names are served (DNS rebinding); every response carries a Content-Security-Policy
 (no script, styles by nonce, images from this origin only) and every stored text is escaped.
-There is no route that writes.
+No route changes a record; on SQLite a text search first brings the search index up to date
+(``storage.search.catch_up_search_index``), the one write.
 """
 
 from __future__ import annotations
