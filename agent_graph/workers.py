@@ -71,6 +71,7 @@ async def work_run(
     graph: Any = None,
     context: ReasonerContext | None = None,
     poll_s: float | None = None,
+    until_idle: bool = False,
 ) -> WorkerResult:
     """Sample run ``run_id`` alongside any other workers until none of its trajectories is left
     unfinished.
@@ -82,7 +83,10 @@ async def work_run(
     polls every ``poll_s`` (default: a quarter of the lease, at most 1 s). A run started in
     code needs its ``graph=`` / ``context=`` again, as ``resume_run`` does. The store's
     failure (:class:`~agent_graph.recording.RecordingFailed`) is raised; the worker's claims
-    are released first when the store still answers, else they lapse with their leases."""
+    are released first when the store still answers, else they lapse with their leases.
+    ``until_idle``: return as soon as nothing is left to claim *now* (other workers' live
+    claims are theirs to finish), instead of waiting for the run to end — what a worker
+    following a training loop (:func:`follow_loop`) does, to move on to the loop's next run."""
     if batch < 1 or concurrency < 1:
         raise ValueError("batch and concurrency must be at least 1")
     if lease_s <= 0:
@@ -98,6 +102,7 @@ async def work_run(
         store, run.id, worker, state_type, min(batch, concurrency), lease_s, concurrency
     )
     sampler.poll_s = poll_s if poll_s is not None else min(1.0, lease_s / 4)
+    sampler.until_idle = until_idle
     requests: dict[str, dict[str, int]] = {}
     try:
         async with SQLRecorder(store, run.id, claimant=worker) as recorder:
@@ -143,6 +148,7 @@ class _Sampler:
         self.lease_s = lease_s
         self.concurrency = concurrency
         self.poll_s = 1.0
+        self.until_idle = False
         self.results: list[TrajectoryResult] = []
         self.lost = 0
         self.run_status = ""
@@ -164,6 +170,8 @@ class _Sampler:
                     task = asyncio.create_task(runner.resume([point]))
                     self.in_flight[task] = trajectory_id
                 if not self.in_flight:
+                    if self.until_idle:
+                        return
                     left = await asyncio.to_thread(self.store.claim_counts, self.run_id)
                     if left.unfinished == 0:
                         return
@@ -217,3 +225,78 @@ class _Sampler:
             waiting = len(self.queued)
             self.queued = deque(item for item in self.queued if item[0] not in gone)
             self.lost += waiting - len(self.queued)
+
+
+@dataclass
+class FollowResult:
+    """What :func:`follow_loop` returns."""
+
+    loop_id: str
+    worker: str
+    runs: list[WorkerResult] = field(default_factory=list)
+    """One per time this worker took part in one of the loop's batch runs."""
+    loop_status: str = ""
+    """The loop's status when the worker left: ``finished`` once its trainer ended."""
+
+    @property
+    def results(self) -> list[TrajectoryResult]:
+        return [r for run in self.runs for r in run.results]
+
+    @property
+    def lost(self) -> int:
+        return sum(run.lost for run in self.runs)
+
+
+async def follow_loop(
+    store: TrajectoryStore,
+    loop_id: str,
+    *,
+    worker: str | None = None,
+    batch: int = 8,
+    lease_s: float = 60.0,
+    concurrency: int = 64,
+    poll_s: float = 0.5,
+) -> FollowResult:
+    """Sample for a training loop (:mod:`agent_graph.loops`) until its trainer ends it.
+
+    The loop's trainer registers a run per batch it wants sampled, each naming the policy
+    version to sample with. This worker takes part in the oldest of them with anything left to
+    claim (:func:`work_run`, ``until_idle``: it moves on when the rest is claimed by others),
+    loading the version each run names when it starts on it — so versions saved by the
+    trainer are sampled from its next batch on, without restarting anything. With nothing to
+    claim it polls every ``poll_s``; it returns once the loop's run is no longer ``running``.
+    A dead worker's claims come back claimable when their leases pass, and the oldest-first
+    scan finishes them before newer batches."""
+    from agent_graph.loops import batch_runs, is_loop_run
+
+    if poll_s <= 0:
+        raise ValueError("poll_s must be positive")
+    worker = worker or worker_id()
+    loop = store.run(loop_id)
+    if not is_loop_run(loop):
+        raise ValueError(f"run {loop_id[:12]} ({loop.name}) is not a training loop's run")
+    result = FollowResult(loop.id, worker)
+    while True:
+        loop = await asyncio.to_thread(store.run, loop.id)
+        result.loop_status = loop.status
+        if loop.status != "running":
+            return result
+        runs = await asyncio.to_thread(batch_runs, store, loop)
+        runs = [run for run in runs if run.status != "finished"]
+        counts = [await asyncio.to_thread(store.claim_counts, run.id) for run in runs]
+        ready = [run for run, left in zip(runs, counts, strict=True) if left.free]
+        if not ready:
+            await asyncio.sleep(poll_s)
+            continue
+        result.runs.append(
+            await work_run(
+                store,
+                ready[0].id,
+                worker=worker,
+                batch=batch,
+                lease_s=lease_s,
+                concurrency=concurrency,
+                poll_s=poll_s,
+                until_idle=True,
+            )
+        )

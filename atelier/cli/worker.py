@@ -28,7 +28,11 @@ def add_worker_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
         help="sample a run together with other workers (one or many machines; a run made "
         "with `rollout --register-only`, or one killed mid-way)",
     )
-    worker.add_argument("run", help="run id, id prefix or name")
+    worker.add_argument(
+        "run",
+        help="run id, id prefix or name; a training loop's name (`atelier train "
+        "--max-staleness K --workers`): sample each batch it registers until it ends",
+    )
     worker.add_argument(
         "--batch", type=int, default=8, help="trajectories claimed at a time (default: 8)"
     )
@@ -109,6 +113,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise CliError("--worker-id must be 1 to 200 characters")
     store = open_store(args)
     run = resolve_run(store, args.run)
+    from agent_graph.loops import is_loop_run
+
+    if is_loop_run(run):
+        return _follow(args, store, run)
     left = store.claim_counts(run.id)
     if left.unfinished == 0:
         total = store.count_trajectories(run=run.id)
@@ -145,6 +153,45 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     _print_requests(result.requests)
     return _exit_status(results, run.id)
+
+
+def _follow(args: argparse.Namespace, store: Any, loop: Any) -> int:
+    """``atelier worker LOOP``: sample for a training loop until its trainer ends it."""
+    from agent_graph.heap import freeze_startup_heap
+    from agent_graph.workers import follow_loop
+    from atelier.cli.app import _exit_status, _outcome, _print_requests
+
+    if loop.status != "running":
+        raise CliError(
+            f"training loop {loop.name} ({loop.id[:12]}) is {loop.status}: nothing to sample for it"
+        )
+    freeze_startup_heap()
+    work = follow_loop(
+        store,
+        loop.id,
+        worker=args.worker_id,
+        batch=args.batch,
+        lease_s=args.lease,
+        concurrency=args.concurrency,
+    )
+    result = _run(store, None, work)
+    if result is None:
+        print(
+            "atelier: interrupted — this worker's claims were released; the other workers "
+            f"following {loop.name} sample the rest",
+            file=sys.stderr,
+        )
+        return 130
+    results = result.results
+    lost = f", {result.lost} taken over by another worker" if result.lost else ""
+    print(
+        f"worker {result.worker}: training loop {loop.name}: {len(results)} trajectories in "
+        f"{len({r.run_id for r in result.runs})} runs, {_outcome(results)}{lost}; the loop "
+        f"is {result.loop_status}"
+    )
+    for run in result.runs:
+        _print_requests(run.requests)
+    return _exit_status(results, result.runs[-1].run_id) if result.runs else 0
 
 
 def _run(store: Any, run_id: str | None, work: Any) -> Any:
