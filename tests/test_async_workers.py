@@ -1,63 +1,42 @@
-"""Asynchronous GRPO across processes: a trainer registers batches in the store, ``atelier
-worker LOOP`` processes sample them with the newest version, and the trainer consumes complete
-groups at most K versions old (``AsyncConfig.workers``, ``agent_graph.loops``,
-``agent_graph.workers.follow_loop``).
+"""Asynchronous GRPO across processes (``training.online_async``, ``agent_graph.loops``,
+``agent_graph.workers.follow_loop``): ``atelier train --config FILE --max-staleness K --workers``
+registers each iteration's run naming the newest version, ``atelier worker LOOP`` processes
+sample them, and the trainer trains on complete runs at most K versions old.
 
-The trainer runs in the test's process; the workers are real ``atelier worker`` processes,
-started once the loop is recorded (``on_loop``).
+Everything here is real processes: the trainer and the workers are ``atelier`` commands.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import signal
 import subprocess
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
-import torch
 from sqlalchemy import text
 
 from agent_graph.loops import batch_runs, is_loop_run, loop_of
-from agent_graph.runner import make_group_tasks
-from nodes.state import Budget
-from policies.mode import LearnedModePolicy
 from storage.store import TrajectoryStore
 from tests.cli_helpers import ATELIER, atelier_env, run_atelier
 from tests.test_rollout_workers import held_with_steps
-from training.decisions.async_loop import AsyncConfig, async_grpo
 from training.decisions.groups import read_groups
-from training.decisions.trainer import GRPOConfig, GRPOTrainer
 
-pytestmark = pytest.mark.slow  # worker processes: make test-fast skips these
+pytest_plugins = ("tests.tiny_models",)
+pytestmark = pytest.mark.slow  # processes: make test-fast skips these
 
 ROOT = Path(__file__).resolve().parents[1]
-BUDGET = Budget(max_rounds=1)
-G = 4
-PROMPTS = [
-    ["three blue squares", "two red circles above a green star"],
-    ["five triangles", "a yellow circle left of a blue square"],
-    ["four green stars", "a red square below two circles"],
-    ["two purple triangles", "one orange circle"],
-]
+SHAPEWORLD = ROOT / "examples" / "configs" / "shapeworld.toml"
+ROUTER = ("--config", str(SHAPEWORLD), "--policy", "router", "--per-category", "1", "-G", "3")
 
 
-def _batches(count: int, per_batch: int = 2) -> list[list]:
-    return [make_group_tasks(PROMPTS[i][:per_batch], G, seed=10 + i) for i in range(count)]
-
-
-def _trainer() -> GRPOTrainer:
-    return GRPOTrainer(LearnedModePolicy(seed=0), GRPOConfig(seed=0, epochs=2))
-
-
-def _worker(url: str, loop: str, name: str, lease: float = 30.0) -> subprocess.Popen:
-    command = [*ATELIER, "worker", loop, "--db", url, "--worker-id", name]
-    command += ["--batch", "2", "--concurrency", "4", "--lease", str(lease)]
+def _start(*args: str, db: str) -> subprocess.Popen:
     return subprocess.Popen(
-        command,
+        [*ATELIER, *args, "--db", db],
         env={**atelier_env(), "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -65,251 +44,231 @@ def _worker(url: str, loop: str, name: str, lease: float = 30.0) -> subprocess.P
     )
 
 
-def _loop(store: TrajectoryStore, name: str):  # -> RunInfo
+def _trainer(db: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """Start an asynchronous ``atelier train ... --workers``; (process, the loop's name) once
+    the loop is recorded (its first line names the worker command)."""
+    proc = _start("train", *args, "--workers", db=db)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    found = re.search(r"`atelier worker (\S+) --db", line)
+    assert found, (line, proc.stderr.read() if proc.stderr else "")
+    return proc, found[1]
+
+
+def _worker(db: str, loop: str, name: str, lease: float = 30.0) -> subprocess.Popen:
+    options = ("--worker-id", name, "--batch", "2", "--concurrency", "4", "--lease", str(lease))
+    return _start("worker", loop, *options, db=db)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "error" not in err, err
+    return out
+
+
+def _loop(store: TrajectoryStore, name: str) -> Any:
     (loop,) = [run for run in store.runs() if is_loop_run(run) and run.name == name]
     return loop
 
 
-def _run_versions(store: TrajectoryStore, loop) -> dict[str, tuple[str, set[str]]]:
-    """batch run id -> (the version its config names, the versions its decisions record)."""
-    out = {}
-    for run in batch_runs(store, loop):
+def _weights(path: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    (file,) = Path(path).glob("*.safetensors")
+    return load_file(str(file))
+
+
+def test_k0_with_two_workers_equals_the_synchronous_loop(tmp_path):
+    """K = 0 through two worker processes trains the same router versions, weight for weight,
+    as the synchronous loop sampling in its own process; each run sampled by the version it
+    names, a new one each iteration."""
+    db = f"sqlite:///{tmp_path / 'async.db'}"
+    loop_args = (*ROUTER, "--iterations", "3", "--out", str(tmp_path / "a"), "--loop", "al")
+    trainer, loop_name = _trainer(db, *loop_args, "--max-staleness", "0")
+    assert loop_name == "al"
+    workers = [_worker(db, loop_name, name) for name in ("w1", "w2")]
+    out = _finish(trainer)
+    outputs = [_finish(w) for w in workers]
+    assert all("the loop is finished" in o for o in outputs)
+    assert out.count("staleness 0") == 3
+    sampled = sum(int(re.search(r": (\d+) trajectories", o)[1]) for o in outputs)
+    assert sampled == 3 * 9 * 3  # every trajectory once, by one of the two
+
+    sync_db = f"sqlite:///{tmp_path / 'sync.db'}"
+    sync_args = (*ROUTER, "--iterations", "3", "--out", str(tmp_path / "s"), "--loop", "sl")
+    done = run_atelier("train", *sync_args, db=sync_db, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    store, sync = TrajectoryStore(db), TrajectoryStore(sync_db)
+    trained = {v.version: v for v in store.policy_versions(name="router")}
+    expected = {v.version: v for v in sync.policy_versions(name="router")}
+    assert sorted(trained) == sorted(expected) == ["0", "1", "2", "3"]
+    for version in ("1", "2", "3"):
+        a, b = _weights(trained[version].path), _weights(expected[version].path)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].equal(b[key]), (version, key)
+        assert trained[version].metadata["staleness"] == 0
+    start, first = _weights(trained["0"].path), _weights(trained["1"].path)
+    assert any(not start[key].equal(first[key]) for key in start)  # it did train
+    loop = _loop(store, "al")
+    assert loop.status == "finished"
+    runs = batch_runs(store, loop)
+    assert [loop_of(r)["behaviour"] for r in runs] == ["router@0", "router@1", "router@2"]
+    for run in runs:  # sampled by the version it names, and by nothing else
         groups = read_groups(store, run.id, "mode", policy="router")
         recorded = {d.version for g in groups for m in g.members for d in m.decisions}
-        out[run.id] = (loop_of(run)["behaviour"].split("@")[1], recorded)
-    return out
-
-
-def test_k0_through_two_worker_processes_equals_the_in_process_loop(tmp_path):
-    url = f"sqlite:///{tmp_path / 'workers.db'}"
-    store = TrajectoryStore(url)
-    workers: list[subprocess.Popen] = []
-
-    def start_workers(loop) -> None:
-        assert loop.status == "running" and store.run(loop.id).trajectory_count == 0
-        workers.extend(_worker(url, loop.name, name) for name in ("w1", "w2"))
-
-    cfg = AsyncConfig(max_staleness=0, groups_per_step=2, iterations=3, workers=True, poll_s=0.1)
-    policy, log = asyncio.run(
-        async_grpo(
-            store,
-            _trainer(),
-            _batches(3),
-            tmp_path / "v",
-            cfg,
-            group_size=G,
-            budget=BUDGET,
-            on_loop=start_workers,
-        )
-    )
-    outputs = [proc.communicate(timeout=120) for proc in workers]
-    for proc, (out, err) in zip(workers, outputs, strict=True):
-        assert proc.returncode == 0 and err == "", err
-        assert "the loop is finished" in out
-    done = sum(int(re.search(r": (\d+) trajectories", out)[1]) for out, _ in outputs)
-    assert done == 3 * 2 * G  # every trajectory sampled once, by one of the two
-
-    assert [(it.start, it.trained) for it in log] == [
-        ("router@0", "router@1"),
-        ("router@1", "router@2"),
-        ("router@2", "router@3"),
-    ]
-    assert all(it.staleness == {0: 2} and not it.skipped for it in log)
-    loop = _loop(store, cfg.name)
-    assert loop.status == "finished"
-    # each batch run sampled by exactly the version it named, a newer one each batch
-    versions = _run_versions(store, loop)
-    assert sorted(named for named, _ in versions.values()) == ["0", "1", "2"]
-    assert all(recorded == {named} for named, recorded in versions.values())
-    assert all(run.status == "finished" for run in batch_runs(store, loop))
-
-    # The same loop sampled in this process (same batches, same start): the same weights.
-    local_store = TrajectoryStore(f"sqlite:///{tmp_path / 'local.db'}")
-    local = AsyncConfig(max_staleness=0, groups_per_step=2, iterations=3)
-    local_policy, _ = asyncio.run(
-        async_grpo(
-            local_store, _trainer(), _batches(3), tmp_path / "l", local, group_size=G, budget=BUDGET
-        )
-    )
-    for p, q in zip(policy.parameters(), local_policy.parameters(), strict=True):
-        assert torch.allclose(p, q)
-    assert not any(
-        p.equal(q)
-        for p, q in zip(policy.parameters(), LearnedModePolicy(seed=0).parameters(), strict=True)
-    )
+        assert recorded == {loop_of(run)["behaviour"].split("@")[1]}
+        assert run.status == "finished"
+    with store.db.read() as conn:
+        holders = Counter(conn.execute(text("SELECT claimed_by FROM trajectories")).scalars())
+    assert set(holders) <= {"w1", "w2"} and sum(holders.values()) == sampled
     store.close()
-    local_store.close()
+    sync.close()
 
 
 @pytest.mark.postgres
 def test_k1_with_a_worker_killed_mid_loop_on_postgresql(pg_server, tmp_path):
     """Three workers on one PostgreSQL store; one frozen while it holds started trajectories,
-    then SIGKILLed: the other two finish them once its leases pass, the trainer trains on every
-    group exactly once and never on one more than K = 1 versions old."""
-    url = pg_server.create_database()
-    store = TrajectoryStore(url)
-    procs: dict[str, subprocess.Popen] = {}
-    killed: dict[str, int] = {}
-    killer = threading.Thread(target=lambda: freeze_then_kill())
-
-    def start_workers(loop) -> None:
-        procs.update({name: _worker(url, loop.name, name, lease=2.0) for name in ("a", "b")})
-        procs["victim"] = _worker(url, loop.name, "victim", lease=2.0)
-        killer.start()
+    then SIGKILLed: the others finish them once its leases pass; the trainer never trains on a
+    run more than K = 1 versions old, and each run at most once."""
+    db = pg_server.create_database()
+    args = (*ROUTER, "--iterations", "4", "--out", str(tmp_path / "v"), "--loop", "pgl")
+    trainer, loop_name = _trainer(db, *args, "--max-rounds", "2", "--max-staleness", "1")
+    store = TrajectoryStore(db)
+    victim = _worker(db, loop_name, "victim", lease=2.0)
+    held: dict[str, int] = {}
 
     def freeze_then_kill() -> None:
-        victim, deadline = procs["victim"], time.monotonic() + 90
+        deadline = time.monotonic() + 90
         while victim.poll() is None and time.monotonic() < deadline:
             # freeze the victim while it holds trajectories it has recorded steps of
             if held_with_steps(store, "victim"):
                 victim.send_signal(signal.SIGSTOP)
-                if held := held_with_steps(store, "victim"):
-                    killed.update(held)
+                if found := held_with_steps(store, "victim"):
+                    held.update(found)
                     break
                 victim.send_signal(signal.SIGCONT)
             time.sleep(0.005)
         victim.send_signal(signal.SIGKILL)
 
-    cfg = AsyncConfig(max_staleness=1, groups_per_step=2, iterations=4, workers=True, poll_s=0.1)
-    batches = [
-        make_group_tasks(
-            PROMPTS[i % 4],
-            G,
-            seed=20 + i,
-        )
-        for i in range(4)
-    ]
-    _, log = asyncio.run(
-        async_grpo(
-            store,
-            _trainer(),
-            batches,
-            tmp_path / "v",
-            cfg,
-            group_size=G,
-            budget=Budget(max_rounds=2),
-            on_loop=start_workers,
-        )
-    )
+    killer = threading.Thread(target=freeze_then_kill)
+    killer.start()
+    others = [_worker(db, loop_name, name, lease=2.0) for name in ("a", "b")]
+    out = _finish(trainer)
     killer.join(timeout=60)
-    procs["victim"].wait(timeout=30)
-    for name in ("a", "b"):
-        out, err = procs[name].communicate(timeout=120)
-        assert procs[name].returncode == 0 and err == "", err
-        assert "the loop is finished" in out
+    victim.wait(timeout=30)
+    assert all("the loop is finished" in _finish(w) for w in others)
+    assert held, "the victim was never frozen holding a started trajectory"
 
-    assert killed, "the victim was never killed mid-way"
-    # one version a step; a step short when skipped groups left too few for the last one
-    assert [it.trained for it in log] == [f"router@{i + 1}" for i in range(len(log))]
-    assert len(log) >= 3
-    used = [(g.run_id, g.group_id) for it in log for g in it.used]
-    skipped = [(g.run_id, g.group_id) for it in log for g in it.skipped]
-    assert len(used) + len(skipped) == len(set(used) | set(skipped))  # each group once
-    assert all(g.staleness <= 1 for it in log for g in it.used)
-    # A batch the victim held finishes late, after newer batches: its groups may be staler
-    # than K by then, and are skipped, never trained on.
-    assert all(g.staleness > 1 for it in log for g in it.skipped)
-    assert len(used) + len(skipped) <= 2 * len(batches)
-    loop = _loop(store, cfg.name)
+    versions = [v for v in store.policy_versions(name="router") if v.version != "0"]
+    assert [v.version for v in versions] == ["1", "2", "3", "4"][: len(versions)]
+    assert len(versions) >= 3  # a step short only when a delayed run was skipped as stale
+    trained_runs = [v.metadata["run"] for v in versions]
+    assert len(trained_runs) == len(set(trained_runs))
+    assert all(v.metadata["staleness"] <= 1 for v in versions)
+    skipped = [s for v in versions for s in v.metadata["skipped_stale"]]
+    assert all(staleness > 1 for _, _, staleness in skipped)
+    assert not set(trained_runs) & {run for run, _, _ in skipped}
+    assert out.count("staleness ") == len(versions)
+    loop = _loop(store, loop_name)
     assert loop.status == "finished"
     with store.db.read() as conn:
         holders = dict(conn.execute(text("SELECT id, claimed_by FROM trajectories")).all())
-    for tid, recorded in killed.items():  # taken over and continued from the victim's steps
+    for tid, recorded in held.items():  # taken over and continued from the victim's steps
         assert holders[tid] in ("a", "b")
         assert len(store.steps(tid)) > recorded
-        assert store.trajectory(tid).status == "succeeded"
-    for run_id, group_id in used:  # what was trained on: all G members finished, steps 0..n-1
-        members = store.groups(run=run_id)[group_id]
-        assert len(members) == G and all(m.status == "succeeded" for m in members)
-        for member in members:
-            assert [s.seq for s in store.steps(member.id)] == list(
-                range(len(store.steps(member.id)))
-            )
-    versions = _run_versions(store, loop)
-    assert all(recorded <= {named} for named, recorded in versions.values())
+    for run_id in trained_runs:  # what was trained on: every trajectory finished once
+        for summary in store.trajectories(run=run_id, limit=None):
+            assert summary.status == "succeeded"
+            seqs = [s.seq for s in store.steps(summary.id)]
+            assert seqs == list(range(len(seqs)))
     store.close()
 
 
-def test_cli_trainer_and_worker_processes_and_wrong_input(tmp_path):
-    db = f"sqlite:///{tmp_path / 'cli.db'}"
-    trainer = subprocess.Popen(
-        [
-            *ATELIER,
-            "train",
-            "--world",
-            "shapeworld",
-            "--policy",
-            "router",
-            "--max-staleness",
-            "1",
-            "--workers",
-            "--iterations",
-            "2",
-            "--per-category",
-            "1",
-            "-G",
-            "3",
-            "--out",
-            str(tmp_path / "versions"),
-        ],
-        env={**atelier_env(db), "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+def test_wrong_input_and_an_interrupted_trainer(tmp_path):
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    for args, message in (
+        (("--world", "shapeworld", "--workers"), "give --config FILE"),
+        ((*ROUTER, "--workers"), "give --max-staleness K too"),
+        ((*ROUTER, "--max-staleness", "1"), "add --workers"),
+        ((*ROUTER, "--max-staleness", "-1", "--workers"), "must be >= 0"),
+        ((*ROUTER, "--max-staleness", "1", "--workers", "--resume"), "neither resumes"),
+    ):
+        wrong = run_atelier("train", *args, db=db)
+        assert wrong.returncode == 2, (args, wrong.stderr)
+        assert wrong.stderr.startswith("atelier: error: ") and message in wrong.stderr, args
+        assert len(wrong.stderr.splitlines()) == 1
+
+    # No worker comes: the trainer waits; Ctrl-C ends the loop, and a worker started after
+    # that is told there is nothing to sample.
+    args = (*ROUTER, "--iterations", "2", "--out", str(tmp_path / "v"), "--loop", "stopped")
+    trainer, loop_name = _trainer(db, *args, "--max-staleness", "1")
+    time.sleep(1.0)
+    trainer.send_signal(signal.SIGINT)
+    _, err = trainer.communicate(timeout=60)
+    assert trainer.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    with TrajectoryStore(db) as store:
+        assert _loop(store, loop_name).status == "interrupted"
+    late = run_atelier("worker", loop_name, db=db)
+    assert late.returncode == 2
+    assert late.stderr.startswith("atelier: error: training loop stopped")
+    assert "is interrupted" in late.stderr and len(late.stderr.splitlines()) == 1
+    # The loop's name is taken: a second loop of that name is refused.
+    again = run_atelier("train", *args, "--max-staleness", "1", "--workers", db=db)
+    assert again.returncode == 2 and "does not resume" in again.stderr
+
+
+@pytest.mark.models
+def test_a_text_lora_loop_hot_loads_each_version_on_every_replica(
+    text_lm_replicas, tiny_models, tmp_path
+):
+    """The decomposer's LoRA on two ``atelier serve lm`` replicas (the tiny text LM): the
+    trainer registers each run with the newest adapter version, the workers load it on both
+    replicas as they start the run, and every decomposition of a run is requested from that
+    version; a run sampled by the version being updated recomputes to ratio 1."""
+    from tests.test_train_loop_served import LORA, PROMPTS, _backends
+
+    servers, services = text_lm_replicas
+    config = _backends(tmp_path, servers)
+    (tmp_path / "prompts.txt").write_text(PROMPTS)
+    db = f"sqlite:///{tmp_path / 'text.db'}"
+    args = (
+        *("--config", str(config), "--model", str(tiny_models.lm)),
+        *("--prompts", str(tmp_path / "prompts.txt"), "--policy", "decompose"),
+        *("--mode", "decompose", "--iterations", "3", "-G", "3", "--max-rounds", "1"),
+        *("--loop", "text-async", "--out", str(tmp_path / "v"), *LORA),
     )
-    assert trainer.stdout is not None
-    announced = trainer.stdout.readline()
-    loop = re.search(r"`atelier worker (\S+) --db", announced)
-    assert loop, announced
-    worker = run_atelier("worker", loop[1], db=db, timeout=240)
-    out, err = trainer.communicate(timeout=240)
-    assert trainer.returncode == 0 and "error" not in err and "Traceback" not in err, err
-    assert worker.returncode == 0, worker.stderr
-    assert "the loop is finished" in worker.stdout
-    assert re.search(r": 54 trajectories in 2 runs, 54 succeeded", worker.stdout), worker.stdout
-    assert "final policy router@2" in out + err
+    trainer, loop_name = _trainer(db, *args, "--max-staleness", "1")
+    workers = [_worker(db, loop_name, name) for name in ("w1", "w2")]
+    _finish(trainer, timeout=600)
+    assert all("the loop is finished" in _finish(w, timeout=120) for w in workers)
 
-    # wrong input: one error line, exit 2
-    again = run_atelier("worker", loop[1], db=db)
-    assert again.returncode == 2
-    assert (
-        again.stderr.startswith("atelier: error: training loop ") and "is finished" in again.stderr
-    )
-    assert len(again.stderr.splitlines()) == 1
-    lone = run_atelier("train", "--world", "shapeworld", "--workers", db=db)
-    assert lone.returncode == 2 and "give --max-staleness" in lone.stderr
-    assert len(lone.stderr.splitlines()) == 1
-
-
-def test_an_interrupted_trainer_ends_its_loop_and_its_workers_leave(tmp_path):
-    url = f"sqlite:///{tmp_path / 'stop.db'}"
-    store = TrajectoryStore(url)
-    workers: list[subprocess.Popen] = []
-    cfg = AsyncConfig(max_staleness=0, groups_per_step=2, iterations=3, workers=True, poll_s=0.1)
-
-    async def main() -> None:
-        task = asyncio.create_task(
-            async_grpo(
-                store,
-                _trainer(),
-                _batches(3),
-                tmp_path / "v",
-                cfg,
-                group_size=G,
-                budget=BUDGET,
-                on_loop=lambda loop: workers.append(_worker(url, loop.name, "w")),
-                before_step=lambda index: asyncio.sleep(0 if index == 0 else 3600),
-            )
+    store = TrajectoryStore(db)
+    versions = store.policy_versions(name="decompose")
+    assert [v.version for v in versions] == ["1", "2", "3"]
+    assert all(v.metadata["staleness"] <= 1 for v in versions)
+    # Runs 0 and 1 are registered at once with the base model (K = 1 allows one run ahead):
+    # step 1 trains on base samples, one version stale, checked under the base model's weights.
+    assert versions[1].metadata["behaviour"] == "base"
+    assert versions[1].metadata["staleness"] == 1
+    for version in versions:
+        if version.metadata["staleness"] == 0:  # sampled by the weights being updated
+            assert version.metadata["first_ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    for run in batch_runs(store, _loop(store, loop_name)):
+        behaviour = loop_of(run)["behaviour"]
+        models = Counter(
+            g.model
+            for t in store.trajectories(run=run.id, limit=None)
+            for step in store.trajectory(t.id).steps
+            if step.node == "decompose"
+            for g in step.generations
         )
-        while len(store.policy_versions(name="router")) < 2:  # step 0 done, step 1 waiting
-            await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(main())
-    assert _loop(store, cfg.name).status == "interrupted"
-    out, err = workers[0].communicate(timeout=60)
-    assert workers[0].returncode == 0 and err == "", err
-    assert "the loop is interrupted" in out
+        assert set(models) == {"tiny-lm" if behaviour == "base" else behaviour}, run.name
+    paths = {f"decompose@{v.version}": v.path for v in versions}
+    sampled = {loop_of(r)["behaviour"] for r in batch_runs(store, _loop(store, loop_name))}
+    for service in services:  # each version a run named was loaded on both replicas
+        for label in sampled - {"base"}:
+            assert service.engine.adapters.get(label) == paths[label]
     store.close()

@@ -139,3 +139,55 @@ async def test_grpo_lora_raises_the_logprob_of_high_reward_completions(
     assert await mean_logprob(client, best) == pytest.approx(base_best, abs=1e-6)
     await client.aclose()
     store.close()
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
+async def test_a_stale_batch_is_checked_under_the_weights_that_sampled_it(
+    text_lm_server, tiny_models: TinyModels, tmp_path: Path
+):
+    """An asynchronous loop trains on groups an older version sampled: the alignment check then
+    runs under that version's weights (``sampled_with``: its adapter directory, or None for the
+    base model), swapped in and out without touching the trainer's own."""
+    from nodes.backends.clients.openai_client import OpenAIChatClient
+    from storage.store import TrajectoryStore
+
+    client = OpenAIChatClient(text_lm_server.url, model="tiny-lm")
+    store = TrajectoryStore(f"sqlite:///{tmp_path / 'stale.db'}")
+    trainer = LoRATrainer(tiny_models.lm, LoRAConfig(lr=1e-2, epochs=2, minibatch_size=16))
+    reward = target_fraction(word_tokens(trainer.engine.tokenizer), trainer.engine.stop_ids)
+
+    async def sample(model: Any, seed: int) -> list:
+        run_id = await collect(
+            model, store, PROMPTS, group_size=GROUP_SIZE, max_tokens=TOKENS, seed=seed
+        )
+        score_run(store, run_id, reward)
+        return read_groups(store, run_id)
+
+    by_base, also_by_base = await sample(client, 0), await sample(client, 1)
+    assert trainer.train(by_base).metrics["first_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    first = save_version(trainer, store, tmp_path / "adapter-1", {})
+    # The trainer is at version 1 now: base samples are not its own.
+    with pytest.raises(ValueError, match="recomputed log-prob"):
+        trainer.train(also_by_base)
+    stale = trainer.train(also_by_base, sampled_with=None)  # checked under the base model
+    assert stale.metrics["first_max_abs_log_ratio"] > 1e-4  # π_θ differs from π_old: off-policy
+    save_version(trainer, store, tmp_path / "adapter-2", {})
+
+    await client.load_adapter("v1", str(first))
+    by_first = await sample(client.with_adapter("v1"), 2)
+    with pytest.raises(ValueError, match="recomputed log-prob"):
+        trainer.train(by_first)  # sampled by version 1, the trainer is at 2
+    own = [p.detach().clone() for p in trainer.parameters]
+    with trainer.sampled_weights(first):
+        swapped = [p.detach().clone() for p in trainer.parameters]
+    assert any(not a.equal(b) for a, b in zip(swapped, own, strict=True))
+    assert all(a.equal(b) for a, b in zip(trainer.parameters, own, strict=True))  # restored
+    result = trainer.train(by_first, sampled_with=first)
+    assert result.metrics["steps"] > 0
+    with pytest.raises(ValueError, match="not an adapter of this trainer"):
+        other = LoRATrainer(
+            tiny_models.lm, LoRAConfig(target_modules=("q_proj",), epochs=1, minibatch_size=16)
+        )
+        with other.sampled_weights(first):
+            pass
+    store.close()

@@ -372,6 +372,23 @@ async def _rollout(
             store.register_trajectories(run.id, states)
         await resume_run(store, run.id, concurrency=spec.concurrency)
         return run.id, True
+    return await iteration_run(store, spec, policy, index, behaviour, extra_loop), False
+
+
+async def iteration_run(
+    store: TrajectoryStore,
+    spec: LoopSpec,
+    policy: LoopPolicy,
+    index: int,
+    behaviour: DeployedVersion | None,
+    extra_loop: dict[str, Any],
+    *,
+    register_only: bool = False,
+    extra_config: dict[str, Any] | None = None,
+) -> str:
+    """A new run of iteration ``index`` with ``behaviour`` deployed, its config naming the loop
+    (``config["loop"]``); its id. ``register_only``: registered for rollout workers, not
+    sampled here (an asynchronous loop's)."""
     loop = {
         "name": spec.name,
         "iteration": index,
@@ -386,8 +403,9 @@ async def _rollout(
         budget=spec.budget,
         name=f"{spec.name}/{index}",
         concurrency=spec.concurrency,
-        extra_config={"loop": loop},
+        extra_config={"loop": loop, **(extra_config or {})},
         mode=spec.mode,
+        register_only=register_only,
         **policy.deployment(behaviour),
     )
-    return outcome.run_id, False
+    return outcome.run_id

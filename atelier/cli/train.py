@@ -77,15 +77,17 @@ def add_train_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
         "--max-staleness",
         type=int,
         metavar="K",
-        help="--world shapeworld --policy router: asynchronous GRPO, sampling the newest "
-        "version while the trainer trains on groups at most K versions old (AReaL's bound; "
-        "0 = synchronous); samples only the learned router (no uniform first iteration)",
+        help="asynchronous GRPO: sample with the newest version while training on samples at "
+        "most K versions old (AReaL's bound; 0 = synchronous). With --config (any policy), "
+        "rollout workers sample (--workers); with --world shapeworld --policy router, this "
+        "process samples (only the learned router: no uniform first iteration)",
     )
     train.add_argument(
         "--workers",
         action="store_true",
-        help="with --max-staleness: sample nothing here; `atelier worker LOOP` processes (one "
-        "or many machines, the same --db) sample each batch with the newest version",
+        help="with --config and --max-staleness: sample nothing here; `atelier worker LOOP` "
+        "processes (one or many machines, the same --db) sample each iteration's run with the "
+        "newest version, while this process trains",
     )
     train.add_argument("--per-category", type=int, default=6, help="prompts per category")
     train.add_argument("--group-size", "-G", type=int, default=8, help="samples per prompt")
@@ -555,13 +557,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.max_staleness is not None:
         if args.world is None or args.policy != "router" or args.init is not None:
             raise CliError(
-                "--max-staleness: asynchronous GRPO trains a fresh router in ShapeWorld "
-                "(--world shapeworld --policy router, without --init)"
+                "--max-staleness: in this process, asynchronous GRPO trains a fresh router in "
+                "ShapeWorld (--world shapeworld --policy router, without --init); any policy "
+                "with rollout workers: --config FILE --max-staleness K --workers"
             )
         if args.max_staleness < 0 or args.reward_weights[2] > 0:
             raise CliError("--max-staleness must be >= 0 (and a3 of --reward-weights 0)")
-    elif args.workers:
-        raise CliError("--workers samples an asynchronous loop: give --max-staleness K too")
+    if args.workers:
+        raise CliError(
+            "--workers: rollout workers sample a loop over a backends file: give --config FILE "
+            "--max-staleness K (ShapeWorld's: examples/configs/shapeworld.toml)"
+        )
     kind = "mode" if args.policy == "router" else "stop"
     board = _tensorboard(args)
     store = open_store(args, must_exist=args.world is None)
@@ -725,7 +731,6 @@ def _train(
 
 def _train_async(args: argparse.Namespace, store: TrajectoryStore, batches: list) -> int:
     """``--max-staleness K``: the router's asynchronous loop, one batch per trainer step."""
-    from atelier.cli.common import safe_url
     from nodes.state import Budget
     from training.decisions.async_loop import AsyncConfig, async_grpo
     from training.decisions.trainer import GRPOTrainer
@@ -736,32 +741,19 @@ def _train_async(args: argparse.Namespace, store: TrajectoryStore, batches: list
         groups_per_step=len({t.group_id for t in batches[0]}),
         iterations=args.iterations,
         name=f"async-{trainer.name}-{trainer.version}",  # its own runs only: versions are free
-        workers=args.workers,
     )
-
-    def announce(loop: Any) -> None:
-        print(
-            f"training loop {loop.name}: start rollout workers with `atelier worker {loop.name} "
-            f"--db {safe_url(store.url)}` (one or many, on any machine sharing the store)",
-            flush=True,
-        )
-
     freeze_startup_heap()
-    work = async_grpo(
-        store,
-        trainer,
-        batches,
-        args.out,
-        config,
-        group_size=args.group_size,
-        budget=Budget(max_rounds=args.max_rounds),
-        on_loop=announce,
+    policy, log = asyncio.run(
+        async_grpo(
+            store,
+            trainer,
+            batches,
+            args.out,
+            config,
+            group_size=args.group_size,
+            budget=Budget(max_rounds=args.max_rounds),
+        )
     )
-    try:
-        policy, log = asyncio.run(work)
-    except KeyboardInterrupt:  # the loop's run says so; its workers leave
-        print(f"atelier: interrupted — versions saved so far are in {args.out}", file=sys.stderr)
-        return 130
     print("| iteration | trained from | staleness: groups | skipped | wall s | trained |")
     print("|---|---|---|---|---|---|")
     for it in log:

@@ -113,6 +113,21 @@ def check_loop_args(args: argparse.Namespace) -> None:
         )
     if args.sft:
         raise CliError("--sft imitates recorded runs: give --run, not --config")
+    if args.max_staleness is not None:
+        if not args.workers:
+            raise CliError(
+                "--max-staleness with --config: rollout workers sample the loop; add --workers "
+                "and start `atelier worker LOOP` processes"
+            )
+        if args.max_staleness < 0:
+            raise CliError("--max-staleness must be >= 0")
+        if args.resume or args.tree_stage is not None:
+            raise CliError(
+                "--max-staleness: an asynchronous loop neither resumes nor alternates R3 stages "
+                "(start another --loop, with --init from a version to continue from)"
+            )
+    elif args.workers:
+        raise CliError("--workers samples an asynchronous loop: give --max-staleness K too")
     if args.concurrency < 1:
         raise CliError("--concurrency must be at least 1")
     if args.prompts_per_iteration is not None and args.prompts_per_iteration < 1:
@@ -309,6 +324,7 @@ class TextLoopPolicy:
         self.start_version = "0"
         self.analyzer: Any = None
         self.judge: Any = None
+        self.behaviour: DeployedVersion | None = None
 
     def deployment(self, version: DeployedVersion | None) -> dict[str, Any]:
         return {"adapters": {self.role: version.path}} if version is not None else {}
@@ -371,6 +387,7 @@ class TextLoopPolicy:
     ) -> list[Any]:
         from training.text.groups import read_node_groups
 
+        self.behaviour = behaviour  # the weights the groups' log-probs came from (train)
         try:
             return read_node_groups(store, [run_id], node=self.node, reward=self.reward)
         except (KeyError, ValueError) as exc:
@@ -378,9 +395,21 @@ class TextLoopPolicy:
 
     def train(self, groups: Sequence[Any]) -> TrainResult:
         try:
-            return self.trainer.train(groups)
+            return self.trainer.train(groups, sampled_with=self._sampled_with())
         except ValueError as exc:  # the alignment check: not what the server saw
             raise CliError(str(exc)) from None
+
+    def _sampled_with(self) -> Any:
+        """What sampled the groups, as ``LoRATrainer.train(sampled_with=)`` takes it: the
+        trainer's own weights (on-policy), or — an asynchronous loop training on a run an older
+        version sampled — that version's adapter directory, or None for the base model."""
+        from training.text.trainer import ON_POLICY
+
+        behaviour = self.behaviour
+        if behaviour is None:  # the base model: on-policy while the LoRA is fresh (B = 0)
+            fresh = self.trainer.steps == 0 and self.trainer.parent is None
+            return ON_POLICY if fresh else None
+        return ON_POLICY if behaviour.version == self.trainer.version else behaviour.path
 
     def trained_rows(
         self, result: TrainResult, groups: Sequence[Any], run_id: str
@@ -532,6 +561,8 @@ def train_loop(args: argparse.Namespace, store: TrajectoryStore, board: Any) -> 
 
     if args.tree_stage == "r3":
         return _alternate(args, store, spec, policy, initial, show_round)
+    if args.max_staleness is not None:
+        return _train_async(args, store, spec, policy, initial, show)
     start_version = getattr(policy, "start_version", None)
     try:
         log = asyncio.run(
@@ -570,6 +601,58 @@ async def _iterate(
         # recorded in every run of the loop: --resume numbers a fresh adapter the same way
         extra_loop={"start_version": start_version} if start_version is not None else None,
     )
+
+
+def _train_async(
+    args: argparse.Namespace, store: Any, spec: Any, policy: Any, initial: Any, show: Any
+) -> int:
+    """``--max-staleness K --workers``: the loop's batches sampled by rollout workers while it
+    trains (``training.online_async``)."""
+    from atelier.cli.common import safe_url
+    from nodes.backends.config import ConfigError
+    from policies.deployed import VersionError
+    from training.online import LoopError
+    from training.online_async import online_async
+    from training.versions import VersionTaken
+
+    def announce(loop: Any) -> None:
+        print(
+            f"training loop {loop.name}: start rollout workers with `atelier worker {loop.name} "
+            f"--db {safe_url(store.url)}` (one or many, on any machine sharing the store and "
+            "reaching the servers)",
+            flush=True,
+        )
+
+    def shown(entry: Any) -> None:
+        show(entry)
+        skipped = f", skipped {len(entry.skipped)} staler runs" if entry.skipped else ""
+        print(
+            f"  staleness {entry.staleness}{skipped}; {entry.wall_s:.2f} s since the last step, "
+            f"{entry.wait_s:.2f} s waiting for samples",
+            flush=True,
+        )
+
+    start_version = getattr(policy, "start_version", None)
+    work = online_async(
+        store,
+        spec,
+        policy,
+        initial,
+        max_staleness=args.max_staleness,
+        on_loop=announce,
+        on_iteration=shown,
+        extra_loop={"start_version": start_version} if start_version is not None else None,
+    )
+    try:
+        log = asyncio.run(work)
+    except (LoopError, ConfigError, VersionError, VersionTaken, FileExistsError) as exc:
+        raise CliError(str(exc)) from None
+    except KeyboardInterrupt:
+        print(f"atelier: interrupted — loop {spec.name} ended; its workers leave", file=sys.stderr)
+        return 130
+    last = next((e.trained for e in reversed(log) if e.trained), None)
+    print(f"loop {spec.name}: {len(log)} steps; newest version {last or 'none'}", file=sys.stderr)
+    return 0
 
 
 def show_round(entry: Any) -> None:

@@ -23,15 +23,6 @@ batches that do not divide a step). K = 0 is the synchronous loop
 trainer then updates. The trainer's optimisation runs in a thread (``asyncio.to_thread``) so
 rollouts go on while it trains.
 
-**Across processes** (``AsyncConfig.workers``): the sampler only *registers* each batch as a
-run for rollout workers (``atelier worker LOOP``, :func:`agent_graph.workers.follow_loop`),
-naming the newest version; the workers load it from its directory when they start on the batch,
-so a saved version is sampled from the next batch on. The loop is a run of its own
-(:mod:`agent_graph.loops`) that the workers follow until the trainer ends it, and the trainer
-polls the store for complete groups. Batches may then complete out of order (a worker killed
-mid-batch delays its batch by a lease): usable groups are taken stalest first, and a group that
-completes after it grew staler than K is skipped like any other.
-
 Every group is used at most once (the trainer remembers what it trained on or skipped), and
 versions are registered in order through ``training.versions.save_version`` (never
 overwritten). ``before_step`` is a hook awaited before each step reads the store: tests use it
@@ -49,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent_graph.loops import LOOP_KEY, batch_runs, is_loop_run, loop_of, open_loop
 from agent_graph.rollout import rollout
 from nodes.context import GraphSettings
 from nodes.state import Budget, Task
@@ -62,7 +52,6 @@ from training.decisions.trainer import GRPOTrainer
 from training.versions import save_version
 
 if TYPE_CHECKING:
-    from storage.records import RunInfo
     from storage.store import TrajectoryStore
 
 
@@ -82,15 +71,7 @@ class AsyncConfig:
     """The loop's name: its runs' ``config["async_loop"]["name"]`` and its versions'
     ``metadata["async_loop"]``."""
     rollout_concurrency: int = 64
-    """Trajectories the sampler runs at once (in this process; workers have their own)."""
-    workers: bool = False
-    """Leave sampling to rollout workers in other processes (``atelier worker NAME``, any
-    number, on any machine sharing the store): the loop is recorded as a run of its own
-    (:mod:`agent_graph.loops`), each batch is registered as a run naming the newest version
-    (workers load it when they start on the batch), and the trainer polls the store for
-    complete groups. False: this process samples, one batch at a time."""
-    poll_s: float = 0.5
-    """With ``workers``: seconds between the trainer's looks for newly completed groups."""
+    """Trajectories the sampler runs at once."""
 
 
 @dataclass(frozen=True)
@@ -157,40 +138,6 @@ async def record_batch(
     return outcome.run_id
 
 
-async def register_batch(
-    store: TrajectoryStore,
-    tasks: Sequence[Task],
-    version: Any,
-    loop_run: RunInfo,
-    *,
-    budget: Budget | None = None,
-) -> str:
-    """Register ``tasks`` as a run of the loop ``loop_run`` for rollout workers to sample on
-    ShapeWorld with the registered router ``version`` (a ``PolicyVersionInfo``); its id."""
-    label = f"{version.name}@{version.version}"
-    outcome = await rollout(
-        store,
-        tasks,
-        router=version.path,  # recorded with its directory: each worker loads it from there
-        budget=budget,
-        name=f"{loop_run.name}-{version.name}-{version.version}",
-        register_only=True,
-        extra_config={
-            LOOP_KEY: {"name": loop_run.name, "loop_run": loop_run.id, "behaviour": label}
-        },
-    )
-    return outcome.run_id
-
-
-def _all_sampled(store: TrajectoryStore, loop_run: RunInfo) -> bool:
-    """Whether every trajectory registered for the loop's workers has finished."""
-    return all(
-        store.claim_counts(run.id).unfinished == 0
-        for run in batch_runs(store, loop_run)
-        if run.status != "finished"
-    )
-
-
 def complete_groups(store: TrajectoryStore, run_id: str, group_size: int) -> set[str]:
     """Group ids of the run whose ``group_size`` members have all finished."""
     return {
@@ -235,7 +182,6 @@ async def async_grpo(
     before_step: Callable[[int], Awaitable[None]] | None = None,
     on_iteration: Callable[[AsyncIteration], None] | None = None,
     on_batch: Callable[[str], None] | None = None,
-    on_loop: Callable[[RunInfo], None] | None = None,
 ) -> tuple[Any, list[AsyncIteration]]:
     """Sample ``task_batches`` (each: tasks of whole groups of ``group_size``) and train
     ``config.iterations`` versions at once; returns (the last version, per-iteration logs).
@@ -247,32 +193,12 @@ async def async_grpo(
     groups remain (the last step then trains on those left, if any).
     """
     cfg = config or AsyncConfig()
-    if cfg.max_staleness < 0 or cfg.groups_per_step < 1 or cfg.poll_s <= 0:
-        raise ValueError("max_staleness must be >= 0, groups_per_step >= 1 and poll_s > 0")
-    if cfg.workers and settings is not None:
-        raise ValueError(
-            "settings= apply to this process's sampling: rollout workers sample with the "
-            "default GraphSettings"
-        )
+    if cfg.max_staleness < 0 or cfg.groups_per_step < 1:
+        raise ValueError("max_staleness must be >= 0 and groups_per_step >= 1")
     save_dir = Path(save_dir)
     shared = _Shared()
     save_version(trainer, store, save_dir / f"{trainer.name}-{trainer.version}", _meta(cfg, -1))
     log: list[AsyncIteration] = []
-    loop_run = None
-    if cfg.workers:  # the run rollout workers follow: `atelier worker <cfg.name>`
-        loop_run = open_loop(
-            store,
-            cfg.name,
-            {
-                "max_staleness": cfg.max_staleness,
-                "groups_per_step": cfg.groups_per_step,
-                "iterations": cfg.iterations,
-                "group_size": group_size,
-                "policy": trainer.name,
-            },
-        )
-        if on_loop is not None:
-            on_loop(loop_run)
 
     async def sampler() -> None:
         loaded: dict[str, Any] = {}
@@ -288,20 +214,17 @@ async def async_grpo(
                 if shared.trainer_done:
                     return
                 version = _newest(store, trainer.name, cfg.name)
-                if loop_run is not None:  # the workers load the version from its files
-                    run_id = await register_batch(store, tasks, version, loop_run, budget=budget)
-                else:
-                    if version.version not in loaded:  # hot-load: the registered files
-                        loaded[version.version] = load_policy(version.path)
-                    run_id = await record_batch(
-                        store,
-                        tasks,
-                        loaded[version.version],
-                        loop=cfg.name,
-                        budget=budget,
-                        settings=settings,
-                        concurrency=cfg.rollout_concurrency,
-                    )
+                if version.version not in loaded:  # hot-load: the registered files
+                    loaded[version.version] = load_policy(version.path)
+                run_id = await record_batch(
+                    store,
+                    tasks,
+                    loaded[version.version],
+                    loop=cfg.name,
+                    budget=budget,
+                    settings=settings,
+                    concurrency=cfg.rollout_concurrency,
+                )
                 shared.sampled_groups += len({t.group_id for t in tasks})
                 shared.batches += 1
                 if on_batch is not None:
@@ -326,8 +249,6 @@ async def async_grpo(
                 while True:
                     batches = shared.batches
                     finished = shared.sampler_done
-                    if finished and loop_run is not None:  # and the workers are done
-                        finished = await asyncio.to_thread(_all_sampled, store, loop_run)
                     for group, sampled in _new_groups(
                         store, trainer.name, cfg.name, group_size, seen
                     ):
@@ -341,14 +262,9 @@ async def async_grpo(
                             skipped.append(use)
                         else:
                             kept.append((group, sampled))
-                    # stalest first (a stable sort: oldest run first among equals), so usable
-                    # groups are trained on before they grow too stale
-                    waiting = sorted(kept, key=lambda item: version_number(item[1]))
+                    waiting = kept
                     if len(waiting) >= cfg.groups_per_step or finished:
                         break
-                    if loop_run is not None:  # groups complete in the workers' processes
-                        await asyncio.sleep(cfg.poll_s)
-                        continue
                     async with shared.changed:  # a batch recorded, or the sampler ended
                         await shared.changed.wait_for(
                             lambda b=batches: shared.batches > b or shared.sampler_done
@@ -391,18 +307,9 @@ async def async_grpo(
             shared.trainer_done = True
             await shared.notify()
 
-    status = "failed"
-    try:
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(sampler())
-            tasks.create_task(train())
-        status = "finished"
-    except asyncio.CancelledError:
-        status = "interrupted"
-        raise
-    finally:
-        if loop_run is not None:  # the workers following the loop leave
-            store.finish_run(loop_run.id, status)
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(sampler())
+        tasks.create_task(train())
     return trainer.policy.clone(), log
 
 
@@ -419,7 +326,7 @@ def _new_groups(
     with the version that sampled it."""
     found = []
     for run in store.runs():
-        if loop_of(run).get("name") != loop or is_loop_run(run):
+        if (run.config.get("async_loop") or {}).get("name") != loop:
             continue
         complete = {
             g for g in complete_groups(store, run.id, group_size) if (run.id, g) not in seen

@@ -54,12 +54,13 @@ the ranks before the update: the update, and the step metrics, are the single-pr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -190,6 +191,11 @@ def _with_completion(prompt: Encoded, completion: Sequence[int]) -> Encoded:
             value = torch.cat([value, value.new_zeros((1, extra))], dim=1)
         extras[key] = value
     return Encoded([*prompt.input_ids, *completion], extras)
+
+
+ON_POLICY: Any = object()
+"""``LoRATrainer.train(sampled_with=...)``'s default: the groups were sampled by the trainer's
+own current weights."""
 
 
 class LoRATrainer:
@@ -396,14 +402,24 @@ class LoRATrainer:
         return out
 
     def train(
-        self, groups: Sequence[TextGroup], on_step: StepCallback | None = None
+        self,
+        groups: Sequence[TextGroup],
+        on_step: StepCallback | None = None,
+        *,
+        sampled_with: Any = ON_POLICY,
     ) -> TrainResult:
         """GRPO on ``groups`` (``epochs`` passes of shuffled minibatches); the metrics add
         ``first_ratio_mean``, the mean ratio of the first minibatch before its update, and
         ``members_skipped`` (completions holding an image placeholder id). ``member_rewards``
         holds, per member, its group and the reward and advantage it was trained with (a
         zero-variance group's members too: advantage 0, not trained on). ``on_step(index, total,
-        metrics)`` is called after every optimizer step (e.g. a progress bar)."""
+        metrics)`` is called after every optimizer step (e.g. a progress bar).
+
+        ``sampled_with``: the weights the groups were sampled with, under which the stored
+        log-probs are checked (:meth:`sampled_weights`): the trainer's own (on-policy, the
+        default), an older version's adapter directory, or None for the base model — what an
+        asynchronous loop trains on (the ratio is then π_θ / π_old of that older policy, PPO's
+        off-policy correction, and ``first_ratio_mean`` is not 1)."""
         cfg = self.config
         metrics: dict[str, float] = {
             "groups": float(len(groups)),
@@ -464,7 +480,8 @@ class LoRATrainer:
                     mine.append(len(rows))
                     rows.append(Row(prompt, member.token_ids, member.logprobs, a, extras))
                     owners.append(member)
-            self.check_alignment([rows[i] for i in mine], [owners[i] for i in mine])
+            with self.sampled_weights(sampled_with):
+                self.check_alignment([rows[i] for i in mine], [owners[i] for i in mine])
             if cfg.beta and mine:
                 for i, row in zip(mine, self.with_reference([rows[i] for i in mine]), strict=True):
                     rows[i] = row
@@ -491,6 +508,38 @@ class LoRATrainer:
             metrics["first_ratio_mean"] = history[0]["ratio_mean"]
             self.version = next_version(self.version)
         return TrainResult(self.version, metrics, history, member_rewards=used)
+
+    @contextlib.contextmanager
+    def sampled_weights(self, sampled_with: Any = ON_POLICY) -> Iterator[None]:
+        """The model as it sampled: unchanged (``ON_POLICY``), the base model with the adapter
+        disabled (None), or the LoRA weights of the adapter directory ``sampled_with`` swapped
+        in (the trainer's own restored after, optimizer state untouched)."""
+        if sampled_with is ON_POLICY:
+            yield
+            return
+        if sampled_with is None:
+            with self.model.disable_adapter():
+                yield
+            return
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(sampled_with) / "adapter_model.safetensors"
+        with torch.no_grad():
+            current = [p.detach().clone() for p in self.parameters]
+            try:
+                loaded = set_peft_model_state_dict(self.model, load_file(str(path)))
+                wrong = [k for k in loaded.missing_keys if "lora_" in k] + list(
+                    loaded.unexpected_keys
+                )
+                if wrong:
+                    raise ValueError(
+                        f"{sampled_with}: not an adapter of this trainer's shape ({wrong[0]})"
+                    )
+                yield
+            finally:
+                for param, now in zip(self.parameters, current, strict=True):
+                    param.copy_(now)
 
     def check_alignment(self, rows: Sequence[Sequence[Any]], owners: Sequence[TextMember]) -> float:
         """Recompute every row's log-probs under the current weights (no update) and compare
