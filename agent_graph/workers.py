@@ -24,6 +24,7 @@ import contextlib
 import os
 import secrets
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -236,7 +237,8 @@ class FollowResult:
     runs: list[WorkerResult] = field(default_factory=list)
     """One per time this worker took part in one of the loop's batch runs."""
     loop_status: str = ""
-    """The loop's status when the worker left: ``finished`` once its trainer ended."""
+    """The loop's status when the worker left: ``finished`` once its trainer ended;
+    ``running`` when it left after ``idle_timeout_s`` with nothing to sample."""
 
     @property
     def results(self) -> list[TrajectoryResult]:
@@ -256,6 +258,7 @@ async def follow_loop(
     lease_s: float = 60.0,
     concurrency: int = 64,
     poll_s: float = 0.5,
+    idle_timeout_s: float | None = None,
 ) -> FollowResult:
     """Sample for a training loop (:mod:`agent_graph.loops`) until its trainer ends it.
 
@@ -264,7 +267,9 @@ async def follow_loop(
     claim (:func:`work_run`, ``until_idle``: it moves on when the rest is claimed by others),
     loading the version each run names when it starts on it — so versions saved by the
     trainer are sampled from its next batch on, without restarting anything. With nothing to
-    claim it polls every ``poll_s``; it returns once the loop's run is no longer ``running``.
+    claim it polls every ``poll_s``; it returns once the loop's run is no longer ``running``,
+    or after ``idle_timeout_s`` seconds in a row with nothing to claim (a trainer killed with
+    SIGKILL leaves its loop ``running`` for ever: this is how its workers leave).
     A dead worker's claims come back claimable when their leases pass, and the oldest-first
     scan finishes them before newer batches."""
     from agent_graph.loops import batch_runs, is_loop_run
@@ -276,6 +281,7 @@ async def follow_loop(
     if not is_loop_run(loop):
         raise ValueError(f"run {loop_id[:12]} ({loop.name}) is not a training loop's run")
     result = FollowResult(loop.id, worker)
+    idle_since = time.monotonic()
     while True:
         loop = await asyncio.to_thread(store.run, loop.id)
         result.loop_status = loop.status
@@ -286,6 +292,8 @@ async def follow_loop(
         counts = [await asyncio.to_thread(store.claim_counts, run.id) for run in runs]
         ready = [run for run, left in zip(runs, counts, strict=True) if left.free]
         if not ready:
+            if idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
+                return result
             await asyncio.sleep(poll_s)
             continue
         result.runs.append(
@@ -300,3 +308,4 @@ async def follow_loop(
                 until_idle=True,
             )
         )
+        idle_since = time.monotonic()

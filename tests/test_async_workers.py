@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from agent_graph.loops import batch_runs, is_loop_run, loop_of
+from agent_graph.loops import batch_runs, is_loop_run, loop_of, open_loop
 from storage.store import TrajectoryStore
 from tests.cli_helpers import ATELIER, atelier_env, run_atelier
+from tests.test_cli_rollout import _sigint_as_in_a_terminal
 from tests.test_rollout_workers import held_with_steps
 from training.decisions.groups import read_groups
 
@@ -41,6 +42,7 @@ def _start(*args: str, db: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_as_in_a_terminal,  # Ctrl-C reaches it even if pytest runs in `&`
     )
 
 
@@ -218,6 +220,23 @@ def test_wrong_input_and_an_interrupted_trainer(tmp_path):
     # The loop's name is taken: a second loop of that name is refused.
     again = run_atelier("train", *args, "--max-staleness", "1", "--workers", db=db)
     assert again.returncode == 2 and "does not resume" in again.stderr
+
+    # A loop whose trainer died without ending it (SIGKILL): --idle-timeout lets workers leave.
+    with TrajectoryStore(db) as store:
+        open_loop(store, "orphan", {})
+    idle = run_atelier("worker", "orphan", "--idle-timeout", "0.5", db=db, timeout=60)
+    assert idle.returncode == 0, idle.stderr
+    assert "0 trajectories in 0 runs" in idle.stdout
+    assert "left after 0.5 s with nothing to sample" in idle.stdout
+    for args, message in (
+        (("worker", "orphan", "--idle-timeout", "0"), "--idle-timeout must be a positive"),
+        (("worker", f"{loop_name}/0", "--idle-timeout", "5"), "applies to following"),
+        (("rollout", "--register-only", "--keep-groups-together"), "--keep-groups-together"),
+    ):
+        wrong = run_atelier(*args, db=db)
+        assert wrong.returncode == 2, (args, wrong.stderr)
+        assert wrong.stderr.startswith("atelier: error: ") and message in wrong.stderr, args
+        assert len(wrong.stderr.splitlines()) == 1
 
 
 @pytest.mark.models

@@ -49,6 +49,13 @@ def add_worker_parser(commands: Any, add_db: Any) -> argparse.ArgumentParser:
     worker.add_argument(
         "--worker-id", help="this worker's name in the store (default: host-pid-random)"
     )
+    worker.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="S",
+        help="following a training loop: leave after S seconds in a row with nothing to "
+        "sample (default: stay until the loop ends; a trainer killed with SIGKILL never ends it)",
+    )
     add_db(worker)
     worker.set_defaults(handler=cmd_worker)
     _add_register_only(commands.choices["rollout"])
@@ -61,7 +68,8 @@ def _add_register_only(rollout: argparse.ArgumentParser) -> None:
         "--register-only",
         action="store_true",
         help="create the run and register its trajectories without sampling any: "
-        "`atelier worker RUN` processes (one or many machines) sample it",
+        "`atelier worker RUN` processes (one or many machines) sample it, with their own "
+        "--batch and --concurrency",
     )
     sample = rollout.get_default("handler")
 
@@ -76,6 +84,11 @@ def cmd_register(args: argparse.Namespace) -> int:
     from atelier.cli.app import rollout_plan
     from atelier.cli.common import safe_url
 
+    if args.keep_groups_together:
+        raise CliError(
+            "--keep-groups-together paces sampling in this process; with --register-only the "
+            "workers claim trajectories in registration order (a group's samples are adjacent)"
+        )
     tasks, budget, store, router, stop, mode = rollout_plan(args)
     work = rollout(
         store,
@@ -109,6 +122,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise CliError("--batch and --concurrency must be at least 1")
     if not args.lease > 0:
         raise CliError("--lease must be a positive number of seconds")
+    if args.idle_timeout is not None and not args.idle_timeout > 0:
+        raise CliError("--idle-timeout must be a positive number of seconds")
     if args.worker_id is not None and not 0 < len(args.worker_id.strip()) <= 200:
         raise CliError("--worker-id must be 1 to 200 characters")
     store = open_store(args)
@@ -117,6 +132,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     if is_loop_run(run):
         return _follow(args, store, run)
+    if args.idle_timeout is not None:
+        raise CliError("--idle-timeout applies to following a training loop, not a run")
     left = store.claim_counts(run.id)
     if left.unfinished == 0:
         total = store.count_trajectories(run=run.id)
@@ -173,6 +190,7 @@ def _follow(args: argparse.Namespace, store: Any, loop: Any) -> int:
         batch=args.batch,
         lease_s=args.lease,
         concurrency=args.concurrency,
+        idle_timeout_s=args.idle_timeout,
     )
     result = _run(store, None, work)
     if result is None:
@@ -184,10 +202,14 @@ def _follow(args: argparse.Namespace, store: Any, loop: Any) -> int:
         return 130
     results = result.results
     lost = f", {result.lost} taken over by another worker" if result.lost else ""
+    left = (
+        f"left after {args.idle_timeout:g} s with nothing to sample"
+        if result.loop_status == "running"
+        else f"the loop is {result.loop_status}"
+    )
     print(
         f"worker {result.worker}: training loop {loop.name}: {len(results)} trajectories in "
-        f"{len({r.run_id for r in result.runs})} runs, {_outcome(results)}{lost}; the loop "
-        f"is {result.loop_status}"
+        f"{len({r.run_id for r in result.runs})} runs, {_outcome(results)}{lost}; {left}"
     )
     for run in result.runs:
         _print_requests(run.requests)
