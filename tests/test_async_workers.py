@@ -35,8 +35,22 @@ SHAPEWORLD = ROOT / "examples" / "configs" / "shapeworld.toml"
 ROUTER = ("--config", str(SHAPEWORLD), "--policy", "router", "--per-category", "1", "-G", "3")
 
 
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left() -> Any:
+    """A failed test leaves no trainer waiting for workers, nor a worker for its loop."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 def _start(*args: str, db: str) -> subprocess.Popen:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [*ATELIER, *args, "--db", db],
         env={**atelier_env(), "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
@@ -44,6 +58,8 @@ def _start(*args: str, db: str) -> subprocess.Popen:
         text=True,
         preexec_fn=_sigint_as_in_a_terminal,  # Ctrl-C reaches it even if pytest runs in `&`
     )
+    _started.append(proc)
+    return proc
 
 
 def _trainer(db: str, *args: str) -> tuple[subprocess.Popen, str]:
@@ -65,7 +81,7 @@ def _worker(db: str, loop: str, name: str, lease: float = 30.0) -> subprocess.Po
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err
-    assert "Traceback" not in err and "error" not in err, err
+    assert "Traceback" not in err and "atelier: error" not in err, err
     return out
 
 
@@ -290,4 +306,46 @@ def test_a_text_lora_loop_hot_loads_each_version_on_every_replica(
     for service in services:  # each version a run named was loaded on both replicas
         for label in sampled - {"base"}:
             assert service.engine.adapters.get(label) == paths[label]
+    store.close()
+
+
+@pytest.mark.models
+def test_a_flow_lora_loop_draws_each_run_with_the_version_it_names(tiny_sd3, tmp_path):
+    """The draw policy's diffusion LoRA (Flow-GRPO) on an in-process tiny SD3 in each worker:
+    each worker loads the version a run names into its own flow model when it starts the run;
+    every transition of a run names that version (or the base model); a step trained on the
+    version being updated recomputes the sampler's log-probs (ratio 1)."""
+    from storage.diffusion import load_transitions
+    from tests.test_train_loop_image import FLOW, PROMPTS, _loop_config
+
+    config = _loop_config(tmp_path, tiny_sd3)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    db = f"sqlite:///{tmp_path / 'flow.db'}"
+    args = (
+        *("--config", str(config), "--policy", "draw", "--model", str(tiny_sd3)),
+        *("--prompts", str(tmp_path / "prompts.txt"), "--mode", "direct", "--seed", "0"),
+        *("--iterations", "3", "-G", "3", "--max-rounds", "1", "--loop", "flow-async"),
+        *("--out", str(tmp_path / "v"), *FLOW),
+    )
+    trainer, loop_name = _trainer(db, *args, "--max-staleness", "1")
+    workers = [_worker(db, loop_name, name) for name in ("w1", "w2")]
+    _finish(trainer, timeout=600)
+    assert all("the loop is finished" in _finish(w, timeout=120) for w in workers)
+
+    store = TrajectoryStore(db)
+    versions = store.policy_versions(name="draw")
+    assert [v.version for v in versions] == ["1", "2", "3"]
+    assert [v.metadata["staleness"] for v in versions][:2] == [0, 1]  # run 1 drawn by base
+    for version in versions:
+        assert version.metadata["loop_kind"] == "diffusion-lora"
+        if version.metadata["staleness"] == 0:
+            assert version.metadata["first_max_abs_log_ratio"] < 1e-4
+        else:  # drawn by an older version: the ratio is off-policy, not 1
+            assert version.metadata["first_max_abs_log_ratio"] > 1e-4
+    for run in batch_runs(store, _loop(store, loop_name)):
+        behaviour = loop_of(run)["behaviour"]
+        ids = [t.id for t in store.trajectories(run=run.id, limit=None)]
+        loras = Counter(s.transition.lora for s in load_transitions(store.db, trajectory_ids=ids))
+        assert set(loras) == {None if behaviour == "base" else behaviour}, run.name
+        assert sum(loras.values()) == len(PROMPTS) * 3
     store.close()
