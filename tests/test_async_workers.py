@@ -85,6 +85,16 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
+def _k1_with_two_workers(db: str, args: tuple[str, ...]) -> str:
+    """``atelier train ARGS --max-staleness 1 --workers`` with two workers, to the end; the
+    loop's name."""
+    trainer, loop_name = _trainer(db, *args, "--max-staleness", "1")
+    workers = [_worker(db, loop_name, name) for name in ("w1", "w2")]
+    _finish(trainer, timeout=600)
+    assert all("the loop is finished" in _finish(w, timeout=120) for w in workers)
+    return loop_name
+
+
 def _loop(store: TrajectoryStore, name: str) -> Any:
     (loop,) = [run for run in store.runs() if is_loop_run(run) and run.name == name]
     return loop
@@ -275,11 +285,7 @@ def test_a_text_lora_loop_hot_loads_each_version_on_every_replica(
         *("--mode", "decompose", "--iterations", "3", "-G", "3", "--max-rounds", "1"),
         *("--loop", "text-async", "--out", str(tmp_path / "v"), *LORA),
     )
-    trainer, loop_name = _trainer(db, *args, "--max-staleness", "1")
-    workers = [_worker(db, loop_name, name) for name in ("w1", "w2")]
-    _finish(trainer, timeout=600)
-    assert all("the loop is finished" in _finish(w, timeout=120) for w in workers)
-
+    loop_name = _k1_with_two_workers(db, args)
     store = TrajectoryStore(db)
     versions = store.policy_versions(name="decompose")
     assert [v.version for v in versions] == ["1", "2", "3"]
@@ -327,11 +333,7 @@ def test_a_flow_lora_loop_draws_each_run_with_the_version_it_names(tiny_sd3, tmp
         *("--iterations", "3", "-G", "3", "--max-rounds", "1", "--loop", "flow-async"),
         *("--out", str(tmp_path / "v"), *FLOW),
     )
-    trainer, loop_name = _trainer(db, *args, "--max-staleness", "1")
-    workers = [_worker(db, loop_name, name) for name in ("w1", "w2")]
-    _finish(trainer, timeout=600)
-    assert all("the loop is finished" in _finish(w, timeout=120) for w in workers)
-
+    loop_name = _k1_with_two_workers(db, args)
     store = TrajectoryStore(db)
     versions = store.policy_versions(name="draw")
     assert [v.version for v in versions] == ["1", "2", "3"]
