@@ -15,6 +15,10 @@ waits, and takes over the trajectories of a worker that died once its leases pas
 each from the steps that worker recorded, so (trajectories being seeded) the run ends exactly
 as an uninterrupted one would. Its recorder is fenced by its claims: a worker that lost a
 trajectory (its lease passed while it was alive but stalled) writes nothing more of it.
+
+:func:`follow_loop` is the worker of an asynchronous training loop (:mod:`agent_graph.loops`,
+``training.online_async``): it takes part in each run the loop's trainer registers, oldest
+first, until the trainer ends the loop.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@
 
 Each trajectory is claimed by one worker at a time (PostgreSQL ``FOR UPDATE SKIP LOCKED``); a
 worker killed mid-run leaves its trajectories to the others once its leases (``--lease``)
-pass. Workers exit 0 once nothing of the run is left. On SQLite, workers on one machine share
+pass. Workers exit 0 once nothing of the run is left. Given a training loop's name (``atelier
+train --config FILE --max-staleness K --workers``), a worker follows the loop instead: it
+samples each run the trainer registers, with the version that run names, until the trainer ends
+the loop (or ``--idle-timeout`` passes with nothing to sample). On SQLite, workers on one machine share
 the file (its single writer serialises the claims). argparse only at import.
 """
 
