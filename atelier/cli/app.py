@@ -37,6 +37,20 @@ from atelier.cli.worker import add_worker_parser  # argparse only: the graph loa
 MODES = ("auto", "direct", "reflect", "decompose", "escalate", "random")
 
 
+OPTIONAL_MODULES = {
+    **dict.fromkeys(("transformers", "diffusers", "peft", "safetensors", "accelerate"), "models"),
+    **dict.fromkeys(("fastapi", "multipart"), "serve"),
+    "starlette": "ui",
+    "uvicorn": "ui",
+    "psycopg": "postgres",
+    "pyarrow": "export",
+    "tensorboard": "tensorboard",
+    "vllm": "vllm",
+}
+"""Top-level modules of the optional extras (pyproject.toml), by extra: a command that needs
+one the install lacks says which extra to install, in one line."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -59,6 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("atelier: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        module = (exc.name or "").split(".")[0]
+        extra = OPTIONAL_MODULES.get(module)
+        if extra is None:  # not an optional dependency: a broken install, not ours to word
+            raise
+        print(
+            f"atelier: error: this command needs {module}, from the optional extra "
+            f"'{extra}': install it with `make install-dev` (every extra) or "
+            f"pip install -e '.[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
     except OSError as exc:
         if exc.filename is None:  # not a path problem (a socket, a driver): not ours to word
             raise

@@ -529,9 +529,10 @@ def train_loop(args: argparse.Namespace, store: TrajectoryStore, board: Any) -> 
         save_dir=args.out,
         signature=_signature(args, prompts),
     )
-    from transformers.utils import logging as transformers_logging
+    if args.policy in (*TEXT_POLICIES, *IMAGE_POLICIES):  # a decision policy needs neither
+        from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     if args.policy in IMAGE_POLICIES:
         from diffusers.utils import logging as diffusers_logging
 

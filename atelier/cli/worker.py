@@ -10,8 +10,8 @@ worker killed mid-run leaves its trajectories to the others once its leases (``-
 pass. Workers exit 0 once nothing of the run is left. Given a training loop's name (``atelier
 train --config FILE --max-staleness K --workers``), a worker follows the loop instead: it
 samples each run the trainer registers, with the version that run names, until the trainer ends
-the loop (or ``--idle-timeout`` passes with nothing to sample). On SQLite, workers on one machine share
-the file (its single writer serialises the claims). argparse only at import.
+the loop (or ``--idle-timeout`` passes with nothing to sample). On SQLite, workers on one
+machine share the file (its single writer serialises the claims). argparse only at import.
 """
 
 from __future__ import annotations
